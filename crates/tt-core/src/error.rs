@@ -1,0 +1,38 @@
+//! One error type for the whole core. Every variant names what was wrong and where, so a
+//! caller can print it as it is; nothing in the core panics on external data.
+use core::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// A buffer or dimension does not have the size the operation needs.
+    ShapeMismatch {
+        what: &'static str,
+        expected: usize,
+        actual: usize,
+    },
+    /// A parameter is out of its valid range (zero stride, groups not dividing channels, ...).
+    InvalidParameter { what: &'static str },
+    /// A value could not be represented (a scale that is zero, negative or not finite, ...).
+    NotRepresentable { what: &'static str },
+}
+
+pub type Result<T> = core::result::Result<T, Error>;
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::ShapeMismatch {
+                what,
+                expected,
+                actual,
+            } => {
+                write!(f, "{what}: expected {expected} elements, got {actual}")
+            }
+            Error::InvalidParameter { what } => write!(f, "invalid parameter: {what}"),
+            Error::NotRepresentable { what } => write!(f, "not representable: {what}"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for Error {}

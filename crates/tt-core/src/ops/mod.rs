@@ -1,0 +1,1 @@
+//! Int8 kernels, one file per op family: forward and backward side by side.

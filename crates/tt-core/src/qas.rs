@@ -1,0 +1,1 @@
+//! Quantization-Aware Scaling and the int8 SGD update.

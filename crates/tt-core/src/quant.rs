@@ -1,0 +1,1 @@
+//! Quantization parameters and fixed-point requantization.

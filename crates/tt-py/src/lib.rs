@@ -1,0 +1,12 @@
+//! tinytrain._core: conversion between numpy and tt-core, and errors mapped to Python.
+//! No math lives here.
+use pyo3::prelude::*;
+
+mod kernels;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    kernels::register(m)?;
+    Ok(())
+}

@@ -1,0 +1,7 @@
+"""tinytrain: train int8 neural networks on microcontrollers within 256 KB of SRAM."""
+from . import _core
+from .graph import Graph, Node, Tensor
+
+__version__ = _core.__version__
+
+__all__ = ["Graph", "Node", "Tensor", "__version__"]

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs everything the tests need on a fresh Debian machine and runs every test:
+# cargo tests, the thumbv7em (Cortex-M4F) build of the no_std crates, and pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+bash scripts/install-arm-toolchain.sh
+
+python3 -m pip install -q --upgrade pip maturin
+python3 -m pip install -q ".[test]"
+
+echo "== cargo test"
+cargo test --workspace --release
+
+echo "== no_std build for thumbv7em-none-eabihf (Debian toolchain)"
+bash scripts/build-thumb.sh
+
+echo "== pytest"
+python3 -m pytest -q tests
