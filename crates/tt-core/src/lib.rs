@@ -10,6 +10,7 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod crc;
 pub mod error;
 pub mod ops;
 pub mod qas;
