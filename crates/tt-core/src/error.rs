@@ -14,6 +14,8 @@ pub enum Error {
     InvalidParameter { what: &'static str },
     /// A value could not be represented (a scale that is zero, negative or not finite, ...).
     NotRepresentable { what: &'static str },
+    /// A NaN or infinity where a finite number is required (a diverged gradient, ...).
+    NonFinite { what: &'static str },
 }
 
 pub type Result<T> = core::result::Result<T, Error>;
@@ -30,6 +32,7 @@ impl fmt::Display for Error {
             }
             Error::InvalidParameter { what } => write!(f, "invalid parameter: {what}"),
             Error::NotRepresentable { what } => write!(f, "not representable: {what}"),
+            Error::NonFinite { what } => write!(f, "non-finite value (NaN or inf): {what}"),
         }
     }
 }
