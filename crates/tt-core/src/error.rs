@@ -16,6 +16,14 @@ pub enum Error {
     NotRepresentable { what: &'static str },
     /// A NaN or infinity where a finite number is required (a diverged gradient, ...).
     NonFinite { what: &'static str },
+    /// A plan's bytes are truncated, corrupted or inconsistent; `field` names what failed.
+    CorruptPlan { field: &'static str },
+    /// A buffer (the arena, a parameter blob) is smaller than the plan needs.
+    OutOfMemory {
+        what: &'static str,
+        needed: usize,
+        available: usize,
+    },
 }
 
 pub type Result<T> = core::result::Result<T, Error>;
@@ -33,6 +41,12 @@ impl fmt::Display for Error {
             Error::InvalidParameter { what } => write!(f, "invalid parameter: {what}"),
             Error::NotRepresentable { what } => write!(f, "not representable: {what}"),
             Error::NonFinite { what } => write!(f, "non-finite value (NaN or inf): {what}"),
+            Error::CorruptPlan { field } => write!(f, "corrupted or truncated plan: field {field}"),
+            Error::OutOfMemory {
+                what,
+                needed,
+                available,
+            } => write!(f, "{what}: needs {needed} bytes, {available} available"),
         }
     }
 }
