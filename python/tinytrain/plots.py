@@ -1,0 +1,87 @@
+"""Pictures where a picture says more: search front, memory timeline, loss curve.
+
+matplotlib is optional (``pip install tinytrain[plot]``); without it the functions raise an
+ImportError that says so, and the CLI reports plots as skipped.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install 'tinytrain[plot]'") from exc
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def search_plot(result, path: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if result.evaluated:
+        kb = [p / 1024 for p, _ in result.evaluated]
+        ax.scatter(kb, [s for _, s in result.evaluated], s=8, alpha=0.35, label="schemes evaluated")
+    if result.pareto:
+        ax.step([p / 1024 for p, _ in result.pareto], [s for _, s in result.pareto], where="post",
+                color="C1", label="Pareto front")
+    ax.axvline(result.budget_bytes / 1024, color="C3", linestyle="--", label=f"budget {result.budget_bytes / 1024:.0f} KB")
+    ax.scatter([result.peak_bytes / 1024], [result.score], color="C3", zorder=5, marker="*", s=120, label="chosen")
+    ax.set_xlabel("peak SRAM of the training step (KB, planner)")
+    ax.set_ylabel("summed contribution (accuracy points)")
+    ax.set_title("Sparse-update search")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def memory_timeline_plot(timeline: Sequence[Dict[str, object]], path: str, budget_bytes: int,
+                         title: str = "Arena use per op") -> str:
+    plt = _pyplot()
+    live = [int(step["live_bytes"]) / 1024 for step in timeline]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    ax.fill_between(range(len(live)), live, step="mid", alpha=0.5)
+    ax.plot(range(len(live)), live, drawstyle="steps-mid")
+    ax.axhline(budget_bytes / 1024, color="C3", linestyle="--", label=f"{budget_bytes / 1024:.0f} KB budget")
+    peak = max(live) if live else 0
+    ax.set_title(f"{title} (peak {peak:.1f} KB)")
+    ax.set_xlabel("op index in the training plan")
+    ax.set_ylabel("live bytes (KB)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def loss_curve_plot(history: Dict[str, List[float]], path: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    loss = history.get("loss", [])
+    ax.plot(range(1, len(loss) + 1), loss, marker="o", label="training loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    if history.get("accuracy"):
+        ax2 = ax.twinx()
+        acc = [100 * a for a in history["accuracy"]]
+        ax2.plot(range(1, len(acc) + 1), acc, marker="s", color="C2", label="accuracy")
+        ax2.set_ylabel("accuracy (%)")
+    ax.set_title("On-device training through the plan")
+    ax.grid(alpha=0.3)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

@@ -1,0 +1,485 @@
+"""Sparse-update scheme search: contribution analysis, then evolutionary search under a budget.
+
+Contribution analysis (Lin et al. 2022, Sec. 2.3): starting from the deployed int8 model, each
+candidate update is fine-tuned on its own with tt-core's int8 training (QAS SGD) and its held-out
+accuracy compared with a baseline that updates only the classifier:
+
+* ``bias_gain[k]``: the biases of the last ``k`` layers (a prefix from the output, as the paper
+  observed the gain is in the late layers),
+* ``weight_gain[layer][r]``: one layer's weights at channel ratio ``r`` (with its bias).
+
+The evolutionary search then maximises ``bias_gain[k] + sum(weight_gain[layer][r])`` over schemes
+whose exact planner peak (``tt.compile``) fits the budget. Both stages are deterministic for a
+fixed seed: fine-tunes are independent jobs whose results do not depend on the order in which the
+worker processes finish, and the search draws every random number from one seeded generator.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .units import parse_bytes
+
+CACHE_FORMAT = 1
+DEFAULT_RATIOS = (1 / 8, 1 / 4, 1 / 2, 1.0)
+
+
+@dataclass(frozen=True)
+class FineTuneSettings:
+    epochs: int = 2
+    batch_size: int = 1
+    lr: float = 0.05
+    val_fraction: float = 0.3
+
+    def key(self) -> str:
+        return f"e{self.epochs}-b{self.batch_size}-lr{self.lr!r}-v{self.val_fraction!r}"
+
+
+@dataclass
+class Contributions:
+    """Accuracy gains (in points of held-out accuracy) over the classifier-only baseline."""
+
+    layers: List[str]
+    ratios: Tuple[float, ...]
+    baseline_accuracy: float
+    bias_gain: Dict[int, float]
+    weight_gain: Dict[str, Dict[float, float]]
+
+    def rows(self, costs: Dict[str, Dict[str, object]]) -> List[Dict[str, object]]:
+        """Per layer, input to output: bias gain (prefix ending here), weight gain per ratio, costs."""
+        n = len(self.layers)
+        out = []
+        for i, name in enumerate(self.layers):
+            k = n - i
+            out.append(
+                {
+                    "layer": name,
+                    "bias_depth": k,
+                    "bias_gain": self.bias_gain.get(k, 0.0),
+                    "bias_cost_bytes": costs.get(name, {}).get("bias"),
+                    "weight_gain": dict(self.weight_gain.get(name, {})),
+                    "weight_cost_bytes": dict(costs.get(name, {}).get("weight", {})),
+                }
+            )
+        return out
+
+
+@dataclass
+class SearchResult:
+    scheme: object
+    peak_bytes: int
+    score: float
+    budget_bytes: int
+    contributions: List[Dict[str, object]]
+    pareto: List[Tuple[int, float]]
+    evaluated: List[Tuple[int, float]] = field(repr=False, default_factory=list)
+
+    def plot(self, path: str) -> str:
+        """Scatter of every scheme evaluated, the Pareto front and the budget line."""
+        from .plots import search_plot
+
+        return search_plot(self, path)
+
+
+# --------------------------------------------------------------------------- fine-tune jobs
+
+
+def _scheme(layers: Sequence[str], bias_depth: int, weights: Dict[str, float]):
+    from .schemes import Scheme
+
+    classifier = layers[-1]
+    bias_layers = list(layers[len(layers) - bias_depth :]) if bias_depth else []
+    if classifier not in bias_layers:
+        bias_layers.append(classifier)
+    for name in weights:
+        if name not in bias_layers:
+            bias_layers.append(name)
+    ratios = {classifier: 1.0, **weights}
+    return Scheme(bias_layers=bias_layers, weight_ratios=ratios)
+
+
+def _finetune_accuracy(job) -> float:
+    """One independent fine-tune from the deployed weights; returns held-out accuracy."""
+    from .engine import compile as compile_plan
+    from .trainer import Trainer
+
+    q, scheme, data, settings = job
+    xtr, ytr, xva, yva = data
+    plan = compile_plan(q, scheme, budget=None)
+    trainer = Trainer(plan, lr=settings.lr, momentum=0.0)
+    trainer.fit(xtr, ytr, epochs=settings.epochs, batch_size=settings.batch_size, progress=False)
+    return float(trainer.evaluate(xva, yva))
+
+
+def _run_jobs(jobs, workers: int, progress_label: str) -> List[float]:
+    from .progress import progress_bar
+
+    results: List[Optional[float]] = [None] * len(jobs)
+    pending = list(range(len(jobs)))
+    for attempt in range(2):  # a crashed worker pool is retried once with the unfinished jobs
+        if not pending:
+            break
+        if workers <= 1:
+            with progress_bar(progress_label, total=len(pending)) as advance:
+                for i in pending:
+                    results[i] = _finetune_accuracy(jobs[i])
+                    advance()
+            pending = []
+            break
+        try:
+            with ProcessPoolExecutor(max_workers=workers) as pool, progress_bar(
+                progress_label, total=len(pending)
+            ) as advance:
+                futures = {i: pool.submit(_finetune_accuracy, jobs[i]) for i in pending}
+                for i, fut in futures.items():
+                    results[i] = fut.result()
+                    advance()
+            pending = []
+        except BrokenProcessPool:
+            pending = [i for i in pending if results[i] is None]
+            warnings.warn(
+                f"a worker process died during {progress_label}; retrying {len(pending)} job(s)"
+                + (" serially" if attempt == 0 else ""),
+                RuntimeWarning,
+            )
+            workers = 1
+    return [float(r) for r in results]  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def _digest_arrays(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def model_digest(q) -> str:
+    h = hashlib.sha256()
+    for node in q.nodes:
+        h.update(f"{node.name}|{node.op}|{sorted(node.attrs.items())!r}".encode())
+        for key in sorted(node.params):
+            h.update(key.encode())
+            h.update(_digest_arrays(node.params[key]).encode())
+    for name in sorted(q.tensors):
+        t = q.tensors[name]
+        h.update(f"{name}|{t.shape}|{t.scale!r}|{t.zero_point!r}".encode())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("TINYTRAIN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tinytrain"
+    )
+    return base
+
+
+def _load_cache(path: str, key: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            doc = json.load(f)
+        body = doc["body"]
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        if doc.get("format") != CACHE_FORMAT or doc.get("key") != key or doc.get("sha256") != digest:
+            raise ValueError("key or checksum does not match")
+        return body
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"ignoring contribution cache {path}: {exc}; recomputing", RuntimeWarning)
+        return None
+
+
+def _store_cache(path: str, key: str, body: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    doc = {"format": CACHE_FORMAT, "key": key, "sha256": digest, "body": body}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".contrib-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def _split(X: np.ndarray, Y: np.ndarray, val_fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(X))
+    n_val = max(1, int(round(len(X) * val_fraction)))
+    va, tr = order[:n_val], order[n_val:]
+    if len(tr) == 0:
+        raise ValueError(f"need more than {len(X)} samples to hold {val_fraction:.0%} out for validation")
+    return X[tr], Y[tr], X[va], Y[va]
+
+
+def contribution_analysis(
+    q,
+    X: np.ndarray,
+    Y: np.ndarray,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    settings: FineTuneSettings = FineTuneSettings(),
+    seed: int = 0,
+    workers: Optional[int] = None,
+    cache_dir: Optional[str] = None,
+) -> Contributions:
+    """Measure the accuracy gain of each bias prefix and each (layer, ratio) weight update."""
+    layers = list(q.layers)
+    if not layers:
+        raise ValueError("the model has no trainable layer (conv or fc)")
+    ratios = tuple(float(r) for r in ratios)
+    for r in ratios:
+        if not 0.0 < r <= 1.0:
+            raise ValueError(f"channel ratio {r} is not in (0, 1]")
+    key = "|".join([model_digest(q), _digest_arrays(X, Y), settings.key(), repr(ratios), str(seed)])
+    cache_path = os.path.join(cache_dir or default_cache_dir(), f"contrib-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
+    cached = _load_cache(cache_path, key)
+    if cached is not None:
+        return Contributions(
+            layers=layers,
+            ratios=ratios,
+            baseline_accuracy=cached["baseline"],
+            bias_gain={int(k): v for k, v in cached["bias_gain"].items()},
+            weight_gain={n: {float(r): g for r, g in d.items()} for n, d in cached["weight_gain"].items()},
+        )
+
+    data = _split(np.asarray(X, dtype=np.float32), np.asarray(Y), settings.val_fraction, seed)
+    n = len(layers)
+    configs: List[Tuple[str, object]] = [("baseline", None)]
+    configs += [("bias", k) for k in range(1, n + 1)]
+    # The classifier's weights are always updated; its gain is the baseline itself.
+    configs += [("weight", (name, r)) for name in layers[:-1] for r in ratios]
+    jobs = []
+    for kind, arg in configs:
+        if kind == "baseline":
+            scheme = _scheme(layers, 0, {})
+        elif kind == "bias":
+            scheme = _scheme(layers, arg, {})
+        else:
+            name, r = arg
+            scheme = _scheme(layers, 0, {name: r})
+        jobs.append((q, scheme, data, settings))
+    workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    accs = _run_jobs(jobs, workers, "contribution analysis")
+    baseline = accs[0]
+    bias_gain: Dict[int, float] = {}
+    weight_gain: Dict[str, Dict[float, float]] = {name: {} for name in layers[:-1]}
+    for (kind, arg), acc in zip(configs[1:], accs[1:]):
+        gain = 100.0 * (acc - baseline)
+        if kind == "bias":
+            bias_gain[arg] = gain
+        else:
+            weight_gain[arg[0]][arg[1]] = gain
+    _store_cache(
+        cache_path,
+        key,
+        {
+            "baseline": baseline,
+            "bias_gain": {str(k): v for k, v in bias_gain.items()},
+            "weight_gain": {n: {repr(r): g for r, g in d.items()} for n, d in weight_gain.items()},
+        },
+    )
+    return Contributions(layers, ratios, baseline, bias_gain, weight_gain)
+
+
+# --------------------------------------------------------------------------- evolutionary search
+
+Genome = Tuple[int, Tuple[int, ...]]  # (bias depth, ratio index + 1 per non-classifier layer; 0 = frozen)
+
+
+class _Evaluator:
+    def __init__(self, q, contributions: Contributions, budget: int, reorder: bool, compile_kwargs):
+        self.q = q
+        self.c = contributions
+        self.budget = budget
+        self.reorder = reorder
+        self.compile_kwargs = compile_kwargs
+        self.peaks: Dict[Genome, int] = {}
+
+    def scheme(self, g: Genome):
+        k, idx = g
+        weights = {
+            name: self.c.ratios[i - 1] for name, i in zip(self.c.layers[:-1], idx) if i > 0
+        }
+        return _scheme(self.c.layers, k, weights)
+
+    def score(self, g: Genome) -> float:
+        k, idx = g
+        s = self.c.bias_gain.get(k, 0.0)
+        for name, i in zip(self.c.layers[:-1], idx):
+            if i > 0:
+                s += self.c.weight_gain[name][self.c.ratios[i - 1]]
+        return s
+
+    def peak(self, g: Genome) -> int:
+        if g not in self.peaks:
+            from .engine import compile as compile_plan
+
+            plan = compile_plan(self.q, self.scheme(g), budget=None, reorder=self.reorder, **self.compile_kwargs)
+            self.peaks[g] = int(plan.memory.peak_bytes)
+        return self.peaks[g]
+
+
+def _pareto(points: List[Tuple[int, float]]) -> List[Tuple[int, float]]:
+    front: List[Tuple[int, float]] = []
+    best = -math.inf
+    for peak, score in sorted(set(points), key=lambda p: (p[0], -p[1])):
+        if score > best:
+            front.append((peak, score))
+            best = score
+    return front
+
+
+def evolutionary_search(
+    evaluator: _Evaluator,
+    population: int,
+    generations: int,
+    seed: int,
+    mutation_rate: float = 0.1,
+    parent_fraction: float = 0.25,
+) -> Tuple[Genome, List[Tuple[int, float]]]:
+    from .progress import progress_bar
+
+    rng = np.random.default_rng(seed)
+    c = evaluator.c
+    n = len(c.layers)
+    n_opts = len(c.ratios) + 1
+    free = n - 1
+
+    def fitness(g: Genome) -> float:
+        return evaluator.score(g) if evaluator.peak(g) <= evaluator.budget else -math.inf
+
+    def random_genome(density: float) -> Genome:
+        k = int(rng.integers(0, n + 1))
+        idx = tuple(int(rng.integers(1, n_opts)) if rng.random() < density else 0 for _ in range(free))
+        return (k, idx)
+
+    def mutate(g: Genome) -> Genome:
+        k, idx = g
+        if rng.random() < 0.5:
+            k = int(np.clip(k + rng.integers(-max(1, n // 4), max(1, n // 4) + 1), 0, n))
+        new = tuple(int(rng.integers(0, n_opts)) if rng.random() < mutation_rate else i for i in idx)
+        return (k, new)
+
+    def crossover(a: Genome, b: Genome) -> Genome:
+        k = a[0] if rng.random() < 0.5 else b[0]
+        return (k, tuple(x if rng.random() < 0.5 else y for x, y in zip(a[1], b[1])))
+
+    # Seeds: bias-only prefixes (cheap and always in the space) plus sparse random schemes.
+    pop: List[Genome] = [(k, (0,) * free) for k in np.linspace(0, n, num=min(n + 1, max(2, population // 4)), dtype=int)]
+    while len(pop) < population:
+        pop.append(random_genome(density=float(rng.uniform(0.02, 0.3))))
+    seen: Dict[Genome, float] = {}
+    with progress_bar("evolutionary search", total=generations) as advance:
+        for _ in range(generations):
+            for g in pop:
+                if g not in seen:
+                    seen[g] = fitness(g)
+            ranked = sorted(set(pop), key=lambda g: (-seen[g], g))
+            n_par = max(2, int(population * parent_fraction))
+            parents = [g for g in ranked[:n_par] if seen[g] > -math.inf] or ranked[:n_par]
+            children: List[Genome] = list(parents)
+            while len(children) < population:
+                if rng.random() < 0.5:
+                    a, b = rng.integers(0, len(parents), size=2)
+                    child = crossover(parents[a], parents[b])
+                else:
+                    child = mutate(parents[int(rng.integers(0, len(parents)))])
+                children.append(child)
+            pop = children
+            advance()
+    for g in pop:
+        if g not in seen:
+            seen[g] = fitness(g)
+    feasible = [g for g, f in seen.items() if f > -math.inf]
+    evaluated = [(evaluator.peak(g), evaluator.score(g)) for g in seen]
+    if not feasible:
+        return None, evaluated  # type: ignore[return-value]
+    best = max(feasible, key=lambda g: (seen[g], -evaluator.peak(g), g))
+    return best, evaluated
+
+
+def search(
+    q,
+    X: np.ndarray,
+    Y: np.ndarray,
+    budget="256KB",
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    population: int = 40,
+    generations: int = 30,
+    seed: int = 0,
+    workers: Optional[int] = None,
+    epochs: int = 2,
+    lr: float = 0.05,
+    batch_size: int = 1,
+    val_fraction: float = 0.3,
+    reorder: bool = True,
+    cache_dir: Optional[str] = None,
+    **compile_kwargs,
+) -> SearchResult:
+    """Find the sparse-update scheme with the largest summed contribution that fits ``budget``."""
+    from .errors import MemoryBudgetError
+
+    budget_bytes = parse_bytes(budget)
+    layers = list(q.layers)
+    if not layers:
+        raise ValueError("the model has no trainable layer (conv or fc)")
+    contributions_placeholder = Contributions(layers, tuple(float(r) for r in ratios), 0.0, {}, {})
+    evaluator = _Evaluator(q, contributions_placeholder, budget_bytes, reorder, compile_kwargs)
+    minimum = evaluator.peak((0, (0,) * (len(layers) - 1)))
+    if minimum > budget_bytes:
+        raise MemoryBudgetError(
+            f"no scheme fits {budget_bytes} bytes: even updating only the classifier needs "
+            f"{minimum} bytes (short by {minimum - budget_bytes})",
+            needed_bytes=minimum,
+            budget_bytes=budget_bytes,
+        )
+    settings = FineTuneSettings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction)
+    contrib = contribution_analysis(q, X, Y, ratios, settings, seed, workers, cache_dir)
+    evaluator.c = contrib
+    best, evaluated = evolutionary_search(evaluator, population, generations, seed)
+    costs = _single_update_costs(evaluator, minimum)
+    return SearchResult(
+        scheme=evaluator.scheme(best),
+        peak_bytes=evaluator.peak(best),
+        score=evaluator.score(best),
+        budget_bytes=budget_bytes,
+        contributions=contrib.rows(costs),
+        pareto=_pareto(evaluated),
+        evaluated=evaluated,
+    )
+
+
+def _single_update_costs(evaluator: _Evaluator, base_peak: int) -> Dict[str, Dict[str, object]]:
+    """Extra peak bytes over the classifier-only plan of each single update the analysis measured."""
+    c = evaluator.c
+    n = len(c.layers)
+    free = n - 1
+    costs: Dict[str, Dict[str, object]] = {}
+    for i, name in enumerate(c.layers):
+        entry: Dict[str, object] = {"bias": evaluator.peak((n - i, (0,) * free)) - base_peak, "weight": {}}
+        if i < free:
+            for j, r in enumerate(c.ratios):
+                idx = tuple(j + 1 if t == i else 0 for t in range(free))
+                entry["weight"][r] = evaluator.peak((0, idx)) - base_peak  # type: ignore[index]
+        costs[name] = entry
+    return costs
