@@ -1,7 +1,10 @@
 """tinytrain: train int8 neural networks on microcontrollers within 256 KB of SRAM."""
 from . import _core
 from .graph import Graph, Node, Tensor
+from .errors import ModelFormatError, QuantizationError, TinytrainError, UnsupportedOperatorError
+from . import models
 
 __version__ = _core.__version__
 
 __all__ = ["Graph", "Node", "Tensor", "__version__"]
+__all__ += ["TinytrainError", "ModelFormatError", "UnsupportedOperatorError", "QuantizationError", "models"]

@@ -1,0 +1,37 @@
+"""Typed errors of tinytrain. Every error a user can cause derives from `TinytrainError`.
+
+Keep this module a flat list of exception classes: other stages add their own here.
+"""
+from __future__ import annotations
+
+
+class TinytrainError(Exception):
+    """Base class of every error tinytrain raises on bad models, data or settings."""
+
+
+class ModelFormatError(TinytrainError, ValueError):
+    """A model file is malformed, truncated, inconsistent or uses a shape tinytrain cannot resolve.
+
+    The message names the file and the node / tensor / field at fault.
+    """
+
+
+class UnsupportedOperatorError(TinytrainError, NotImplementedError):
+    """A model contains an operator (or an attribute value of one) tinytrain cannot lower.
+
+    Attributes: ``node`` (node name), ``op_type``, ``opset`` (of the op's domain) and ``reason``.
+    """
+
+    def __init__(self, node: str, op_type: str, opset: int, reason: str = "") -> None:
+        self.node = node
+        self.op_type = op_type
+        self.opset = opset
+        self.reason = reason
+        msg = f"node {node!r}: operator {op_type} (opset {opset}) is not supported"
+        if reason:
+            msg += f": {reason}"
+        super().__init__(msg)
+
+
+class QuantizationError(TinytrainError, ValueError):
+    """Quantization was asked for something it cannot do (already quantized model, bad calibration data)."""
