@@ -10,10 +10,18 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+#[cfg(feature = "alloc")]
+pub mod autodiff;
 pub mod crc;
 pub mod error;
+#[cfg(feature = "alloc")]
+pub mod graph;
 pub mod ops;
+#[cfg(feature = "alloc")]
+pub mod planner;
 pub mod qas;
 pub mod quant;
+#[cfg(feature = "alloc")]
+pub mod sparse;
 
 pub use error::{Error, Result};
