@@ -7,8 +7,8 @@ The architectures follow the published configs:
   model-zoo id ``mcunet-in1``): 16-channel stem, 14 inverted-residual blocks with mixed 3/5/7
   kernels and per-block expansion, no feature-mix layer, 160-d classifier.
 * ``mobilenetv2`` — MobileNetV2 (Sandler et al.) with the width multiplier applied the OFA /
-  tiny-training way (channels rounded to multiples of 8; the 1280-d last layer kept for width < 1;
-  no residual on the first block).
+  tiny-training way (channels rounded to multiples of 8, the 1x1 feature-mix layer scaled too:
+  448 channels at w0.35, as in mcunet's ``mbv2-w0.35`` config; no residual on the first block).
 * ``proxylessnas`` — ProxylessNAS-Mobile (Cai et al.), the searched block list with its skip
   (zero) blocks removed, width multiplier applied to every stage like ``mobilenetv2``.
 """
@@ -89,7 +89,7 @@ def mobilenetv2(width: float = 0.35, resolution: int = 128, num_classes: int = 1
             mid = make_divisible(round(cin * t)) if t > 1 else cin
             x = b.mb_block(x, cin, cout, 3, stride, mid, residual=(t > 1 and stride == 1 and cin == cout))
             cin = cout
-    last = make_divisible(1280 * width) if width > 1.0 else 1280
+    last = make_divisible(1280 * width)
     x = b.conv_bn(x, cin, last, 1)
     return b.classifier(x, last, num_classes)
 
@@ -107,7 +107,7 @@ def proxylessnas(width: float = 0.3, resolution: int = 128, num_classes: int = 1
         mid = make_divisible(round(cin * t))
         x = b.mb_block(x, cin, cout, k, s, mid, residual=(s == 1 and cin == cout))
         cin = cout
-    last = make_divisible(1280 * width) if width > 1.0 else 1280
+    last = make_divisible(1280 * width)
     x = b.conv_bn(x, cin, last, 1)
     return b.classifier(x, last, num_classes)
 
