@@ -1,1 +1,384 @@
 //! Quantization-Aware Scaling and the int8 SGD update.
+//!
+//! A layer computes with real weights `W = s_W * W̄` (`W̄` int8, `s_W` per output channel). The
+//! gradient w.r.t. the int8 weights is `G_W̄ = s_W * G_W` (`G_W = dL/dW`, what the backward
+//! kernels produce), so `||G_W̄|| / ||G_W|| = s_W`, while `||W̄|| / ||W|| = 1 / s_W`: an SGD step
+//! in int8 units is mis-scaled by `s_W²`. QAS rescales `G̃_W̄ = G_W̄ * s_W⁻² = G_W / s_W`, which
+//! makes `W̄ - α G̃_W̄` exactly the float step `W - α G_W` expressed in int8 units. Biases:
+//! `b̄ = b / (s_W s_x)`, `G_b̄ = s_W s_x G_b`, `G̃_b̄ = G_b̄ (s_W s_x)⁻²`.
+//!
+//! Updated int8 weights must not lose small steps to rounding; three precisions are offered,
+//! all deterministic (the stochastic one from a seeded xorshift generator, so host and MCU
+//! produce the same weights).
+use crate::error::{Error, Result};
+use crate::ops::{ChannelSelection, WeightShape};
+use crate::quant::check_len;
+
+/// How updated int8 weights keep sub-LSB progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdatePrecision {
+    /// Round `W̄ - α G̃` up or down at random with the probability of its fraction (unbiased).
+    StochasticRounding,
+    /// A second int8 per weight holds the low-order bits (the step is kept in 1/256 LSB).
+    Residual,
+    /// An f32 master copy in int8 units; the int8 weight is its rounding.
+    FpMaster,
+}
+
+impl UpdatePrecision {
+    /// Bytes of SRAM per updated weight during training: the int8 weight plus the precision's
+    /// state, plus an f32 momentum buffer if momentum is used. Gradient buffers are not included
+    /// (the planner schedules those).
+    pub const fn bytes_per_weight(self, momentum: bool) -> usize {
+        let base = match self {
+            UpdatePrecision::StochasticRounding => 1,
+            UpdatePrecision::Residual => 2,
+            UpdatePrecision::FpMaster => 5,
+        };
+        base + if momentum { 4 } else { 0 }
+    }
+}
+
+/// xorshift32 (Marsaglia 2003): tiny, no multiplications, identical on every target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XorShift32 {
+    pub state: u32,
+}
+
+impl XorShift32 {
+    /// Any seed is accepted; 0 (a fixed point of xorshift) is mapped to a fixed non-zero state.
+    pub fn new(seed: u32) -> XorShift32 {
+        XorShift32 {
+            state: if seed == 0 { 0x9E37_79B9 } else { seed },
+        }
+    }
+
+    #[inline]
+    pub fn next_u32(&mut self) -> u32 {
+        let mut x = self.state;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.state = x;
+        x
+    }
+
+    /// Uniform in `[0, 1)` with 24 bits of resolution.
+    #[inline]
+    pub fn next_unit(&mut self) -> f32 {
+        (self.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0)
+    }
+}
+
+/// The per-precision state the caller owns (nothing here allocates). `Residual` and `FpMaster`
+/// hold one entry per selected weight, in the order of the gradient buffer.
+#[derive(Debug)]
+pub enum UpdateState<'a> {
+    StochasticRounding(&'a mut XorShift32),
+    Residual(&'a mut [i8]),
+    FpMaster(&'a mut [f32]),
+}
+
+impl UpdateState<'_> {
+    pub fn precision(&self) -> UpdatePrecision {
+        match self {
+            UpdateState::StochasticRounding(_) => UpdatePrecision::StochasticRounding,
+            UpdateState::Residual(_) => UpdatePrecision::Residual,
+            UpdateState::FpMaster(_) => UpdatePrecision::FpMaster,
+        }
+    }
+}
+
+/// SGD hyper-parameters. `qas = false` runs the paper's baseline: int8 SGD with the raw `G_W̄`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdConfig {
+    pub lr: f32,
+    /// Momentum coefficient (PyTorch convention `v = μ v + g`); 0 disables it.
+    pub momentum: f32,
+    pub qas: bool,
+}
+
+impl SgdConfig {
+    fn validate(&self) -> Result<()> {
+        if !self.lr.is_finite() || !self.momentum.is_finite() {
+            return Err(Error::NonFinite {
+                what: "sgd: learning rate or momentum",
+            });
+        }
+        if self.lr < 0.0 || !(0.0..1.0).contains(&self.momentum) {
+            return Err(Error::InvalidParameter {
+                what: "sgd: lr must be >= 0 and momentum in [0, 1)",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// True when no element is NaN or infinite.
+pub fn all_finite(x: &[f32]) -> bool {
+    x.iter().all(|v| v.is_finite())
+}
+
+/// `G_W̄ = s_W * G_W`: the gradient w.r.t. the int8 weight, from the real-unit gradient.
+#[inline]
+pub fn int8_weight_grad(grad_real: f32, weight_scale: f32) -> f32 {
+    grad_real * weight_scale
+}
+
+/// `G̃_W̄ = G_W̄ * s_W⁻²`.
+#[inline]
+pub fn qas_scale_weight_grad(g_wbar: f32, weight_scale: f32) -> f32 {
+    g_wbar / (weight_scale * weight_scale)
+}
+
+/// `G̃_b̄ = G_b̄ * (s_W s_x)⁻²`.
+#[inline]
+pub fn qas_scale_bias_grad(g_bbar: f32, weight_scale: f32, input_scale: f32) -> f32 {
+    let s = weight_scale * input_scale;
+    g_bbar / (s * s)
+}
+
+/// The gradient the int8 update steps along, from a real-unit gradient: `G̃_W̄ = G_W / s_W` with
+/// QAS, `G_W̄ = s_W G_W` without.
+#[inline]
+pub fn update_grad(grad_real: f32, scale: f32, qas: bool) -> f32 {
+    let g_bar = int8_weight_grad(grad_real, scale);
+    if qas {
+        qas_scale_weight_grad(g_bar, scale)
+    } else {
+        g_bar
+    }
+}
+
+/// Converts a selected real-unit weight gradient in place to the int8-unit gradient the update
+/// uses (`update_grad` element-wise), e.g. to inspect or transmit it.
+pub fn weight_grad_to_int8_units(
+    shape: &WeightShape,
+    sel: ChannelSelection,
+    weight_scale: &[f32],
+    grad_w: &mut [f32],
+    qas: bool,
+) -> Result<()> {
+    sel.check(shape)?;
+    check_len("qas: weight_scale", shape.out_c, weight_scale.len())?;
+    check_len("qas: grad_w", sel.selected_len(shape), grad_w.len())?;
+    let mut k = 0;
+    shape.for_each_selected(&sel, |_, o| {
+        grad_w[k] = update_grad(grad_w[k], weight_scale[o], qas);
+        k += 1;
+    });
+    Ok(())
+}
+
+/// Copies the selected int8 weights into an f32 master copy (int8 units) before training.
+pub fn init_master(
+    weight: &[i8],
+    shape: &WeightShape,
+    sel: ChannelSelection,
+    master: &mut [f32],
+) -> Result<()> {
+    sel.check(shape)?;
+    check_len("init_master: weight", shape.len(), weight.len())?;
+    check_len("init_master: master", sel.selected_len(shape), master.len())?;
+    let mut k = 0;
+    shape.for_each_selected(&sel, |i, _| {
+        master[k] = weight[i] as f32;
+        k += 1;
+    });
+    Ok(())
+}
+
+/// One SGD step on the selected int8 weights, in place: `W̄' = round(W̄ - α v)`, with
+/// `v = μ v + g`, `g = G̃_W̄` (QAS) or `G_W̄` (no QAS), rounding by the precision in `state`,
+/// saturating to `[-127, 127]` (symmetric weights never use -128).
+///
+/// `grad_w` is the real-unit gradient of the selected weights (as `conv2d_backward_weight`
+/// produced it). Nothing is written unless the gradient, the momentum buffer and the master copy
+/// are all finite: a diverged step is refused with `Error::NonFinite`.
+#[allow(clippy::too_many_arguments)]
+pub fn sgd_update_weights(
+    weight: &mut [i8],
+    shape: &WeightShape,
+    weight_scale: &[f32],
+    sel: ChannelSelection,
+    grad_w: &[f32],
+    cfg: &SgdConfig,
+    momentum: Option<&mut [f32]>,
+    state: UpdateState<'_>,
+) -> Result<()> {
+    cfg.validate()?;
+    sel.check(shape)?;
+    let n = sel.selected_len(shape);
+    check_len("sgd_update_weights: weight", shape.len(), weight.len())?;
+    check_len(
+        "sgd_update_weights: weight_scale",
+        shape.out_c,
+        weight_scale.len(),
+    )?;
+    check_len("sgd_update_weights: grad_w", n, grad_w.len())?;
+    if !all_finite(grad_w) {
+        return Err(Error::NonFinite {
+            what: "sgd_update_weights: gradient",
+        });
+    }
+    if weight_scale
+        .iter()
+        .take(sel.rows(shape))
+        .any(|s| !(s.is_finite() && *s > 0.0))
+    {
+        return Err(Error::NotRepresentable {
+            what: "sgd_update_weights: weight scale must be finite and > 0",
+        });
+    }
+    let mut momentum = momentum;
+    if let Some(v) = momentum.as_deref() {
+        check_len("sgd_update_weights: momentum buffer", n, v.len())?;
+        if !all_finite(v) {
+            return Err(Error::NonFinite {
+                what: "sgd_update_weights: momentum buffer",
+            });
+        }
+    }
+    match &state {
+        UpdateState::Residual(r) => check_len("sgd_update_weights: residual", n, r.len())?,
+        UpdateState::FpMaster(m) => {
+            check_len("sgd_update_weights: master", n, m.len())?;
+            if !all_finite(m) {
+                return Err(Error::NonFinite {
+                    what: "sgd_update_weights: master copy",
+                });
+            }
+        }
+        UpdateState::StochasticRounding(_) => {}
+    }
+    let mut state = state;
+    let mut k = 0;
+    shape.for_each_selected(&sel, |i, o| {
+        let mut g = update_grad(grad_w[k], weight_scale[o], cfg.qas);
+        if let Some(v) = momentum.as_deref_mut() {
+            if cfg.momentum != 0.0 {
+                v[k] = cfg.momentum * v[k] + g;
+                g = v[k];
+            }
+        }
+        let delta = -cfg.lr * g;
+        weight[i] = match &mut state {
+            UpdateState::StochasticRounding(rng) => stochastic_round(weight[i], delta, rng),
+            UpdateState::Residual(r) => residual_step(weight[i], &mut r[k], delta),
+            UpdateState::FpMaster(m) => {
+                m[k] = (m[k] + delta).clamp(-127.0, 127.0);
+                round_half_away(m[k]) as i8
+            }
+        };
+        k += 1;
+    });
+    Ok(())
+}
+
+#[inline]
+fn stochastic_round(w: i8, delta: f32, rng: &mut XorShift32) -> i8 {
+    // The random draw happens for every weight, so the generator state after a step depends
+    // only on how many weights were updated (host and MCU stay in lockstep).
+    let u = rng.next_unit();
+    let t = (w as f32 + delta).clamp(-128.0, 128.0);
+    let fl = floor(t);
+    let up = if u < t - fl { 1.0 } else { 0.0 };
+    (fl + up).clamp(-127.0, 127.0) as i8
+}
+
+/// `w * 256 + r` is the weight in 1/256 LSB; `r` in `[-128, 127]` keeps `w` its rounding.
+#[inline]
+fn residual_step(w: i8, r: &mut i8, delta: f32) -> i8 {
+    let d = round_half_away((delta * 256.0).clamp(-65_536.0, 65_536.0)) as i32;
+    let full = (w as i32 * 256 + *r as i32 + d).clamp(-127 * 256, 127 * 256);
+    let nw = (full + 128) >> 8;
+    *r = (full - nw * 256) as i8;
+    nw as i8
+}
+
+#[inline]
+fn floor(x: f32) -> f32 {
+    let t = x as i32 as f32;
+    if t > x {
+        t - 1.0
+    } else {
+        t
+    }
+}
+
+#[inline]
+fn round_half_away(x: f32) -> f32 {
+    if x >= 0.0 {
+        floor(x + 0.5)
+    } else {
+        -floor(-x + 0.5)
+    }
+}
+
+/// One SGD step on int32 biases (the prefix `0..grad_b.len()`), in place, rounding to nearest
+/// (an int32 bias LSB is far below any useful step). `grad_b` is the real-unit gradient;
+/// the bias scale of channel `o` is `weight_scale[o] * input_scale`.
+pub fn sgd_update_bias(
+    bias: &mut [i32],
+    weight_scale: &[f32],
+    input_scale: f32,
+    grad_b: &[f32],
+    cfg: &SgdConfig,
+    momentum: Option<&mut [f32]>,
+) -> Result<()> {
+    cfg.validate()?;
+    if grad_b.len() > bias.len() {
+        return Err(Error::ShapeMismatch {
+            what: "sgd_update_bias: grad_b longer than bias",
+            expected: bias.len(),
+            actual: grad_b.len(),
+        });
+    }
+    check_len(
+        "sgd_update_bias: weight_scale",
+        bias.len(),
+        weight_scale.len(),
+    )?;
+    if !all_finite(grad_b) {
+        return Err(Error::NonFinite {
+            what: "sgd_update_bias: gradient",
+        });
+    }
+    if !(input_scale.is_finite() && input_scale > 0.0)
+        || weight_scale[..grad_b.len()]
+            .iter()
+            .any(|s| !(s.is_finite() && *s > 0.0))
+    {
+        return Err(Error::NotRepresentable {
+            what: "sgd_update_bias: scales must be finite and > 0",
+        });
+    }
+    let mut momentum = momentum;
+    if let Some(v) = momentum.as_deref() {
+        check_len("sgd_update_bias: momentum buffer", grad_b.len(), v.len())?;
+        if !all_finite(v) {
+            return Err(Error::NonFinite {
+                what: "sgd_update_bias: momentum buffer",
+            });
+        }
+    }
+    for (o, &gr) in grad_b.iter().enumerate() {
+        let s = weight_scale[o] as f64 * input_scale as f64;
+        let mut g = if cfg.qas {
+            gr as f64 / s
+        } else {
+            gr as f64 * s
+        };
+        if let Some(v) = momentum.as_deref_mut() {
+            if cfg.momentum != 0.0 {
+                v[o] = cfg.momentum * v[o] + g as f32;
+                g = v[o] as f64;
+            }
+        }
+        let nb = bias[o] as f64 - cfg.lr as f64 * g;
+        let r = if nb >= 0.0 { nb + 0.5 } else { nb - 0.5 };
+        // `as` saturates for out-of-range and maps NaN to 0; NaN is excluded above.
+        bias[o] = r.clamp(i32::MIN as f64, i32::MAX as f64) as i32;
+    }
+    Ok(())
+}

@@ -1,1 +1,167 @@
 //! Int8 kernels, one file per op family: forward and backward side by side.
+//!
+//! Conventions shared by every kernel here:
+//! - activations are one sample, channels last (HWC), int8 with a per-tensor scale and zero point;
+//! - conv weights are OHWI (`[out_c][kh][kw][in_c / groups]`), FC weights `[out][in]`, int8
+//!   symmetric per output channel; biases int32 with scale `s_in * s_w[o]`;
+//! - gradients are f32 in real units (dL/dy of the dequantized value);
+//! - backward kernels that produce an input gradient overwrite it, kernels that produce weight or
+//!   bias gradients accumulate (`+=`) so a batch accumulates sample by sample;
+//! - nothing allocates and nothing panics on a bad shape: it is an `Err`.
+pub mod act;
+pub mod add;
+pub mod conv;
+pub mod fc;
+pub mod loss;
+pub mod pool;
+
+use crate::error::{Error, Result};
+
+/// Which axis of a weight tensor a channel selection runs along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelAxis {
+    /// Rows `W[:k]`: fewer weights updated, but the whole layer input must be saved.
+    Output,
+    /// Columns `W[:, :k]` (the paper's choice for 1x1 convs): backward needs only the first `k`
+    /// input channels of the layer input saved. Only for ungrouped layers.
+    Input,
+}
+
+/// The weights a sparse update touches: the prefix `0..count` along `axis`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelSelection {
+    pub axis: ChannelAxis,
+    pub count: usize,
+}
+
+impl ChannelSelection {
+    pub fn output(count: usize) -> ChannelSelection {
+        ChannelSelection {
+            axis: ChannelAxis::Output,
+            count,
+        }
+    }
+
+    pub fn input(count: usize) -> ChannelSelection {
+        ChannelSelection {
+            axis: ChannelAxis::Input,
+            count,
+        }
+    }
+
+    /// Validates the selection against a weight shape.
+    pub fn check(&self, w: &WeightShape) -> Result<()> {
+        match self.axis {
+            ChannelAxis::Output if self.count <= w.out_c => Ok(()),
+            ChannelAxis::Output => Err(Error::InvalidParameter {
+                what: "channel selection: count exceeds output channels",
+            }),
+            ChannelAxis::Input if w.groups != 1 => Err(Error::InvalidParameter {
+                what: "channel selection: input-axis selection needs groups == 1",
+            }),
+            ChannelAxis::Input if self.count <= w.in_per_group => Ok(()),
+            ChannelAxis::Input => Err(Error::InvalidParameter {
+                what: "channel selection: count exceeds input channels",
+            }),
+        }
+    }
+
+    /// Number of weights selected (the length of the matching gradient buffer).
+    pub fn selected_len(&self, w: &WeightShape) -> usize {
+        match self.axis {
+            ChannelAxis::Output => self.count * w.taps * w.in_per_group,
+            ChannelAxis::Input => w.out_c * w.taps * self.count,
+        }
+    }
+
+    /// Output channels whose rows are (partly) selected.
+    pub fn rows(&self, w: &WeightShape) -> usize {
+        match self.axis {
+            ChannelAxis::Output => self.count,
+            ChannelAxis::Input => w.out_c,
+        }
+    }
+
+    /// Input channels per pixel the weight-gradient kernel reads from the saved input:
+    /// all of them for an output-axis selection, only the first `count` for an input-axis one.
+    pub fn saved_input_channels(&self, in_c: usize) -> usize {
+        match self.axis {
+            ChannelAxis::Output => in_c,
+            ChannelAxis::Input => self.count,
+        }
+    }
+
+    /// Selected weights per selected row (the inner extent of the gradient layout).
+    pub fn cols(&self, w: &WeightShape) -> usize {
+        match self.axis {
+            ChannelAxis::Output => w.in_per_group,
+            ChannelAxis::Input => self.count,
+        }
+    }
+}
+
+/// The shape of an int8 weight tensor as the update sees it: `[out_c][taps][in_per_group]`
+/// (`taps = kh * kw`, 1 for FC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightShape {
+    pub out_c: usize,
+    pub taps: usize,
+    pub in_per_group: usize,
+    pub groups: usize,
+}
+
+impl WeightShape {
+    pub fn len(&self) -> usize {
+        self.out_c * self.taps * self.in_per_group
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Visits every selected weight as `(index into the full weight, output channel)`, in the
+    /// order of the gradient buffer.
+    pub(crate) fn for_each_selected(
+        &self,
+        sel: &ChannelSelection,
+        mut f: impl FnMut(usize, usize),
+    ) {
+        let cols = sel.cols(self);
+        for o in 0..sel.rows(self) {
+            for t in 0..self.taps {
+                let base = (o * self.taps + t) * self.in_per_group;
+                for i in 0..cols {
+                    f(base + i, o);
+                }
+            }
+        }
+    }
+}
+
+/// Extracts the first `k` channels of an HWC int8 tensor: what a layer with an input-axis
+/// selection saves for its backward pass.
+pub fn save_input_channels(input: &[i8], in_c: usize, k: usize, saved: &mut [i8]) -> Result<()> {
+    if in_c == 0 || input.len() % in_c != 0 || k > in_c {
+        return Err(Error::InvalidParameter {
+            what: "save_input_channels: input length / channel count",
+        });
+    }
+    let pixels = input.len() / in_c;
+    crate::quant::check_len("save_input_channels: saved", pixels * k, saved.len())?;
+    if k == 0 {
+        return Ok(());
+    }
+    for (src, dst) in input.chunks_exact(in_c).zip(saved.chunks_exact_mut(k)) {
+        dst.copy_from_slice(&src[..k]);
+    }
+    Ok(())
+}
+
+/// Checked product of dimensions: a shape whose size overflows is an error, not a panic.
+pub(crate) fn dims(parts: &[usize], what: &'static str) -> Result<usize> {
+    let mut n: usize = 1;
+    for &p in parts {
+        n = n.checked_mul(p).ok_or(Error::InvalidParameter { what })?;
+    }
+    Ok(n)
+}

@@ -1,0 +1,106 @@
+//! Residual add of two int8 tensors with different quantization, TFLite style: both inputs are
+//! shifted left by 20 bits, brought to a common scale (2 * max input scale) by fixed-point
+//! multipliers < 1, summed, and requantized to the output scale.
+use crate::error::{Error, Result};
+use crate::quant::{check_act, check_len, finish, QParams, Requant};
+
+/// Headroom bits for the int8 inputs (TFLite uses 20 for int8).
+pub const ADD_LEFT_SHIFT: i32 = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddParams {
+    pub a_zp: i32,
+    pub b_zp: i32,
+    pub out_zp: i32,
+    pub a_mult: Requant,
+    pub b_mult: Requant,
+    pub out_mult: Requant,
+    pub act_min: i8,
+    pub act_max: i8,
+}
+
+impl AddParams {
+    pub fn new(
+        a: QParams,
+        b: QParams,
+        out: QParams,
+        act_min: i8,
+        act_max: i8,
+    ) -> Result<AddParams> {
+        for q in [a, b, out] {
+            QParams::new(q.scale, q.zero_point)?;
+            if !(-128..=127).contains(&q.zero_point) {
+                return Err(Error::InvalidParameter {
+                    what: "add: int8 zero point outside [-128, 127]",
+                });
+            }
+        }
+        check_act(act_min, act_max)?;
+        let twice_max = 2.0 * (a.scale as f64).max(b.scale as f64);
+        Ok(AddParams {
+            a_zp: a.zero_point,
+            b_zp: b.zero_point,
+            out_zp: out.zero_point,
+            a_mult: Requant::from_scale(a.scale as f64 / twice_max)?,
+            b_mult: Requant::from_scale(b.scale as f64 / twice_max)?,
+            out_mult: Requant::from_scale(
+                twice_max / ((1i64 << ADD_LEFT_SHIFT) as f64 * out.scale as f64),
+            )?,
+            act_min,
+            act_max,
+        })
+    }
+
+    #[inline]
+    pub fn apply(&self, a: i8, b: i8) -> i8 {
+        let sa = self.a_mult.apply((a as i32 - self.a_zp) << ADD_LEFT_SHIFT);
+        let sb = self.b_mult.apply((b as i32 - self.b_zp) << ADD_LEFT_SHIFT);
+        finish(
+            self.out_mult.apply(sa.wrapping_add(sb)),
+            self.out_zp,
+            self.act_min,
+            self.act_max,
+        )
+    }
+}
+
+pub fn add_forward(p: &AddParams, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<()> {
+    check_len("add_forward: b", a.len(), b.len())?;
+    check_len("add_forward: output", a.len(), output.len())?;
+    check_act(p.act_min, p.act_max)?;
+    if !(-128..=127).contains(&p.a_zp) || !(-128..=127).contains(&p.b_zp) {
+        return Err(Error::InvalidParameter {
+            what: "add: int8 zero point outside [-128, 127]",
+        });
+    }
+    for ((o, &x), &y) in output.iter_mut().zip(a).zip(b) {
+        *o = p.apply(x, y);
+    }
+    Ok(())
+}
+
+/// `d(a + b)/da = d(a + b)/db = 1` in real units, masked where the saved output was clamped.
+/// Overwrites both input gradients.
+pub fn add_backward(
+    out_q: &[i8],
+    act_min: i8,
+    act_max: i8,
+    grad_out: &[f32],
+    grad_a: &mut [f32],
+    grad_b: &mut [f32],
+) -> Result<()> {
+    check_act(act_min, act_max)?;
+    check_len("add_backward: grad_out", out_q.len(), grad_out.len())?;
+    check_len("add_backward: grad_a", out_q.len(), grad_a.len())?;
+    check_len("add_backward: grad_b", out_q.len(), grad_b.len())?;
+    for (i, &q) in out_q.iter().enumerate() {
+        let g = if q <= act_min || q >= act_max {
+            0.0
+        } else {
+            grad_out[i]
+        };
+        grad_a[i] = g;
+        grad_b[i] = g;
+    }
+    Ok(())
+}

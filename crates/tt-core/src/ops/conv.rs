@@ -1,0 +1,619 @@
+//! 2-D convolution: int8 forward with fixed-point requantization, f32 backward.
+//!
+//! Layouts: input `[in_h][in_w][in_c]`, output `[out_h][out_w][out_c]`, weight OHWI
+//! `[out_c][kh][kw][in_c / groups]`. Padding contributes the input zero point (real zero).
+//! Depthwise layers (`groups == in_c == out_c`) take a channel-vectorized path.
+use super::{dims, ChannelAxis, ChannelSelection, WeightShape};
+use crate::error::{Error, Result};
+use crate::quant::{check_act, check_len, finish, QParams, Requant};
+
+/// Channels processed together by the depthwise paths (accumulators live on the stack).
+const DW_CHUNK: usize = 16;
+/// Largest kernel (kh * kw) the depthwise paths stage on the stack; larger ones take the
+/// general path.
+const DW_MAX_TAPS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dGeom {
+    pub in_h: usize,
+    pub in_w: usize,
+    pub in_c: usize,
+    pub out_c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride_h: usize,
+    pub stride_w: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub pad_bottom: usize,
+    pub pad_right: usize,
+    pub groups: usize,
+}
+
+impl Conv2dGeom {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        in_h: usize,
+        in_w: usize,
+        in_c: usize,
+        out_c: usize,
+        kh: usize,
+        kw: usize,
+        stride_h: usize,
+        stride_w: usize,
+        pad_top: usize,
+        pad_left: usize,
+        pad_bottom: usize,
+        pad_right: usize,
+        groups: usize,
+    ) -> Result<Conv2dGeom> {
+        let g = Conv2dGeom {
+            in_h,
+            in_w,
+            in_c,
+            out_c,
+            kh,
+            kw,
+            stride_h,
+            stride_w,
+            pad_top,
+            pad_left,
+            pad_bottom,
+            pad_right,
+            groups,
+        };
+        g.validate()?;
+        Ok(g)
+    }
+
+    /// Checks every invariant the kernels rely on; the kernels call it themselves, so a geometry
+    /// built field by field cannot make them index out of bounds.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |what| Err(Error::InvalidParameter { what });
+        if self.in_h == 0 || self.in_w == 0 || self.in_c == 0 || self.out_c == 0 {
+            return invalid("conv2d: zero-sized input or output channels");
+        }
+        if self.kh == 0 || self.kw == 0 {
+            return invalid("conv2d: zero-sized kernel");
+        }
+        if self.stride_h == 0 || self.stride_w == 0 {
+            return invalid("conv2d: zero stride");
+        }
+        if self.groups == 0 || self.in_c % self.groups != 0 || self.out_c % self.groups != 0 {
+            return invalid("conv2d: groups must divide in_c and out_c");
+        }
+        let ph = self
+            .in_h
+            .checked_add(self.pad_top)
+            .and_then(|v| v.checked_add(self.pad_bottom));
+        let pw = self
+            .in_w
+            .checked_add(self.pad_left)
+            .and_then(|v| v.checked_add(self.pad_right));
+        match (ph, pw) {
+            (Some(ph), Some(pw)) if ph >= self.kh && pw >= self.kw => {}
+            (Some(_), Some(_)) => return invalid("conv2d: kernel larger than padded input"),
+            _ => return invalid("conv2d: padded size overflows"),
+        }
+        // Padding wider than the kernel would produce outputs that see only padding; ONNX allows
+        // it, but indices computed as isize must stay in range.
+        if self.pad_top >= isize::MAX as usize / 2 || self.pad_left >= isize::MAX as usize / 2 {
+            return invalid("conv2d: padding too large");
+        }
+        dims(
+            &[self.in_h, self.in_w, self.in_c],
+            "conv2d: input size overflows",
+        )?;
+        dims(
+            &[
+                self.out_h(),
+                self.out_w(),
+                self.out_c,
+                self.kh,
+                self.kw,
+                self.in_c,
+            ],
+            "conv2d: size overflows",
+        )?;
+        Ok(())
+    }
+
+    pub fn out_h(&self) -> usize {
+        (self.in_h + self.pad_top + self.pad_bottom - self.kh) / self.stride_h + 1
+    }
+
+    pub fn out_w(&self) -> usize {
+        (self.in_w + self.pad_left + self.pad_right - self.kw) / self.stride_w + 1
+    }
+
+    pub fn in_per_group(&self) -> usize {
+        self.in_c / self.groups
+    }
+
+    pub fn out_per_group(&self) -> usize {
+        self.out_c / self.groups
+    }
+
+    pub fn input_len(&self) -> usize {
+        self.in_h * self.in_w * self.in_c
+    }
+
+    pub fn output_len(&self) -> usize {
+        self.out_h() * self.out_w() * self.out_c
+    }
+
+    pub fn weight_len(&self) -> usize {
+        self.out_c * self.kh * self.kw * self.in_per_group()
+    }
+
+    /// Multiply-accumulates of one forward pass (counting padded taps, as is customary).
+    pub fn macs(&self) -> u64 {
+        self.out_h() as u64
+            * self.out_w() as u64
+            * self.out_c as u64
+            * (self.kh * self.kw * self.in_per_group()) as u64
+    }
+
+    pub fn weight_shape(&self) -> WeightShape {
+        WeightShape {
+            out_c: self.out_c,
+            taps: self.kh * self.kw,
+            in_per_group: self.in_per_group(),
+            groups: self.groups,
+        }
+    }
+
+    pub fn is_depthwise(&self) -> bool {
+        self.groups == self.in_c && self.out_c == self.in_c
+    }
+
+    fn dw_fast(&self) -> bool {
+        self.is_depthwise() && self.kh * self.kw <= DW_MAX_TAPS
+    }
+
+    /// Valid kernel rows for output row `oy`: `(iy0, ky_lo, ky_hi)` with input row `iy0 + ky`.
+    #[inline]
+    fn rows(&self, oy: usize) -> (isize, usize, usize) {
+        tap_range(oy, self.stride_h, self.pad_top, self.kh, self.in_h)
+    }
+
+    #[inline]
+    fn cols(&self, ox: usize) -> (isize, usize, usize) {
+        tap_range(ox, self.stride_w, self.pad_left, self.kw, self.in_w)
+    }
+}
+
+#[inline]
+fn tap_range(o: usize, stride: usize, pad: usize, k: usize, n: usize) -> (isize, usize, usize) {
+    let i0 = (o * stride) as isize - pad as isize;
+    let lo = if i0 < 0 { (-i0) as usize } else { 0 };
+    let hi_i = n as isize - i0;
+    let hi = if hi_i <= 0 { 0 } else { (hi_i as usize).min(k) };
+    (i0, lo.min(hi), hi)
+}
+
+#[inline]
+fn idx(i0: isize, k: usize) -> usize {
+    (i0 + k as isize) as usize
+}
+
+/// Int8 forward: `out = clamp(requant[o](bias[o] + sum (x - in_zp) * w) + out_zp)`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_forward(
+    g: &Conv2dGeom,
+    input: &[i8],
+    in_zp: i32,
+    weight: &[i8],
+    bias: &[i32],
+    requant: &[Requant],
+    out_zp: i32,
+    act_min: i8,
+    act_max: i8,
+    output: &mut [i8],
+) -> Result<()> {
+    g.validate()?;
+    check_len("conv2d_forward: input", g.input_len(), input.len())?;
+    check_len("conv2d_forward: weight", g.weight_len(), weight.len())?;
+    check_len("conv2d_forward: bias", g.out_c, bias.len())?;
+    check_len("conv2d_forward: requant", g.out_c, requant.len())?;
+    check_len("conv2d_forward: output", g.output_len(), output.len())?;
+    check_act(act_min, act_max)?;
+    if g.dw_fast() {
+        dw_forward(
+            g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
+        );
+        return Ok(());
+    }
+    let (icg, ocg, kw) = (g.in_per_group(), g.out_per_group(), g.kw);
+    let taps = g.kh * g.kw;
+    let (ow, oc_n, in_c) = (g.out_w(), g.out_c, g.in_c);
+    for oy in 0..g.out_h() {
+        let (iy0, ky_lo, ky_hi) = g.rows(oy);
+        for ox in 0..ow {
+            let (ix0, kx_lo, kx_hi) = g.cols(ox);
+            let out_px = &mut output[(oy * ow + ox) * oc_n..][..oc_n];
+            for (oc, out_v) in out_px.iter_mut().enumerate() {
+                let grp = oc / ocg;
+                let wrow = &weight[oc * taps * icg..][..taps * icg];
+                let mut acc = bias[oc];
+                for ky in ky_lo..ky_hi {
+                    let row = idx(iy0, ky) * g.in_w;
+                    for kx in kx_lo..kx_hi {
+                        let x = &input[(row + idx(ix0, kx)) * in_c + grp * icg..][..icg];
+                        let w = &wrow[(ky * kw + kx) * icg..][..icg];
+                        acc = acc.wrapping_add(dot_zp(x, w, in_zp));
+                    }
+                }
+                *out_v = finish(requant[oc].apply(acc), out_zp, act_min, act_max);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `sum (x - zp) * w`, as `sum x*w - zp * sum w` so the loop is a plain int dot product.
+#[inline]
+fn dot_zp(x: &[i8], w: &[i8], zp: i32) -> i32 {
+    let mut s: i32 = 0;
+    let mut sw: i32 = 0;
+    for (&a, &b) in x.iter().zip(w) {
+        s = s.wrapping_add(a as i32 * b as i32);
+        sw = sw.wrapping_add(b as i32);
+    }
+    s.wrapping_sub(zp.wrapping_mul(sw))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dw_forward(
+    g: &Conv2dGeom,
+    input: &[i8],
+    in_zp: i32,
+    weight: &[i8],
+    bias: &[i32],
+    requant: &[Requant],
+    out_zp: i32,
+    act_min: i8,
+    act_max: i8,
+    output: &mut [i8],
+) {
+    let (c, kw, taps, ow) = (g.in_c, g.kw, g.kh * g.kw, g.out_w());
+    let mut wt = [0i32; DW_CHUNK * DW_MAX_TAPS];
+    let mut c0 = 0;
+    while c0 < c {
+        let n = DW_CHUNK.min(c - c0);
+        // Tap-major staging of this chunk's weights so the inner loop runs over channels.
+        for t in 0..taps {
+            for j in 0..n {
+                wt[t * DW_CHUNK + j] = weight[(c0 + j) * taps + t] as i32;
+            }
+        }
+        for oy in 0..g.out_h() {
+            let (iy0, ky_lo, ky_hi) = g.rows(oy);
+            for ox in 0..ow {
+                let (ix0, kx_lo, kx_hi) = g.cols(ox);
+                let mut acc = [0i32; DW_CHUNK];
+                acc[..n].copy_from_slice(&bias[c0..c0 + n]);
+                for ky in ky_lo..ky_hi {
+                    let row = idx(iy0, ky) * g.in_w;
+                    for kx in kx_lo..kx_hi {
+                        let x = &input[(row + idx(ix0, kx)) * c + c0..][..n];
+                        let w = &wt[(ky * kw + kx) * DW_CHUNK..][..n];
+                        for j in 0..n {
+                            acc[j] = acc[j].wrapping_add((x[j] as i32 - in_zp).wrapping_mul(w[j]));
+                        }
+                    }
+                }
+                let out = &mut output[(oy * ow + ox) * c + c0..][..n];
+                for j in 0..n {
+                    out[j] = finish(requant[c0 + j].apply(acc[j]), out_zp, act_min, act_max);
+                }
+            }
+        }
+        c0 += n;
+    }
+}
+
+/// Int32 accumulation for imported models whose weights are not symmetric:
+/// `acc = bias[o] + sum (x - in_zp) * (w - weight_zp[o])`, written as int32 per output element
+/// (ONNX ConvInteger / the accumulation half of QLinearConv). `weight_zp` has one entry per
+/// output channel or a single per-tensor entry; `bias` may be empty (no bias).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_accumulate(
+    g: &Conv2dGeom,
+    input: &[i8],
+    in_zp: i32,
+    weight: &[i8],
+    weight_zp: &[i32],
+    bias: &[i32],
+    acc_out: &mut [i32],
+) -> Result<()> {
+    g.validate()?;
+    check_len("conv2d_accumulate: input", g.input_len(), input.len())?;
+    check_len("conv2d_accumulate: weight", g.weight_len(), weight.len())?;
+    if weight_zp.len() != 1 && weight_zp.len() != g.out_c {
+        return Err(Error::ShapeMismatch {
+            what: "conv2d_accumulate: weight zero point (per tensor or per channel)",
+            expected: g.out_c,
+            actual: weight_zp.len(),
+        });
+    }
+    if !bias.is_empty() {
+        check_len("conv2d_accumulate: bias", g.out_c, bias.len())?;
+    }
+    check_len("conv2d_accumulate: output", g.output_len(), acc_out.len())?;
+    let (icg, ocg, kw, taps) = (g.in_per_group(), g.out_per_group(), g.kw, g.kh * g.kw);
+    let (ow, oc_n, in_c) = (g.out_w(), g.out_c, g.in_c);
+    for oy in 0..g.out_h() {
+        let (iy0, ky_lo, ky_hi) = g.rows(oy);
+        for ox in 0..ow {
+            let (ix0, kx_lo, kx_hi) = g.cols(ox);
+            let out_px = &mut acc_out[(oy * ow + ox) * oc_n..][..oc_n];
+            for (oc, out_v) in out_px.iter_mut().enumerate() {
+                let grp = oc / ocg;
+                let wzp = if weight_zp.len() == 1 {
+                    weight_zp[0]
+                } else {
+                    weight_zp[oc]
+                };
+                let wrow = &weight[oc * taps * icg..][..taps * icg];
+                let mut acc = if bias.is_empty() { 0 } else { bias[oc] };
+                for ky in ky_lo..ky_hi {
+                    let row = idx(iy0, ky) * g.in_w;
+                    for kx in kx_lo..kx_hi {
+                        let x = &input[(row + idx(ix0, kx)) * in_c + grp * icg..][..icg];
+                        let w = &wrow[(ky * kw + kx) * icg..][..icg];
+                        for (&a, &b) in x.iter().zip(w) {
+                            acc = acc.wrapping_add(
+                                (a as i32)
+                                    .wrapping_sub(in_zp)
+                                    .wrapping_mul((b as i32).wrapping_sub(wzp)),
+                            );
+                        }
+                    }
+                }
+                *out_v = acc;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gradient w.r.t. the (dequantized) input: `grad_in = conv_transpose(grad_out, s_w * w)`.
+/// Overwrites `grad_in`. `grad_out` should already carry the output clamp mask
+/// (see `act::clamp_mask_backward`).
+pub fn conv2d_backward_input(
+    g: &Conv2dGeom,
+    grad_out: &[f32],
+    weight: &[i8],
+    weight_scale: &[f32],
+    grad_in: &mut [f32],
+) -> Result<()> {
+    g.validate()?;
+    check_len(
+        "conv2d_backward_input: grad_out",
+        g.output_len(),
+        grad_out.len(),
+    )?;
+    check_len(
+        "conv2d_backward_input: weight",
+        g.weight_len(),
+        weight.len(),
+    )?;
+    check_len(
+        "conv2d_backward_input: weight_scale",
+        g.out_c,
+        weight_scale.len(),
+    )?;
+    check_len(
+        "conv2d_backward_input: grad_in",
+        g.input_len(),
+        grad_in.len(),
+    )?;
+    grad_in.fill(0.0);
+    if g.dw_fast() {
+        dw_backward_input(g, grad_out, weight, weight_scale, grad_in);
+        return Ok(());
+    }
+    let (icg, ocg, kw, taps) = (g.in_per_group(), g.out_per_group(), g.kw, g.kh * g.kw);
+    let (ow, oc_n, in_c) = (g.out_w(), g.out_c, g.in_c);
+    for oy in 0..g.out_h() {
+        let (iy0, ky_lo, ky_hi) = g.rows(oy);
+        for ox in 0..ow {
+            let (ix0, kx_lo, kx_hi) = g.cols(ox);
+            let go_px = &grad_out[(oy * ow + ox) * oc_n..][..oc_n];
+            for (oc, &go) in go_px.iter().enumerate() {
+                // Clamped outputs (masked to zero) cost nothing.
+                if go == 0.0 {
+                    continue;
+                }
+                let gs = go * weight_scale[oc];
+                let grp = oc / ocg;
+                let wrow = &weight[oc * taps * icg..][..taps * icg];
+                for ky in ky_lo..ky_hi {
+                    let row = idx(iy0, ky) * g.in_w;
+                    for kx in kx_lo..kx_hi {
+                        let gi = &mut grad_in[(row + idx(ix0, kx)) * in_c + grp * icg..][..icg];
+                        let w = &wrow[(ky * kw + kx) * icg..][..icg];
+                        for (d, &wv) in gi.iter_mut().zip(w) {
+                            *d += gs * wv as f32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dw_backward_input(
+    g: &Conv2dGeom,
+    grad_out: &[f32],
+    weight: &[i8],
+    weight_scale: &[f32],
+    grad_in: &mut [f32],
+) {
+    let (c, kw, taps, ow) = (g.in_c, g.kw, g.kh * g.kw, g.out_w());
+    let mut wt = [0f32; DW_CHUNK * DW_MAX_TAPS];
+    let mut c0 = 0;
+    while c0 < c {
+        let n = DW_CHUNK.min(c - c0);
+        for t in 0..taps {
+            for j in 0..n {
+                wt[t * DW_CHUNK + j] = weight[(c0 + j) * taps + t] as f32 * weight_scale[c0 + j];
+            }
+        }
+        for oy in 0..g.out_h() {
+            let (iy0, ky_lo, ky_hi) = g.rows(oy);
+            for ox in 0..ow {
+                let (ix0, kx_lo, kx_hi) = g.cols(ox);
+                let go = &grad_out[(oy * ow + ox) * c + c0..][..n];
+                for ky in ky_lo..ky_hi {
+                    let row = idx(iy0, ky) * g.in_w;
+                    for kx in kx_lo..kx_hi {
+                        let gi = &mut grad_in[(row + idx(ix0, kx)) * c + c0..][..n];
+                        let w = &wt[(ky * kw + kx) * DW_CHUNK..][..n];
+                        for j in 0..n {
+                            gi[j] += go[j] * w[j];
+                        }
+                    }
+                }
+            }
+        }
+        c0 += n;
+    }
+}
+
+/// Gradient w.r.t. the real weights `W = s_w * w` for the selected channels, accumulated into
+/// `grad_w` (`+=`), laid out as the selected block of OHWI: `[count][kh][kw][in_c/groups]` for an
+/// output-axis selection, `[out_c][kh][kw][count]` for an input-axis one.
+///
+/// `input` is the saved layer input: all `in_c` channels per pixel for an output-axis selection;
+/// for an input-axis selection only the first `count` channels per pixel (`[in_h][in_w][count]`,
+/// see `ops::save_input_channels`).
+pub fn conv2d_backward_weight(
+    g: &Conv2dGeom,
+    input: &[i8],
+    in_q: QParams,
+    grad_out: &[f32],
+    sel: ChannelSelection,
+    grad_w: &mut [f32],
+) -> Result<()> {
+    g.validate()?;
+    let ws = g.weight_shape();
+    sel.check(&ws)?;
+    let xc = sel.saved_input_channels(g.in_c);
+    check_len(
+        "conv2d_backward_weight: saved input",
+        g.in_h * g.in_w * xc,
+        input.len(),
+    )?;
+    check_len(
+        "conv2d_backward_weight: grad_out",
+        g.output_len(),
+        grad_out.len(),
+    )?;
+    check_len(
+        "conv2d_backward_weight: grad_w",
+        sel.selected_len(&ws),
+        grad_w.len(),
+    )?;
+    if sel.count == 0 {
+        return Ok(());
+    }
+    let s_in = in_q.scale;
+    let zp = in_q.zero_point;
+    if g.dw_fast() && sel.axis == ChannelAxis::Output {
+        dw_backward_weight(g, input, s_in, zp, grad_out, sel.count, grad_w);
+        return Ok(());
+    }
+    let (icg, ocg, kw, taps) = (g.in_per_group(), g.out_per_group(), g.kw, g.kh * g.kw);
+    let (ow, oc_n) = (g.out_w(), g.out_c);
+    let rows = sel.rows(&ws);
+    let cols = sel.cols(&ws);
+    for oy in 0..g.out_h() {
+        let (iy0, ky_lo, ky_hi) = g.rows(oy);
+        for ox in 0..ow {
+            let (ix0, kx_lo, kx_hi) = g.cols(ox);
+            let go_px = &grad_out[(oy * ow + ox) * oc_n..][..rows];
+            for (oc, &go) in go_px.iter().enumerate() {
+                if go == 0.0 {
+                    continue;
+                }
+                let gs = go * s_in;
+                let grp = oc / ocg;
+                for ky in ky_lo..ky_hi {
+                    let row = idx(iy0, ky) * g.in_w;
+                    for kx in kx_lo..kx_hi {
+                        let x = &input[(row + idx(ix0, kx)) * xc + grp * icg..][..cols];
+                        let gw = &mut grad_w[(oc * taps + ky * kw + kx) * cols..][..cols];
+                        for (d, &xv) in gw.iter_mut().zip(x) {
+                            *d += gs * (xv as i32 - zp) as f32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dw_backward_weight(
+    g: &Conv2dGeom,
+    input: &[i8],
+    s_in: f32,
+    zp: i32,
+    grad_out: &[f32],
+    count: usize,
+    grad_w: &mut [f32],
+) {
+    let (c, kw, taps, ow) = (g.in_c, g.kw, g.kh * g.kw, g.out_w());
+    let mut c0 = 0;
+    while c0 < count {
+        let n = DW_CHUNK.min(count - c0);
+        for ky in 0..g.kh {
+            for kx in 0..kw {
+                let mut acc = [0f32; DW_CHUNK];
+                for oy in 0..g.out_h() {
+                    let (iy0, ky_lo, ky_hi) = g.rows(oy);
+                    if ky < ky_lo || ky >= ky_hi {
+                        continue;
+                    }
+                    let row = idx(iy0, ky) * g.in_w;
+                    for ox in 0..ow {
+                        let (ix0, kx_lo, kx_hi) = g.cols(ox);
+                        if kx < kx_lo || kx >= kx_hi {
+                            continue;
+                        }
+                        let x = &input[(row + idx(ix0, kx)) * c + c0..][..n];
+                        let go = &grad_out[(oy * ow + ox) * c + c0..][..n];
+                        for j in 0..n {
+                            acc[j] += go[j] * (x[j] as i32 - zp) as f32;
+                        }
+                    }
+                }
+                let t = ky * kw + kx;
+                for j in 0..n {
+                    grad_w[(c0 + j) * taps + t] += acc[j] * s_in;
+                }
+            }
+        }
+        c0 += n;
+    }
+}
+
+/// Gradient w.r.t. the real bias: the sum of `grad_out` over pixels, accumulated (`+=`).
+pub fn conv2d_backward_bias(g: &Conv2dGeom, grad_out: &[f32], grad_b: &mut [f32]) -> Result<()> {
+    g.validate()?;
+    check_len(
+        "conv2d_backward_bias: grad_out",
+        g.output_len(),
+        grad_out.len(),
+    )?;
+    check_len("conv2d_backward_bias: grad_b", g.out_c, grad_b.len())?;
+    for px in grad_out.chunks_exact(g.out_c) {
+        for (b, &v) in grad_b.iter_mut().zip(px) {
+            *b += v;
+        }
+    }
+    Ok(())
+}
