@@ -1,2 +1,10 @@
 //! no_std runtime for Cortex-M: plan and frozen weights in flash, one arena in SRAM.
+//!
+//! - [`checkpoint`]: power-loss-safe A/B checkpoint of the learned parameters through
+//!   embedded-storage's `NorFlash`.
+//! - [`source`]: where training samples come from ([`source::SampleSource`]), with a source over
+//!   samples shipped in flash and one reading an accelerometer through embedded-hal 1.0 I2C.
 #![no_std]
+
+pub mod checkpoint;
+pub mod source;
