@@ -3,8 +3,13 @@ from . import _core
 from .graph import Graph, Node, Tensor
 from .errors import ModelFormatError, QuantizationError, TinytrainError, UnsupportedOperatorError
 from . import models
+from . import datasets, reference
+from .model import QuantizedModel
+from .onnx_import import load_onnx
+from .quantize import quantize
 
 __version__ = _core.__version__
 
 __all__ = ["Graph", "Node", "Tensor", "__version__"]
 __all__ += ["TinytrainError", "ModelFormatError", "UnsupportedOperatorError", "QuantizationError", "models"]
+__all__ += ["QuantizedModel", "load_onnx", "quantize", "datasets", "reference"]

@@ -1,0 +1,177 @@
+"""Post-training int8 quantization: float `Graph` + calibration batch -> `QuantizedModel`.
+
+Numerics (DESIGN.md): weights int8 symmetric per output channel (zero point 0, range ±127),
+activations int8 asymmetric per tensor (range always contains 0, so ReLU's 0 is exact), int32 bias
+with scale s_in·s_w[o], ReLU/ReLU6 fused into the requantization clamp, BatchNormalization already
+folded by the importer. Max-pool and flatten outputs share their input's parameters (they only move
+or select values), so they need no requantization.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Tuple
+
+import numpy as np
+
+from . import reference
+from .errors import ModelFormatError, QuantizationError
+from .graph import Graph
+
+__all__ = ["quantize", "activation_qparams", "quantize_weights", "quantize_bias", "from_imported"]
+
+_INT32 = (-(2**31), 2**31 - 1)
+#: Ops whose output reuses the input's (scale, zero point) exactly.
+SHARED_QPARAMS = ("maxpool", "flatten")
+
+
+def activation_qparams(lo: float, hi: float) -> Tuple[float, int]:
+    """Asymmetric int8 parameters covering [lo, hi] (widened to contain 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < 1e-8:
+        hi = lo + 1e-8
+    scale = (hi - lo) / 255.0
+    zp = int(np.clip(np.round(-128.0 - lo / scale), -128, 127))
+    return scale, zp
+
+
+def quantize_weights(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8: returns (weight_q int8, weight_scale float32 (O,))."""
+    o = w.shape[0]
+    amax = np.abs(w.reshape(o, -1)).max(axis=1).astype(np.float64)
+    scale = np.where(amax > 0, amax / 127.0, 1.0 / 127.0)
+    shape = (o,) + (1,) * (w.ndim - 1)
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def quantize_bias(b: np.ndarray, s_in: float, s_w: np.ndarray) -> np.ndarray:
+    s = np.float64(s_in) * s_w.astype(np.float64)
+    return np.clip(np.round(b.astype(np.float64) / s), *_INT32).astype(np.int32)
+
+
+class _Ranges:
+    """Running per-tensor ranges over calibration batches (min/max, or a percentile of a sample)."""
+
+    def __init__(self, method: str, percentile: float, seed: int = 0) -> None:
+        self.method, self.percentile = method, percentile
+        self.lo: Dict[str, float] = {}
+        self.hi: Dict[str, float] = {}
+        self.samples: Dict[str, list] = {}
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, name: str, v: np.ndarray) -> None:
+        self.lo[name] = min(self.lo.get(name, np.inf), float(v.min()))
+        self.hi[name] = max(self.hi.get(name, -np.inf), float(v.max()))
+        if self.method == "percentile":
+            flat = v.reshape(-1)
+            if flat.size > 200_000:
+                flat = flat[self.rng.integers(0, flat.size, 200_000)]
+            self.samples.setdefault(name, []).append(flat)
+
+    def range(self, name: str) -> Tuple[float, float]:
+        if self.method == "minmax":
+            return self.lo[name], self.hi[name]
+        flat = np.concatenate(self.samples[name])
+        return (float(np.percentile(flat, 100.0 - self.percentile)), float(np.percentile(flat, self.percentile)))
+
+
+def quantize(g: Graph, calib: np.ndarray, method: str = "minmax", percentile: float = 99.99,
+             requantize: bool = False, batch_size: int = 64):
+    """Post-training quantization of a float graph with calibration data (float32 NCHW).
+
+    ``method="minmax"`` uses the observed range of each activation; ``"percentile"`` clips it to the
+    given two-sided percentile (robust to outliers). An already-quantized model is refused unless
+    ``requantize=True``, which recalibrates it from its current (dequantized) int8 weights.
+    """
+    from .model import QuantizedModel
+
+    if method not in ("minmax", "percentile"):
+        raise QuantizationError(f"method must be 'minmax' or 'percentile', got {method!r}")
+    if not 50.0 < percentile <= 100.0:
+        raise QuantizationError(f"percentile must be in (50, 100], got {percentile}")
+    if isinstance(g, QuantizedModel):
+        if not requantize:
+            raise QuantizationError(
+                "this model is already quantized (it carries its own int8 weights, scales and zero points); "
+                "use it directly, or pass requantize=True to recalibrate it from its current int8 weights")
+        g = g.dequantized()
+    if not isinstance(g, Graph):
+        raise QuantizationError(f"tt.quantize expects a tt.Graph from tt.load_onnx, got {type(g).__name__}")
+    calib = np.asarray(calib, dtype=np.float32)
+    shape = g.tensors[g.input].shape
+    if calib.ndim != 4 or calib.shape[1:] != shape or len(calib) == 0:
+        raise QuantizationError(f"calibration data must be float32 of shape (N, {', '.join(map(str, shape))}) "
+                                f"with N >= 1, got {calib.shape}")
+    if not np.isfinite(calib).all():
+        raise QuantizationError("calibration data contains NaN or infinite values")
+    ranges = _Ranges(method, percentile)
+    for s in range(0, len(calib), batch_size):
+        cache = reference.Cache()
+        reference.forward(g, calib[s: s + batch_size], cache)
+        for name, v in cache.values.items():
+            ranges.add(name, v)
+    q = QuantizedModel(g.input, g.output, copy.deepcopy(g.tensors), copy.deepcopy(g.nodes), g.softmax_tail,
+                       calibration=method if method == "minmax" else f"percentile({percentile})")
+    inp = q.tensors[q.input]
+    inp.scale, inp.zero_point = activation_qparams(*ranges.range(q.input))
+    for n in q.nodes:
+        out = q.tensors[n.output]
+        if n.op in SHARED_QPARAMS:
+            src = q.tensors[n.inputs[0]]
+            out.scale, out.zero_point = src.scale, src.zero_point
+        else:
+            out.scale, out.zero_point = activation_qparams(*ranges.range(n.output))
+        if n.trainable:
+            n.params["weight_q"], n.params["weight_scale"] = quantize_weights(n.params["weight"])
+            n.params["bias_q"] = quantize_bias(n.params["bias"], q.tensors[n.inputs[0]].scale, n.params["weight_scale"])
+    return q
+
+
+def from_imported(g: Graph, qparams: Dict[str, Tuple[float, int]], where: str):
+    """Build a `QuantizedModel` from an imported QDQ / QOperator graph, keeping its own numbers.
+
+    Called by the ONNX importer. Weights that arrive as int8 symmetric per-channel (or per-tensor)
+    and int32 biases with scale s_in·s_w are kept bit for bit; anything else (uint8 or asymmetric
+    weights, a folded BatchNormalization) is quantized here from its float value.
+    """
+    from .model import QuantizedModel
+
+    q = QuantizedModel(g.input, g.output, g.tensors, g.nodes, g.softmax_tail, calibration="imported")
+    for name, (s, z) in qparams.items():
+        q.tensors[name].scale, q.tensors[name].zero_point = float(s), int(z)
+    for n in q.nodes:
+        out = q.tensors[n.output]
+        src = q.tensors[n.inputs[0]] if n.inputs else None
+        if out.scale is None and n.op in SHARED_QPARAMS and src is not None and src.scale is not None:
+            out.scale, out.zero_point = src.scale, src.zero_point
+    missing = [t.name for t in q.tensors.values() if t.scale is None]
+    if missing:
+        raise ModelFormatError(f"{where}: the model is partly quantized: tensors {missing[:5]} have no "
+                               f"QuantizeLinear/DequantizeLinear giving their scale (quantize the float model "
+                               f"with tt.quantize instead)")
+    for n in q.nodes:
+        wq = n.attrs.pop("_wq", None)
+        bq = n.attrs.pop("_bq", None)
+        if not n.trainable:
+            continue
+        w = n.params["weight"]
+        o = w.shape[0]
+        s_in = q.tensors[n.inputs[0]].scale
+        kept = False
+        if wq is not None:
+            qw, sw, zw, axis = wq
+            if qw.dtype == np.int8 and not np.asarray(zw).any() and axis in (0, None) and qw.shape == w.shape:
+                n.params["weight_q"] = qw.astype(np.int8)
+                n.params["weight_scale"] = np.broadcast_to(np.asarray(sw, np.float32).reshape(-1), (o,)).copy()
+                kept = True
+        if not kept:
+            n.params["weight_q"], n.params["weight_scale"] = quantize_weights(w)
+        n.params["weight"] = (n.params["weight_q"].astype(np.float32) *
+                              n.params["weight_scale"].reshape((o,) + (1,) * (w.ndim - 1)))
+        expect = np.float64(s_in) * n.params["weight_scale"].astype(np.float64)
+        if (bq is not None and bq[0].dtype == np.int32 and bq[0].shape == (o,) and
+                np.allclose(np.broadcast_to(np.asarray(bq[1], np.float64).reshape(-1), (o,)), expect, rtol=1e-4)):
+            n.params["bias_q"] = bq[0].astype(np.int32)
+        else:
+            n.params["bias_q"] = quantize_bias(n.params["bias"], s_in, n.params["weight_scale"])
+    return q
