@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import warnings
 from typing import List, Optional
 
 
@@ -10,6 +12,83 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.run(json_output=args.json, out_dir=args.out)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=None, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import load_onnx
+    from .errors import UnsupportedOperatorError
+    from .model import layer_stats
+
+    try:
+        g = load_onnx(args.model)
+    except UnsupportedOperatorError as exc:
+        if args.json:
+            _print_json({"model": args.model, "supported": False, "unsupported": str(exc)})
+        else:
+            print(f"{args.model}: not supported by tinytrain: {exc}")
+        return 1
+    rows = layer_stats(g)
+    if args.json:
+        _print_json({"model": args.model, "supported": True, "quantized": g.tensors[g.input].scale is not None,
+                     "softmax_tail": g.softmax_tail, "layers": rows})
+        return 0
+    table = Table(title=f"{args.model}")
+    for col in ("layer", "op", "output (C,H,W)", "params", "MACs", "act"):
+        table.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+    for r in rows:
+        table.add_row(r["name"], r["op"], str(r["output"]), f"{r['params']:,}", f"{r['macs']:,}", str(r["act"]))
+    console = Console()
+    console.print(table)
+    console.print(f"{sum(r['params'] for r in rows):,} parameters, {sum(r['macs'] for r in rows):,} MACs, "
+                  f"{len(g.layers)} trainable layers; every op is supported"
+                  + ("; trailing Softmax kept for inference, skipped for training" if g.softmax_tail else ""))
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from . import load_onnx, quantize
+    from .fileio import load_data
+    from .model import QuantizedModel
+
+    g = load_onnx(args.model)
+    if isinstance(g, QuantizedModel):
+        raise ValueError(f"{args.model} is already quantized; tinytrain keeps its scales as they are")
+    x, _ = load_data(args.calib, need_labels=False)
+    q = quantize(g, x, method=args.method, percentile=args.percentile)
+    q.to_onnx(args.output)
+    if args.json:
+        _print_json({"model": args.model, "output": args.output, "method": args.method, "layers": len(q.layers)})
+    else:
+        print(f"wrote {args.output}: int8 QDQ model, {len(q.layers)} trainable layers, calibrated on {len(x)} samples")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .fileio import load_data, load_model
+    from .search import search
+
+    q = load_model(args.model, args.calib)
+    x, y = load_data(args.data)
+    result = search(q, x, y, budget=args.budget, population=args.population, generations=args.generations,
+                    seed=args.seed, workers=args.workers, epochs=args.epochs, lr=args.lr)
+    result.scheme.save(args.output)
+    if args.plot:
+        result.plot(args.plot)
+    summary = {"scheme": args.output, "peak_bytes": result.peak_bytes, "budget_bytes": result.budget_bytes,
+               "score": result.score, "pareto": result.pareto, "contributions": result.contributions}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"wrote {args.output}: peak {result.peak_bytes / 1024:.1f} KB of {result.budget_bytes / 1024:.0f} KB, "
+              f"summed contribution {result.score:+.2f} points")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,12 +100,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--out", default="tinytrain-demo", help="folder for plots and artifacts")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("inspect", help="layers, parameters, MACs, and ops that are not supported (and why)")
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("quantize", help="post-training int8 quantization of a float ONNX model")
+    p.add_argument("model", help="float ONNX file")
+    p.add_argument("--calib", required=True, help="calibration inputs (.npz with X, or .npy), float32 NCHW")
+    p.add_argument("-o", "--output", required=True, help="where to write the int8 QDQ ONNX model")
+    p.add_argument("--method", choices=("minmax", "percentile"), default="minmax")
+    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("search", help="contribution analysis + evolutionary search of a sparse scheme")
+    p.add_argument("model", help="ONNX file (float models are quantized with --calib or synthetic data)")
+    p.add_argument("--data", required=True, help=".npz with X (float32 NCHW) and Y (labels)")
+    p.add_argument("--calib", help="calibration data for a float model (default: --data)")
+    p.add_argument("--budget", default="256KB")
+    p.add_argument("-o", "--output", required=True, help="scheme JSON to write")
+    p.add_argument("--population", type=int, default=40)
+    p.add_argument("--generations", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=2, help="epochs of each contribution fine-tune")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="parallel fine-tunes (default: all cores)")
+    p.add_argument("--plot", help="write the search plot (PNG) here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_search)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:
+        warnings.formatwarning = lambda msg, category, *rest: f"warning: {msg}\n"
+    if getattr(args, "command", None) == "search" and getattr(args, "calib", None) is None:
+        args.calib = args.data
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
