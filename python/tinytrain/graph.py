@@ -14,7 +14,8 @@ Op vocabulary (``Node.op``) and attributes:
                     float params: weight (O, I) float32, bias (O,) float32.
 ``add``             two inputs, attrs: act.
 ``global_avgpool``  (C, H, W) -> (C, 1, 1).
-``avgpool``         attrs: kernel, stride, pads.
+``avgpool``         attrs: kernel, stride, pads. Padding is excluded from the average; int8: the
+                    output shares the input's scale and zero point (as maxpool and flatten do).
 ``maxpool``         attrs: kernel, stride, pads.
 ``flatten``         (C, H, W) -> (C*H*W, 1, 1); a view, no data movement in (H, W, C) order.
 

@@ -120,9 +120,7 @@ class QuantizedModel(Graph):
                                             int(t_out.zero_point))
             return y.reshape(y.shape[0], 1, 1, -1)
         if n.op == "avgpool":
-            return core.avgpool_forward(ins[0], tuple(a["kernel"]), tuple(a["stride"]), tuple(a["pads"]),
-                                        float(t_in.scale), int(t_in.zero_point), float(t_out.scale),
-                                        int(t_out.zero_point))
+            return core.avgpool_forward(ins[0], tuple(a["kernel"]), tuple(a["stride"]), tuple(a["pads"]))
         if n.op == "maxpool":
             return core.maxpool_forward(ins[0], tuple(a["kernel"]), tuple(a["stride"]), tuple(a["pads"]))
         if n.op == "flatten":

@@ -717,6 +717,12 @@ class _Importer:
                 self.output = n.inputs[0]
                 softmax_tail = True
         self._dead_code()
+        for n in self.nodes:
+            if n.op == "flatten" and (n.output == self.output or
+                                      any(c.op != "fc" for c in self._consumers(n.output))):
+                # the IR flattens in (H, W, C) order; only an fc (whose columns are permuted at
+                # import) may read it, anything else would see ONNX's (C, H, W) order changed
+                raise self._err(n, "a flattened feature map (H*W > 1) may only feed Gemm/MatMul")
         self._rename()
         g = Graph(self.input_name, self.output, self.tensors, self.nodes, softmax_tail)
         if self.qparams:

@@ -3,8 +3,9 @@
 Numerics (DESIGN.md): weights int8 symmetric per output channel (zero point 0, range ±127),
 activations int8 asymmetric per tensor (range always contains 0, so ReLU's 0 is exact), int32 bias
 with scale s_in·s_w[o], ReLU/ReLU6 fused into the requantization clamp, BatchNormalization already
-folded by the importer. Max-pool and flatten outputs share their input's parameters (they only move
-or select values), so they need no requantization.
+folded by the importer. Max-pool, average-pool and flatten outputs share their input's parameters
+(they select, average or move values; tt-core's windowed pools keep the quantization), so they
+need no requantization.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ __all__ = ["quantize", "activation_qparams", "quantize_weights", "quantize_bias"
 
 _INT32 = (-(2**31), 2**31 - 1)
 #: Ops whose output reuses the input's (scale, zero point) exactly.
-SHARED_QPARAMS = ("maxpool", "flatten")
+SHARED_QPARAMS = ("maxpool", "avgpool", "flatten")
 
 
 def activation_qparams(lo: float, hi: float) -> Tuple[float, int]:
