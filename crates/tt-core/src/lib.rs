@@ -14,9 +14,11 @@ extern crate std;
 pub mod autodiff;
 pub mod crc;
 pub mod error;
+pub mod exec;
 #[cfg(feature = "alloc")]
 pub mod graph;
 pub mod ops;
+pub mod plan;
 #[cfg(feature = "alloc")]
 pub mod planner;
 pub mod qas;

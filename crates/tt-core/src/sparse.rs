@@ -111,10 +111,16 @@ impl Scheme {
                 ChannelAxis::Output => d.out_ch,
                 ChannelAxis::Input => d.in_ch,
             };
+            let channels = channels_for_ratio(total, u.weight_ratio);
             out.push(Selection {
                 bias: u.bias,
-                channels: channels_for_ratio(total, u.weight_ratio),
-                axis: u.axis,
+                channels,
+                // A frozen layer has no selection: keep the one axis every layer supports.
+                axis: if channels > 0 {
+                    u.axis
+                } else {
+                    ChannelAxis::Output
+                },
             });
         }
         Ok(out)

@@ -1,0 +1,1483 @@
+//! The executor: runs a plan over one arena. No allocation, no panics on bad plans, the same code
+//! on the host and on the microcontroller.
+//!
+//! ```text
+//! let mut ex = Executor::new(plan_bytes, params, &mut arena)?; // validates everything once
+//! ex.init()?;                                   // trained params: flash -> SRAM state
+//! let loss = ex.step(&image_q, Target::Class(3))?;   // forward, loss, backward, updates
+//! let class = ex.predict(&image_q)?;            // forward only, same buffers
+//! let state: &[u8] = ex.state();                // learned parameters, for a checkpoint
+//! ex.state_mut().copy_from_slice(&checkpoint);  // ... restored instead of init()
+//! ```
+//!
+//! - `plan_bytes`: a plan as written by [`crate::plan`] (flash); `params`: the frozen parameter blob
+//!   it was compiled with (flash, 4-byte aligned; its length and CRC are checked against the plan);
+//! - `arena`: SRAM, 4-byte aligned, at least [`PlanView::arena_bytes`] long. The bottom
+//!   `state_bytes` hold the learned state (trained int8 weights, int32 biases, residual / fp32
+//!   master copies, momentum, PRNG state) and persist across steps; everything above is
+//!   scratch of one step.
+//! - Inputs are int8, one sample, HWC, quantized with the plan's input tensor parameters.
+//!
+//! [`Executor::high_water`] is the end of the highest arena byte any op touched: it equals the
+//! plan's arena size when every buffer is used, which the tests assert for every plan.
+use crate::crc::crc32;
+use crate::ops::act::{clamp_mask_apply_bits, clamp_mask_pack};
+use crate::ops::add::AddParams;
+use crate::ops::conv::{
+    conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight, conv2d_forward, Conv2dGeom,
+};
+use crate::ops::fc::{fc_backward_bias, fc_backward_input, fc_backward_weight, fc_forward, FcGeom};
+use crate::ops::loss::{mse, softmax_cross_entropy};
+use crate::ops::pool::{
+    avgpool_backward, avgpool_forward, global_avgpool_backward, global_avgpool_forward,
+    maxpool_forward, Pool2dGeom,
+};
+use crate::ops::{save_input_channels, ChannelSelection, WeightShape};
+use crate::plan::{BufKind, LossKind, OpKind, Precision, ACCUMULATE, NONE};
+use crate::plan::{
+    LayerRec, NodeRec, PlanView, TensorRec, NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP,
+    NODE_MAXPOOL,
+};
+use crate::qas::{sgd_update_bias, sgd_update_weights, SgdConfig, UpdateState, XorShift32};
+use crate::quant::{activation_range, Activation, QParams, Requant};
+use crate::{Error, Result};
+
+/// What the loss compares the output with.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'t> {
+    Class(usize),
+    Values(&'t [f32]),
+}
+
+// Requant is read in place from the parameter blob: its layout must be two consecutive i32.
+const _: () = assert!(core::mem::size_of::<Requant>() == 8);
+const _: () = assert!(core::mem::align_of::<Requant>() == 4);
+const _: () = assert!(core::mem::offset_of!(Requant, multiplier) == 0);
+const _: () = assert!(core::mem::offset_of!(Requant, shift) == 4);
+
+/// Plain-old-data types that may be viewed in place over aligned bytes (every bit pattern valid).
+trait Pod: Copy {}
+impl Pod for f32 {}
+impl Pod for i32 {}
+impl Pod for i8 {}
+impl Pod for Requant {}
+
+fn view<'b, T: Pod>(b: &'b [u8], what: &'static str) -> Result<&'b [T]> {
+    // SAFETY: T is plain old data (every bit pattern is a valid T; Requant's layout is pinned by
+    // the assertions above) and align_to only returns correctly aligned, in-bounds middles.
+    let (pre, mid, post) = unsafe { b.align_to::<T>() };
+    if !pre.is_empty() || !post.is_empty() {
+        return Err(Error::InvalidParameter { what });
+    }
+    Ok(mid)
+}
+
+fn view_mut<'b, T: Pod>(b: &'b mut [u8], what: &'static str) -> Result<&'b mut [T]> {
+    // SAFETY: as in `view`; the bytes are exclusively borrowed, so no aliasing arises.
+    let (pre, mid, post) = unsafe { b.align_to_mut::<T>() };
+    if !pre.is_empty() || !post.is_empty() {
+        return Err(Error::InvalidParameter { what });
+    }
+    Ok(mid)
+}
+
+fn act_of(v: u8) -> Activation {
+    match v {
+        1 => Activation::Relu,
+        2 => Activation::Relu6,
+        _ => Activation::None,
+    }
+}
+
+fn qp(t: &TensorRec) -> QParams {
+    QParams {
+        scale: t.scale,
+        zero_point: t.zero_point,
+    }
+}
+
+/// Weight access of one layer: frozen (flash), fully trained (SRAM), or split between both.
+#[derive(Clone, Copy)]
+enum Weights<'w> {
+    Whole(&'w [i8]),
+    Split {
+        flash: &'w [i8],
+        sram: &'w [i8],
+        axis: u8,
+        k: usize,
+    },
+}
+
+pub struct Executor<'p, 'a> {
+    plan: PlanView<'p>,
+    params: &'p [u8],
+    arena: &'a mut [u8],
+    high_water: usize,
+    /// SGD hyper-parameters; start from the plan's values, may be changed between steps.
+    pub lr: f32,
+    pub momentum: f32,
+    /// Quantization-aware scaling of gradients (the paper's QAS); off only for ablations.
+    pub qas: bool,
+}
+
+impl<'p, 'a> Executor<'p, 'a> {
+    pub fn new(plan: &'p [u8], params: &'p [u8], arena: &'a mut [u8]) -> Result<Self> {
+        let pv = PlanView::parse(plan)?;
+        if params.len() != pv.params_len {
+            return Err(Error::CorruptPlan {
+                field: "params_len (parameter blob does not belong to this plan)",
+            });
+        }
+        if crc32(params) != pv.params_crc {
+            return Err(Error::CorruptPlan {
+                field: "params_crc (parameter blob does not belong to this plan)",
+            });
+        }
+        if params.as_ptr() as usize % 4 != 0 {
+            return Err(Error::InvalidParameter {
+                what: "executor: parameter blob must be 4-byte aligned",
+            });
+        }
+        if arena.as_ptr() as usize % 4 != 0 {
+            return Err(Error::InvalidParameter {
+                what: "executor: arena must be 4-byte aligned",
+            });
+        }
+        if arena.len() < pv.arena_bytes {
+            return Err(Error::OutOfMemory {
+                what: "executor arena",
+                needed: pv.arena_bytes,
+                available: arena.len(),
+            });
+        }
+        let ex = Executor {
+            lr: pv.globals.lr,
+            momentum: pv.globals.momentum,
+            qas: true,
+            plan: pv,
+            params,
+            arena,
+            high_water: 0,
+        };
+        // Every requantization shift must be in the range `Requant::apply` is defined for.
+        for li in 0..pv.n_layers {
+            let (_, _, _, rq) = ex.frozen(&pv.layer(li)?)?;
+            if rq.iter().any(|r| !(-31..=30).contains(&r.shift)) {
+                return Err(Error::CorruptPlan {
+                    field: "params (requantization shift)",
+                });
+            }
+        }
+        Ok(ex)
+    }
+
+    pub fn plan(&self) -> &PlanView<'p> {
+        &self.plan
+    }
+
+    /// Highest arena byte touched since construction (or the last [`Self::reset_high_water`]).
+    pub fn high_water(&self) -> usize {
+        self.high_water
+    }
+
+    pub fn reset_high_water(&mut self) {
+        self.high_water = 0;
+    }
+
+    /// The learned state (persistent bottom of the arena).
+    pub fn state(&self) -> &[u8] {
+        &self.arena[..self.plan.state_bytes]
+    }
+
+    pub fn state_mut(&mut self) -> &mut [u8] {
+        &mut self.arena[..self.plan.state_bytes]
+    }
+
+    fn range(&self, b: u32) -> Result<(usize, usize)> {
+        if b == NONE {
+            return Ok((0, 0));
+        }
+        let r = self.plan.buffer(b as usize)?;
+        Ok((r.offset as usize, r.bytes as usize))
+    }
+
+    /// Disjoint mutable slices of the arena for the given buffers (NONE gives an empty slice).
+    fn carve<const N: usize>(&mut self, bufs: [u32; N]) -> Result<[&mut [u8]; N]> {
+        let mut ranges = [(0usize, 0usize); N];
+        for (r, &b) in ranges.iter_mut().zip(&bufs) {
+            *r = self.range(b)?;
+            if r.1 > 0 {
+                self.high_water = self.high_water.max((r.0 + r.1).div_ceil(4) * 4);
+            }
+        }
+        let mut order: [usize; N] = core::array::from_fn(|i| i);
+        order.sort_unstable_by_key(|&i| (ranges[i].1 > 0, ranges[i].0));
+        let mut out: [&mut [u8]; N] = core::array::from_fn(|_| <&mut [u8]>::default());
+        let mut rest: &mut [u8] = &mut *self.arena;
+        let mut base = 0usize;
+        for &i in &order {
+            let (off, len) = ranges[i];
+            if len == 0 {
+                continue;
+            }
+            if off < base {
+                return Err(Error::CorruptPlan {
+                    field: "buffers (overlapping buffers used by one op)",
+                });
+            }
+            let r = core::mem::take(&mut rest);
+            if r.len() < off - base + len {
+                return Err(Error::CorruptPlan {
+                    field: "buffers.offset (beyond the arena)",
+                });
+            }
+            let (_, r) = r.split_at_mut(off - base);
+            let (mine, r) = r.split_at_mut(len);
+            out[i] = mine;
+            rest = r;
+            base = off + len;
+        }
+        Ok(out)
+    }
+
+    /// Frozen parameters of a layer in the blob: weights, bias, weight scales, requantization.
+    #[allow(clippy::type_complexity)]
+    fn frozen(&self, l: &LayerRec) -> Result<(&'p [i8], &'p [i32], &'p [f32], &'p [Requant])> {
+        let n = self.plan.node(l.node as usize)?;
+        let (inp, out) = self.io(&n)?;
+        let oc = out.c as usize;
+        let wn = match n.kind {
+            NODE_CONV => {
+                oc * n.win[0] as usize * n.win[1] as usize * (inp.c / n.groups.max(1)) as usize
+            }
+            _ => oc * inp.numel(),
+        };
+        let p: &'p [u8] = self.params;
+        let part = |off: u32, len: usize| -> Result<&'p [u8]> {
+            p.get(off as usize..off as usize + len)
+                .ok_or(Error::CorruptPlan {
+                    field: "layers.params offsets",
+                })
+        };
+        Ok((
+            view(part(l.weight_off, wn)?, "params: weights")?,
+            view(part(l.bias_off, 4 * oc)?, "params: bias")?,
+            view(part(l.scale_off, 4 * oc)?, "params: weight scales")?,
+            view(part(l.requant_off, 8 * oc)?, "params: requant")?,
+        ))
+    }
+
+    fn io(&self, n: &NodeRec) -> Result<(TensorRec, TensorRec)> {
+        Ok((
+            self.plan.tensor(n.inputs[0] as usize)?,
+            self.plan.tensor(n.output as usize)?,
+        ))
+    }
+
+    fn conv_geom(n: &NodeRec, inp: &TensorRec, out: &TensorRec) -> Result<Conv2dGeom> {
+        let w = &n.win;
+        let g = if n.kind == NODE_FC {
+            Conv2dGeom::new(1, 1, inp.numel(), out.c as usize, 1, 1, 1, 1, 0, 0, 0, 0, 1)?
+        } else {
+            Conv2dGeom::new(
+                inp.h as usize,
+                inp.w as usize,
+                inp.c as usize,
+                out.c as usize,
+                w[0] as usize,
+                w[1] as usize,
+                w[2] as usize,
+                w[3] as usize,
+                w[4] as usize,
+                w[5] as usize,
+                w[6] as usize,
+                w[7] as usize,
+                n.groups as usize,
+            )?
+        };
+        Ok(g)
+    }
+
+    fn pool_geom(n: &NodeRec, inp: &TensorRec) -> Result<Pool2dGeom> {
+        let w = &n.win;
+        Pool2dGeom::new(
+            inp.h as usize,
+            inp.w as usize,
+            inp.c as usize,
+            w[0] as usize,
+            w[1] as usize,
+            w[2] as usize,
+            w[3] as usize,
+            w[4] as usize,
+            w[5] as usize,
+            w[6] as usize,
+            w[7] as usize,
+        )
+    }
+
+    /// Shape of a layer's trained weight slice as stored in SRAM (compact), with the selection
+    /// that covers all of it, plus the number of weight scales that apply to it.
+    fn trained_shape(g: &Conv2dGeom, l: &LayerRec) -> (WeightShape, ChannelSelection, usize) {
+        let taps = g.kh * g.kw;
+        let k = l.channels as usize;
+        if l.axis == 0 {
+            (
+                WeightShape {
+                    out_c: k,
+                    taps,
+                    in_per_group: g.in_per_group(),
+                    groups: 1,
+                },
+                ChannelSelection::output(k),
+                k,
+            )
+        } else {
+            (
+                WeightShape {
+                    out_c: g.out_c,
+                    taps,
+                    in_per_group: k,
+                    groups: 1,
+                },
+                ChannelSelection::input(k),
+                g.out_c,
+            )
+        }
+    }
+
+    fn full_selection(g: &Conv2dGeom, l: &LayerRec) -> bool {
+        let total = if l.axis == 0 {
+            g.out_c
+        } else {
+            g.in_per_group()
+        };
+        l.channels as usize == total
+    }
+
+    /// Copies the trained parameters from the blob into the SRAM state and resets the extra
+    /// precision, momentum and PRNG state: the start of training.
+    pub fn init(&mut self) -> Result<()> {
+        let pv = self.plan;
+        for li in 0..pv.n_layers {
+            let l = pv.layer(li)?;
+            let (fw, fb, _, _) = self.frozen(&l)?;
+            let n = pv.node(l.node as usize)?;
+            let (inp, out) = self.io(&n)?;
+            let g = Self::conv_geom(&n, &inp, &out)?;
+            let [w, b, p, mw, mb] = self.carve([
+                l.st_weight,
+                l.st_bias,
+                l.st_precision,
+                l.st_momentum_w,
+                l.st_momentum_b,
+            ])?;
+            if l.st_weight != NONE {
+                let w: &mut [i8] = view_mut(w, "state: weights")?;
+                let (shape, _, _) = Self::trained_shape(&g, &l);
+                if w.len() != shape.len() {
+                    return Err(Error::CorruptPlan {
+                        field: "buffers.bytes (trained weights)",
+                    });
+                }
+                let (taps, icg) = (g.kh * g.kw, g.in_per_group());
+                let cols = shape.in_per_group;
+                for o in 0..shape.out_c {
+                    for t in 0..taps {
+                        let src = fw
+                            .get((o * taps + t) * icg..(o * taps + t) * icg + cols)
+                            .ok_or(Error::CorruptPlan {
+                                field: "layers.channels",
+                            })?;
+                        w[(o * taps + t) * cols..][..cols].copy_from_slice(src);
+                    }
+                }
+                match pv.globals.precision {
+                    Precision::FpMaster => {
+                        let m: &mut [f32] = view_mut(p, "state: master copy")?;
+                        if m.len() != w.len() {
+                            return Err(Error::CorruptPlan {
+                                field: "buffers.bytes (master copy)",
+                            });
+                        }
+                        for (d, &s) in m.iter_mut().zip(w.iter()) {
+                            *d = s as f32;
+                        }
+                    }
+                    _ => p.fill(0),
+                }
+            }
+            if l.st_bias != NONE {
+                let b: &mut [i32] = view_mut(b, "state: bias")?;
+                if b.len() != fb.len() {
+                    return Err(Error::CorruptPlan {
+                        field: "buffers.bytes (trained bias)",
+                    });
+                }
+                b.copy_from_slice(fb);
+            }
+            mw.fill(0);
+            mb.fill(0);
+        }
+        if pv.globals.rng != NONE {
+            let [r] = self.carve([pv.globals.rng])?;
+            let rng = XorShift32::new(pv.globals.seed as u32 ^ (pv.globals.seed >> 32) as u32);
+            let bytes = rng.state.to_le_bytes();
+            r.get_mut(..4)
+                .ok_or(Error::CorruptPlan {
+                    field: "buffers.bytes (rng)",
+                })?
+                .copy_from_slice(&bytes);
+        }
+        Ok(())
+    }
+
+    fn write_input(&mut self, input: &[i8]) -> Result<()> {
+        let t = self.plan.tensor(self.plan.globals.input as usize)?;
+        if input.len() != t.numel() {
+            return Err(Error::ShapeMismatch {
+                what: "executor: input sample",
+                expected: t.numel(),
+                actual: input.len(),
+            });
+        }
+        // The input buffer is the one the first op reading the input tensor uses.
+        for i in 0..self.plan.n_ops {
+            let op = self.plan.op(i)?;
+            let n = self.plan.node(op.node as usize)?;
+            if (op.kind == OpKind::Forward || op.kind == OpKind::SaveChannels)
+                && n.inputs[0] == self.plan.globals.input
+                && op.bufs[0] != NONE
+                && self.plan.buffer(op.bufs[0] as usize)?.kind == BufKind::Input
+            {
+                let [dst] = self.carve([op.bufs[0]])?;
+                if dst.len() != input.len() {
+                    return Err(Error::CorruptPlan {
+                        field: "buffers.bytes (input)",
+                    });
+                }
+                for (d, &s) in dst.iter_mut().zip(input) {
+                    *d = s as u8;
+                }
+                return Ok(());
+            }
+        }
+        Err(Error::CorruptPlan {
+            field: "ops (nothing reads the input)",
+        })
+    }
+
+    /// One training step on one sample; returns the loss. Updates are applied in place.
+    pub fn step(&mut self, input: &[i8], target: Target<'_>) -> Result<f32> {
+        self.write_input(input)?;
+        let mut loss = None;
+        for i in 0..self.plan.n_ops {
+            let op = self.plan.op(i)?;
+            if let Some(l) = self.run_op(i, op.kind, op.node, op.arg, op.bufs, target)? {
+                loss = Some(l);
+            }
+        }
+        loss.ok_or(Error::CorruptPlan {
+            field: "ops (no loss op)",
+        })
+    }
+
+    /// Forward pass only; returns the int8 output (logits) of the sample.
+    pub fn forward(&mut self, input: &[i8]) -> Result<&[i8]> {
+        self.write_input(input)?;
+        let mut out = NONE;
+        for i in 0..self.plan.n_ops {
+            let op = self.plan.op(i)?;
+            if op.kind == OpKind::Forward {
+                self.run_op(i, op.kind, op.node, op.arg, op.bufs, Target::Class(0))?;
+                if self.plan.node(op.node as usize)?.output == self.plan.globals.output {
+                    out = op.bufs[2];
+                }
+            }
+        }
+        if out == NONE {
+            // A flatten at the very end aliases the output to an earlier buffer.
+            for i in 0..self.plan.n_ops {
+                let op = self.plan.op(i)?;
+                if op.kind == OpKind::Loss {
+                    out = op.bufs[0];
+                }
+            }
+        }
+        let (off, len) = self.range(out)?;
+        let b = self.arena.get(off..off + len).ok_or(Error::CorruptPlan {
+            field: "buffers.offset",
+        })?;
+        view(b, "output")
+    }
+
+    /// Forward pass only; returns the arg-max class.
+    pub fn predict(&mut self, input: &[i8]) -> Result<usize> {
+        let out = self.forward(input)?;
+        let mut best = 0;
+        for (i, &v) in out.iter().enumerate() {
+            if v > out[best] {
+                best = i;
+            }
+        }
+        Ok(best)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_op(
+        &mut self,
+        _index: usize,
+        kind: OpKind,
+        node: u32,
+        arg: u32,
+        bufs: [u32; 4],
+        target: Target<'_>,
+    ) -> Result<Option<f32>> {
+        let pv = self.plan;
+        let n = pv.node(node as usize)?;
+        let (inp, out) = self.io(&n)?;
+        let in_q = qp(&inp);
+        let out_q = qp(&out);
+        let (amin, amax) = activation_range(act_of(n.act), out_q);
+        let layer = if n.layer != NONE {
+            Some(pv.layer(n.layer as usize)?)
+        } else {
+            None
+        };
+        let cfg = SgdConfig {
+            lr: self.lr,
+            momentum: self.momentum,
+            qas: self.qas,
+        };
+        match kind {
+            OpKind::Forward => match n.kind {
+                NODE_CONV | NODE_FC => {
+                    let l = layer.ok_or(Error::CorruptPlan {
+                        field: "nodes.layer",
+                    })?;
+                    let (fw, fb, _, rq) = self.frozen(&l)?;
+                    let g = Self::conv_geom(&n, &inp, &out)?;
+                    let [x, y, sw, sb] = self.carve([bufs[0], bufs[2], l.st_weight, l.st_bias])?;
+                    let x: &[i8] = view(x, "input")?;
+                    let y: &mut [i8] = view_mut(y, "output")?;
+                    let sw: &[i8] = view(sw, "trained weights")?;
+                    let bias: &[i32] = if l.st_bias != NONE {
+                        view(sb, "trained bias")?
+                    } else {
+                        fb
+                    };
+                    match Self::weights_of_static(&l, &g, fw, sw) {
+                        Weights::Whole(w) if n.kind == NODE_FC => {
+                            let fg = FcGeom::new(g.in_c, g.out_c)?;
+                            fc_forward(
+                                &fg,
+                                x,
+                                in_q.zero_point,
+                                w,
+                                bias,
+                                rq,
+                                out_q.zero_point,
+                                amin,
+                                amax,
+                                y,
+                            )?
+                        }
+                        Weights::Whole(w) => conv2d_forward(
+                            &g,
+                            x,
+                            in_q.zero_point,
+                            w,
+                            bias,
+                            rq,
+                            out_q.zero_point,
+                            amin,
+                            amax,
+                            y,
+                        )?,
+                        split => split_forward(
+                            &g,
+                            x,
+                            in_q.zero_point,
+                            split,
+                            bias,
+                            rq,
+                            out_q.zero_point,
+                            amin,
+                            amax,
+                            y,
+                        )?,
+                    }
+                }
+                NODE_ADD => {
+                    let b_t = pv.tensor(n.inputs[1] as usize)?;
+                    let p = AddParams::new(in_q, qp(&b_t), out_q, amin, amax)?;
+                    if bufs[0] == bufs[1] {
+                        let [a, y] = self.carve([bufs[0], bufs[2]])?;
+                        let a: &[i8] = view(a, "add input")?;
+                        crate::ops::add::add_forward(&p, a, a, view_mut(y, "add output")?)?;
+                    } else {
+                        let [a, b, y] = self.carve([bufs[0], bufs[1], bufs[2]])?;
+                        crate::ops::add::add_forward(
+                            &p,
+                            view(a, "add input a")?,
+                            view(b, "add input b")?,
+                            view_mut(y, "add output")?,
+                        )?;
+                    }
+                }
+                NODE_GAP => {
+                    let [x, y] = self.carve([bufs[0], bufs[2]])?;
+                    global_avgpool_forward(
+                        inp.h as usize,
+                        inp.w as usize,
+                        inp.c as usize,
+                        view(x, "pool input")?,
+                        in_q,
+                        out_q,
+                        view_mut(y, "pool output")?,
+                    )?;
+                }
+                NODE_AVGPOOL | NODE_MAXPOOL => {
+                    let g = Self::pool_geom(&n, &inp)?;
+                    let [x, y] = self.carve([bufs[0], bufs[2]])?;
+                    let (x, y) = (view(x, "pool input")?, view_mut(y, "pool output")?);
+                    if n.kind == NODE_AVGPOOL {
+                        avgpool_forward(&g, x, y)?
+                    } else {
+                        maxpool_forward(&g, x, y)?
+                    }
+                }
+                _ => {
+                    return Err(Error::CorruptPlan {
+                        field: "ops (forward of a flatten)",
+                    })
+                }
+            },
+            OpKind::SaveChannels => {
+                let l = layer.ok_or(Error::CorruptPlan {
+                    field: "ops.node (save)",
+                })?;
+                let [x, s] = self.carve([bufs[0], bufs[1]])?;
+                let c = if n.kind == NODE_FC {
+                    inp.numel()
+                } else {
+                    inp.c as usize
+                };
+                save_input_channels(
+                    view(x, "save source")?,
+                    c,
+                    l.channels as usize,
+                    view_mut(s, "saved")?,
+                )?;
+            }
+            OpKind::Mask => {
+                let [y, m] = self.carve([bufs[0], bufs[1]])?;
+                clamp_mask_pack(view(y, "masked output")?, amin, amax, m)?;
+            }
+            OpKind::Loss => {
+                let [y, gr] = self.carve([bufs[0], bufs[1]])?;
+                let y: &[i8] = view(y, "logits")?;
+                let gr: &mut [f32] = view_mut(gr, "logits gradient")?;
+                let l = match (LossKind::from_u8(arg as u8), target) {
+                    (Some(LossKind::CrossEntropy), Target::Class(c)) => {
+                        softmax_cross_entropy(y, out_q, c, gr)?
+                    }
+                    (Some(LossKind::Mse), Target::Values(t)) => mse(y, out_q, t, gr)?,
+                    (Some(_), _) => {
+                        return Err(Error::InvalidParameter {
+                            what: "executor: target kind does not match the plan's loss",
+                        })
+                    }
+                    (None, _) => {
+                        return Err(Error::CorruptPlan {
+                            field: "ops.arg (loss)",
+                        })
+                    }
+                };
+                return Ok(Some(l));
+            }
+            OpKind::ApplyMask => {
+                let [gr, m] = self.carve([bufs[0], bufs[1]])?;
+                clamp_mask_apply_bits(m, view_mut(gr, "gradient")?)?;
+            }
+            OpKind::BackInput => {
+                let j = (arg & 0xFF) as usize;
+                let accumulate = arg & ACCUMULATE != 0;
+                if j >= n.arity as usize {
+                    return Err(Error::CorruptPlan {
+                        field: "ops.arg (input index)",
+                    });
+                }
+                if n.kind == NODE_ADD {
+                    let [go, gi] = self.carve([bufs[0], bufs[1]])?;
+                    let go: &[f32] = view(go, "grad out")?;
+                    let gi: &mut [f32] = view_mut(gi, "grad in")?;
+                    if go.len() != gi.len() {
+                        return Err(Error::ShapeMismatch {
+                            what: "add backward: gradient",
+                            expected: go.len(),
+                            actual: gi.len(),
+                        });
+                    }
+                    for (d, &s) in gi.iter_mut().zip(go) {
+                        *d = if accumulate { *d + s } else { s };
+                    }
+                    return Ok(None);
+                }
+                if accumulate && bufs[2] == NONE {
+                    return Err(Error::CorruptPlan {
+                        field: "ops.buffers (scratch)",
+                    });
+                }
+                let (fw, ws, l) = match layer {
+                    Some(l) => {
+                        let (fw, _, ws, _) = self.frozen(&l)?;
+                        (fw, ws, Some(l))
+                    }
+                    None => (&[][..], &[][..], None),
+                };
+                let st_w = l.map_or(NONE, |l| l.st_weight);
+                let [go, gi, sc, sw] = self.carve([bufs[0], bufs[1], bufs[2], st_w])?;
+                let go: &[f32] = view(go, "grad out")?;
+                let gi: &mut [f32] = view_mut(gi, "grad in")?;
+                let sc: &mut [f32] = view_mut(sc, "scratch")?;
+                let dst: &mut [f32] = if accumulate { &mut *sc } else { &mut *gi };
+                match n.kind {
+                    NODE_CONV | NODE_FC => {
+                        let l = l.ok_or(Error::CorruptPlan {
+                            field: "nodes.layer",
+                        })?;
+                        let g = Self::conv_geom(&n, &inp, &out)?;
+                        let sw: &[i8] = view(sw, "trained weights")?;
+                        match Self::weights_of_static(&l, &g, fw, sw) {
+                            Weights::Whole(w) if n.kind == NODE_FC => {
+                                fc_backward_input(&FcGeom::new(g.in_c, g.out_c)?, go, w, ws, dst)?
+                            }
+                            Weights::Whole(w) => conv2d_backward_input(&g, go, w, ws, dst)?,
+                            split => split_backward_input(&g, go, split, ws, dst)?,
+                        }
+                    }
+                    NODE_GAP => global_avgpool_backward(
+                        inp.h as usize,
+                        inp.w as usize,
+                        inp.c as usize,
+                        go,
+                        dst,
+                    )?,
+                    NODE_AVGPOOL => avgpool_backward(&Self::pool_geom(&n, &inp)?, go, dst)?,
+                    _ => {
+                        return Err(Error::CorruptPlan {
+                            field: "ops.kind (no input gradient for this node)",
+                        })
+                    }
+                }
+                if accumulate {
+                    if sc.len() != gi.len() {
+                        return Err(Error::CorruptPlan {
+                            field: "buffers.bytes (scratch)",
+                        });
+                    }
+                    for (d, &s) in gi.iter_mut().zip(sc.iter()) {
+                        *d += s;
+                    }
+                }
+            }
+            OpKind::BackWeight => {
+                let l = layer.ok_or(Error::CorruptPlan {
+                    field: "nodes.layer",
+                })?;
+                let g = Self::conv_geom(&n, &inp, &out)?;
+                let (_, sel, _) = Self::trained_shape(&g, &l);
+                let [go, x, gw] = self.carve([bufs[0], bufs[1], bufs[2]])?;
+                let gw: &mut [f32] = view_mut(gw, "weight gradient")?;
+                gw.fill(0.0);
+                let (go, x) = (view(go, "grad out")?, view(x, "saved input")?);
+                if n.kind == NODE_FC {
+                    fc_backward_weight(&FcGeom::new(g.in_c, g.out_c)?, x, in_q, go, sel, gw)?;
+                } else {
+                    conv2d_backward_weight(&g, x, in_q, go, sel, gw)?;
+                }
+            }
+            OpKind::BackBias => {
+                let g = Self::conv_geom(&n, &inp, &out)?;
+                let [go, gb] = self.carve([bufs[0], bufs[1]])?;
+                let gb: &mut [f32] = view_mut(gb, "bias gradient")?;
+                gb.fill(0.0);
+                let go = view(go, "grad out")?;
+                if n.kind == NODE_FC {
+                    fc_backward_bias(&FcGeom::new(g.in_c, g.out_c)?, go, gb)?;
+                } else {
+                    conv2d_backward_bias(&g, go, gb)?;
+                }
+            }
+            OpKind::Update => {
+                let l = layer.ok_or(Error::CorruptPlan {
+                    field: "nodes.layer",
+                })?;
+                let (_, _, ws, _) = self.frozen(&l)?;
+                let g = Self::conv_geom(&n, &inp, &out)?;
+                let rng_buf = pv.globals.rng;
+                let with_m = self.momentum != 0.0;
+                let [gw, gb, sw, sb, sp, mw, mb, rb] = self.carve([
+                    bufs[0],
+                    bufs[1],
+                    l.st_weight,
+                    l.st_bias,
+                    l.st_precision,
+                    l.st_momentum_w,
+                    l.st_momentum_b,
+                    if bufs[0] != NONE { rng_buf } else { NONE },
+                ])?;
+                if with_m && !pv.globals.momentum_buffers {
+                    return Err(Error::InvalidParameter {
+                        what: "executor: momentum > 0 needs a plan compiled with momentum buffers",
+                    });
+                }
+                if bufs[0] != NONE {
+                    let (shape, sel, rows) = Self::trained_shape(&g, &l);
+                    let w: &mut [i8] = view_mut(sw, "trained weights")?;
+                    let gw: &[f32] = view(gw, "weight gradient")?;
+                    let mom: Option<&mut [f32]> = if with_m {
+                        Some(view_mut(mw, "momentum")?)
+                    } else {
+                        None
+                    };
+                    let scales = ws.get(..rows).ok_or(Error::CorruptPlan {
+                        field: "layers.channels",
+                    })?;
+                    match pv.globals.precision {
+                        Precision::StochasticRounding => {
+                            let rb = rb.get_mut(..4).ok_or(Error::CorruptPlan {
+                                field: "buffers.bytes (rng)",
+                            })?;
+                            let mut rng = XorShift32 {
+                                state: u32::from_le_bytes([rb[0], rb[1], rb[2], rb[3]]),
+                            };
+                            let r = sgd_update_weights(
+                                w,
+                                &shape,
+                                scales,
+                                sel,
+                                gw,
+                                &cfg,
+                                mom,
+                                UpdateState::StochasticRounding(&mut rng),
+                            );
+                            rb.copy_from_slice(&rng.state.to_le_bytes());
+                            r?;
+                        }
+                        Precision::Residual => sgd_update_weights(
+                            w,
+                            &shape,
+                            scales,
+                            sel,
+                            gw,
+                            &cfg,
+                            mom,
+                            UpdateState::Residual(view_mut(sp, "residual")?),
+                        )?,
+                        Precision::FpMaster => sgd_update_weights(
+                            w,
+                            &shape,
+                            scales,
+                            sel,
+                            gw,
+                            &cfg,
+                            mom,
+                            UpdateState::FpMaster(view_mut(sp, "master copy")?),
+                        )?,
+                    }
+                }
+                if bufs[1] != NONE {
+                    let b: &mut [i32] = view_mut(sb, "trained bias")?;
+                    let gb: &[f32] = view(gb, "bias gradient")?;
+                    let mom: Option<&mut [f32]> = if with_m {
+                        Some(view_mut(mb, "momentum")?)
+                    } else {
+                        None
+                    };
+                    sgd_update_bias(b, ws, in_q.scale, gb, &cfg, mom)?;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn weights_of_static<'w>(
+        l: &LayerRec,
+        g: &Conv2dGeom,
+        fw: &'w [i8],
+        sram: &'w [i8],
+    ) -> Weights<'w> {
+        if l.st_weight == NONE {
+            Weights::Whole(fw)
+        } else if Self::full_selection(g, l) {
+            Weights::Whole(sram)
+        } else {
+            Weights::Split {
+                flash: fw,
+                sram,
+                axis: l.axis,
+                k: l.channels as usize,
+            }
+        }
+    }
+}
+
+impl Weights<'_> {
+    /// Weight `(o, tap, i)` of a layer whose first `k` rows (axis 0) or columns (axis 1) are
+    /// trained in SRAM; lengths are checked by the callers.
+    #[inline]
+    fn at(&self, o: usize, t: usize, i: usize, taps: usize, icg: usize) -> i8 {
+        match *self {
+            Weights::Whole(w) => w[(o * taps + t) * icg + i],
+            Weights::Split {
+                flash,
+                sram,
+                axis,
+                k,
+            } => {
+                if axis == 0 && o < k {
+                    sram[(o * taps + t) * icg + i]
+                } else if axis == 1 && i < k {
+                    sram[(o * taps + t) * k + i]
+                } else {
+                    flash[(o * taps + t) * icg + i]
+                }
+            }
+        }
+    }
+
+    fn check(&self, g: &Conv2dGeom) -> Result<()> {
+        let full = g.weight_len();
+        let (flash, sram, need) = match *self {
+            Weights::Whole(w) => (w.len(), full, full),
+            Weights::Split {
+                flash,
+                sram,
+                axis,
+                k,
+            } => {
+                let need = if axis == 0 {
+                    k * g.kh * g.kw * g.in_per_group()
+                } else {
+                    g.out_c * g.kh * g.kw * k
+                };
+                (flash.len(), sram.len(), need)
+            }
+        };
+        if flash != full || sram != need {
+            return Err(Error::ShapeMismatch {
+                what: "executor: split weights",
+                expected: full,
+                actual: flash,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Visits the valid (output pixel, tap, input pixel) triples of a conv.
+fn for_each_tap(g: &Conv2dGeom, mut f: impl FnMut(usize, usize, usize)) {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    for oy in 0..oh {
+        for ox in 0..ow {
+            for ky in 0..g.kh {
+                let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
+                if iy < 0 || iy >= g.in_h as isize {
+                    continue;
+                }
+                for kx in 0..g.kw {
+                    let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
+                    if ix < 0 || ix >= g.in_w as isize {
+                        continue;
+                    }
+                    f(
+                        oy * ow + ox,
+                        ky * g.kw + kx,
+                        iy as usize * g.in_w + ix as usize,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Forward of a layer whose weights are partly in SRAM (a partial channel update): the same
+/// arithmetic as the conv kernel, reading each weight from where it lives.
+#[allow(clippy::too_many_arguments)]
+fn split_forward(
+    g: &Conv2dGeom,
+    x: &[i8],
+    in_zp: i32,
+    w: Weights<'_>,
+    bias: &[i32],
+    rq: &[Requant],
+    out_zp: i32,
+    amin: i8,
+    amax: i8,
+    y: &mut [i8],
+) -> Result<()> {
+    g.validate()?;
+    w.check(g)?;
+    if x.len() != g.input_len()
+        || y.len() != g.output_len()
+        || bias.len() != g.out_c
+        || rq.len() != g.out_c
+    {
+        return Err(Error::ShapeMismatch {
+            what: "executor: split forward buffers",
+            expected: g.output_len(),
+            actual: y.len(),
+        });
+    }
+    let (icg, ocg, taps, oc_n, in_c) = (
+        g.in_per_group(),
+        g.out_per_group(),
+        g.kh * g.kw,
+        g.out_c,
+        g.in_c,
+    );
+    let ow = g.out_w();
+    for oy in 0..g.out_h() {
+        for ox in 0..ow {
+            for o in 0..oc_n {
+                let grp = o / ocg;
+                let mut acc = bias[o];
+                for ky in 0..g.kh {
+                    let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
+                    if iy < 0 || iy >= g.in_h as isize {
+                        continue;
+                    }
+                    for kx in 0..g.kw {
+                        let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
+                        if ix < 0 || ix >= g.in_w as isize {
+                            continue;
+                        }
+                        let ipx = iy as usize * g.in_w + ix as usize;
+                        let xs = &x[ipx * in_c + grp * icg..][..icg];
+                        for (i, &xv) in xs.iter().enumerate() {
+                            let wv = w.at(o, ky * g.kw + kx, i, taps, icg) as i32;
+                            acc = acc.wrapping_add((xv as i32 - in_zp).wrapping_mul(wv));
+                        }
+                    }
+                }
+                let v = rq[o].apply(acc).saturating_add(out_zp);
+                y[(oy * ow + ox) * oc_n + o] = v.clamp(amin as i32, amax as i32) as i8;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn split_backward_input(
+    g: &Conv2dGeom,
+    go: &[f32],
+    w: Weights<'_>,
+    ws: &[f32],
+    gi: &mut [f32],
+) -> Result<()> {
+    g.validate()?;
+    w.check(g)?;
+    if go.len() != g.output_len() || gi.len() != g.input_len() || ws.len() != g.out_c {
+        return Err(Error::ShapeMismatch {
+            what: "executor: split backward buffers",
+            expected: g.input_len(),
+            actual: gi.len(),
+        });
+    }
+    gi.fill(0.0);
+    let (icg, ocg, taps, oc_n, in_c) = (
+        g.in_per_group(),
+        g.out_per_group(),
+        g.kh * g.kw,
+        g.out_c,
+        g.in_c,
+    );
+    for_each_tap(g, |opx, t, ipx| {
+        for o in 0..oc_n {
+            let gs = go[opx * oc_n + o] * ws[o];
+            if gs == 0.0 {
+                continue;
+            }
+            let grp = o / ocg;
+            let d = &mut gi[ipx * in_c + grp * icg..][..icg];
+            for (i, dv) in d.iter_mut().enumerate() {
+                *dv += gs * w.at(o, t, i, taps, icg) as f32;
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::autodiff::{CompileOptions, LossKind, Precision};
+    use crate::graph::{Act, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+    use crate::plan::{compile, PlanSettings};
+    use crate::sparse::{ChannelAxis, LayerUpdate, Scheme};
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+        fn i8(&mut self, lim: i32) -> i8 {
+            ((self.next() % (2 * lim as u32 + 1)) as i32 - lim) as i8
+        }
+    }
+
+    fn t(c: u32, h: u32, w: u32, scale: f32, zp: i32) -> TensorInfo {
+        TensorInfo {
+            c,
+            h,
+            w,
+            scale,
+            zero_point: zp,
+        }
+    }
+
+    fn win(k: u16, s: u16, p: u16) -> Window {
+        Window {
+            kh: k,
+            kw: k,
+            sh: s,
+            sw: s,
+            pt: p,
+            pl: p,
+            pb: p,
+            pr: p,
+        }
+    }
+
+    fn params(r: &mut Lcg, n: usize, o: usize, ws: f32) -> Option<LayerParams> {
+        Some(LayerParams {
+            weight: (0..n).map(|_| r.i8(100)).collect(),
+            bias: (0..o).map(|_| (r.next() % 200) as i32 - 100).collect(),
+            weight_scale: (0..o).map(|i| ws * (1.0 + 0.1 * i as f32)).collect(),
+        })
+    }
+
+    /// conv3x3/2 relu6 -> dw3x3 relu6 -> pw1x1 -> add(skip) -> gap -> flatten -> fc
+    pub(crate) fn small_graph() -> Graph {
+        let mut r = Lcg(7);
+        let tensors = std::vec![
+            t(3, 8, 8, 0.02, 0),
+            t(8, 4, 4, 0.03, -128),
+            t(8, 4, 4, 0.03, -128),
+            t(8, 4, 4, 0.05, 3),
+            t(8, 4, 4, 0.06, -5),
+            t(8, 1, 1, 0.04, -7),
+            t(8, 1, 1, 0.04, -7),
+            t(4, 1, 1, 0.1, 2),
+        ];
+        let node = |name: &str, kind, inputs: Vec<usize>, output| Node {
+            name: name.into(),
+            kind,
+            inputs,
+            output,
+        };
+        let nodes = std::vec![
+            node(
+                "conv0",
+                NodeKind::Conv {
+                    win: win(3, 2, 1),
+                    groups: 1,
+                    act: Act::Relu6
+                },
+                std::vec![0],
+                1
+            ),
+            node(
+                "dw1",
+                NodeKind::Conv {
+                    win: win(3, 1, 1),
+                    groups: 8,
+                    act: Act::Relu6
+                },
+                std::vec![1],
+                2
+            ),
+            node(
+                "pw2",
+                NodeKind::Conv {
+                    win: win(1, 1, 0),
+                    groups: 1,
+                    act: Act::None
+                },
+                std::vec![2],
+                3
+            ),
+            node("add", NodeKind::Add { act: Act::None }, std::vec![1, 3], 4),
+            node("gap", NodeKind::GlobalAvgPool, std::vec![4], 5),
+            node("flat", NodeKind::Flatten, std::vec![5], 6),
+            node("fc", NodeKind::Fc { act: Act::None }, std::vec![6], 7),
+        ];
+        let params = std::vec![
+            params(&mut r, 8 * 9 * 3, 8, 0.004),
+            params(&mut r, 8 * 9, 8, 0.005),
+            params(&mut r, 8 * 8, 8, 0.004),
+            None,
+            None,
+            None,
+            params(&mut r, 4 * 8, 4, 0.006),
+        ];
+        Graph {
+            tensors,
+            nodes,
+            params,
+            input: 0,
+            output: 7,
+        }
+    }
+
+    fn scheme(g: &Graph, f: impl Fn(usize) -> LayerUpdate) -> Scheme {
+        Scheme {
+            layers: (0..g.nodes.len())
+                .map(|i| {
+                    if g.nodes[i].kind.trainable() {
+                        f(i)
+                    } else {
+                        LayerUpdate::default()
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn full(g: &Graph) -> Scheme {
+        scheme(g, |_| LayerUpdate {
+            bias: true,
+            weight_ratio: 1.0,
+            axis: ChannelAxis::Output,
+        })
+    }
+
+    fn settings(reorder: bool, precision: Precision, momentum: bool) -> PlanSettings {
+        PlanSettings {
+            options: CompileOptions {
+                reorder,
+                precision,
+                momentum,
+                loss: LossKind::CrossEntropy,
+            },
+            seed: 1,
+            lr: 0.05,
+            momentum: 0.0,
+        }
+    }
+
+    fn sample(seed: u64) -> Vec<i8> {
+        let mut r = Lcg(seed);
+        (0..3 * 64).map(|_| r.i8(120)).collect()
+    }
+
+    fn run(
+        g: &Graph,
+        s: &Scheme,
+        st: &PlanSettings,
+        steps: usize,
+    ) -> (Vec<f32>, usize, usize, Vec<u8>) {
+        let c = compile(g, s, st, b"{}").unwrap();
+        let params: Vec<u32> = c
+            .params
+            .chunks(4)
+            .map(|b| {
+                let mut a = [0u8; 4];
+                a[..b.len()].copy_from_slice(b);
+                u32::from_le_bytes(a)
+            })
+            .collect();
+        let pbytes: &[u8] =
+            unsafe { core::slice::from_raw_parts(params.as_ptr() as *const u8, c.params.len()) };
+        let mut arena_words = std::vec![0u32; c.memory.arena_bytes / 4 + 1];
+        let arena: &mut [u8] = unsafe {
+            core::slice::from_raw_parts_mut(
+                arena_words.as_mut_ptr() as *mut u8,
+                c.memory.arena_bytes,
+            )
+        };
+        let mut ex = Executor::new(&c.plan, pbytes, arena).unwrap();
+        ex.init().unwrap();
+        let x = sample(3);
+        let losses = (0..steps)
+            .map(|_| ex.step(&x, Target::Class(2)).unwrap())
+            .collect();
+        (
+            losses,
+            ex.high_water(),
+            c.memory.arena_bytes,
+            ex.state().to_vec(),
+        )
+    }
+
+    #[test]
+    fn training_reduces_loss_and_high_water_equals_plan() {
+        let g = small_graph();
+        for reorder in [true, false] {
+            for p in [
+                Precision::StochasticRounding,
+                Precision::Residual,
+                Precision::FpMaster,
+            ] {
+                let (l, hw, arena, _) = run(&g, &full(&g), &settings(reorder, p, false), 30);
+                assert_eq!(hw, arena, "reorder {reorder} precision {p:?}");
+                assert!(l[29] < l[0] * 0.7, "loss {} -> {} ({p:?})", l[0], l[29]);
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_schemes_run_and_match_the_plan() {
+        let g = small_graph();
+        let schemes = [
+            scheme(&g, |_| LayerUpdate {
+                bias: true,
+                weight_ratio: 0.0,
+                axis: ChannelAxis::Output,
+            }),
+            scheme(&g, |i| LayerUpdate {
+                bias: i >= 2,
+                weight_ratio: if i == 2 { 0.5 } else { 0.0 },
+                axis: ChannelAxis::Output,
+            }),
+            scheme(&g, |i| LayerUpdate {
+                bias: i == 6,
+                weight_ratio: if i == 2 { 0.25 } else { 0.0 },
+                axis: ChannelAxis::Input,
+            }),
+            scheme(&g, |i| LayerUpdate {
+                bias: false,
+                weight_ratio: if i == 6 { 0.5 } else { 0.0 },
+                axis: ChannelAxis::Input,
+            }),
+            scheme(&g, |i| LayerUpdate {
+                bias: false,
+                weight_ratio: if i == 1 { 0.5 } else { 0.0 },
+                axis: ChannelAxis::Output,
+            }),
+        ];
+        for s in &schemes {
+            let (l, hw, arena, _) = run(&g, s, &settings(true, Precision::FpMaster, false), 40);
+            assert_eq!(hw, arena);
+            assert!(l[39] < l[0], "loss {} -> {}", l[0], l[39]);
+        }
+    }
+
+    #[test]
+    fn reordering_never_costs_memory_and_pruning_saves_it() {
+        let g = small_graph();
+        let st = |r| settings(r, Precision::StochasticRounding, false);
+        let a = compile(&g, &full(&g), &st(false), b"").unwrap().memory;
+        let b = compile(&g, &full(&g), &st(true), b"").unwrap().memory;
+        assert!(b.arena_bytes <= a.arena_bytes);
+        let bias_fc = scheme(&g, |i| LayerUpdate {
+            bias: i == 6,
+            weight_ratio: 0.0,
+            axis: ChannelAxis::Output,
+        });
+        let c = compile(&g, &bias_fc, &st(true), b"").unwrap();
+        assert!(c.memory.arena_bytes < b.arena_bytes);
+        // Only the classifier trains: no gradient reaches any conv.
+        assert!(c.training.ops.iter().all(|o| o.kind != OpKind::BackInput));
+        for m in [&a, &b, &c.memory] {
+            assert!(m.lower_bound <= m.arena_bytes);
+        }
+    }
+
+    #[test]
+    fn partial_update_forward_matches_whole_update_before_training() {
+        // With nothing trained yet, a split layer computes exactly what the frozen layer does.
+        let g = small_graph();
+        let st = settings(true, Precision::StochasticRounding, false);
+        let logits = |s: &Scheme| {
+            let c = compile(&g, s, &st, b"").unwrap();
+            let pw: Vec<u32> = c
+                .params
+                .chunks(4)
+                .map(|b| {
+                    let mut a = [0u8; 4];
+                    a[..b.len()].copy_from_slice(b);
+                    u32::from_le_bytes(a)
+                })
+                .collect();
+            let pb: &[u8] =
+                unsafe { core::slice::from_raw_parts(pw.as_ptr() as *const u8, c.params.len()) };
+            let mut aw = std::vec![0u32; c.memory.arena_bytes / 4 + 1];
+            let arena: &mut [u8] = unsafe {
+                core::slice::from_raw_parts_mut(aw.as_mut_ptr() as *mut u8, c.memory.arena_bytes)
+            };
+            let mut ex = Executor::new(&c.plan, pb, arena).unwrap();
+            ex.init().unwrap();
+            ex.forward(&sample(5)).unwrap().to_vec()
+        };
+        let frozen = logits(&scheme(&g, |_| LayerUpdate::default()));
+        for axis in [ChannelAxis::Output, ChannelAxis::Input] {
+            let part = logits(&scheme(&g, |i| LayerUpdate {
+                bias: false,
+                weight_ratio: if i == 2 || i == 6 { 0.5 } else { 0.0 },
+                axis,
+            }));
+            assert_eq!(frozen, part);
+        }
+    }
+
+    #[test]
+    fn truncated_plans_are_errors_naming_a_field() {
+        let g = small_graph();
+        let c = compile(
+            &g,
+            &full(&g),
+            &settings(true, Precision::Residual, true),
+            b"{\"k\":1}",
+        )
+        .unwrap();
+        for n in 0..c.plan.len() {
+            match PlanView::parse(&c.plan[..n]) {
+                Err(Error::CorruptPlan { field }) => assert!(!field.is_empty()),
+                other => panic!("prefix {n}: {other:?}"),
+            }
+        }
+        assert!(PlanView::parse(&c.plan).is_ok());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        #[test]
+        fn mutated_plans_never_panic(flips in proptest::collection::vec((0usize..100_000, proptest::prelude::any::<u8>()), 1..6), fix_crc in proptest::prelude::any::<bool>()) {
+            let g = small_graph();
+            let c = compile(&g, &full(&g), &settings(true, Precision::StochasticRounding, false), b"").unwrap();
+            let mut p = c.plan.clone();
+            for (at, v) in flips {
+                let i = at % p.len();
+                p[i] = v;
+            }
+            if fix_crc && p.len() > crate::plan::HEADER_LEN {
+                // Re-seal the body so mutations reach the validation behind the CRC.
+                let crc = crate::crc::crc32(&p[crate::plan::HEADER_LEN..]);
+                p[12..16].copy_from_slice(&crc.to_le_bytes());
+            }
+            let pw: Vec<u32> = c.params.chunks(4).map(|b| { let mut a = [0u8; 4]; a[..b.len()].copy_from_slice(b); u32::from_le_bytes(a) }).collect();
+            let pb: &[u8] = unsafe { core::slice::from_raw_parts(pw.as_ptr() as *const u8, c.params.len()) };
+            let mut aw = std::vec![0u32; 4096];
+            let arena: &mut [u8] = unsafe { core::slice::from_raw_parts_mut(aw.as_mut_ptr() as *mut u8, 16384) };
+            if let Ok(mut ex) = Executor::new(&p, pb, arena) {
+                let _ = ex.init();
+                let _ = ex.step(&sample(1), Target::Class(1));
+                let _ = ex.predict(&sample(2));
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = PlanView::parse(&bytes);
+        }
+    }
+}
