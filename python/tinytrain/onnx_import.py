@@ -631,6 +631,45 @@ class _Importer:
         n = self._fc(node, x, w, None, {"_wq": (bq.T, bs, bz.reshape(-1), 0 if bs.size > 1 else None)})
         self._annotate(node, self.env[n.output], self._const(node, 6, "y_scale"), self._const(node, 7, "y_zero_point"))
 
+    def _op_QGemm(self, node, a) -> None:
+        x = self._act(node, 0)
+        self._annotate(node, x, self._const(node, 1, "a_scale"), self._const(node, 2, "a_zero_point"))
+        if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0:
+            raise self._unsupported(node, "transA=1 or alpha != 1")
+        if self._get(node, 7) is None:
+            raise self._unsupported(node, "a float output (no y_scale): the output must stay quantized")
+        bq = self._const(node, 3, "B")
+        bs = np.asarray(self._const(node, 4, "b_scale"), np.float64).reshape(-1)
+        bz = np.asarray(self._const(node, 5, "b_zero_point"))
+        if x.rank != 2 or bq.ndim != 2:
+            raise self._unsupported(node, "QGemm other than (N, features) x constant matrix")
+        wq = bq if a.get("transB", 0) else bq.T
+        w = ((wq.astype(np.float64) - bz.astype(np.float64).reshape(-1, 1 if bz.size > 1 else 1)) *
+             bs.reshape(-1, 1)).astype(np.float32)
+        sa = float(np.asarray(self._const(node, 1, "a_scale")).reshape(()))
+        cq = self._const(node, 6, "C")
+        extra = {"_wq": (wq, bs, bz.reshape(-1), 0 if bs.size > 1 else None)}
+        b = None
+        if cq is not None:
+            s_b = sa * np.broadcast_to(bs, (w.shape[0],))
+            b = (cq.astype(np.float64).reshape(-1) * s_b).astype(np.float32)
+            extra["_bq"] = (cq.reshape(-1), s_b, np.zeros((), np.int32), 0)
+        n = self._fc(node, x, w, b, extra)
+        self._annotate(node, self.env[n.output], self._const(node, 7, "y_scale"), self._const(node, 8, "y_zero_point"))
+
+    def _op_QLinearGlobalAveragePool(self, node, a) -> None:
+        x = self._act(node, 0)
+        if a.get("channels_last", 0):
+            raise self._unsupported(node, "channels_last=1")
+        self._annotate(node, x, self._const(node, 1, "x_scale"), self._const(node, 2, "x_zero_point"))
+        n = self._emit(node, "global_avgpool", [x.ir], (self._shape(x)[0], 1, 1), 4)
+        self._annotate(node, self.env[n.output], self._const(node, 3, "y_scale"), self._const(node, 4, "y_zero_point"))
+
+    def _op_QLinearSoftmax(self, node, a) -> None:
+        x = self._act(node, 0)
+        self._annotate(node, x, self._const(node, 1, "X_scale"), self._const(node, 2, "x_zero_point"))
+        self._op_Softmax(node, {"axis": a.get("axis", -1)})
+
     def _op_Softmax(self, node, a) -> None:
         x = self._act(node, 0)
         axis = a.get("axis", -1 if self.opset >= 13 else 1)

@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from . import reference
-from .errors import ModelFormatError, QuantizationError
+from .errors import ModelFormatError, QuantizationError, UnsupportedOperatorError
 from .graph import Graph
 
 __all__ = ["quantize", "activation_qparams", "quantize_weights", "quantize_bias", "from_imported"]
@@ -145,6 +145,13 @@ def from_imported(g: Graph, qparams: Dict[str, Tuple[float, int]], where: str):
         src = q.tensors[n.inputs[0]] if n.inputs else None
         if out.scale is None and n.op in SHARED_QPARAMS and src is not None and src.scale is not None:
             out.scale, out.zero_point = src.scale, src.zero_point
+    for n in q.nodes:
+        out, src = q.tensors[n.output], q.tensors[n.inputs[0]]
+        if n.op in SHARED_QPARAMS and (out.scale, out.zero_point) != (src.scale, src.zero_point):
+            raise UnsupportedOperatorError(
+                n.attrs.get("onnx_node", n.name), n.attrs.get("onnx_op", n.op), n.attrs.get("onnx_opset", 0),
+                f"its output is quantized differently from its input ({out.scale}, {out.zero_point} vs "
+                f"{src.scale}, {src.zero_point}); int8 {n.op} keeps the input's quantization")
     missing = [t.name for t in q.tensors.values() if t.scale is None]
     if missing:
         raise ModelFormatError(f"{where}: the model is partly quantized: tensors {missing[:5]} have no "
