@@ -1,0 +1,181 @@
+//! What this firmware needs from the mps2-an386 machine: an instruction clock, a console and an
+//! exit status (semihosting), and a NOR-flash-like region for checkpoints.
+use core::fmt::Write;
+use core::ptr::{read_volatile, write_volatile};
+
+use embedded_storage::nor_flash::{
+    ErrorType, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
+};
+
+/// CMSDK APB timer 0: a 32-bit down-counter at the 25 MHz peripheral clock. Under
+/// `-icount shift=0` QEMU's virtual clock advances 1 ns per instruction, so one tick is exactly
+/// 40 instructions, the same from run to run.
+const TIMER0: usize = 0x4000_0000;
+pub const INSTRUCTIONS_PER_TICK: u64 = 40;
+
+pub fn clock_start() {
+    unsafe {
+        write_volatile((TIMER0 + 0x0) as *mut u32, 0);
+        write_volatile((TIMER0 + 0x8) as *mut u32, u32::MAX);
+        write_volatile((TIMER0 + 0x4) as *mut u32, u32::MAX);
+        write_volatile((TIMER0 + 0x0) as *mut u32, 1);
+    }
+}
+
+/// Instructions retired since [`clock_start`] (to 40-instruction resolution; wraps after
+/// 171 G instructions).
+pub fn instructions() -> u64 {
+    let v = unsafe { read_volatile((TIMER0 + 0x4) as *const u32) };
+    (u32::MAX - v) as u64 * INSTRUCTIONS_PER_TICK
+}
+
+extern "C" {
+    static __sheap: u32;
+    static _stack_start: u32;
+    static _stack_reserve: u32;
+}
+
+const PAINT: u32 = 0x5AC3_A55A;
+
+/// Fills the free SRAM between the statics and the current stack pointer with a pattern, so
+/// [`stack_peak`] can tell how deep the stack ever went.
+pub fn stack_paint() {
+    let lo = core::ptr::addr_of!(__sheap) as usize;
+    // Leave the live frames (and some margin below them) alone.
+    let sp = cortex_m::register::msp::read() as usize - 64;
+    let mut a = lo;
+    while a < sp {
+        unsafe { write_volatile(a as *mut u32, PAINT) };
+        a += 4;
+    }
+}
+
+/// Deepest stack use since [`stack_paint`], in bytes.
+pub fn stack_peak() -> usize {
+    let lo = core::ptr::addr_of!(__sheap) as usize;
+    let top = core::ptr::addr_of!(_stack_start) as usize;
+    let mut a = lo;
+    while a < top && unsafe { read_volatile(a as *const u32) } == PAINT {
+        a += 4;
+    }
+    top - a
+}
+
+/// The stack the linker script reserves (`_stack_reserve` in memory.x, an absolute symbol).
+pub fn stack_reserve() -> usize {
+    core::ptr::addr_of!(_stack_reserve) as usize
+}
+
+/// A `core::fmt` sink on the semihosting console; output goes to QEMU's stdout.
+pub struct Console;
+
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        cortex_m_semihosting::hio::hstdout()
+            .map_err(|_| core::fmt::Error)?
+            .write_all(s.as_bytes())
+            .map_err(|_| core::fmt::Error)
+    }
+}
+
+#[macro_export]
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use core::fmt::Write as _;
+        let _ = writeln!($crate::board::Console, $($t)*);
+    }};
+}
+
+/// Ends QEMU with `code` as its exit status (SYS_EXIT_EXTENDED, ADP_Stopped_ApplicationExit).
+pub fn exit(code: u32) -> ! {
+    let block = [0x20026u32, code];
+    loop {
+        unsafe {
+            cortex_m_semihosting::syscall(0x20, &block);
+        }
+    }
+}
+
+/// NOR flash semantics over a window of the machine's SSRAM (QEMU models no writable flash on
+/// this board): erase sets 16 KB sectors to 0xFF, a program needs word alignment and an erased
+/// target, as on the STM32F7's flash. Lies at 0x0030_0000, outside the 1 MB code region.
+pub struct MemFlash;
+
+pub const FLASH_BASE: usize = 0x0030_0000;
+pub const FLASH_SIZE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub enum MemFlashError {
+    NotAligned,
+    OutOfBounds,
+    NotErased,
+}
+
+impl NorFlashError for MemFlashError {
+    fn kind(&self) -> NorFlashErrorKind {
+        match self {
+            MemFlashError::NotAligned => NorFlashErrorKind::NotAligned,
+            MemFlashError::OutOfBounds => NorFlashErrorKind::OutOfBounds,
+            MemFlashError::NotErased => NorFlashErrorKind::Other,
+        }
+    }
+}
+
+impl ErrorType for MemFlash {
+    type Error = MemFlashError;
+}
+
+fn window(offset: u32, len: usize) -> Result<*mut u8, MemFlashError> {
+    let end = (offset as usize).checked_add(len).ok_or(MemFlashError::OutOfBounds)?;
+    if end > FLASH_SIZE {
+        return Err(MemFlashError::OutOfBounds);
+    }
+    Ok((FLASH_BASE + offset as usize) as *mut u8)
+}
+
+impl ReadNorFlash for MemFlash {
+    const READ_SIZE: usize = 1;
+
+    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), MemFlashError> {
+        let p = window(offset, bytes.len())?;
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = unsafe { read_volatile(p.add(i)) };
+        }
+        Ok(())
+    }
+
+    fn capacity(&self) -> usize {
+        FLASH_SIZE
+    }
+}
+
+impl NorFlash for MemFlash {
+    const WRITE_SIZE: usize = 4;
+    const ERASE_SIZE: usize = 16 * 1024;
+
+    fn erase(&mut self, from: u32, to: u32) -> Result<(), MemFlashError> {
+        if from % Self::ERASE_SIZE as u32 != 0 || to % Self::ERASE_SIZE as u32 != 0 || from > to {
+            return Err(MemFlashError::NotAligned);
+        }
+        let p = window(from, (to - from) as usize)? as *mut u32;
+        for i in 0..(to - from) as usize / 4 {
+            unsafe { write_volatile(p.add(i), u32::MAX) };
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), MemFlashError> {
+        if offset % 4 != 0 || bytes.len() % 4 != 0 {
+            return Err(MemFlashError::NotAligned);
+        }
+        let p = window(offset, bytes.len())? as *mut u32;
+        for (i, w) in bytes.chunks_exact(4).enumerate() {
+            let cell = unsafe { p.add(i) };
+            if unsafe { read_volatile(cell) } != u32::MAX {
+                return Err(MemFlashError::NotErased);
+            }
+            unsafe { write_volatile(cell, u32::from_le_bytes([w[0], w[1], w[2], w[3]])) };
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Builds the tt-mcu QEMU firmware (Cortex-M4F, mps2-an386) with Debian's toolchain, runs it with
+# an instruction-exact clock, prints its memory use and fails if it does not pass or does not
+# fit the budget: SRAM (.data + .bss + .uninit + reserved stack) <= 256 KB, flash <= 1 MB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ex=crates/tt-mcu/examples/qemu-mps2-an386
+export RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc
+export CARGO_TARGET_THUMBV7EM_NONE_EABIHF_LINKER=arm-none-eabi-ld
+# One target dir for every firmware example, so `core` (build-std) is compiled once.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_MCU:-$PWD/target/thumb-examples}"
+/usr/bin/cargo build -q -Z build-std=core --target thumbv7em-none-eabihf --release \
+  --manifest-path "$ex/Cargo.toml"
+elf="$CARGO_TARGET_DIR/thumbv7em-none-eabihf/release/tt-mcu-qemu-mps2-an386"
+
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+set +e
+timeout 600 qemu-system-arm -M mps2-an386 -nographic -monitor none \
+  -semihosting-config enable=on,target=native -icount shift=0 -kernel "$elf" | tee "$out"
+status=${PIPESTATUS[0]}
+set -e
+
+python3 - "$elf" "$status" "$out" <<'PY'
+import subprocess, sys
+elf, status, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sec = {}
+for line in subprocess.run(["arm-none-eabi-size", "-A", elf], check=True,
+                           capture_output=True, text=True).stdout.splitlines():
+    f = line.split()
+    if len(f) == 3 and f[0].startswith("."):
+        sec[f[0]] = int(f[1])
+syms = {}
+for line in subprocess.run(["arm-none-eabi-nm", elf], check=True,
+                           capture_output=True, text=True).stdout.splitlines():
+    f = line.split()
+    if len(f) == 3:
+        syms[f[2]] = int(f[0], 16)
+g = lambda k: sec.get(k, 0)
+stack = syms["_stack_reserve"]
+flash = g(".vector_table") + g(".text") + g(".rodata") + g(".data")
+sram = g(".data") + g(".bss") + g(".uninit") + stack
+KB = 1024
+print(f"memory: flash {flash} B ({flash / KB:.1f} KB of 1024 KB: .vector_table {g('.vector_table')}"
+      f" .text {g('.text')} .rodata {g('.rodata')} .data {g('.data')})")
+print(f"memory: SRAM {sram} B ({sram / KB:.1f} KB of 256 KB: .data {g('.data')} .bss {g('.bss')}"
+      f" .uninit {g('.uninit')} stack reserved {stack})")
+text = open(out).read()
+bad = []
+if status != 0:
+    bad.append(f"firmware exit status {status}")
+if "\nPASS" not in "\n" + text:
+    bad.append("firmware did not print PASS")
+if sram > 256 * KB:
+    bad.append(f"SRAM {sram} B > 256 KB")
+if flash > 1024 * KB:
+    bad.append(f"flash {flash} B > 1 MB")
+if bad:
+    sys.exit("mcu-qemu: FAIL: " + "; ".join(bad))
+print("mcu-qemu: OK")
+PY
