@@ -26,7 +26,8 @@ def export_qdq(q, path: Optional[str] = None) -> onnx.ModelProto:
     rank: Dict[str, int] = {}
 
     def const(name: str, arr: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        # not np.ascontiguousarray: it turns 0-d scales into shape (1,), which QLinear* fusions reject
+        inits.append(numpy_helper.from_array(np.array(arr, order="C"), name))
         return name
 
     def qdq(name: str, src: str) -> str:
