@@ -7,9 +7,16 @@ from . import datasets, reference
 from .model import QuantizedModel
 from .onnx_import import load_onnx
 from .quantize import quantize
+from .errors import MemoryBudgetError, PlanError
+from . import schemes
+from .schemes import Scheme
+from .plan import MemoryReport, Plan
+from .engine import compile
+from .trainer import Trainer
 
 __version__ = _core.__version__
 
 __all__ = ["Graph", "Node", "Tensor", "__version__"]
 __all__ += ["TinytrainError", "ModelFormatError", "UnsupportedOperatorError", "QuantizationError", "models"]
 __all__ += ["QuantizedModel", "load_onnx", "quantize", "datasets", "reference"]
+__all__ += ["Scheme", "schemes", "compile", "Plan", "MemoryReport", "Trainer", "MemoryBudgetError", "PlanError"]

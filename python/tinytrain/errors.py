@@ -35,3 +35,30 @@ class UnsupportedOperatorError(TinytrainError, NotImplementedError):
 
 class QuantizationError(TinytrainError, ValueError):
     """Quantization was asked for something it cannot do (already quantized model, bad calibration data)."""
+
+
+class PlanError(TinytrainError, ValueError):
+    """A plan file is truncated, corrupted, of another version, or does not match its weights.
+
+    ``field`` names the part of the plan that failed to validate.
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class MemoryBudgetError(TinytrainError, ValueError):
+    """A training plan does not fit the memory budget.
+
+    ``needed`` is the plan's peak SRAM in bytes, ``budget`` the budget in bytes.
+    """
+
+    def __init__(self, needed: int, budget: int, detail: str = "") -> None:
+        self.needed = int(needed)
+        self.budget = int(budget)
+        msg = (f"training needs {self.needed} bytes ({self.needed / 1024:.1f} KB) of SRAM, "
+               f"the budget is {self.budget} bytes ({self.budget / 1024:.1f} KB)")
+        if detail:
+            msg += f"; {detail}"
+        super().__init__(msg)

@@ -431,6 +431,48 @@ impl<'p, 'a> Executor<'p, 'a> {
         Ok(())
     }
 
+    /// The current parameters of layer `li` (frozen values from flash overlaid with the trained
+    /// ones from SRAM): full OHWI weights and int32 bias. For exporting or checking what training
+    /// learned.
+    pub fn read_layer(&mut self, li: usize, weight: &mut [i8], bias: &mut [i32]) -> Result<()> {
+        let l = self.plan.layer(li)?;
+        let (fw, fb, _, _) = self.frozen(&l)?;
+        let n = self.plan.node(l.node as usize)?;
+        let (inp, out) = self.io(&n)?;
+        let g = Self::conv_geom(&n, &inp, &out)?;
+        if weight.len() != fw.len() || bias.len() != fb.len() {
+            return Err(Error::ShapeMismatch {
+                what: "read_layer: weight/bias buffers",
+                expected: fw.len(),
+                actual: weight.len(),
+            });
+        }
+        let [sw, sb] = self.carve([l.st_weight, l.st_bias])?;
+        let sw: &[i8] = view(sw, "trained weights")?;
+        let w = Self::weights_of_static(&l, &g, fw, sw);
+        w.check(&g)?;
+        let (taps, icg) = (g.kh * g.kw, g.in_per_group());
+        for o in 0..g.out_c {
+            for t in 0..taps {
+                for i in 0..icg {
+                    weight[(o * taps + t) * icg + i] = w.at(o, t, i, taps, icg);
+                }
+            }
+        }
+        if l.st_bias != NONE {
+            let sb: &[i32] = view(sb, "trained bias")?;
+            if sb.len() != bias.len() {
+                return Err(Error::CorruptPlan {
+                    field: "buffers.bytes (trained bias)",
+                });
+            }
+            bias.copy_from_slice(sb);
+        } else {
+            bias.copy_from_slice(fb);
+        }
+        Ok(())
+    }
+
     fn write_input(&mut self, input: &[i8]) -> Result<()> {
         let t = self.plan.tensor(self.plan.globals.input as usize)?;
         if input.len() != t.numel() {

@@ -132,7 +132,19 @@ pub fn plan(buffers: &[Buffer], ops: &[TrainOp]) -> MemoryPlan {
         offsets[i] = to[i];
     }
 
-    let mut live = alloc::vec![state; ops.len()];
+    measure(buffers, ops, offsets, top.max(state), state)
+}
+
+/// Liveness figures of a placement (also used to report on a plan read back from bytes).
+pub fn measure(
+    buffers: &[Buffer],
+    ops: &[TrainOp],
+    offsets: Vec<usize>,
+    arena_bytes: usize,
+    state_bytes: usize,
+) -> MemoryPlan {
+    let life = lifetimes(buffers, ops);
+    let mut live = alloc::vec![state_bytes; ops.len()];
     for (i, b) in buffers.iter().enumerate() {
         if b.kind.persistent() {
             continue;
@@ -148,11 +160,11 @@ pub fn plan(buffers: &[Buffer], ops: &[TrainOp]) -> MemoryPlan {
         .copied()
         .enumerate()
         .max_by_key(|&(i, v)| (v, core::cmp::Reverse(i)))
-        .unwrap_or((0, state));
+        .unwrap_or((0, state_bytes));
     MemoryPlan {
         offsets,
-        arena_bytes: top.max(state),
-        state_bytes: state,
+        arena_bytes,
+        state_bytes,
         lower_bound,
         live,
         peak_op,

@@ -2,11 +2,13 @@
 //! No math lives here.
 use pyo3::prelude::*;
 
+mod engine;
 mod kernels;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     kernels::register(m)?;
+    engine::register(m)?;
     Ok(())
 }

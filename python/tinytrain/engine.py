@@ -1,0 +1,140 @@
+"""`tt.compile`: an int8 model + a sparse-update scheme -> a training `Plan`.
+
+The work happens in tt-core (compile-time autodiff, pruning, reordering, memory planning, the plan
+format); this module lowers the Python graph into tt-core's form (tensor ids, channels-last
+weights) and checks the budget.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from .errors import MemoryBudgetError
+from .graph import Graph
+from .plan import LOSSES, PRECISIONS, Plan
+from .schemes import Scheme
+from .units import parse_bytes
+
+__all__ = ["compile"]
+
+_ACT = {"none": 0, "relu": 1, "relu6": 2, None: 0}
+
+
+def _window(n) -> Tuple[int, ...]:
+    a = n.attrs
+    if n.op == "conv":
+        kh, kw = n.params["weight_q"].shape[2:]
+    elif n.op in ("avgpool", "maxpool"):
+        kh, kw = a["kernel"]
+    else:
+        return (0,) * 8
+    sh, sw = a.get("stride", (1, 1))
+    pt, pl, pb, pr = a.get("pads", (0, 0, 0, 0))
+    return (int(kh), int(kw), int(sh), int(sw), int(pt), int(pl), int(pb), int(pr))
+
+
+def lower(q) -> Tuple[list, list, int, int, List[str]]:
+    """The quantized graph in tt-core's form: (tensors, nodes, input id, output id, tensor names)."""
+    names = list(q.tensors)
+    ids = {k: i for i, k in enumerate(names)}
+    tensors = []
+    for k in names:
+        t = q.tensors[k]
+        if t.scale is None or t.zero_point is None:
+            raise ValueError(f"tensor {k!r} has no quantization parameters: compile a QuantizedModel (tt.quantize)")
+        c, h, w = t.shape
+        tensors.append((int(c), int(h), int(w), float(t.scale), int(t.zero_point)))
+    nodes = []
+    for n in q.nodes:
+        act = n.attrs.get("act", "none")
+        if act not in _ACT:
+            raise ValueError(f"node {n.name!r}: activation {act!r} is not supported by the engine")
+        w = b = s = None
+        if n.trainable:
+            wq = np.asarray(n.params["weight_q"], dtype=np.int8)
+            if n.op == "conv":
+                wq = wq.transpose(0, 2, 3, 1)  # OIHW (ONNX) -> OHWI (tt-core)
+            w = np.ascontiguousarray(wq.reshape(-1))
+            b = np.ascontiguousarray(n.params["bias_q"], dtype=np.int32).reshape(-1)
+            s = np.ascontiguousarray(n.params["weight_scale"], dtype=np.float32).reshape(-1)
+        nodes.append((n.name, n.op, [ids[i] for i in n.inputs], ids[n.output], _window(n),
+                      int(n.attrs.get("groups", 1)), _ACT[act], w, b, s))
+    return tensors, nodes, ids[q.input], ids[q.output], names
+
+
+def _quantized(model):
+    from .model import QuantizedModel
+    from .quantize import quantize
+
+    if isinstance(model, QuantizedModel):
+        return model
+    if isinstance(model, Graph):
+        warnings.warn("compiling a float model: quantizing it with synthetic calibration data "
+                      "(peak memory does not depend on the scales; train a model quantized with real data)",
+                      stacklevel=3)
+        shape = model.tensors[model.input].shape
+        calib = np.random.default_rng(0).normal(0.0, 1.0, (8,) + tuple(shape)).astype(np.float32)
+        return quantize(model, calib)
+    raise TypeError(f"tt.compile expects a QuantizedModel (tt.quantize) or a float tt.Graph, got {type(model).__name__}")
+
+
+def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder: bool = True,
+            update_precision: str = "stochastic", loss: str = "cross_entropy", lr: float = 0.05,
+            momentum: float = 0.0, seed: int = 0) -> Plan:
+    """Compile training of `model` under `scheme` into a `Plan`.
+
+    - ``budget``: SRAM budget ("256KB", bytes, or None for no limit); a plan whose peak exceeds it
+      raises `MemoryBudgetError` with the bytes needed.
+    - ``reorder``: apply each layer's update as soon as its gradient exists (in place), so gradient
+      buffers of different layers never coexist; ``False`` gives the conventional order.
+    - ``update_precision``: how trained int8 weights keep sub-LSB steps: ``"stochastic"`` rounding
+      (no extra bytes), ``"residual"`` (an int8 residual, +1 byte per trained weight) or ``"fp32"``
+      (an fp32 master copy, +4 bytes).
+    - ``loss``: ``"cross_entropy"`` (class labels) or ``"mse"`` (float targets).
+    - ``lr``, ``momentum``: the plan's SGD defaults (the MCU uses them; `Trainer` may override).
+      ``momentum > 0`` allocates momentum buffers (+4 bytes per trained parameter).
+    - ``seed``: the stochastic-rounding generator's seed.
+    """
+    q = _quantized(model)
+    if not isinstance(scheme, Scheme):
+        raise TypeError(f"scheme must be a tt.Scheme (see tt.schemes), got {type(scheme).__name__}")
+    if update_precision not in PRECISIONS:
+        raise ValueError(f"update_precision must be one of {list(PRECISIONS)}, got {update_precision!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+    if not (np.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    budget_bytes = None if budget is None else parse_bytes(budget)
+    layers = list(q.layers)
+    resolved = scheme.resolved(layers)
+    per_node = []
+    for n in q.nodes:
+        r = resolved.get(n.name) if n.trainable else None
+        if r is None:
+            per_node.append((False, 0.0, 0))
+        else:
+            per_node.append((bool(r["bias"]), float(r["ratio"]), 1 if r["axis"] == "input" else 0))
+    tensors, nodes, inp, out, tnames = lower(q)
+    t_in = q.tensors[q.input]
+    meta = {
+        "layers": layers,
+        "nodes": [n.name for n in q.nodes],
+        "input": {"shape": list(t_in.shape), "scale": float(t_in.scale), "zero_point": int(t_in.zero_point)},
+        "output": {"shape": list(q.tensors[q.output].shape)},
+        "scheme": scheme.to_dict(),
+        "layer_shapes": {n.name: list(np.asarray(n.params["weight_q"]).shape) for n in q.nodes if n.trainable},
+    }
+    plan_bytes, params = _core.engine_compile(
+        tensors, nodes, inp, out, per_node, bool(reorder), PRECISIONS[update_precision], momentum > 0,
+        LOSSES[loss], int(seed) & (2**64 - 1), float(lr), float(momentum), json.dumps(meta).encode())
+    plan = Plan(plan_bytes, params, model=q, budget_bytes=budget_bytes)
+    if budget_bytes is not None and plan.memory.peak_bytes > budget_bytes:
+        raise MemoryBudgetError(plan.memory.peak_bytes, budget_bytes,
+                                f"the peak is reached at {plan.memory.peak_op}")
+    return plan

@@ -1,0 +1,196 @@
+"""`Plan`: a compiled training step (tt-core's plan bytes + the frozen parameter blob) and its
+memory report.
+
+A ``.ttp`` file is the plan bytes followed by the parameter blob; the plan header records the
+blob's length and CRC32, so a file is checked end to end on load. Saving is atomic (a temporary
+file in the same folder, then a rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from . import _core
+from .errors import PlanError
+
+__all__ = ["Plan", "MemoryReport", "PRECISIONS", "LOSSES"]
+
+PRECISIONS = {"stochastic": 0, "residual": 1, "fp32": 2}
+LOSSES = {"cross_entropy": 0, "mse": 1}
+_HEADER = 40
+
+
+@dataclass
+class MemoryReport:
+    """Where the SRAM of one training step goes.
+
+    ``peak_bytes`` is the arena size: the high-water mark of the step (the executor measures the
+    same number while running). ``breakdown`` splits it at the peak op into updated weights (int8
+    copies + int32 biases), precision_and_optimizer (residual / fp32 master copies, momentum, PRNG),
+    saved activations (int8, and 1-bit clamp masks), activations (forward), gradients (fp32), scratch,
+    and fragmentation (packing overhead above the lower bound); ``flash_bytes`` is what stays in
+    flash (frozen weights, scales, the plan). ``lower_bound_bytes`` is the most bytes live at once:
+    no placement can do better.
+    """
+
+    peak_bytes: int
+    lower_bound_bytes: int
+    state_bytes: int
+    breakdown: Dict[str, int]
+    timeline: List[Dict[str, object]]
+    peak_op: str
+    flash_bytes: int
+    budget_bytes: Optional[int] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> Optional[bool]:
+        return None if self.budget_bytes is None else self.peak_bytes <= self.budget_bytes
+
+    @property
+    def packing_efficiency(self) -> float:
+        """lower bound / peak: 1.0 means the placement is optimal."""
+        return self.lower_bound_bytes / self.peak_bytes if self.peak_bytes else 1.0
+
+    def to_dict(self) -> Dict[str, object]:
+        return {"peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits,
+                "lower_bound_bytes": self.lower_bound_bytes, "packing_efficiency": round(self.packing_efficiency, 4),
+                "state_bytes": self.state_bytes, "peak_op": self.peak_op, "breakdown": dict(self.breakdown),
+                "flash_bytes": self.flash_bytes}
+
+    def table(self) -> str:
+        kb = lambda n: f"{n / 1024:9.1f} KB"  # noqa: E731
+        lines = [f"peak SRAM        {kb(self.peak_bytes)}   (lower bound {kb(self.lower_bound_bytes).strip()}, "
+                 f"packing {100 * self.packing_efficiency:.1f}%)",
+                 f"peak at          {self.peak_op}"]
+        for k, v in self.breakdown.items():
+            lines.append(f"  {k:<24}{kb(v)}")
+        lines.append(f"flash (frozen)   {kb(self.flash_bytes)}")
+        if self.budget_bytes is not None:
+            lines.append(f"budget           {kb(self.budget_bytes)}   {'fits' if self.fits else 'DOES NOT FIT'}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _core_call(fn, *args):
+    try:
+        return fn(*args)
+    except PlanError:
+        raise
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+
+
+class Plan:
+    """A compiled training step. Create with `tt.compile`, or `Plan.load(path)`."""
+
+    def __init__(self, plan_bytes: bytes, params: bytes, model=None, budget_bytes: Optional[int] = None) -> None:
+        self.plan_bytes = bytes(plan_bytes)
+        self.params = bytes(params)
+        self.model = model
+        rep = _core_call(_core.plan_report, self.plan_bytes)
+        if rep["params_len"] != len(self.params):
+            raise PlanError(f"parameter blob is {len(self.params)} bytes, the plan expects {rep['params_len']}",
+                            "params_len")
+        try:
+            self.meta = json.loads(bytes(rep["meta"]).decode("utf-8")) if rep["meta"] else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise PlanError("plan metadata is not valid JSON", "meta") from None
+        self._report = rep
+        nodes = self.meta.get("nodes", [])
+        node_name = lambda i: nodes[i] if i < len(nodes) else f"node {i}"  # noqa: E731
+        timeline = [{"op": k, "node": node_name(n), "live_bytes": int(v)} for (k, n), v in zip(rep["ops"], rep["live"])]
+        peak = timeline[rep["peak_op"]] if timeline else {"op": "-", "node": "-"}
+        self.memory = MemoryReport(
+            peak_bytes=int(rep["arena_bytes"]), lower_bound_bytes=int(rep["lower_bound"]),
+            state_bytes=int(rep["state_bytes"]), breakdown={k: int(v) for k, v in rep["breakdown"].items()},
+            timeline=timeline, peak_op=f"{peak['op']} of {peak['node']}",
+            flash_bytes=len(self.params) + len(self.plan_bytes), budget_bytes=budget_bytes)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def layers(self) -> List[str]:
+        return list(self.meta.get("layers", []))
+
+    @property
+    def reorder(self) -> bool:
+        return bool(self._report["reorder"])
+
+    @property
+    def update_precision(self) -> str:
+        return {v: k for k, v in PRECISIONS.items()}[self._report["precision"]]
+
+    @property
+    def loss(self) -> str:
+        return {v: k for k, v in LOSSES.items()}[self._report["loss"]]
+
+    @property
+    def momentum_buffers(self) -> bool:
+        return bool(self._report["momentum_buffers"])
+
+    @property
+    def lr(self) -> float:
+        return float(self._report["lr"])
+
+    @property
+    def momentum(self) -> float:
+        return float(self._report["momentum"])
+
+    def __repr__(self) -> str:
+        return (f"Plan(peak {self.memory.peak_bytes / 1024:.1f} KB, {len(self.layers)} layers, "
+                f"reorder={self.reorder}, update_precision={self.update_precision!r}, loss={self.loss!r})")
+
+    # ------------------------------------------------------------------ files
+    def to_bytes(self) -> bytes:
+        return self.plan_bytes + self.params
+
+    def save(self, path: str) -> None:
+        """Write ``plan bytes + parameter blob`` atomically."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tinytrain-", suffix=".ttp.tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.to_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_bytes(cls, data: bytes, model=None) -> "Plan":
+        data = bytes(data)
+        if len(data) < _HEADER:
+            raise PlanError(f"corrupted or truncated plan: {len(data)} bytes, shorter than the {_HEADER}-byte header",
+                            "header (truncated)")
+        body_len = int.from_bytes(data[8:12], "little")
+        plan_len = _HEADER + body_len
+        if plan_len > len(data):
+            raise PlanError("corrupted or truncated plan: field body (truncated)", "body (truncated)")
+        params_len = int.from_bytes(data[16:20], "little")
+        if len(data) != plan_len + params_len:
+            _core_call(_core.plan_report, data[:plan_len])  # a corrupted header names its field first
+            raise PlanError(f"corrupted or truncated plan: field params (file has {len(data) - plan_len} bytes of "
+                            f"parameters, the plan expects {params_len})", "params")
+        plan = cls(data[:plan_len], data[plan_len:], model=model)
+        _core_call(_core.Session, plan.plan_bytes, plan.params)  # checks the blob's CRC
+        return plan
+
+    @classmethod
+    def load(cls, path: str, model=None) -> "Plan":
+        """Read a ``.ttp`` file. Pass the `QuantizedModel` it was compiled from as ``model`` to get
+        the trained model back from a `Trainer` (``tr.model``)."""
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            return cls.from_bytes(data, model=model)
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}", e.field) from None

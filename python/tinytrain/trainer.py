@@ -1,0 +1,186 @@
+"""`Trainer`: trains a `Plan` on the host with tt-core's executor (the code the MCU runs).
+
+Batch semantics: the engine updates weights in place right after each sample's gradient (the
+paper's batch-1 on-device training; that is what makes reordering save memory). ``step(X, Y)``
+with a batch therefore runs ``len(X)`` consecutive single-sample SGD steps and returns their mean
+loss; in ``fit`` the batch size only groups samples for the progress bar. ``lr`` is per sample.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import _core
+from .plan import Plan
+from .progress import progress_bar
+
+__all__ = ["Trainer"]
+
+
+class Trainer:
+    def __init__(self, plan: Plan, lr: Optional[float] = None, momentum: Optional[float] = None, qas: bool = True) -> None:
+        if not isinstance(plan, Plan):
+            raise TypeError(f"Trainer expects a tt.Plan (tt.compile / tt.Plan.load), got {type(plan).__name__}")
+        self.plan = plan
+        self._s = _core.Session(plan.plan_bytes, plan.params)
+        lr = plan.lr if lr is None else lr
+        momentum = plan.momentum if momentum is None else momentum
+        if not (np.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if momentum > 0 and not plan.momentum_buffers:
+            raise ValueError("momentum > 0 needs momentum buffers in SRAM: compile the plan with tt.compile(..., momentum=m)")
+        self._s.lr = float(lr)
+        self._s.momentum = float(momentum)
+        self._s.qas = bool(qas)
+        self.skipped_steps = 0
+        self.steps_done = 0
+        inp = plan.meta.get("input", {})
+        self._in_shape = tuple(inp.get("shape", ()))
+        self._in_scale = float(inp.get("scale", 1.0))
+        self._in_zp = int(inp.get("zero_point", 0))
+
+    # ------------------------------------------------------------------ hyper-parameters
+    @property
+    def lr(self) -> float:
+        return self._s.lr
+
+    @lr.setter
+    def lr(self, v: float) -> None:
+        self._s.lr = float(v)
+
+    @property
+    def momentum(self) -> float:
+        return self._s.momentum
+
+    @property
+    def high_water_bytes(self) -> int:
+        """Highest arena byte the executor touched so far (equals ``plan.memory.peak_bytes``)."""
+        return int(self._s.high_water)
+
+    # ------------------------------------------------------------------ data
+    def _inputs(self, x) -> np.ndarray:
+        """float32 (or int8, already quantized) NCHW / CHW -> int8 (N, H*W*C)."""
+        x = np.asarray(x)
+        if x.ndim == len(self._in_shape):
+            x = x[None]
+        if x.shape[1:] != self._in_shape:
+            raise ValueError(f"input must be (N, {', '.join(map(str, self._in_shape))}) or one sample, got {x.shape}")
+        if x.dtype != np.int8:
+            v = x.astype(np.float32) / np.float32(self._in_scale)
+            r = np.sign(v) * np.floor(np.abs(v) + 0.5)
+            x = np.clip(r + self._in_zp, -128, 127).astype(np.int8)
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1).reshape(len(x), -1))
+
+    def _run(self, xq: np.ndarray, y) -> np.ndarray:
+        if self.plan.loss == "mse":
+            t = np.asarray(y, dtype=np.float32).reshape(len(xq), -1)
+            losses = self._s.steps_mse(xq, np.ascontiguousarray(t))
+        else:
+            labels = np.asarray(y).reshape(-1)
+            if labels.shape[0] != len(xq):
+                raise ValueError(f"{len(xq)} samples but {labels.shape[0]} labels")
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+            n_out = int(np.prod(self.plan.meta.get("output", {}).get("shape", [0])))
+            if n_out and (labels.min() < 0 or labels.max() >= n_out):
+                raise ValueError(f"labels must be in [0, {n_out}), got {labels.min()}..{labels.max()}")
+            losses = self._s.steps(xq, np.ascontiguousarray(labels, dtype=np.int64))
+        bad = ~np.isfinite(losses)
+        self.skipped_steps += int(bad.sum())
+        self.steps_done += len(losses)
+        return losses
+
+    # ------------------------------------------------------------------ training
+    def step(self, x, y) -> float:
+        """One sample (C, H, W) or a batch (N, C, H, W): per-sample in-place updates; mean loss
+        over the samples whose step was applied (NaN if none)."""
+        losses = self._run(self._inputs(x), y)
+        ok = losses[np.isfinite(losses)]
+        return float(ok.mean()) if len(ok) else float("nan")
+
+    def fit(self, X, Y, epochs: int = 1, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
+            validation=None, verbose: bool = True) -> Dict[str, List[float]]:
+        """Train for ``epochs``; returns the history: per epoch mean ``loss``, training ``accuracy``
+        (cross-entropy plans; measured on the fly, before each sample's update) and, with
+        ``validation=(Xv, Yv)``, ``val_accuracy``."""
+        if epochs < 1 or batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        xq = self._inputs(X)
+        Y = np.asarray(Y)
+        if len(Y) != len(xq):
+            raise ValueError(f"{len(xq)} samples but {len(Y)} targets")
+        rng = np.random.default_rng(seed)
+        hist: Dict[str, List[float]] = {"loss": [], "accuracy": []}
+        if validation is not None:
+            hist["val_accuracy"] = []
+        ce = self.plan.loss == "cross_entropy"
+        with progress_bar("training", epochs * len(xq), enabled=verbose) as advance:
+            for ep in range(epochs):
+                order = rng.permutation(len(xq)) if shuffle else np.arange(len(xq))
+                tot, n, correct = 0.0, 0, 0
+                for s in range(0, len(order), batch_size):
+                    idx = order[s: s + batch_size]
+                    if ce:
+                        correct += int((self._predict_q(xq[idx]) == Y[idx]).sum())
+                    losses = self._run(xq[idx], Y[idx])
+                    ok = losses[np.isfinite(losses)]
+                    tot += float(ok.sum())
+                    n += len(ok)
+                    advance(len(idx), epoch=ep + 1, loss=tot / max(n, 1))
+                hist["loss"].append(tot / max(n, 1))
+                hist["accuracy"].append(correct / len(xq) if ce else float("nan"))
+                if validation is not None:
+                    hist["val_accuracy"].append(self.evaluate(*validation))
+        return hist
+
+    # ------------------------------------------------------------------ inference
+    def _predict_q(self, xq: np.ndarray) -> np.ndarray:
+        return self._s.forward(xq).argmax(axis=1)
+
+    def predict(self, X) -> np.ndarray:
+        return self._predict_q(self._inputs(X))
+
+    def evaluate(self, X, Y) -> float:
+        """Accuracy of the current weights (int8 forward by the executor)."""
+        pred = self.predict(X)
+        Y = np.asarray(Y).reshape(-1)
+        if len(Y) != len(pred):
+            raise ValueError(f"{len(pred)} samples but {len(Y)} labels")
+        return float((pred == Y).mean()) if len(Y) else float("nan")
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> bytes:
+        """The learned state (trained int8 weights, biases, precision and optimizer state)."""
+        return bytes(self._s.state())
+
+    def load_state(self, state: bytes) -> None:
+        self._s.set_state(bytes(state))
+
+    def reset(self) -> None:
+        """Back to the plan's frozen parameters."""
+        self._s.init()
+        self.skipped_steps = 0
+        self.steps_done = 0
+
+    @property
+    def model(self):
+        """The trained `QuantizedModel`: a copy of the compiled model with the current weights."""
+        if self.plan.model is None:
+            raise ValueError("this plan was loaded without its model: use tt.Plan.load(path, model=q)")
+        q = copy.deepcopy(self.plan.model)
+        for li, name in enumerate(self.plan.layers):
+            n = q.node(name)
+            wq = np.asarray(n.params["weight_q"])
+            if n.op == "conv":
+                o, i, kh, kw = wq.shape
+                w, b = self._s.read_layer(li, wq.size, o)
+                n.params["weight_q"] = w.reshape(o, kh, kw, i).transpose(0, 3, 1, 2).copy()
+            else:
+                w, b = self._s.read_layer(li, wq.size, wq.shape[0])
+                n.params["weight_q"] = w.reshape(wq.shape).copy()
+            n.params["bias_q"] = b.astype(np.int32)
+        return q
