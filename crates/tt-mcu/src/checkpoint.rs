@@ -96,7 +96,11 @@ impl<F: NorFlash> Checkpoints<F> {
         if !unit.is_power_of_two() || unit > CHUNK {
             return bad("write/read size must be a power of two of at most 256 bytes");
         }
-        if sector == 0 || F::ERASE_SIZE == 0 || sector % F::ERASE_SIZE != 0 || sector % unit != 0 {
+        if sector == 0
+            || F::ERASE_SIZE == 0
+            || !sector.is_multiple_of(F::ERASE_SIZE)
+            || !sector.is_multiple_of(unit)
+        {
             return bad(
                 "sector size must be a non-zero multiple of the erase, write and read sizes",
             );
@@ -104,7 +108,7 @@ impl<F: NorFlash> Checkpoints<F> {
         let Ok(sector) = u32::try_from(sector) else {
             return bad("sector size must fit in u32");
         };
-        if base % sector != 0 || slot_size % sector != 0 || slot_size == 0 {
+        if !base.is_multiple_of(sector) || !slot_size.is_multiple_of(sector) || slot_size == 0 {
             return bad("base and slot size must be whole sectors");
         }
         let end = base as u64 + 2 * slot_size as u64;
@@ -142,7 +146,7 @@ impl<F: NorFlash> Checkpoints<F> {
         let mut best: Option<SlotInfo> = None;
         for slot in 0..2u8 {
             if let Some(seq) = self.validate(slot, len)? {
-                if best.map_or(true, |b| newer(seq, b.seq)) {
+                if best.is_none_or(|b| newer(seq, b.seq)) {
                     best = Some(SlotInfo { slot, seq });
                 }
             }

@@ -1,5 +1,7 @@
 //! no_std runtime for Cortex-M: plan and frozen weights in flash, one arena in SRAM.
 //!
+//! - [`trainer`]: [`trainer::Trainer`], tt-core's executor over a plan and frozen weights in flash
+//!   and one arena in SRAM: `step`, `predict`, checkpoint `save` / `restore`.
 //! - [`checkpoint`]: power-loss-safe A/B checkpoint of the learned parameters through
 //!   embedded-storage's `NorFlash`.
 //! - [`source`]: where training samples come from ([`source::SampleSource`]), with a source over
@@ -8,3 +10,4 @@
 
 pub mod checkpoint;
 pub mod source;
+pub mod trainer;

@@ -1,0 +1,140 @@
+//! The on-device trainer: tt-core's executor over a plan and frozen parameters in flash and one
+//! arena in SRAM, fed by a [`SampleSource`], its learned state checkpointed through [`Checkpoints`].
+//!
+//! ```text
+//! static mut ARENA: Arena<{ ARENA_BYTES }> = Arena::new();   // size from the exported plan
+//! let mut t = Trainer::new(PLAN, PARAMS, arena)?;            // checks plan, blob, arena size
+//! t.restore(&mut store)?;                                    // newest checkpoint, if any
+//! let loss = t.step(&x, label)?;
+//! let class = t.predict(&x)?;
+//! t.save(&mut store)?;                                       // power-loss safe
+//! ```
+use embedded_storage::nor_flash::NorFlash;
+use tt_core::crc::crc32;
+use tt_core::exec::{Executor, Target};
+use tt_core::plan::{PlanView, HEADER_LEN};
+use tt_core::Error;
+
+use crate::checkpoint::{CheckpointError, Checkpoints};
+use crate::source::SampleSource;
+
+/// SRAM for the executor, 4-byte aligned as it requires. `N` comes from the plan
+/// (`arena_bytes`), written by the export next to the plan, so a static of this type is the
+/// whole training memory and the linker checks it fits.
+#[repr(C, align(4))]
+pub struct Arena<const N: usize>(pub [u8; N]);
+
+impl<const N: usize> Arena<N> {
+    pub const fn new() -> Self {
+        Arena([0; N])
+    }
+}
+
+impl<const N: usize> Default for Arena<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A failure of [`Trainer::step_from`]: the core (bad sample size, diverged step, ...) or the
+/// sample source (sensor error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainError<E> {
+    Core(Error),
+    Source(E),
+}
+
+pub struct Trainer<'p, 'a> {
+    ex: Executor<'p, 'a>,
+    tag: u32,
+}
+
+/// The identity of a plan for checkpoints: the CRC of its header, which holds the CRCs of the
+/// plan body and of the parameter blob and the state size, so a checkpoint never restores into
+/// another plan or another set of frozen weights.
+pub fn plan_tag(plan: &[u8]) -> Result<u32, Error> {
+    let header = plan.get(..HEADER_LEN).ok_or(Error::CorruptPlan {
+        field: "header (plan shorter than its header)",
+    })?;
+    Ok(crc32(header))
+}
+
+impl<'p, 'a> Trainer<'p, 'a> {
+    /// Validates the plan (CRC, every record), the parameter blob (length, CRC) and the arena
+    /// (alignment, size: `Error::OutOfMemory` names the bytes needed), then loads the initial
+    /// learned state from the blob.
+    pub fn new(plan: &'p [u8], params: &'p [u8], arena: &'a mut [u8]) -> Result<Self, Error> {
+        let tag = plan_tag(plan)?;
+        let mut ex = Executor::new(plan, params, arena)?;
+        ex.init()?;
+        Ok(Trainer { ex, tag })
+    }
+
+    /// Arena bytes the plan needs (what [`Arena`] must hold), without building a trainer.
+    pub fn arena_bytes(plan: &[u8]) -> Result<usize, Error> {
+        Ok(PlanView::parse(plan)?.arena_bytes)
+    }
+
+    pub fn plan(&self) -> &PlanView<'p> {
+        self.ex.plan()
+    }
+
+    /// Int8 elements of one input sample.
+    pub fn input_len(&self) -> Result<usize, Error> {
+        let pv = self.ex.plan();
+        Ok(pv.tensor(pv.globals.input as usize)?.numel())
+    }
+
+    pub fn tag(&self) -> u32 {
+        self.tag
+    }
+
+    /// The executor, for what this wrapper does not cover (learning rate, high water, ...).
+    pub fn executor(&mut self) -> &mut Executor<'p, 'a> {
+        &mut self.ex
+    }
+
+    /// One training step on a labelled sample; returns the loss before the update.
+    pub fn step(&mut self, input: &[i8], label: u32) -> Result<f32, Error> {
+        self.ex.step(input, Target::Class(label as usize))
+    }
+
+    pub fn predict(&mut self, input: &[i8]) -> Result<usize, Error> {
+        self.ex.predict(input)
+    }
+
+    /// Reads the next sample from `source` into `buf` and trains on it if it carries a label
+    /// (`Ok(Some(loss))`); an unlabelled sample is only predicted on and gives `Ok(None)`.
+    pub fn step_from<S: SampleSource>(
+        &mut self,
+        source: &mut S,
+        buf: &mut [i8],
+    ) -> Result<Option<f32>, TrainError<S::Error>> {
+        match source.next_sample(buf).map_err(TrainError::Source)? {
+            Some(label) => self.step(buf, label).map(Some).map_err(TrainError::Core),
+            None => self.predict(buf).map(|_| None).map_err(TrainError::Core),
+        }
+    }
+
+    /// The learned state (updated weights, biases, update-precision state, PRNG).
+    pub fn state(&self) -> &[u8] {
+        self.ex.state()
+    }
+
+    /// Writes the learned state as a new checkpoint; returns its sequence number.
+    pub fn save<F: NorFlash>(
+        &self,
+        store: &mut Checkpoints<F>,
+    ) -> Result<u32, CheckpointError<F::Error>> {
+        store.save(&[self.ex.state()])
+    }
+
+    /// Replaces the learned state with the newest valid checkpoint of this plan, if there is
+    /// one (returns its sequence number); otherwise the state is left as it was.
+    pub fn restore<F: NorFlash>(
+        &mut self,
+        store: &mut Checkpoints<F>,
+    ) -> Result<Option<u32>, CheckpointError<F::Error>> {
+        store.load(&mut [self.ex.state_mut()])
+    }
+}
