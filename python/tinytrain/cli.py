@@ -78,7 +78,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     x, y = load_data(args.data)
     result = search(q, x, y, budget=args.budget, population=args.population, generations=args.generations,
                     seed=args.seed, workers=args.workers, epochs=args.epochs, lr=args.lr)
-    result.scheme.save(args.output)
+    from .fileio import write_atomic
+
+    write_atomic(args.output, result.scheme.to_json())
     if args.plot:
         result.plot(args.plot)
     summary = {"scheme": args.output, "peak_bytes": result.peak_bytes, "budget_bytes": result.budget_bytes,

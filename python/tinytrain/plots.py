@@ -5,8 +5,10 @@ ImportError that says so, and the CLI reports plots as skipped.
 """
 from __future__ import annotations
 
-import os
+import io
 from typing import Dict, List, Sequence
+
+from .fileio import write_atomic
 
 
 def _pyplot():
@@ -21,11 +23,9 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return write_atomic(path, buf.getvalue())
 
 
 def search_plot(result, path: str) -> str:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -28,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .fileio import write_atomic
 from .units import parse_bytes
 
 CACHE_FORMAT = 1
@@ -117,7 +117,7 @@ def _finetune_accuracy(job) -> float:
     xtr, ytr, xva, yva = data
     plan = compile_plan(q, scheme, budget=None)
     trainer = Trainer(plan, lr=settings.lr, momentum=0.0)
-    trainer.fit(xtr, ytr, epochs=settings.epochs, batch_size=settings.batch_size, progress=False)
+    trainer.fit(xtr, ytr, epochs=settings.epochs, batch_size=settings.batch_size, verbose=False)
     return float(trainer.evaluate(xva, yva))
 
 
@@ -205,18 +205,8 @@ def _load_cache(path: str, key: str) -> Optional[dict]:
 
 
 def _store_cache(path: str, key: str, body: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    doc = {"format": CACHE_FORMAT, "key": key, "sha256": digest, "body": body}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".contrib-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps({"format": CACHE_FORMAT, "key": key, "sha256": digest, "body": body}))
 
 
 # --------------------------------------------------------------------------- analysis
@@ -448,10 +438,8 @@ def search(
     minimum = evaluator.peak((0, (0,) * (len(layers) - 1)))
     if minimum > budget_bytes:
         raise MemoryBudgetError(
-            f"no scheme fits {budget_bytes} bytes: even updating only the classifier needs "
-            f"{minimum} bytes (short by {minimum - budget_bytes})",
-            needed_bytes=minimum,
-            budget_bytes=budget_bytes,
+            minimum, budget_bytes,
+            f"no scheme fits: even updating only the classifier needs it (short by {minimum - budget_bytes} bytes)",
         )
     settings = FineTuneSettings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction)
     contrib = contribution_analysis(q, X, Y, ratios, settings, seed, workers, cache_dir)
