@@ -106,7 +106,7 @@ impl<const W: usize, const R: usize, const E: usize> ReadNorFlash for SimFlash<W
             return Err(SimError::PowerLost);
         }
         let o = offset as usize;
-        if o % R != 0 || bytes.len() % R != 0 {
+        if !o.is_multiple_of(R) || !bytes.len().is_multiple_of(R) {
             return Err(SimError::NotAligned);
         }
         let src = self
@@ -155,7 +155,7 @@ impl<const W: usize, const R: usize, const E: usize> NorFlash for SimFlash<W, R,
 
     fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
         let o = offset as usize;
-        if o % W != 0 || bytes.len() % W != 0 {
+        if !o.is_multiple_of(W) || !bytes.len().is_multiple_of(W) {
             return Err(SimError::NotAligned);
         }
         if o + bytes.len() > self.mem.len() {

@@ -62,7 +62,7 @@ impl I2c<SevenBitAddress> for MockLis3dh {
                 Operation::Read(r) => match sub & 0x7F {
                     0x27 => {
                         self.polls += 1;
-                        r[0] = if !self.stuck && self.polls % 2 == 0 {
+                        r[0] = if !self.stuck && self.polls.is_multiple_of(2) {
                             0x08
                         } else {
                             0
