@@ -202,3 +202,20 @@ def test_demo_model_imports_with_softmax_tail():
     assert (reference.forward(g, x).argmax(1) == y).mean() > 0.95
     xt, yt = tt.datasets.digits("target", "test")
     assert (reference.forward(g, xt).argmax(1) == yt).mean() < 0.1  # never saw 5-9
+
+
+def test_pytorch_style_dynamic_flatten_is_folded():
+    """x.view(x.size(0), -1) exports as Shape -> Gather -> Unsqueeze -> Concat -> Reshape; the shape
+    arithmetic runs once at import (the batch stays free)."""
+    inits, nodes = [], []
+    nodes.append(helper.make_node("Conv", ["x", const("w", conv_w(4, 2, 3), inits)], ["c"], pads=[1, 1, 1, 1]))
+    nodes.append(helper.make_node("Shape", ["c"], ["s"]))
+    nodes.append(helper.make_node("Gather", ["s", const("i0", np.array(0, np.int64), inits)], ["n"], axis=0))
+    nodes.append(helper.make_node("Unsqueeze", ["n", const("ax0", np.array([0], np.int64), inits)], ["n1"]))
+    nodes.append(helper.make_node("Concat", ["n1", const("m1", np.array([-1], np.int64), inits)], ["shape"], axis=0))
+    nodes.append(helper.make_node("Reshape", ["c", "shape"], ["f"]))
+    nodes.append(helper.make_node("Gemm", ["f", const("fw", RNG.normal(0, .2, (3, 4 * 5 * 5)).astype(np.float32), inits)],
+                                  ["y"], transB=1))
+    m = make(nodes, inits, (2, 5, 5), "y", 13, ["N", 3])
+    g = assert_matches_ort(m, RNG.normal(0, 1, (3, 2, 5, 5)).astype(np.float32))
+    assert [n.op for n in g.nodes] == ["conv", "fc"]
