@@ -72,7 +72,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from .fileio import load_data, load_model
-    from .search import search
+    from .sparse_search import search
 
     q = load_model(args.model, args.calib)
     x, y = load_data(args.data)
