@@ -57,22 +57,35 @@ class _Ranges:
         self.method, self.percentile = method, percentile
         self.lo: Dict[str, float] = {}
         self.hi: Dict[str, float] = {}
-        self.samples: Dict[str, list] = {}
+        self.samples: Dict[str, Tuple[np.ndarray, int]] = {}
         self.rng = np.random.default_rng(seed)
 
     def add(self, name: str, v: np.ndarray) -> None:
         self.lo[name] = min(self.lo.get(name, np.inf), float(v.min()))
         self.hi[name] = max(self.hi.get(name, -np.inf), float(v.max()))
         if self.method == "percentile":
-            flat = v.reshape(-1)
-            if flat.size > 200_000:
-                flat = flat[self.rng.integers(0, flat.size, 200_000)]
-            self.samples.setdefault(name, []).append(flat)
+            self._sample(name, v.reshape(-1))
+
+    def _sample(self, name: str, flat: np.ndarray, cap: int = 300_000) -> None:
+        """A bounded random sample of everything seen for `name`, each value equally likely,
+        so memory stays flat however large the calibration set is."""
+        n = flat.size
+        if n > cap:
+            flat = flat[self.rng.integers(0, n, cap)]
+        res, seen = self.samples.get(name, (None, 0))
+        if res is None:
+            self.samples[name] = (flat, n)
+            return
+        merged = np.concatenate([res, flat])
+        if merged.size > cap:
+            w = np.concatenate([np.full(res.size, seen / res.size), np.full(flat.size, n / flat.size)])
+            merged = merged[self.rng.choice(merged.size, cap, p=w / w.sum())]
+        self.samples[name] = (merged, seen + n)
 
     def range(self, name: str) -> Tuple[float, float]:
         if self.method == "minmax":
             return self.lo[name], self.hi[name]
-        flat = np.concatenate(self.samples[name])
+        flat = self.samples[name][0]
         return (float(np.percentile(flat, 100.0 - self.percentile)), float(np.percentile(flat, self.percentile)))
 
 
