@@ -11,7 +11,8 @@ from typing import List, Optional
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    return demo.run(json_output=args.json, out_dir=args.out)
+    return demo.run(json_output=args.json, out_dir=args.out, budget=args.budget, epochs=args.epochs,
+                    workers=args.workers, peers=not args.no_peers)
 
 
 def _print_json(obj) -> None:
@@ -93,6 +94,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from .engine import cli_memory
+
+    return cli_memory(args)
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from .engine import cli_compile
+
+    return cli_compile(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinytrain", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -101,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="import, quantize, search, compile under 256 KB, train, report")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--out", default="tinytrain-demo", help="folder for plots and artifacts")
+    p.add_argument("--budget", default="256KB", help="SRAM budget of the training step")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--workers", type=int, default=None, help="parallel fine-tunes in the search (default: all cores)")
+    p.add_argument("--no-peers", action="store_true", help="skip the PyTorch comparison")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("inspect", help="layers, parameters, MACs, and ops that are not supported (and why)")
@@ -132,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the search plot (PNG) here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_search)
+
+    from .engine import add_cli_options
+
+    p = sub.add_parser("memory", help="peak SRAM of training a model under a scheme, and where it goes")
+    add_cli_options(p)
+    p.set_defaults(func=_cmd_memory)
+
+    p = sub.add_parser("compile", help="compile training under a scheme and budget into a plan file")
+    add_cli_options(p)
+    p.add_argument("-o", "--output", required=True, help="plan file to write (.ttp)")
+    p.set_defaults(func=_cmd_compile)
     return parser
 
 

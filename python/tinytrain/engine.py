@@ -119,6 +119,9 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         if r is None:
             per_node.append((False, 0.0, 0))
         else:
+            if r["axis"] == "input" and r["ratio"] > 0 and n.op == "conv" and int(n.attrs.get("groups", 1)) > 1:
+                raise ValueError(f"layer {n.name!r}: an input-channel selection needs an ungrouped conv "
+                                 f"(this one has groups={n.attrs.get('groups')}); use channel_axis 'output'")
             per_node.append((bool(r["bias"]), float(r["ratio"]), 1 if r["axis"] == "input" else 0))
     tensors, nodes, inp, out, tnames = lower(q)
     t_in = q.tensors[q.input]
@@ -138,3 +141,76 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         raise MemoryBudgetError(plan.memory.peak_bytes, budget_bytes,
                                 f"the peak is reached at {plan.memory.peak_op}")
     return plan
+
+
+# ---------------------------------------------------------------------- command line
+def scheme_from_arg(q, spec: str) -> Scheme:
+    """``full`` | ``bias`` | ``last:K`` | ``paper`` | a scheme JSON file."""
+    from . import schemes
+
+    if spec == "full":
+        return schemes.full(q)
+    if spec in ("bias", "bias_only"):
+        return schemes.bias_only(q)
+    if spec in ("paper", "paper_sparse"):
+        return schemes.paper_sparse(q)
+    if spec.startswith("last:"):
+        try:
+            k = int(spec[5:])
+        except ValueError:
+            raise ValueError(f"--scheme last:K needs an integer K, got {spec!r}") from None
+        return schemes.last_layers(q, k)
+    if spec.endswith(".json"):
+        return Scheme.load(spec)
+    raise ValueError(f"--scheme must be full, bias, last:K, paper or a .json file, got {spec!r}")
+
+
+def add_cli_options(p) -> None:
+    p.add_argument("model", help="ONNX file (float models are quantized with --calib or synthetic data)")
+    p.add_argument("--scheme", default="paper", help="full | bias | last:K | paper | FILE.json (default: paper)")
+    p.add_argument("--no-reorder", action="store_true", help="apply all updates after the backward pass")
+    p.add_argument("--budget", default=None, help="SRAM budget, e.g. 256KB")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="stochastic", help="update precision")
+    p.add_argument("--loss", choices=list(LOSSES), default="cross_entropy")
+    p.add_argument("--calib", help="calibration data for a float model (.npz with X, or .npy)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _cli_plan(args, budget_check: bool) -> Tuple[object, Plan]:
+    from .fileio import load_model
+
+    q = load_model(args.model, args.calib)
+    s = scheme_from_arg(q, args.scheme)
+    plan = compile(q, s, budget=None, reorder=not args.no_reorder, update_precision=args.precision, loss=args.loss)
+    if args.budget is not None:
+        plan.memory.budget_bytes = parse_bytes(args.budget)
+    if budget_check and plan.memory.fits is False:
+        raise MemoryBudgetError(plan.memory.peak_bytes, plan.memory.budget_bytes,
+                                f"the peak is reached at {plan.memory.peak_op}")
+    return q, plan
+
+
+def cli_memory(args) -> int:
+    _, plan = _cli_plan(args, budget_check=False)
+    if args.json:
+        d = plan.memory.to_dict()
+        d.update({"model": args.model, "scheme": args.scheme, "reorder": not args.no_reorder})
+        print(json.dumps(d))
+    else:
+        print(f"{args.model}  scheme {args.scheme}  reorder {not args.no_reorder}")
+        print(plan.memory.table())
+    return 0 if plan.memory.fits is not False else 2
+
+
+def cli_compile(args) -> int:
+    _, plan = _cli_plan(args, budget_check=True)
+    plan.save(args.output)
+    if args.json:
+        d = plan.memory.to_dict()
+        d.update({"model": args.model, "scheme": args.scheme, "output": args.output,
+                  "plan_bytes": len(plan.plan_bytes), "params_bytes": len(plan.params)})
+        print(json.dumps(d))
+    else:
+        print(f"wrote {args.output}: plan {len(plan.plan_bytes)} B + frozen parameters {len(plan.params)} B; "
+              f"peak SRAM {plan.memory.peak_bytes / 1024:.1f} KB")
+    return 0
