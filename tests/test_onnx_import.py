@@ -57,8 +57,12 @@ def test_zoo_resolution_and_classes():
     g = tt.load_onnx(m)
     assert g.tensors[g.input].shape == (3, 96, 96)
     assert g.tensors[g.output].shape == (7, 1, 1)
-    with pytest.raises(ValueError):
-        tt.models.mcunet_5fps(resolution=100)
+    g = tt.load_onnx(tt.models.proxylessnas(width=0.3, resolution=176, num_classes=3))
+    assert g.tensors[g.input].shape == (3, 176, 176)
+    with pytest.raises(ValueError, match="resolution"):
+        tt.models.mcunet_5fps(resolution=16)
+    with pytest.raises(ValueError, match="num_classes"):
+        tt.models.mobilenetv2(num_classes=0)
 
 
 # ---------------------------------------------------------------- hand-built models

@@ -60,8 +60,8 @@ _MBV2 = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 
 
 
 def _check(resolution: int, num_classes: int) -> None:
-    if resolution < 32 or resolution % 32:
-        raise ValueError(f"resolution must be a positive multiple of 32, got {resolution}")
+    if int(resolution) != resolution or resolution < 32:
+        raise ValueError(f"resolution must be an integer >= 32 (the networks downsample 32x), got {resolution}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
 
