@@ -13,6 +13,7 @@ from .schemes import Scheme
 from .plan import MemoryReport, Plan
 from .engine import compile
 from .trainer import Trainer
+from .sparse_search import SearchResult, search
 
 __version__ = _core.__version__
 
@@ -20,3 +21,4 @@ __all__ = ["Graph", "Node", "Tensor", "__version__"]
 __all__ += ["TinytrainError", "ModelFormatError", "UnsupportedOperatorError", "QuantizationError", "models"]
 __all__ += ["QuantizedModel", "load_onnx", "quantize", "datasets", "reference"]
 __all__ += ["Scheme", "schemes", "compile", "Plan", "MemoryReport", "Trainer", "MemoryBudgetError", "PlanError"]
+__all__ += ["search", "SearchResult"]

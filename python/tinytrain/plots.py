@@ -50,15 +50,16 @@ def search_plot(result, path: str) -> str:
 
 
 def memory_timeline_plot(timeline: Sequence[Dict[str, object]], path: str, budget_bytes: int,
-                         title: str = "Arena use per op") -> str:
+                         arena_bytes: int, title: str = "Arena use per op") -> str:
     plt = _pyplot()
     live = [int(step["live_bytes"]) / 1024 for step in timeline]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     ax.fill_between(range(len(live)), live, step="mid", alpha=0.5)
     ax.plot(range(len(live)), live, drawstyle="steps-mid")
     ax.axhline(budget_bytes / 1024, color="C3", linestyle="--", label=f"{budget_bytes / 1024:.0f} KB budget")
+    ax.axhline(arena_bytes / 1024, color="C1", linestyle=":", label=f"arena {arena_bytes / 1024:.1f} KB (planned peak)")
     peak = max(live) if live else 0
-    ax.set_title(f"{title} (peak {peak:.1f} KB)")
+    ax.set_title(f"{title}: at most {peak:.1f} KB live")
     ax.set_xlabel("op index in the training plan")
     ax.set_ylabel("live bytes (KB)")
     ax.legend(fontsize=8)

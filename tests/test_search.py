@@ -1,0 +1,82 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+import tinytrain as tt
+from tinytrain import sparse_search as search_mod
+
+
+@pytest.fixture(scope="module")
+def demo_q():
+    g = tt.load_onnx(tt.models.demo())
+    x, _ = tt.datasets.digits("source", "train")
+    return tt.quantize(g, x[:64])
+
+
+@pytest.fixture(scope="module")
+def target_data():
+    x, y = tt.datasets.digits("target", "train")
+    return x[:90], y[:90]
+
+
+SMALL = dict(population=12, generations=4, epochs=1, workers=1, ratios=(0.25, 1.0))
+
+
+def test_search_fits_budget_and_reports_exact_peak(demo_q, target_data, tmp_path):
+    x, y = target_data
+    result = tt.search(demo_q, x, y, budget="256KB", seed=0, cache_dir=str(tmp_path), **SMALL)
+    assert result.peak_bytes <= 256 * 1024
+    plan = tt.compile(demo_q, result.scheme, budget="256KB")
+    assert plan.memory.peak_bytes == result.peak_bytes
+    assert result.score == pytest.approx(max(s for p, s in result.pareto if p <= result.budget_bytes))
+    rows = result.contributions
+    assert [r["layer"] for r in rows] == demo_q.layers
+    for r in rows[:-1]:
+        assert set(r["weight_gain"]) == {0.25, 1.0}
+        assert all(isinstance(c, int) for c in r["weight_cost_bytes"].values())
+    # the Pareto front is increasing in both memory and score
+    peaks = [p for p, _ in result.pareto]
+    scores = [s for _, s in result.pareto]
+    assert peaks == sorted(peaks) and scores == sorted(scores)
+
+
+def test_search_is_deterministic_and_cached(demo_q, target_data, tmp_path, monkeypatch):
+    x, y = target_data
+    first = tt.search(demo_q, x, y, budget="256KB", seed=3, cache_dir=str(tmp_path), **SMALL)
+
+    def no_finetune(job):
+        raise AssertionError("the second search must reuse the cached contributions")
+
+    monkeypatch.setattr(search_mod, "_finetune_accuracy", no_finetune)
+    again = tt.search(demo_q, x, y, budget="256KB", seed=3, cache_dir=str(tmp_path), **SMALL)
+    assert again.scheme == first.scheme and again.score == first.score
+    smaller = tt.search(demo_q, x, y, budget=first.peak_bytes - 1, seed=3, cache_dir=str(tmp_path), **SMALL)
+    assert smaller.peak_bytes < first.peak_bytes
+
+
+def test_corrupted_cache_is_recomputed_with_a_warning(demo_q, target_data, tmp_path):
+    x, y = target_data
+    tt.search(demo_q, x[:40], y[:40], budget="256KB", seed=1, cache_dir=str(tmp_path), **SMALL)
+    (cache,) = [p for p in os.listdir(tmp_path) if p.startswith("contrib-")]
+    path = tmp_path / cache
+    doc = json.loads(path.read_text())
+    doc["body"]["baseline"] = 0.123  # tampered: checksum no longer matches
+    path.write_text(json.dumps(doc))
+    with pytest.warns(RuntimeWarning, match="ignoring contribution cache"):
+        tt.search(demo_q, x[:40], y[:40], budget="256KB", seed=1, cache_dir=str(tmp_path), **SMALL)
+    assert json.loads(path.read_text())["body"]["baseline"] != 0.123
+
+
+def test_infeasible_budget_names_the_minimum(demo_q, target_data, tmp_path):
+    x, y = target_data
+    with pytest.raises(tt.MemoryBudgetError) as info:
+        tt.search(demo_q, x, y, budget=1024, cache_dir=str(tmp_path), **SMALL)
+    assert info.value.needed > 1024 and info.value.budget == 1024
+    assert str(info.value.needed) in str(info.value)
+
+
+def test_pareto_front_keeps_only_improvements():
+    pts = [(100, 1.0), (50, 0.5), (200, 0.9), (150, 2.0), (150, 1.5)]
+    assert search_mod._pareto(pts) == [(50, 0.5), (100, 1.0), (150, 2.0)]
