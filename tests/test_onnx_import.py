@@ -223,3 +223,47 @@ def test_pytorch_style_dynamic_flatten_is_folded():
     m = make(nodes, inits, (2, 5, 5), "y", 13, ["N", 3])
     g = assert_matches_ort(m, RNG.normal(0, 1, (3, 2, 5, 5)).astype(np.float32))
     assert [n.op for n in g.nodes] == ["conv", "fc"]
+
+
+def random_geometry_model(seed):
+    """Conv with random kernel, strides, explicit / SAME_UPPER / SAME_LOWER / VALID padding and
+    groups, then Max/AveragePool with padding and maybe ceil_mode. Returns (model, (C, H, W)) or
+    None when onnxruntime rejects the geometry."""
+    rng = np.random.default_rng(100 + seed)
+    c = int(rng.choice([2, 4, 6]))
+    h, w = int(rng.integers(5, 13)), int(rng.integers(5, 13))
+    k = (int(rng.integers(1, 6)), int(rng.integers(1, 6)))
+    s = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+    groups = int(rng.choice([g for g in (1, 2, c) if c % g == 0]))
+    cout = groups * int(rng.integers(1, 4))
+    auto = str(rng.choice(["NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+    kw = {"kernel_shape": list(k), "strides": list(s), "group": groups}
+    if auto == "NOTSET":
+        kw["pads"] = [int(rng.integers(0, k[0])), int(rng.integers(0, k[1])), int(rng.integers(0, k[0])),
+                      int(rng.integers(0, k[1]))]
+    else:
+        kw["auto_pad"] = auto
+    inits, nodes = [], []
+    wgt = RNG.normal(0, 0.5, (cout, c // groups, *k)).astype(np.float32)
+    nodes.append(helper.make_node("Conv", ["x", const("w", wgt, inits), const("b", RNG.normal(0, .1, cout).astype(np.float32),
+                                                                          inits)], ["c"], **kw))
+    pool = str(rng.choice(["MaxPool", "AveragePool"]))
+    pk = int(rng.integers(2, 4))
+    nodes.append(helper.make_node(pool, ["c"], ["y"], kernel_shape=[pk, pk], strides=[2, 2], pads=[1, 1, 0, 0] if pk > 1 else [0, 0, 0, 0],
+                                  ceil_mode=int(rng.integers(0, 2))))
+    m = make(nodes, inits, (c, h, w), "y", 13, ["N", cout, "oh", "ow"])
+    try:
+        run_ort(m, np.zeros((1, c, h, w), np.float32))
+    except Exception:
+        return None
+    return m, (c, h, w)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_conv_pool_geometry(seed):
+    """The imported float graph equals onnxruntime on random conv/pool geometries."""
+    made = random_geometry_model(seed)
+    if made is None:
+        pytest.skip("onnxruntime rejects this geometry (output would be empty)")
+    m, shape = made
+    assert_matches_ort(m, RNG.normal(0, 1, (2, *shape)).astype(np.float32))

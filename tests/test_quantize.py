@@ -154,3 +154,24 @@ def test_many_ops_model_int8(tmp_path):
     step = q.tensors[q.output].scale
     assert (np.abs(logits - lq) <= step * 1.001).mean() >= 0.99
     assert (logits.argmax(1) == lq.argmax(1)).mean() >= 0.99
+
+
+@pytest.mark.parametrize("seed", range(0, 24, 2))
+def test_random_geometry_int8_matches_export(seed, tmp_path):
+    """tt-core's int8 conv/pool on the importer's geometry (pads, strides, groups, ceil_mode) equals
+    onnxruntime on the QDQ export within one quantization step."""
+    from test_onnx_import import random_geometry_model
+
+    made = random_geometry_model(seed)
+    if made is None:
+        pytest.skip("onnxruntime rejects this geometry")
+    m, shape = made
+    g = tt.load_onnx(m)
+    x = np.random.default_rng(seed).normal(0, 1, (8, *shape)).astype(np.float32)
+    q = tt.quantize(g, x)
+    lq = q.forward(x)
+    (lo,) = ort_logits(q, x, tmp_path)
+    # forward gives (N, C) for a 1x1 output map, the export keeps ONNX's (N, C, 1, 1)
+    lo = lo.reshape(lq.shape)
+    step = q.tensors[q.output].scale
+    assert np.abs(lo - lq).max() <= step * 1.001
