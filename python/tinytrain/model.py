@@ -37,8 +37,6 @@ def layer_stats(g: Graph) -> List[Dict[str, object]]:
             w = n.params["weight"] if "weight" in n.params else n.params["weight_q"]
             params = int(w.size + w.shape[0])
             macs = int(w.size * (out[1] * out[2] if n.op == "conv" else 1))
-        elif n.op in ("add", "global_avgpool", "avgpool", "maxpool"):
-            macs = 0
         rows.append({"name": n.name, "op": n.op, "inputs": [g.tensors[i].shape for i in n.inputs], "output": out,
                      "params": params, "macs": macs, "act": n.attrs.get("act", "")})
     return rows
