@@ -43,6 +43,9 @@ def test_onnxruntime_quantized_demo(tmp_path, calib, fmt, per_channel, act_type)
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     wq = q.node("conv_0").params["weight_q"]
     assert any(v.dtype == np.int8 and v.shape == wq.shape and np.array_equal(v, wq) for v in inits.values())
+    for name in ("conv_0", "fc_0"):
+        bq = q.node(name).params["bias_q"]
+        assert any(v.dtype == np.int32 and np.array_equal(v.reshape(-1), bq) for v in inits.values()), name
     # and its input quantization (uint8 zero points shift by 128 to int8, exactly)
     scales = [v for k, v in inits.items() if v.dtype == np.float32 and v.size == 1]
     assert any(abs(float(s) - q.tensors[q.input].scale) < 1e-9 for s in scales)
