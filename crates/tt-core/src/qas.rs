@@ -46,10 +46,16 @@ pub struct XorShift32 {
 }
 
 impl XorShift32 {
-    /// Any seed is accepted; 0 (a fixed point of xorshift) is mapped to a fixed non-zero state.
+    /// Any seed is accepted. The seed is first scrambled (murmur3's 32-bit finalizer) so that
+    /// nearby seeds (1, 2, 3, ...) do not start with nearly identical, tiny draws, which plain
+    /// xorshift does; 0, a fixed point of xorshift, maps to a fixed non-zero state.
     pub fn new(seed: u32) -> XorShift32 {
+        let mut z = seed.wrapping_add(0x9E37_79B9);
+        z = (z ^ (z >> 16)).wrapping_mul(0x85EB_CA6B);
+        z = (z ^ (z >> 13)).wrapping_mul(0xC2B2_AE35);
+        z ^= z >> 16;
         XorShift32 {
-            state: if seed == 0 { 0x9E37_79B9 } else { seed },
+            state: if z == 0 { 0x9E37_79B9 } else { z },
         }
     }
 

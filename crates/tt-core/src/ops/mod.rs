@@ -51,6 +51,10 @@ impl ChannelSelection {
 
     /// Validates the selection against a weight shape.
     pub fn check(&self, w: &WeightShape) -> Result<()> {
+        dims(
+            &[w.out_c, w.taps, w.in_per_group],
+            "weight shape: size overflows",
+        )?;
         match self.axis {
             ChannelAxis::Output if self.count <= w.out_c => Ok(()),
             ChannelAxis::Output => Err(Error::InvalidParameter {
@@ -66,12 +70,14 @@ impl ChannelSelection {
         }
     }
 
-    /// Number of weights selected (the length of the matching gradient buffer).
+    /// Number of weights selected (the length of the matching gradient buffer). Saturates
+    /// instead of overflowing, so an absurd shape can never match a real buffer.
     pub fn selected_len(&self, w: &WeightShape) -> usize {
-        match self.axis {
-            ChannelAxis::Output => self.count * w.taps * w.in_per_group,
-            ChannelAxis::Input => w.out_c * w.taps * self.count,
-        }
+        let (a, b) = match self.axis {
+            ChannelAxis::Output => (self.count, w.in_per_group),
+            ChannelAxis::Input => (w.out_c, self.count),
+        };
+        a.saturating_mul(w.taps).saturating_mul(b)
     }
 
     /// Output channels whose rows are (partly) selected.
@@ -111,8 +117,11 @@ pub struct WeightShape {
 }
 
 impl WeightShape {
+    /// Number of weights (saturating, so an absurd shape never matches a real buffer).
     pub fn len(&self) -> usize {
-        self.out_c * self.taps * self.in_per_group
+        self.out_c
+            .saturating_mul(self.taps)
+            .saturating_mul(self.in_per_group)
     }
 
     pub fn is_empty(&self) -> bool {

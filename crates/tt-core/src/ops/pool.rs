@@ -70,10 +70,17 @@ impl Pool2dGeom {
         {
             return invalid("pool: padding must be smaller than the kernel");
         }
-        if self.in_h + self.pad_top + self.pad_bottom < self.kh
-            || self.in_w + self.pad_left + self.pad_right < self.kw
-        {
-            return invalid("pool: kernel larger than padded input");
+        let ph = self
+            .pad_top
+            .checked_add(self.pad_bottom)
+            .and_then(|p| p.checked_add(self.in_h));
+        let pw = self
+            .pad_left
+            .checked_add(self.pad_right)
+            .and_then(|p| p.checked_add(self.in_w));
+        match (ph, pw) {
+            (Some(ph), Some(pw)) if ph >= self.kh && pw >= self.kw => {}
+            _ => return invalid("pool: kernel larger than padded input"),
         }
         super::dims(&[self.in_h, self.in_w, self.c], "pool: size overflows")?;
         Ok(())
@@ -125,7 +132,8 @@ pub fn global_avgpool_forward(
             what: "global_avgpool: empty input or more than 2^23 pixels",
         });
     }
-    check_len("global_avgpool_forward: input", hw * c, input.len())?;
+    let n = super::dims(&[hw, c], "global_avgpool: size overflows")?;
+    check_len("global_avgpool_forward: input", n, input.len())?;
     check_len("global_avgpool_forward: output", c, output.len())?;
     QParams::new(in_q.scale, in_q.zero_point)?;
     QParams::new(out_q.scale, out_q.zero_point)?;
@@ -155,7 +163,8 @@ pub fn global_avgpool_backward(
         });
     }
     check_len("global_avgpool_backward: grad_out", c, grad_out.len())?;
-    check_len("global_avgpool_backward: grad_in", hw * c, grad_in.len())?;
+    let n = super::dims(&[hw, c], "global_avgpool: size overflows")?;
+    check_len("global_avgpool_backward: grad_in", n, grad_in.len())?;
     let inv = 1.0 / hw as f32;
     for px in grad_in.chunks_exact_mut(c) {
         for (d, &g) in px.iter_mut().zip(grad_out) {
