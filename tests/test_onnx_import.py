@@ -71,15 +71,15 @@ def const(name, arr, inits):
     return name
 
 
-def conv_w(cout, cin, k):
-    return RNG.normal(0, np.sqrt(2 / (cin * k * k)), (cout, cin, k, k)).astype(np.float32)
+def conv_w(cout, cin, k, rng=RNG):
+    return rng.normal(0, np.sqrt(2 / (cin * k * k)), (cout, cin, k, k)).astype(np.float32)
 
 
-def bn_params(prefix, c, inits):
-    return [const(prefix + ".s", RNG.uniform(0.5, 1.5, c).astype(np.float32), inits),
-            const(prefix + ".b", RNG.normal(0, 0.2, c).astype(np.float32), inits),
-            const(prefix + ".m", RNG.normal(0, 0.2, c).astype(np.float32), inits),
-            const(prefix + ".v", RNG.uniform(0.5, 1.5, c).astype(np.float32), inits)]
+def bn_params(prefix, c, inits, rng=RNG):
+    return [const(prefix + ".s", rng.uniform(0.5, 1.5, c).astype(np.float32), inits),
+            const(prefix + ".b", rng.normal(0, 0.2, c).astype(np.float32), inits),
+            const(prefix + ".m", rng.normal(0, 0.2, c).astype(np.float32), inits),
+            const(prefix + ".v", rng.uniform(0.5, 1.5, c).astype(np.float32), inits)]
 
 
 def make(nodes, inits, shape, out_name, opset, out_shape=None):
@@ -91,36 +91,37 @@ def make(nodes, inits, shape, out_name, opset, out_shape=None):
     return m
 
 
-def many_ops_model(opset):
+def many_ops_model(opset, seed=0):
     """Conv(SAME_UPPER, stride 2)+BN+Relu, depthwise Conv+Clip(inputs), residual Add + Relu, an
     unfused BN (after the Add), MaxPool, AveragePool with pads, Identity, Dropout, Flatten of a
     spatial map into Gemm (transB=0, alpha, beta), MatMul+Add, Constant, Reshape, Softmax."""
+    rng = np.random.default_rng(seed)
     inits, nodes = [], []
-    nodes.append(helper.make_node("Conv", ["x", const("w0", conv_w(8, 3, 3), inits)], ["c0"], auto_pad="SAME_UPPER",
+    nodes.append(helper.make_node("Conv", ["x", const("w0", conv_w(8, 3, 3, rng), inits)], ["c0"], auto_pad="SAME_UPPER",
                                   strides=[2, 2]))
-    nodes.append(helper.make_node("BatchNormalization", ["c0", *bn_params("bn0", 8, inits)], ["b0"]))
+    nodes.append(helper.make_node("BatchNormalization", ["c0", *bn_params("bn0", 8, inits, rng)], ["b0"]))
     nodes.append(helper.make_node("Relu", ["b0"], ["r0"]))
-    w1 = RNG.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)
-    nodes.append(helper.make_node("Conv", ["r0", const("w1", w1, inits), const("b1", RNG.normal(0, .1, 8).astype(np.float32), inits)],
+    w1 = rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)
+    nodes.append(helper.make_node("Conv", ["r0", const("w1", w1, inits), const("b1", rng.normal(0, .1, 8).astype(np.float32), inits)],
                                   ["c1"], pads=[1, 1, 1, 1], group=8))
     nodes.append(helper.make_node("Clip", ["c1", const("lo", np.array(0, np.float32), inits),
                                            const("hi", np.array(6, np.float32), inits)], ["r1"]))
-    nodes.append(helper.make_node("Conv", ["r1", const("w2", conv_w(8, 8, 1), inits)], ["c2"]))
+    nodes.append(helper.make_node("Conv", ["r1", const("w2", conv_w(8, 8, 1, rng), inits)], ["c2"]))
     nodes.append(helper.make_node("Add", ["c2", "r0"], ["a2"]))
     nodes.append(helper.make_node("Relu", ["a2"], ["r2"]))
     nodes.append(helper.make_node("Identity", ["r2"], ["i2"]))
-    nodes.append(helper.make_node("BatchNormalization", ["i2", *bn_params("bn3", 8, inits)], ["b3"]))
+    nodes.append(helper.make_node("BatchNormalization", ["i2", *bn_params("bn3", 8, inits, rng)], ["b3"]))
     nodes.append(helper.make_node("MaxPool", ["b3"], ["p3"], kernel_shape=[3, 3], strides=[1, 1], auto_pad="SAME_UPPER"))
     nodes.append(helper.make_node("AveragePool", ["p3"], ["p4"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
     nodes.append(helper.make_node("Dropout", ["p4"], ["d4"]))
     nodes.append(helper.make_node("Flatten", ["d4"], ["f4"], axis=1))
-    nodes.append(helper.make_node("Gemm", ["f4", const("g5", RNG.normal(0, .2, (8 * 4 * 4, 12)).astype(np.float32), inits),
-                                           const("g5b", RNG.normal(0, .1, 12).astype(np.float32), inits)], ["y5"],
+    nodes.append(helper.make_node("Gemm", ["f4", const("g5", rng.normal(0, .2, (8 * 4 * 4, 12)).astype(np.float32), inits),
+                                           const("g5b", rng.normal(0, .1, 12).astype(np.float32), inits)], ["y5"],
                                   alpha=0.5, beta=2.0))
     nodes.append(helper.make_node("Relu", ["y5"], ["r5"]))
-    nodes.append(helper.make_node("MatMul", ["r5", const("m6", RNG.normal(0, .3, (12, 5)).astype(np.float32), inits)], ["y6"]))
+    nodes.append(helper.make_node("MatMul", ["r5", const("m6", rng.normal(0, .3, (12, 5)).astype(np.float32), inits)], ["y6"]))
     nodes.append(helper.make_node("Constant", [], ["c6"], value=numpy_helper.from_array(
-        RNG.normal(0, .1, 5).astype(np.float32), "c6v")))
+        rng.normal(0, .1, 5).astype(np.float32), "c6v")))
     nodes.append(helper.make_node("Add", ["y6", "c6"], ["z6"]))
     nodes.append(helper.make_node("Reshape", ["z6", const("shp", np.array([0, -1], np.int64), inits)], ["z7"]))
     nodes.append(helper.make_node("Softmax", ["z7"], ["out"], axis=1))

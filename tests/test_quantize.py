@@ -153,7 +153,11 @@ def test_many_ops_model_int8(tmp_path):
     logits, _ = ort_logits(q, x, tmp_path)
     step = q.tensors[q.output].scale
     assert (np.abs(logits - lq) <= step * 1.001).mean() >= 0.99
-    assert (logits.argmax(1) == lq.argmax(1)).mean() >= 0.99
+    # random weights give int8 ties (two classes one step apart flip); count clear decisions only
+    top2 = np.sort(lq, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 1.5 * step
+    assert clear.mean() > 0.8
+    assert (logits.argmax(1) == lq.argmax(1))[clear].all()
 
 
 @pytest.mark.parametrize("seed", range(0, 24, 2))
