@@ -245,8 +245,8 @@ def random_geometry_model(seed):
     else:
         kw["auto_pad"] = auto
     inits, nodes = [], []
-    wgt = RNG.normal(0, 0.5, (cout, c // groups, *k)).astype(np.float32)
-    nodes.append(helper.make_node("Conv", ["x", const("w", wgt, inits), const("b", RNG.normal(0, .1, cout).astype(np.float32),
+    wgt = rng.normal(0, 0.5, (cout, c // groups, *k)).astype(np.float32)
+    nodes.append(helper.make_node("Conv", ["x", const("w", wgt, inits), const("b", rng.normal(0, .1, cout).astype(np.float32),
                                                                           inits)], ["c"], **kw))
     pool = str(rng.choice(["MaxPool", "AveragePool"]))
     pk = int(rng.integers(2, 4))
