@@ -106,6 +106,13 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return cli_compile(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(args.models.split(","), args.schemes.split(","), args.steps, not args.no_peers,
+                      args.json, args.plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinytrain", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -119,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="parallel fine-tunes in the search (default: all cores)")
     p.add_argument("--no-peers", action="store_true", help="skip the PyTorch comparison")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench", help="memory and time of a training step vs PyTorch (and other peers)")
+    p.add_argument("--models", default="demo,mbv2-w0.35,mcunet-5fps,proxyless-w0.3",
+                   help="comma-separated: demo, mbv2-w0.35, mcunet-5fps, proxyless-w0.3")
+    p.add_argument("--schemes", default="full,bias,sparse", help="comma-separated: full, bias, sparse")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--no-peers", action="store_true", help="measure tinytrain only")
+    p.add_argument("--plot", help="write a bar chart (PNG) here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("inspect", help="layers, parameters, MACs, and ops that are not supported (and why)")
     p.add_argument("model", help="ONNX file")
