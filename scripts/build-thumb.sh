@@ -6,5 +6,6 @@ export RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc
 export CARGO_TARGET_DIR=target/thumb
 /usr/bin/cargo build -q -Z build-std=core --target thumbv7em-none-eabihf --release \
   -p tt-core --no-default-features
-/usr/bin/cargo build -q -Z build-std=core --target thumbv7em-none-eabihf --release -p tt-mcu
+/usr/bin/cargo build -q -Z build-std=core --target thumbv7em-none-eabihf --release -p tt-mcu \
+  --no-default-features
 echo "thumbv7em-none-eabihf: tt-core (no alloc, no std) and tt-mcu build"

@@ -2,6 +2,8 @@
 # Builds the tt-mcu QEMU firmware (Cortex-M4F, mps2-an386) with Debian's toolchain, runs it with
 # an instruction-exact clock, prints its memory use and fails if it does not pass or does not
 # fit the budget: SRAM (.data + .bss + .uninit + reserved stack) <= 256 KB, flash <= 1 MB.
+# The firmware trains the plan bundle in $TT_MCU_BUNDLE (as `tinytrain export --mcu` writes it),
+# or tt-mcu's built-in demo bundle, and must match the host run of the same plan bit for bit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ex=crates/tt-mcu/examples/qemu-mps2-an386
@@ -11,13 +13,22 @@ export CARGO_TARGET_THUMBV7EM_NONE_EABIHF_LINKER=arm-none-eabi-ld
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_MCU:-$PWD/target/thumb-examples}"
 /usr/bin/cargo build -q -Z build-std=core --target thumbv7em-none-eabihf --release \
   --manifest-path "$ex/Cargo.toml"
-elf="$CARGO_TARGET_DIR/thumbv7em-none-eabihf/release/tt-mcu-qemu-mps2-an386"
+bin="$CARGO_TARGET_DIR/thumbv7em-none-eabihf/release"
+elf="$bin/tt-mcu-qemu-mps2-an386"
+qemu() {
+  timeout 600 qemu-system-arm -M mps2-an386 -nographic -monitor none \
+    -semihosting-config enable=on,target=native -icount shift=0 -kernel "$1"
+}
+
+echo "== kernel cost (one layer's training step)"
+qemu "$bin/kernel_cost"
+
+echo "== training the bundled plan"
 
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 set +e
-timeout 600 qemu-system-arm -M mps2-an386 -nographic -monitor none \
-  -semihosting-config enable=on,target=native -icount shift=0 -kernel "$elf" | tee "$out"
+qemu "$elf" | tee "$out"
 status=${PIPESTATUS[0]}
 set -e
 

@@ -1,59 +1,141 @@
-//! tinytrain on a Cortex-M4F (QEMU mps2-an386), inside the STM32F746 budget: 256 KB SRAM, 1 MB
-//! flash. Prints the cost of training kernels in instructions, checkpoints through the NOR-flash
-//! A/B store and restores it, and exits 0 only if every check passed.
+//! tinytrain on a Cortex-M4F (QEMU mps2-an386) inside the STM32F746 budget (256 KB SRAM, 1 MB
+//! flash): trains the bundled plan on its shipped samples with tt-core's executor, checks every
+//! step's loss against the host run of the same plan (bit for bit), checkpoints the learned
+//! state through the A/B NOR-flash store and restores it into a fresh trainer, and exits 0 only
+//! if accuracy rose and every check passed. Cost is counted in instructions (-icount shift=0).
 #![no_std]
 #![no_main]
 
 #[macro_use]
 mod board;
-mod kernels;
+mod flash;
 
 use cortex_m_rt::entry;
 use tt_mcu::checkpoint::Checkpoints;
+use tt_mcu::source::{SampleSource, SliceSource};
+use tt_mcu::trainer::{Arena, Trainer};
 
-use board::{clock_start, exit, instructions, stack_paint, stack_peak, stack_reserve, MemFlash};
+use board::{clock_start, exit, instructions, stack_paint, stack_peak, stack_reserve};
+use flash::MemFlash;
 
-fn checkpoint_round_trip() -> Result<(), &'static str> {
-    // Two slots of two 16 KB sectors; the tag stands for the plan's CRC.
-    let tag = tt_core::crc::crc32(b"kernel-demo");
-    let mut store = Checkpoints::new(MemFlash, 0, 32 * 1024, tag).map_err(|_| "layout")?;
-    let mut params = [0u8; 6 * 1024];
-    for (i, p) in params.iter_mut().enumerate() {
-        *p = (i * 7 + 3) as u8;
-    }
-    let t0 = instructions();
-    let first = store.save(&[&params]).map_err(|_| "first save")?;
-    let t1 = instructions();
-    params[100] ^= 0x55;
-    let second = store.save(&[&params]).map_err(|_| "second save")?;
-    let mut back = [0u8; 6 * 1024];
-    let t2 = instructions();
-    let seq = store.load(&mut [&mut back]).map_err(|_| "load")?;
-    let t3 = instructions();
-    say!(
-        "checkpoint {} B: save {} instr, load {} instr (seq {first} then {second})",
-        params.len(),
-        t1 - t0,
-        t3 - t2
-    );
-    if seq != Some(second) || second != first.wrapping_add(1) || back != params {
-        return Err("restored checkpoint differs");
-    }
-    Ok(())
+mod bundle {
+    include!(concat!(env!("OUT_DIR"), "/bundle.rs"));
+}
+use bundle::*;
+
+/// The executor reads parameters in place, as i32/f32: they must be 4-byte aligned in flash.
+#[repr(C, align(4))]
+struct Aligned<T: ?Sized>(T);
+
+static PLAN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/plan.ttp"));
+static PARAMS: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/params.bin")));
+static TRAIN_X: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/train_x.bin"));
+static TRAIN_Y: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/train_y.bin"));
+static TEST_X: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test_x.bin"));
+static TEST_Y: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test_y.bin"));
+static HOST_LOSSES: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/host_losses.bin")));
+
+/// All of training's SRAM: the plan's arena, sized by the export. In .bss, so the linker
+/// figure counts it and a plan that does not fit fails the link.
+static mut ARENA: Arena<ARENA_BYTES> = Arena::new();
+
+fn as_i8(b: &[u8]) -> &[i8] {
+    // SAFETY: i8 and u8 have the same size, alignment and every bit pattern is valid.
+    unsafe { core::slice::from_raw_parts(b.as_ptr() as *const i8, b.len()) }
 }
 
-/// Checks the instruction clock against a loop of known length (2 instructions per iteration):
-/// if QEMU was started without `-icount shift=0` the figures would be host time, not counts.
-fn clock_is_instruction_exact() -> bool {
-    let n: u32 = 500_000;
-    let t0 = instructions();
-    unsafe {
-        core::arch::asm!("1:", "subs {0}, #1", "bne 1b", inout(reg) n => _, options(nomem, nostack));
+fn host_loss(i: usize) -> Option<u32> {
+    let b = HOST_LOSSES.0.get(4 * i..4 * i + 4)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn accuracy(t: &mut Trainer) -> Result<usize, tt_core::Error> {
+    let mut correct = 0;
+    for (x, &y) in as_i8(TEST_X).chunks_exact(INPUT_LEN).zip(TEST_Y) {
+        correct += (t.predict(x)? == y as usize) as usize;
     }
-    let dt = instructions() - t0;
-    let want = 2 * n as u64;
-    say!("clock check: {dt} instructions counted for a {want}-instruction loop");
-    dt >= want && dt <= want + 200
+    Ok(correct)
+}
+
+fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
+    let mut ok = true;
+    let t0 = instructions();
+    let mut t = Trainer::new(PLAN, &PARAMS.0, &mut *arena)?;
+    let t_init = instructions() - t0;
+    say!(
+        "plan {} B, frozen params {} B (flash); arena {} B (SRAM), learned state {} B; init {} instr",
+        PLAN.len(),
+        PARAMS.0.len(),
+        ARENA_BYTES,
+        t.state().len(),
+        t_init
+    );
+
+    let t0 = instructions();
+    let before = accuracy(&mut t)?;
+    let t_pred = (instructions() - t0) / N_TEST as u64;
+    say!("accuracy before: {before}/{N_TEST} (host {HOST_CORRECT_BEFORE}); predict {t_pred} instr/sample");
+    ok &= before == HOST_CORRECT_BEFORE;
+
+    let mut src = SliceSource::new(as_i8(TRAIN_X), TRAIN_Y, INPUT_LEN)?;
+    let mut x = [0i8; INPUT_LEN];
+    let mut step = 0usize;
+    let mut mismatches = 0usize;
+    let t_train = instructions();
+    for epoch in 0..EPOCHS {
+        let mut sum = 0.0f32;
+        for _ in 0..N_TRAIN {
+            let label = src.next_sample(&mut x)?.unwrap_or(0);
+            let loss = t.step(&x, label)?;
+            if host_loss(step) != Some(loss.to_bits()) {
+                mismatches += 1;
+            }
+            sum += loss;
+            step += 1;
+        }
+        say!("epoch {}: mean loss {:.6}", epoch + 1, sum / N_TRAIN as f32);
+    }
+    let spent = instructions() - t_train;
+    let per = spent / step.max(1) as u64;
+    say!("training: {step} steps, {per} instructions per step ({:.1} ms at 216 MHz if 1 instr/cycle)", per as f32 / 216_000.0);
+    say!("loss trajectory vs host run: {} of {step} steps differ (bit-exact expected)", mismatches);
+    ok &= mismatches == 0 && step == HOST_LOSSES.0.len() / 4;
+
+    let after = accuracy(&mut t)?;
+    say!("accuracy after: {after}/{N_TEST} (host {HOST_CORRECT_AFTER})");
+    ok &= after == HOST_CORRECT_AFTER;
+    if after <= before {
+        say!("FAIL: accuracy did not rise");
+        ok = false;
+    }
+
+    // Checkpoint the learned state, then come back as after a reset.
+    let mut store = Checkpoints::new(MemFlash, 0, 32 * 1024, t.tag()).map_err(|_| {
+        tt_core::Error::InvalidParameter { what: "checkpoint layout" }
+    })?;
+    let t0 = instructions();
+    let seq = t.save(&mut store);
+    let t_save = instructions() - t0;
+    drop(t);
+    let mut t = Trainer::new(PLAN, &PARAMS.0, &mut *arena)?;
+    let fresh = accuracy(&mut t)?;
+    let t0 = instructions();
+    let restored = t.restore(&mut store);
+    let t_load = instructions() - t0;
+    let again = accuracy(&mut t)?;
+    match (seq, restored) {
+        (Ok(s), Ok(Some(r))) if s == r => say!(
+            "checkpoint {} B: saved as #{s} in {t_save} instr, restored in {t_load} instr; accuracy fresh {fresh}, restored {again}/{N_TEST}",
+            t.state().len()
+        ),
+        _ => {
+            say!("FAIL: checkpoint save/restore");
+            ok = false;
+        }
+    }
+    ok &= again == after;
+    Ok(ok)
 }
 
 #[entry]
@@ -61,23 +143,15 @@ fn main() -> ! {
     stack_paint();
     clock_start();
     say!("tinytrain tt-mcu on mps2-an386 (Cortex-M4F), instructions counted under -icount shift=0");
-    let mut ok = clock_is_instruction_exact();
-    match kernels::run() {
-        Ok(c) => {
-            if c.step == 0 || c.macs == 0 {
-                say!("FAIL: clock did not advance");
-                ok = false;
-            }
-        }
+    // SAFETY: the only reference to ARENA.
+    let arena = unsafe { &mut *core::ptr::addr_of_mut!(ARENA.0) };
+    let mut ok = match train(arena) {
+        Ok(ok) => ok,
         Err(e) => {
-            say!("FAIL: kernel error: {e}");
-            ok = false;
+            say!("FAIL: {e}");
+            false
         }
-    }
-    if let Err(e) = checkpoint_round_trip() {
-        say!("FAIL: checkpoint: {e}");
-        ok = false;
-    }
+    };
     let (peak, reserve) = (stack_peak(), stack_reserve());
     say!("stack peak {peak} B of {reserve} B reserved");
     if peak > reserve {

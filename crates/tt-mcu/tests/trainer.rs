@@ -1,0 +1,168 @@
+//! The on-device trainer on the host: same executor, same plan, same numbers.
+#![cfg(feature = "host")]
+use tt_core::Error;
+use tt_mcu::bundle::Bundle;
+use tt_mcu::checkpoint::Checkpoints;
+use tt_mcu::source::{SampleSource, SliceSource};
+use tt_mcu::trainer::{plan_tag, Arena, Trainer};
+
+mod sim {
+    // The NorFlash simulation of the checkpoint tests, without power cuts.
+    use embedded_storage::nor_flash::{ErrorType, NorFlash, NorFlashErrorKind, ReadNorFlash};
+    pub struct Ram(pub Vec<u8>);
+    impl ErrorType for Ram {
+        type Error = NorFlashErrorKind;
+    }
+    impl ReadNorFlash for Ram {
+        const READ_SIZE: usize = 1;
+        fn read(&mut self, o: u32, b: &mut [u8]) -> Result<(), Self::Error> {
+            b.copy_from_slice(&self.0[o as usize..o as usize + b.len()]);
+            Ok(())
+        }
+        fn capacity(&self) -> usize {
+            self.0.len()
+        }
+    }
+    impl NorFlash for Ram {
+        const WRITE_SIZE: usize = 4;
+        const ERASE_SIZE: usize = 4096;
+        fn erase(&mut self, from: u32, to: u32) -> Result<(), Self::Error> {
+            self.0[from as usize..to as usize].fill(0xFF);
+            Ok(())
+        }
+        fn write(&mut self, o: u32, b: &[u8]) -> Result<(), Self::Error> {
+            let cell = &mut self.0[o as usize..o as usize + b.len()];
+            assert!(
+                cell.iter().all(|&x| x == 0xFF),
+                "write over programmed flash"
+            );
+            cell.copy_from_slice(b);
+            Ok(())
+        }
+    }
+}
+
+const EPOCHS: usize = 3;
+
+#[test]
+fn demo_trains_and_accuracy_rises() {
+    let b = Bundle::demo();
+    let run = b.run(EPOCHS).unwrap();
+    let n = b.train_y.len();
+    let first: f32 = run.losses[..n].iter().sum::<f32>() / n as f32;
+    let last: f32 = run.losses[(EPOCHS - 1) * n..].iter().sum::<f32>() / n as f32;
+    assert!(last < first, "mean loss {first} -> {last}");
+    assert!(
+        run.correct_after > run.correct_before,
+        "accuracy {} -> {} of {}",
+        run.correct_before,
+        run.correct_after,
+        b.test_y.len()
+    );
+}
+
+#[test]
+fn trainer_matches_the_reference_run_bit_for_bit_and_checkpoints_its_state() {
+    let b = Bundle::demo();
+    let run = b.run(EPOCHS).unwrap();
+    let n = b.input_len().unwrap();
+    let mut params = vec![0u32; b.params.len().div_ceil(4)];
+    let pbytes: &mut [u8] = bytemuck_bytes(&mut params);
+    pbytes[..b.params.len()].copy_from_slice(&b.params);
+    let params = &pbytes[..b.params.len()];
+    let mut arena = Box::new(Arena::<65536>::new());
+    assert!(b.arena_bytes().unwrap() <= 65536);
+
+    let mut t = Trainer::new(&b.plan, params, &mut arena.0).unwrap();
+    assert_eq!(t.input_len().unwrap(), n);
+    assert_eq!(t.tag(), plan_tag(&b.plan).unwrap());
+    let mut src = SliceSource::new(&b.train_x, &b.train_y, n).unwrap();
+    let mut x = vec![0i8; src.sample_len()];
+    let mut losses = Vec::new();
+    while src.epoch() < EPOCHS as u32 {
+        losses.push(t.step_from(&mut src, &mut x).unwrap().unwrap());
+    }
+    let bits = |v: &[f32]| v.iter().map(|l| l.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&losses), bits(&run.losses));
+    assert_eq!(t.state(), &run.state[..]);
+
+    // Checkpoint, then a fresh trainer (as after a reset) restores exactly this state.
+    let mut store = Checkpoints::new(sim::Ram(vec![0xFF; 1 << 16]), 0, 1 << 15, t.tag()).unwrap();
+    let seq = t.save(&mut store).unwrap();
+    let preds: Vec<usize> = b
+        .test_x
+        .chunks_exact(n)
+        .map(|x| t.predict(x).unwrap())
+        .collect();
+    drop(t);
+    let mut arena2 = Box::new(Arena::<65536>::new());
+    let mut t2 = Trainer::new(&b.plan, params, &mut arena2.0).unwrap();
+    assert_ne!(
+        t2.state(),
+        &run.state[..],
+        "a fresh trainer starts from the blob"
+    );
+    assert_eq!(t2.restore(&mut store).unwrap(), Some(seq));
+    assert_eq!(t2.state(), &run.state[..]);
+    let preds2: Vec<usize> = b
+        .test_x
+        .chunks_exact(n)
+        .map(|x| t2.predict(x).unwrap())
+        .collect();
+    assert_eq!(preds, preds2);
+
+    // A checkpoint of another plan (other tag) is not restored.
+    let f = store.into_inner();
+    let mut other = Checkpoints::new(f, 0, 1 << 15, t2.tag() ^ 1).unwrap();
+    assert_eq!(t2.restore(&mut other).unwrap(), None);
+}
+
+#[test]
+fn arena_too_small_and_foreign_blob_are_clear_errors() {
+    let b = Bundle::demo();
+    let need = b.arena_bytes().unwrap();
+    let mut params = vec![0u32; b.params.len().div_ceil(4)];
+    let pbytes: &mut [u8] = bytemuck_bytes(&mut params);
+    pbytes[..b.params.len()].copy_from_slice(&b.params);
+    let params = &pbytes[..b.params.len()];
+    let mut arena = vec![0u32; need / 4];
+    let short = &mut bytemuck_bytes(&mut arena)[..need - 4];
+    match Trainer::new(&b.plan, params, short) {
+        Err(Error::OutOfMemory {
+            needed, available, ..
+        }) => {
+            assert_eq!((needed, available), (need, need - 4))
+        }
+        other => panic!("expected OutOfMemory, got {:?}", other.err()),
+    }
+    let mut arena = vec![0u32; need.div_ceil(4)];
+    let mut foreign = params.to_vec();
+    foreign[0] ^= 1;
+    foreign.extend_from_slice(&[0; 4]);
+    let fl = foreign.len() - 4;
+    assert!(matches!(
+        Trainer::new(&b.plan, &foreign[..fl], bytemuck_bytes(&mut arena)),
+        Err(Error::CorruptPlan { .. }) | Err(Error::InvalidParameter { .. })
+    ));
+    assert!(Trainer::new(&b.plan[..10], params, bytemuck_bytes(&mut arena)).is_err());
+}
+
+#[test]
+fn bundle_files_round_trip_and_mismatches_are_reported() {
+    let b = Bundle::demo();
+    let dir = std::env::temp_dir().join(format!("tt-mcu-bundle-{}", std::process::id()));
+    b.write(&dir).unwrap();
+    assert_eq!(Bundle::read(&dir).unwrap(), b);
+    std::fs::write(dir.join("test_y.bin"), [0u8; 3]).unwrap();
+    let e = Bundle::read(&dir).unwrap_err().to_string();
+    assert!(e.contains("test_x.bin"), "{e}");
+    std::fs::write(dir.join("params.bin"), [0u8; 8]).unwrap();
+    let e = Bundle::read(&dir).unwrap_err().to_string();
+    assert!(e.contains("params.bin"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn bytemuck_bytes(w: &mut [u32]) -> &mut [u8] {
+    // SAFETY: any byte pattern is a valid u8, and u8 needs no alignment.
+    unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u8, w.len() * 4) }
+}
