@@ -84,7 +84,7 @@ def _quantized(model):
 
 def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder: bool = True,
             update_precision: str = "stochastic", loss: str = "cross_entropy", lr: float = 0.05,
-            momentum: float = 0.0, seed: int = 0) -> Plan:
+            momentum: float = 0.0, seed: int = 0, patch="auto", in_place: Optional[bool] = None) -> Plan:
     """Compile training of `model` under `scheme` into a `Plan`.
 
     - ``budget``: SRAM budget ("256KB", bytes, or None for no limit); a plan whose peak exceeds it
@@ -98,6 +98,12 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
     - ``lr``, ``momentum``: the plan's SGD defaults (the MCU uses them; `Trainer` may override).
       ``momentum > 0`` allocates momentum buffers (+4 bytes per trained parameter).
     - ``seed``: the stochastic-rounding generator's seed.
+    - ``patch``, ``in_place``: execution layout. By default the planner tries every layout and
+      keeps the smallest peak: the first frozen conv chain run patch by patch (halos recomputed)
+      on a grid of 2..8 patches per side, and depthwise convs overwriting their input (forward)
+      and their output gradient (backward). ``patch=None`` runs whole tensors;
+      ``patch=("conv_5", 4)`` runs the nodes up to ``conv_5`` on a 4x4 grid; ``in_place`` fixes
+      the depthwise choice. The layout changes memory, never the numbers.
     """
     q = _quantized(model)
     if not isinstance(scheme, Scheme):
@@ -133,9 +139,32 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         "scheme": scheme.to_dict(),
         "layer_shapes": {n.name: list(np.asarray(n.params["weight_q"]).shape) for n in q.nodes if n.trainable},
     }
-    plan_bytes, params = _core.engine_compile(
-        tensors, nodes, inp, out, per_node, bool(reorder), PRECISIONS[update_precision], momentum > 0,
-        LOSSES[loss], int(seed) & (2**64 - 1), float(lr), float(momentum), json.dumps(meta).encode())
+    layout = None
+    if not (isinstance(patch, str) and patch == "auto" and in_place is None):
+        stage = None
+        if isinstance(patch, str) and patch == "auto":
+            raise ValueError("patch='auto' searches the layout; to fix in_place, also give patch=None or (node, grid)")
+        if patch is not None:
+            try:
+                last, grid = patch
+            except (TypeError, ValueError):
+                raise ValueError(f"patch must be 'auto', None or (node name, grid), got {patch!r}") from None
+            names = [n.name for n in q.nodes]
+            if last not in names:
+                raise ValueError(f"patch: unknown node {last!r}")
+            if not isinstance(grid, int) or isinstance(grid, bool) or not 1 <= grid <= 64:
+                raise ValueError(f"patch grid must be an int in [1, 64], got {grid!r}")
+            stage = (names.index(last), grid)
+        layout = (stage, True if in_place is None else bool(in_place))
+    try:
+        plan_bytes, params = _core.engine_compile(
+            tensors, nodes, inp, out, per_node, bool(reorder), PRECISIONS[update_precision], momentum > 0,
+            LOSSES[loss], int(seed) & (2**64 - 1), float(lr), float(momentum), json.dumps(meta).encode(), layout)
+    except ValueError as e:
+        if layout is not None and layout[0] is not None and "patch stage" in str(e):
+            raise ValueError(f"patch={patch!r}: the nodes up to {patch[0]!r} are not a chain of frozen convs "
+                             "from the input (each output read only by the next conv)") from None
+        raise
     plan = Plan(plan_bytes, params, model=q, budget_bytes=budget_bytes)
     if budget_bytes is not None and plan.memory.peak_bytes > budget_bytes:
         raise MemoryBudgetError(plan.memory.peak_bytes, budget_bytes,

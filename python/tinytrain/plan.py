@@ -59,13 +59,18 @@ class MemoryReport:
         return {"peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits,
                 "lower_bound_bytes": self.lower_bound_bytes, "packing_efficiency": round(self.packing_efficiency, 4),
                 "state_bytes": self.state_bytes, "peak_op": self.peak_op, "breakdown": dict(self.breakdown),
-                "flash_bytes": self.flash_bytes}
+                "flash_bytes": self.flash_bytes, "layout": self.extra.get("layout")}
 
     def table(self) -> str:
         kb = lambda n: f"{n / 1024:9.1f} KB"  # noqa: E731
         lines = [f"peak SRAM        {kb(self.peak_bytes)}   (lower bound {kb(self.lower_bound_bytes).strip()}, "
                  f"packing {100 * self.packing_efficiency:.1f}%)",
                  f"peak at          {self.peak_op}"]
+        lay = self.extra.get("layout") or {}
+        if lay.get("patch"):
+            lines.append(f"patch stage      up to {lay['patch']['last']} on a {lay['patch']['grid']}x{lay['patch']['grid']} grid")
+        if lay.get("in_place_ops"):
+            lines.append(f"in place         {lay['in_place_ops']} depthwise ops (forward / gradient)")
         for k, v in self.breakdown.items():
             lines.append(f"  {k:<24}{kb(v)}")
         lines.append(f"flash (frozen)   {kb(self.flash_bytes)}")
@@ -106,11 +111,15 @@ class Plan:
         node_name = lambda i: nodes[i] if i < len(nodes) else f"node {i}"  # noqa: E731
         timeline = [{"op": k, "node": node_name(n), "live_bytes": int(v)} for (k, n), v in zip(rep["ops"], rep["live"])]
         peak = timeline[rep["peak_op"]] if timeline else {"op": "-", "node": "-"}
+        patch = rep["patch"]
+        layout = {"patch": None if patch is None else {"last": node_name(patch[0]), "grid": patch[1]},
+                  "in_place_ops": int(rep["in_place_ops"])}
         self.memory = MemoryReport(
             peak_bytes=int(rep["arena_bytes"]), lower_bound_bytes=int(rep["lower_bound"]),
             state_bytes=int(rep["state_bytes"]), breakdown={k: int(v) for k, v in rep["breakdown"].items()},
             timeline=timeline, peak_op=f"{peak['op']} of {peak['node']}",
-            flash_bytes=len(self.params) + len(self.plan_bytes), budget_bytes=budget_bytes)
+            flash_bytes=len(self.params) + len(self.plan_bytes), budget_bytes=budget_bytes,
+            extra={"layout": layout})
 
     # ------------------------------------------------------------------ properties
     @property

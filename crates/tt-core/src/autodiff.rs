@@ -20,7 +20,8 @@ use crate::sparse::{ChannelAxis, Scheme, Selection};
 use crate::{Error, Result};
 
 pub use crate::plan::{
-    BufKind, Buffer, CompileOptions, LossKind, OpKind, Precision, TrainOp, ACCUMULATE, NONE,
+    BufKind, Buffer, CompileOptions, LossKind, OpKind, Precision, TrainOp, ACCUMULATE, IN_PLACE,
+    NONE,
 };
 
 /// State buffers of one trainable layer (NONE where not trained).
@@ -72,7 +73,145 @@ pub fn trained_weights(g: &Graph, node: usize, sel: &Selection) -> usize {
     }
 }
 
+/// Execution-layout choices the planner searches over (they change memory, never results).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Layout {
+    /// Run nodes `0..=last` (a chain of frozen convs) patch by patch on a `grid` x `grid` grid.
+    pub patch: Option<(usize, usize)>,
+    /// Depthwise convs overwrite their input in the forward pass and their output gradient in
+    /// the backward pass, channel by channel.
+    pub in_place: bool,
+}
+
 pub fn build(g: &Graph, scheme: &Scheme, opt: &CompileOptions) -> Result<TrainingGraph> {
+    build_with(g, scheme, opt, &Layout::default())
+}
+
+/// Nodes `0..=j` that can form a patch stage: a chain of convs from the graph input, each output
+/// read only by the next conv, none of them needing a backward pass. Returns the candidate `j`s.
+pub fn patch_candidates(g: &Graph, scheme: &Scheme) -> Result<Vec<usize>> {
+    let sel = scheme.resolve(g)?;
+    let mut out = Vec::new();
+    let mut t = g.input;
+    for (i, n) in g.nodes.iter().enumerate() {
+        if i >= crate::plan::MAX_PATCH_CHAIN
+            || !matches!(n.kind, NodeKind::Conv { .. })
+            || n.inputs[0] != t
+            || sel[i].updated()
+        {
+            break;
+        }
+        let consumers = g
+            .nodes
+            .iter()
+            .filter(|m| m.inputs.contains(&n.output))
+            .count();
+        out.push(i);
+        if consumers != 1 || n.output == g.output {
+            break;
+        }
+        t = n.output;
+    }
+    Ok(out)
+}
+
+fn is_pointwise(g: &Graph, i: usize) -> bool {
+    match g.nodes[i].kind {
+        NodeKind::Conv { win, groups, .. } => {
+            groups == 1
+                && (win.kh, win.kw, win.sh, win.sw) == (1, 1, 1, 1)
+                && (win.pt, win.pl, win.pb, win.pr) == (0, 0, 0, 0)
+        }
+        _ => false,
+    }
+}
+
+fn is_depthwise(g: &Graph, i: usize) -> bool {
+    let n = &g.nodes[i];
+    match n.kind {
+        NodeKind::Conv { groups, .. } => {
+            let (a, b) = (g.tensors[n.inputs[0]].c, g.tensors[n.output].c);
+            groups > 1 && groups == a && a == b
+        }
+        _ => false,
+    }
+}
+
+/// Per-axis windows of the chain `0..=last` (rows, then columns).
+pub fn chain_axes(
+    g: &Graph,
+    last: usize,
+) -> Option<(
+    [crate::plan::Axis1; crate::plan::MAX_PATCH_CHAIN],
+    [crate::plan::Axis1; crate::plan::MAX_PATCH_CHAIN],
+)> {
+    let mut rows = [crate::plan::Axis1::default(); crate::plan::MAX_PATCH_CHAIN];
+    let mut cols = rows;
+    if last >= crate::plan::MAX_PATCH_CHAIN {
+        return None;
+    }
+    for j in 0..=last {
+        let n = &g.nodes[j];
+        let NodeKind::Conv { win, .. } = n.kind else {
+            return None;
+        };
+        let t = g.tensors[n.inputs[0]];
+        rows[j] = crate::plan::Axis1 {
+            k: win.kh as usize,
+            s: win.sh as usize,
+            p: win.pt as usize,
+            n: t.h as usize,
+        };
+        cols[j] = crate::plan::Axis1 {
+            k: win.kw as usize,
+            s: win.sw as usize,
+            p: win.pl as usize,
+            n: t.w as usize,
+        };
+    }
+    Some((rows, cols))
+}
+
+/// Largest ping and pong buffers (bytes) a patch stage needs over all its patches.
+pub fn patch_buffers(g: &Graph, last: usize, grid: usize) -> Option<(usize, usize)> {
+    let (rows, cols) = chain_axes(g, last)?;
+    let out = g.tensors[g.nodes[last].output];
+    let mut rr = [(0, 0, 0, 0); crate::plan::MAX_PATCH_CHAIN];
+    let mut cr = rr;
+    let mut sizes = [0usize; 2];
+    for py in 0..grid {
+        for px in 0..grid {
+            let (y0, y1) = crate::plan::patch_bounds(out.h as usize, grid, py);
+            let (x0, x1) = crate::plan::patch_bounds(out.w as usize, grid, px);
+            if !crate::plan::patch_ranges(&rows[..=last], y0, y1, &mut rr)
+                || !crate::plan::patch_ranges(&cols[..=last], x0, x1, &mut cr)
+            {
+                return None;
+            }
+            // Region j (0 = chain input, j+1 = output of node j) lives in buffer j % 2.
+            for j in 0..=last + 1 {
+                let (h, w, c) = if j <= last {
+                    (
+                        rr[j].1 - rr[j].0,
+                        cr[j].1 - cr[j].0,
+                        g.tensors[g.nodes[j].inputs[0]].c as usize,
+                    )
+                } else {
+                    (y1 - y0, x1 - x0, out.c as usize)
+                };
+                sizes[j % 2] = sizes[j % 2].max(h * w * c);
+            }
+        }
+    }
+    Some((sizes[0], sizes[1]))
+}
+
+pub fn build_with(
+    g: &Graph,
+    scheme: &Scheme,
+    opt: &CompileOptions,
+    layout: &Layout,
+) -> Result<TrainingGraph> {
     g.validate()?;
     let sel = scheme.resolve(g)?;
     let n_nodes = g.nodes.len();
@@ -167,7 +306,30 @@ pub fn build(g: &Graph, scheme: &Scheme, opt: &CompileOptions) -> Result<Trainin
         };
     save_slices(g.input, act_buf[g.input], &mut b, &mut ops, &mut saved);
 
-    for (i, n) in g.nodes.iter().enumerate() {
+    let mut first_node = 0;
+    if let Some((last, grid)) = layout.patch {
+        let ok = patch_candidates(g, scheme)?.contains(&last) && grid >= 1;
+        let bufs = patch_buffers(g, last, grid);
+        let (Some((ping, pong)), true) = (bufs, ok) else {
+            return Err(Error::InvalidParameter {
+                what: "autodiff: nodes cannot run as a patch stage",
+            });
+        };
+        let out_t = g.nodes[last].output;
+        let out = b.add(BufKind::Activation, g.tensors[out_t].numel(), last);
+        let ping = b.add(BufKind::Scratch, ping, 0);
+        let pong = b.add(BufKind::Scratch, pong, 0);
+        act_buf[out_t] = out;
+        ops.push(TrainOp {
+            kind: OpKind::PatchStage,
+            node: 0,
+            arg: last as u32 | (grid as u32) << 16,
+            bufs: [act_buf[g.input], out, ping, pong],
+        });
+        save_slices(out_t, out, &mut b, &mut ops, &mut saved);
+        first_node = last + 1;
+    }
+    for (i, n) in g.nodes.iter().enumerate().skip(first_node) {
         if matches!(n.kind, NodeKind::MaxPool { .. }) && needs_bwd[i] && grad_needed(n.inputs[0]) {
             return Err(Error::InvalidParameter {
                 what: "autodiff: back-propagation through maxpool is not supported; train only layers after it",
@@ -178,19 +340,45 @@ pub fn build(g: &Graph, scheme: &Scheme, opt: &CompileOptions) -> Result<Trainin
             save_slices(n.output, act_buf[n.output], &mut b, &mut ops, &mut saved);
             continue;
         }
-        let out = b.add(BufKind::Activation, g.tensors[n.output].numel(), i);
-        act_buf[n.output] = out;
-        let in1 = if n.inputs.len() > 1 {
-            act_buf[n.inputs[1]]
+        let t_in = n.inputs[0];
+        let in_place = layout.in_place
+            && is_depthwise(g, i)
+            && sel[i].channels == 0
+            && t_in != g.input
+            && g.tensors[n.output].numel() <= g.tensors[t_in].numel()
+            && g.nodes.iter().filter(|m| m.inputs.contains(&t_in)).count() == 1
+            && !g
+                .nodes
+                .iter()
+                .enumerate()
+                .any(|(ci, c)| c.inputs[0] == t_in && sel[ci].channels > 0);
+        if in_place {
+            let buf = act_buf[t_in];
+            act_buf[n.output] = buf;
+            let o = g.tensors[n.output];
+            let plane = b.add(BufKind::Scratch, o.h as usize * o.w as usize, i);
+            ops.push(TrainOp {
+                kind: OpKind::Forward,
+                node: i as u32,
+                arg: IN_PLACE,
+                bufs: [buf, NONE, buf, plane],
+            });
         } else {
-            NONE
-        };
-        ops.push(TrainOp {
-            kind: OpKind::Forward,
-            node: i as u32,
-            arg: 0,
-            bufs: [act_buf[n.inputs[0]], in1, out, NONE],
-        });
+            let out = b.add(BufKind::Activation, g.tensors[n.output].numel(), i);
+            act_buf[n.output] = out;
+            let in1 = if n.inputs.len() > 1 {
+                act_buf[n.inputs[1]]
+            } else {
+                NONE
+            };
+            ops.push(TrainOp {
+                kind: OpKind::Forward,
+                node: i as u32,
+                arg: 0,
+                bufs: [act_buf[t_in], in1, out, NONE],
+            });
+        }
+        let out = act_buf[n.output];
         if needs_bwd[i] && has_mask(&n.kind) {
             let m = b.add(BufKind::Mask, g.tensors[n.output].numel().div_ceil(8), i);
             ops.push(TrainOp {
@@ -223,8 +411,11 @@ pub fn build(g: &Graph, scheme: &Scheme, opt: &CompileOptions) -> Result<Trainin
 
     // Backward, reverse topological order.
     let mut updates: Vec<TrainOp> = Vec::new();
+    // Nodes whose backward a fused block op already ran.
+    let mut fused = alloc::vec![false; n_nodes];
+    let single_consumer = |t: usize| g.nodes.iter().filter(|m| m.inputs.contains(&t)).count() == 1;
     for (i, n) in g.nodes.iter().enumerate().rev() {
-        if !needs_bwd[i] {
+        if !needs_bwd[i] || fused[i] {
             continue;
         }
         let go = grad_buf[n.output];
@@ -246,8 +437,130 @@ pub fn build(g: &Graph, scheme: &Scheme, opt: &CompileOptions) -> Result<Trainin
                 bufs: [go, masks[i], NONE, NONE],
             });
         }
+        // An inverted-residual tail pw1 -> depthwise -> pw2 (this node) runs backward channel by
+        // channel of the expanded tensor: its fp32 gradients never exist whole.
+        let block = if opt.reorder && layout.in_place && is_pointwise(g, i) {
+            let t2 = n.inputs[0];
+            g.producer(t2)
+                .filter(|&d| {
+                    is_depthwise(g, d)
+                        && sel[d].channels == 0
+                        && grad_needed(t2)
+                        && grad_buf[t2] == NONE
+                        && single_consumer(t2)
+                        && masks[d] != NONE
+                })
+                .and_then(|d| {
+                    let t1 = g.nodes[d].inputs[0];
+                    g.producer(t1)
+                        .filter(|&p1| {
+                            is_pointwise(g, p1)
+                                && single_consumer(t1)
+                                && masks[p1] != NONE
+                                && p1 < 4096
+                                && d < 4096
+                        })
+                        .map(|p1| (p1, d))
+                })
+        } else {
+            None
+        };
+        if let Some((p1, d)) = block {
+            let t0 = g.nodes[p1].inputs[0];
+            let mut arg = p1 as u32 | (d as u32) << 12;
+            let mut gi = NONE;
+            if grad_needed(t0) {
+                if grad_buf[t0] != NONE {
+                    arg |= 1 << 24;
+                } else {
+                    grad_buf[t0] = b.add(BufKind::Grad, 4 * g.tensors[t0].numel(), p1);
+                }
+                gi = grad_buf[t0];
+            }
+            let (t1, t2) = (g.tensors[g.nodes[d].inputs[0]], g.tensors[n.inputs[0]]);
+            let m = t1.c as usize;
+            let cols = g.weight_dims(p1).map_or(0, |w| w.in_ch);
+            let scratch = b.add(
+                BufKind::Scratch,
+                4 * (t2.h as usize * t2.w as usize + t1.h as usize * t1.w as usize + 2 * m + cols),
+                i,
+            );
+            let x = if sel[p1].channels > 0 {
+                saved[p1]
+            } else {
+                NONE
+            };
+            ops.push(TrainOp {
+                kind: OpKind::BlockOperands,
+                node: i as u32,
+                arg: 0,
+                bufs: [masks[d], masks[p1], x, NONE],
+            });
+            ops.push(TrainOp {
+                kind: OpKind::BlockBackward,
+                node: i as u32,
+                arg,
+                bufs: [go, gi, scratch, NONE],
+            });
+            fused[d] = true;
+            fused[p1] = true;
+        }
+        let dw_in_place = layout.in_place
+            && block.is_none()
+            && is_depthwise(g, i)
+            && sel[i].channels == 0
+            && grad_needed(n.inputs[0])
+            && grad_buf[n.inputs[0]] == NONE;
+        let mut bg = NONE;
+        if sel[i].bias {
+            let d = g.weight_dims(i).ok_or(Error::InvalidParameter {
+                what: "autodiff: bias on a layer without weights",
+            })?;
+            bg = b.add(BufKind::BiasGrad, 4 * d.out_ch, i);
+        }
+        if dw_in_place {
+            // The output gradient is consumed before it is overwritten: bias first.
+            if bg != NONE {
+                ops.push(TrainOp {
+                    kind: OpKind::BackBias,
+                    node: i as u32,
+                    arg: 0,
+                    bufs: [go, bg, NONE, NONE],
+                });
+            }
+            let t = n.inputs[0];
+            let (ti, to) = (g.tensors[t], g.tensors[n.output]);
+            let buf = &mut b.buffers[go as usize];
+            buf.bytes = buf.bytes.max(4 * ti.numel());
+            grad_buf[t] = go;
+            let planes = b.add(
+                BufKind::Scratch,
+                4 * (ti.h as usize * ti.w as usize + to.h as usize * to.w as usize),
+                i,
+            );
+            ops.push(TrainOp {
+                kind: OpKind::BackInput,
+                node: i as u32,
+                arg: IN_PLACE,
+                bufs: [go, go, planes, NONE],
+            });
+            if bg != NONE {
+                let u = TrainOp {
+                    kind: OpKind::Update,
+                    node: i as u32,
+                    arg: 0,
+                    bufs: [NONE, bg, NONE, NONE],
+                };
+                if opt.reorder {
+                    ops.push(u);
+                } else {
+                    updates.push(u);
+                }
+            }
+            continue;
+        }
         for (j, &t) in n.inputs.iter().enumerate() {
-            if !grad_needed(t) {
+            if !grad_needed(t) || block.is_some() {
                 continue;
             }
             let accumulate = grad_buf[t] != NONE;
@@ -267,21 +580,34 @@ pub fn build(g: &Graph, scheme: &Scheme, opt: &CompileOptions) -> Result<Trainin
             });
         }
         let mut wg = NONE;
-        let mut bg = NONE;
         if sel[i].channels > 0 {
-            wg = b.add(BufKind::WeightGrad, 4 * trained_weights(g, i, &sel[i]), i);
-            ops.push(TrainOp {
-                kind: OpKind::BackWeight,
-                node: i as u32,
-                arg: 0,
-                bufs: [go, saved[i], wg, NONE],
-            });
+            if opt.reorder {
+                // Each row of the weight gradient is applied as soon as it exists.
+                let d = g.weight_dims(i).ok_or(Error::InvalidParameter {
+                    what: "autodiff: weights on a layer without weights",
+                })?;
+                let cols = match sel[i].axis {
+                    ChannelAxis::Output => d.in_ch,
+                    ChannelAxis::Input => sel[i].channels,
+                };
+                let row = b.add(BufKind::WeightGrad, 4 * d.area * cols, i);
+                ops.push(TrainOp {
+                    kind: OpKind::WeightStep,
+                    node: i as u32,
+                    arg: 0,
+                    bufs: [go, saved[i], row, NONE],
+                });
+            } else {
+                wg = b.add(BufKind::WeightGrad, 4 * trained_weights(g, i, &sel[i]), i);
+                ops.push(TrainOp {
+                    kind: OpKind::BackWeight,
+                    node: i as u32,
+                    arg: 0,
+                    bufs: [go, saved[i], wg, NONE],
+                });
+            }
         }
-        if sel[i].bias {
-            let d = g.weight_dims(i).ok_or(Error::InvalidParameter {
-                what: "autodiff: bias on a layer without weights",
-            })?;
-            bg = b.add(BufKind::BiasGrad, 4 * d.out_ch, i);
+        if bg != NONE {
             ops.push(TrainOp {
                 kind: OpKind::BackBias,
                 node: i as u32,

@@ -33,7 +33,10 @@ use crate::ops::pool::{
     maxpool_forward, Pool2dGeom,
 };
 use crate::ops::{save_input_channels, ChannelSelection, WeightShape};
-use crate::plan::{BufKind, LossKind, OpKind, Precision, ACCUMULATE, NONE};
+use crate::plan::{
+    patch_bounds, patch_ranges, Axis1, BufKind, LossKind, OpKind, Precision, ACCUMULATE, IN_PLACE,
+    MAX_PATCH_CHAIN, NONE,
+};
 use crate::plan::{
     LayerRec, NodeRec, PlanView, TensorRec, NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP,
     NODE_MAXPOOL,
@@ -41,6 +44,9 @@ use crate::plan::{
 use crate::qas::{sgd_update_bias, sgd_update_weights, SgdConfig, UpdateState, XorShift32};
 use crate::quant::{activation_range, Activation, QParams, Requant};
 use crate::{Error, Result};
+
+/// `carve_t` length meaning "the whole buffer".
+const ALL: usize = usize::MAX;
 
 /// What the loss compares the output with.
 #[derive(Clone, Copy, Debug)]
@@ -203,9 +209,27 @@ impl<'p, 'a> Executor<'p, 'a> {
 
     /// Disjoint mutable slices of the arena for the given buffers (NONE gives an empty slice).
     fn carve<const N: usize>(&mut self, bufs: [u32; N]) -> Result<[&mut [u8]; N]> {
+        self.carve_t(bufs, [ALL; N])
+    }
+
+    /// Like `carve`, each slice cut to the bytes its tensor occupies (`ALL`: the whole buffer);
+    /// a buffer shared by an in-place op can be larger than one of the tensors it holds.
+    fn carve_t<const N: usize>(
+        &mut self,
+        bufs: [u32; N],
+        lens: [usize; N],
+    ) -> Result<[&mut [u8]; N]> {
         let mut ranges = [(0usize, 0usize); N];
-        for (r, &b) in ranges.iter_mut().zip(&bufs) {
+        for ((r, &b), &want) in ranges.iter_mut().zip(&bufs).zip(&lens) {
             *r = self.range(b)?;
+            if want != ALL && b != NONE {
+                if want > r.1 {
+                    return Err(Error::CorruptPlan {
+                        field: "buffers.bytes (smaller than its tensor)",
+                    });
+                }
+                r.1 = want;
+            }
             if r.1 > 0 {
                 self.high_water = self.high_water.max((r.0 + r.1).div_ceil(4) * 4);
             }
@@ -243,8 +267,20 @@ impl<'p, 'a> Executor<'p, 'a> {
     /// Frozen parameters of a layer in the blob: weights, bias, weight scales, requantization.
     #[allow(clippy::type_complexity)]
     fn frozen(&self, l: &LayerRec) -> Result<(&'p [i8], &'p [i32], &'p [f32], &'p [Requant])> {
-        let n = self.plan.node(l.node as usize)?;
-        let (inp, out) = self.io(&n)?;
+        Self::frozen_in(&self.plan, self.params, l)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn frozen_in(
+        pv: &PlanView<'p>,
+        params: &'p [u8],
+        l: &LayerRec,
+    ) -> Result<(&'p [i8], &'p [i32], &'p [f32], &'p [Requant])> {
+        let n = pv.node(l.node as usize)?;
+        let (inp, out) = (
+            pv.tensor(n.inputs[0] as usize)?,
+            pv.tensor(n.output as usize)?,
+        );
         let oc = out.c as usize;
         let wn = match n.kind {
             NODE_CONV => {
@@ -252,7 +288,7 @@ impl<'p, 'a> Executor<'p, 'a> {
             }
             _ => oc * inp.numel(),
         };
-        let p: &'p [u8] = self.params;
+        let p: &'p [u8] = params;
         let part = |off: u32, len: usize| -> Result<&'p [u8]> {
             p.get(off as usize..off as usize + len)
                 .ok_or(Error::CorruptPlan {
@@ -486,8 +522,10 @@ impl<'p, 'a> Executor<'p, 'a> {
         for i in 0..self.plan.n_ops {
             let op = self.plan.op(i)?;
             let n = self.plan.node(op.node as usize)?;
-            if (op.kind == OpKind::Forward || op.kind == OpKind::SaveChannels)
-                && n.inputs[0] == self.plan.globals.input
+            if matches!(
+                op.kind,
+                OpKind::Forward | OpKind::SaveChannels | OpKind::PatchStage
+            ) && n.inputs[0] == self.plan.globals.input
                 && op.bufs[0] != NONE
                 && self.plan.buffer(op.bufs[0] as usize)?.kind == BufKind::Input
             {
@@ -529,7 +567,7 @@ impl<'p, 'a> Executor<'p, 'a> {
         let mut out = NONE;
         for i in 0..self.plan.n_ops {
             let op = self.plan.op(i)?;
-            if op.kind == OpKind::Forward {
+            if op.kind == OpKind::Forward || op.kind == OpKind::PatchStage {
                 self.run_op(i, op.kind, op.node, op.arg, op.bufs, Target::Class(0))?;
                 if self.plan.node(op.node as usize)?.output == self.plan.globals.output {
                     out = op.bufs[2];
@@ -567,7 +605,7 @@ impl<'p, 'a> Executor<'p, 'a> {
     #[allow(clippy::too_many_arguments)]
     fn run_op(
         &mut self,
-        _index: usize,
+        index: usize,
         kind: OpKind,
         node: u32,
         arg: u32,
@@ -580,6 +618,7 @@ impl<'p, 'a> Executor<'p, 'a> {
         let in_q = qp(&inp);
         let out_q = qp(&out);
         let (amin, amax) = activation_range(act_of(n.act), out_q);
+        let (ni, no) = (inp.numel(), out.numel());
         let layer = if n.layer != NONE {
             Some(pv.layer(n.layer as usize)?)
         } else {
@@ -591,6 +630,192 @@ impl<'p, 'a> Executor<'p, 'a> {
             qas: self.qas,
         };
         match kind {
+            OpKind::Forward if arg & IN_PLACE != 0 => {
+                let l = layer.ok_or(Error::CorruptPlan {
+                    field: "nodes.layer",
+                })?;
+                let (fw, fb, _, rq) = self.frozen(&l)?;
+                let g = Self::conv_geom(&n, &inp, &out)?;
+                if n.kind != NODE_CONV || !g.is_depthwise() || bufs[0] != bufs[2] {
+                    return Err(Error::CorruptPlan {
+                        field: "ops (in-place forward of a non-depthwise conv)",
+                    });
+                }
+                let [buf, plane, sb] = self.carve([bufs[0], bufs[3], l.st_bias])?;
+                let bias: &[i32] = if l.st_bias != NONE {
+                    view(sb, "trained bias")?
+                } else {
+                    fb
+                };
+                dw_forward_in_place(
+                    &g,
+                    view_mut(buf, "in-place activation")?,
+                    in_q.zero_point,
+                    fw,
+                    bias,
+                    rq,
+                    out_q.zero_point,
+                    amin,
+                    amax,
+                    view_mut(plane, "plane scratch")?,
+                )?;
+            }
+            OpKind::PatchStage => {
+                self.patch_stage(node as usize, arg, bufs)?;
+            }
+            OpKind::BlockOperands => {}
+            OpKind::BlockBackward => {
+                self.block_backward(index, node as usize, arg, bufs)?;
+            }
+            OpKind::WeightStep => {
+                let l = layer.ok_or(Error::CorruptPlan {
+                    field: "nodes.layer",
+                })?;
+                let (_, _, ws, _) = self.frozen(&l)?;
+                let g = Self::conv_geom(&n, &inp, &out)?;
+                let (shape, _, rows) = Self::trained_shape(&g, &l);
+                let with_m = self.momentum != 0.0;
+                if with_m && !pv.globals.momentum_buffers {
+                    return Err(Error::InvalidParameter {
+                        what: "executor: momentum > 0 needs a plan compiled with momentum buffers",
+                    });
+                }
+                let xc = if l.axis == 0 {
+                    g.in_c
+                } else {
+                    l.channels as usize
+                };
+                let xn = g.in_h * g.in_w * xc;
+                let rng_buf = pv.globals.rng;
+                let [go, x, row, sw, sp, mw, rb] = self.carve_t(
+                    [
+                        bufs[0],
+                        bufs[1],
+                        bufs[2],
+                        l.st_weight,
+                        l.st_precision,
+                        l.st_momentum_w,
+                        rng_buf,
+                    ],
+                    [4 * no, xn, ALL, ALL, ALL, ALL, ALL],
+                )?;
+                let go: &[f32] = view(go, "grad out")?;
+                let x: &[i8] = view(x, "saved input")?;
+                let row: &mut [f32] = view_mut(row, "gradient row")?;
+                let w: &mut [i8] = view_mut(sw, "trained weights")?;
+                let per_row = shape.taps * shape.in_per_group;
+                if go.len() != g.output_len()
+                    || x.len() != xn
+                    || row.len() != per_row
+                    || w.len() != rows * per_row
+                    || ws.len() < rows
+                {
+                    return Err(Error::CorruptPlan {
+                        field: "buffers.bytes (weight step)",
+                    });
+                }
+                let mut mom: &mut [f32] = if with_m {
+                    view_mut(mw, "momentum")?
+                } else {
+                    &mut []
+                };
+                let prec = pv.globals.precision;
+                let mut residual: &mut [i8] = &mut [];
+                let mut master: &mut [f32] = &mut [];
+                match prec {
+                    Precision::Residual => residual = view_mut(sp, "residual")?,
+                    Precision::FpMaster => master = view_mut(sp, "master copy")?,
+                    Precision::StochasticRounding => {}
+                }
+                let mut rng = match rb.get(..4) {
+                    Some(b) => XorShift32 {
+                        state: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    },
+                    None if prec == Precision::StochasticRounding => {
+                        return Err(Error::CorruptPlan {
+                            field: "globals.rng",
+                        })
+                    }
+                    None => XorShift32::new(1),
+                };
+                let row_shape = WeightShape {
+                    out_c: 1,
+                    taps: shape.taps,
+                    in_per_group: shape.in_per_group,
+                    groups: 1,
+                };
+                let mut result = Ok(());
+                for o in 0..rows {
+                    weight_grad_row(&g, l.axis, o, go, x, xc, in_q, row);
+                    let wr = &mut w[o * per_row..][..per_row];
+                    let m = if with_m {
+                        let (a, rest) = {
+                            let k = per_row.min(mom.len());
+                            core::mem::take(&mut mom).split_at_mut(k)
+                        };
+                        mom = rest;
+                        Some(a)
+                    } else {
+                        None
+                    };
+                    let state = match prec {
+                        Precision::StochasticRounding => UpdateState::StochasticRounding(&mut rng),
+                        Precision::Residual => {
+                            let (a, rest) = {
+                                let k = per_row.min(residual.len());
+                                core::mem::take(&mut residual).split_at_mut(k)
+                            };
+                            residual = rest;
+                            UpdateState::Residual(a)
+                        }
+                        Precision::FpMaster => {
+                            let (a, rest) = {
+                                let k = per_row.min(master.len());
+                                core::mem::take(&mut master).split_at_mut(k)
+                            };
+                            master = rest;
+                            UpdateState::FpMaster(a)
+                        }
+                    };
+                    result = sgd_update_weights(
+                        wr,
+                        &row_shape,
+                        &ws[o..o + 1],
+                        ChannelSelection::output(1),
+                        row,
+                        &cfg,
+                        m,
+                        state,
+                    );
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                if let Some(b) = rb.get_mut(..4) {
+                    b.copy_from_slice(&rng.state.to_le_bytes());
+                }
+                result?;
+            }
+            OpKind::BackInput if arg & IN_PLACE != 0 => {
+                let l = layer.ok_or(Error::CorruptPlan {
+                    field: "nodes.layer",
+                })?;
+                let (fw, _, ws, _) = self.frozen(&l)?;
+                let g = Self::conv_geom(&n, &inp, &out)?;
+                if n.kind != NODE_CONV || !g.is_depthwise() || bufs[0] != bufs[1] {
+                    return Err(Error::CorruptPlan {
+                        field: "ops (in-place gradient of a non-depthwise conv)",
+                    });
+                }
+                let [buf, planes] = self.carve([bufs[0], bufs[2]])?;
+                dw_backward_in_place(
+                    &g,
+                    view_mut(buf, "in-place gradient")?,
+                    fw,
+                    ws,
+                    view_mut(planes, "plane scratch")?,
+                )?;
+            }
             OpKind::Forward => match n.kind {
                 NODE_CONV | NODE_FC => {
                     let l = layer.ok_or(Error::CorruptPlan {
@@ -598,7 +823,10 @@ impl<'p, 'a> Executor<'p, 'a> {
                     })?;
                     let (fw, fb, _, rq) = self.frozen(&l)?;
                     let g = Self::conv_geom(&n, &inp, &out)?;
-                    let [x, y, sw, sb] = self.carve([bufs[0], bufs[2], l.st_weight, l.st_bias])?;
+                    let [x, y, sw, sb] = self.carve_t(
+                        [bufs[0], bufs[2], l.st_weight, l.st_bias],
+                        [ni, no, ALL, ALL],
+                    )?;
                     let x: &[i8] = view(x, "input")?;
                     let y: &mut [i8] = view_mut(y, "output")?;
                     let sw: &[i8] = view(sw, "trained weights")?;
@@ -653,11 +881,12 @@ impl<'p, 'a> Executor<'p, 'a> {
                     let b_t = pv.tensor(n.inputs[1] as usize)?;
                     let p = AddParams::new(in_q, qp(&b_t), out_q, amin, amax)?;
                     if bufs[0] == bufs[1] {
-                        let [a, y] = self.carve([bufs[0], bufs[2]])?;
+                        let [a, y] = self.carve_t([bufs[0], bufs[2]], [ni, no])?;
                         let a: &[i8] = view(a, "add input")?;
                         crate::ops::add::add_forward(&p, a, a, view_mut(y, "add output")?)?;
                     } else {
-                        let [a, b, y] = self.carve([bufs[0], bufs[1], bufs[2]])?;
+                        let [a, b, y] =
+                            self.carve_t([bufs[0], bufs[1], bufs[2]], [ni, b_t.numel(), no])?;
                         crate::ops::add::add_forward(
                             &p,
                             view(a, "add input a")?,
@@ -667,7 +896,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                     }
                 }
                 NODE_GAP => {
-                    let [x, y] = self.carve([bufs[0], bufs[2]])?;
+                    let [x, y] = self.carve_t([bufs[0], bufs[2]], [ni, no])?;
                     global_avgpool_forward(
                         inp.h as usize,
                         inp.w as usize,
@@ -680,7 +909,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                 }
                 NODE_AVGPOOL | NODE_MAXPOOL => {
                     let g = Self::pool_geom(&n, &inp)?;
-                    let [x, y] = self.carve([bufs[0], bufs[2]])?;
+                    let [x, y] = self.carve_t([bufs[0], bufs[2]], [ni, no])?;
                     let (x, y) = (view(x, "pool input")?, view_mut(y, "pool output")?);
                     if n.kind == NODE_AVGPOOL {
                         avgpool_forward(&g, x, y)?
@@ -698,7 +927,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                 let l = layer.ok_or(Error::CorruptPlan {
                     field: "ops.node (save)",
                 })?;
-                let [x, s] = self.carve([bufs[0], bufs[1]])?;
+                let [x, s] = self.carve_t([bufs[0], bufs[1]], [ni, ALL])?;
                 let c = if n.kind == NODE_FC {
                     inp.numel()
                 } else {
@@ -712,11 +941,11 @@ impl<'p, 'a> Executor<'p, 'a> {
                 )?;
             }
             OpKind::Mask => {
-                let [y, m] = self.carve([bufs[0], bufs[1]])?;
+                let [y, m] = self.carve_t([bufs[0], bufs[1]], [no, ALL])?;
                 clamp_mask_pack(view(y, "masked output")?, amin, amax, m)?;
             }
             OpKind::Loss => {
-                let [y, gr] = self.carve([bufs[0], bufs[1]])?;
+                let [y, gr] = self.carve_t([bufs[0], bufs[1]], [no, 4 * no])?;
                 let y: &[i8] = view(y, "logits")?;
                 let gr: &mut [f32] = view_mut(gr, "logits gradient")?;
                 let l = match (LossKind::from_u8(arg as u8), target) {
@@ -738,7 +967,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                 return Ok(Some(l));
             }
             OpKind::ApplyMask => {
-                let [gr, m] = self.carve([bufs[0], bufs[1]])?;
+                let [gr, m] = self.carve_t([bufs[0], bufs[1]], [4 * no, ALL])?;
                 clamp_mask_apply_bits(m, view_mut(gr, "gradient")?)?;
             }
             OpKind::BackInput => {
@@ -750,7 +979,8 @@ impl<'p, 'a> Executor<'p, 'a> {
                     });
                 }
                 if n.kind == NODE_ADD {
-                    let [go, gi] = self.carve([bufs[0], bufs[1]])?;
+                    let nj = pv.tensor(n.inputs[j] as usize)?.numel();
+                    let [go, gi] = self.carve_t([bufs[0], bufs[1]], [4 * no, 4 * nj])?;
                     let go: &[f32] = view(go, "grad out")?;
                     let gi: &mut [f32] = view_mut(gi, "grad in")?;
                     if go.len() != gi.len() {
@@ -778,7 +1008,10 @@ impl<'p, 'a> Executor<'p, 'a> {
                     None => (&[][..], &[][..], None),
                 };
                 let st_w = l.map_or(NONE, |l| l.st_weight);
-                let [go, gi, sc, sw] = self.carve([bufs[0], bufs[1], bufs[2], st_w])?;
+                let [go, gi, sc, sw] = self.carve_t(
+                    [bufs[0], bufs[1], bufs[2], st_w],
+                    [4 * no, 4 * ni, ALL, ALL],
+                )?;
                 let go: &[f32] = view(go, "grad out")?;
                 let gi: &mut [f32] = view_mut(gi, "grad in")?;
                 let sc: &mut [f32] = view_mut(sc, "scratch")?;
@@ -829,7 +1062,12 @@ impl<'p, 'a> Executor<'p, 'a> {
                 })?;
                 let g = Self::conv_geom(&n, &inp, &out)?;
                 let (_, sel, _) = Self::trained_shape(&g, &l);
-                let [go, x, gw] = self.carve([bufs[0], bufs[1], bufs[2]])?;
+                let xn = if l.axis == 0 {
+                    ni
+                } else {
+                    ni / g.in_c.max(1) * l.channels as usize
+                };
+                let [go, x, gw] = self.carve_t([bufs[0], bufs[1], bufs[2]], [4 * no, xn, ALL])?;
                 let gw: &mut [f32] = view_mut(gw, "weight gradient")?;
                 gw.fill(0.0);
                 let (go, x) = (view(go, "grad out")?, view(x, "saved input")?);
@@ -841,7 +1079,7 @@ impl<'p, 'a> Executor<'p, 'a> {
             }
             OpKind::BackBias => {
                 let g = Self::conv_geom(&n, &inp, &out)?;
-                let [go, gb] = self.carve([bufs[0], bufs[1]])?;
+                let [go, gb] = self.carve_t([bufs[0], bufs[1]], [4 * no, ALL])?;
                 let gb: &mut [f32] = view_mut(gb, "bias gradient")?;
                 gb.fill(0.0);
                 let go = view(go, "grad out")?;
@@ -1148,6 +1386,641 @@ fn split_backward_input(
             }
         }
     });
+    Ok(())
+}
+
+impl<'p, 'a> Executor<'p, 'a> {
+    /// Runs nodes `first..=last` (a chain of frozen convs) patch by patch: each output patch is
+    /// computed from its receptive field, halos recomputed, through two small ping-pong buffers,
+    /// so only the stage's input and output tensors are ever whole.
+    fn patch_stage(&mut self, first: usize, arg: u32, bufs: [u32; 4]) -> Result<()> {
+        let last = (arg & 0xFFFF) as usize;
+        let grid = (arg >> 16) as usize;
+        let bad = |field| Error::CorruptPlan { field };
+        if first != 0 || last >= MAX_PATCH_CHAIN || grid == 0 || grid > 256 {
+            return Err(bad("ops.arg (patch stage)"));
+        }
+        let pv = self.plan;
+        let params = self.params;
+        let mut rows = [Axis1::default(); MAX_PATCH_CHAIN];
+        let mut cols = rows;
+        let mut t = pv.globals.input;
+        for j in first..=last {
+            let n = pv.node(j)?;
+            if n.kind != NODE_CONV || n.inputs[0] != t {
+                return Err(bad("ops (patch stage is not a conv chain)"));
+            }
+            let ti = pv.tensor(t as usize)?;
+            let w = n.win;
+            rows[j] = Axis1 {
+                k: w[0] as usize,
+                s: w[2] as usize,
+                p: w[4] as usize,
+                n: ti.h as usize,
+            };
+            cols[j] = Axis1 {
+                k: w[1] as usize,
+                s: w[3] as usize,
+                p: w[5] as usize,
+                n: ti.w as usize,
+            };
+            t = n.output;
+        }
+        let in_t = pv.tensor(pv.globals.input as usize)?;
+        let out_t = pv.tensor(t as usize)?;
+        let [src, dst, a, b] = self.carve_t(bufs, [in_t.numel(), out_t.numel(), ALL, ALL])?;
+        let src: &[i8] = view(src, "patch stage input")?;
+        let dst: &mut [i8] = view_mut(dst, "patch stage output")?;
+        let a: &mut [i8] = view_mut(a, "patch ping")?;
+        let b: &mut [i8] = view_mut(b, "patch pong")?;
+        let mut rr = [(0usize, 0usize, 0usize, 0usize); MAX_PATCH_CHAIN];
+        let mut cr = rr;
+        let (ih, iw, ic) = (in_t.h as usize, in_t.w as usize, in_t.c as usize);
+        let (oh, ow, oc) = (out_t.h as usize, out_t.w as usize, out_t.c as usize);
+        for py in 0..grid {
+            for px in 0..grid {
+                let (y0, y1) = patch_bounds(oh, grid, py);
+                let (x0, x1) = patch_bounds(ow, grid, px);
+                if y1 <= y0 || x1 <= x0 {
+                    continue;
+                }
+                if !patch_ranges(&rows[..=last], y0, y1, &mut rr)
+                    || !patch_ranges(&cols[..=last], x0, x1, &mut cr)
+                {
+                    return Err(bad("nodes.window (patch stage)"));
+                }
+                // The input region, made contiguous for the first conv.
+                let (r0, r1, c0, c1) = (rr[0].0, rr[0].1, cr[0].0, cr[0].1);
+                let rw = (c1 - c0) * ic;
+                if r1 > ih || c1 > iw || (r1 - r0) * rw > a.len() {
+                    return Err(bad("buffers.bytes (patch ping)"));
+                }
+                for y in r0..r1 {
+                    let s = src
+                        .get((y * iw + c0) * ic..(y * iw + c1) * ic)
+                        .ok_or(bad("buffers.bytes (patch stage input)"))?;
+                    a[(y - r0) * rw..][..rw].copy_from_slice(s);
+                }
+                let mut in_a = true;
+                for j in first..=last {
+                    let n = pv.node(j)?;
+                    let l = pv.layer(n.layer as usize)?;
+                    let (fw, fb, _, rq) = Self::frozen_in(&pv, params, &l)?;
+                    let (ti, to) = (
+                        pv.tensor(n.inputs[0] as usize)?,
+                        pv.tensor(n.output as usize)?,
+                    );
+                    let (orows, ocols) = if j < last {
+                        (rr[j + 1].1 - rr[j + 1].0, cr[j + 1].1 - cr[j + 1].0)
+                    } else {
+                        (y1 - y0, x1 - x0)
+                    };
+                    let w = n.win;
+                    let g = Conv2dGeom::new(
+                        rr[j].1 - rr[j].0,
+                        cr[j].1 - cr[j].0,
+                        ti.c as usize,
+                        to.c as usize,
+                        w[0] as usize,
+                        w[1] as usize,
+                        w[2] as usize,
+                        w[3] as usize,
+                        rr[j].2,
+                        cr[j].2,
+                        rr[j].3,
+                        cr[j].3,
+                        n.groups as usize,
+                    )?;
+                    if g.out_h() != orows || g.out_w() != ocols {
+                        return Err(bad("nodes.window (patch stage)"));
+                    }
+                    let (amin, amax) = activation_range(act_of(n.act), qp(&to));
+                    let (il, ol) = (g.input_len(), g.output_len());
+                    let (x, y): (&[i8], &mut [i8]) = if in_a {
+                        (
+                            a.get(..il).ok_or(bad("buffers.bytes (patch ping)"))?,
+                            b.get_mut(..ol).ok_or(bad("buffers.bytes (patch pong)"))?,
+                        )
+                    } else {
+                        (
+                            b.get(..il).ok_or(bad("buffers.bytes (patch pong)"))?,
+                            a.get_mut(..ol).ok_or(bad("buffers.bytes (patch ping)"))?,
+                        )
+                    };
+                    conv2d_forward(
+                        &g,
+                        x,
+                        ti.zero_point,
+                        fw,
+                        fb,
+                        rq,
+                        to.zero_point,
+                        amin,
+                        amax,
+                        y,
+                    )?;
+                    in_a = !in_a;
+                }
+                let res: &[i8] = if in_a { a } else { b };
+                let rw = (x1 - x0) * oc;
+                for y in y0..y1 {
+                    let s = res
+                        .get((y - y0) * rw..(y - y0 + 1) * rw)
+                        .ok_or(bad("buffers.bytes (patch result)"))?;
+                    dst.get_mut((y * ow + x0) * oc..(y * ow + x1) * oc)
+                        .ok_or(bad("buffers.bytes (patch stage output)"))?
+                        .copy_from_slice(s);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bit(mask: &[u8], i: usize) -> bool {
+    mask[i / 8] & (1 << (i % 8)) != 0
+}
+
+impl<'p, 'a> Executor<'p, 'a> {
+    /// Backward of an inverted-residual tail pw1 -> depthwise -> pw2, one expanded channel at a
+    /// time: pw2's input gradient for channel c, the depthwise mask, bias gradient and input
+    /// gradient, pw1's mask and bias gradient, pw1's input gradient (with the weights before this
+    /// step's update) and pw1's weight row c, updated at once. The expanded tensors' fp32
+    /// gradients never exist whole; the numbers are those of the unfused ops.
+    fn block_backward(&mut self, index: usize, pw2: usize, arg: u32, bufs: [u32; 4]) -> Result<()> {
+        let bad = |field| Error::CorruptPlan { field };
+        let pv = self.plan;
+        let params = self.params;
+        if index == 0 {
+            return Err(bad("ops (block without operands)"));
+        }
+        let opr = pv.op(index - 1)?;
+        if opr.kind != OpKind::BlockOperands || opr.node as usize != pw2 {
+            return Err(bad("ops (block without operands)"));
+        }
+        let (p1, d) = ((arg & 0xFFF) as usize, ((arg >> 12) & 0xFFF) as usize);
+        let accumulate = arg & (1 << 24) != 0;
+        let (n1, nd, n2) = (pv.node(p1)?, pv.node(d)?, pv.node(pw2)?);
+        if n1.kind != NODE_CONV
+            || nd.kind != NODE_CONV
+            || n2.kind != NODE_CONV
+            || n1.output != nd.inputs[0]
+            || nd.output != n2.inputs[0]
+        {
+            return Err(bad("ops.arg (block is not pw -> depthwise -> pw)"));
+        }
+        let (l1, ld, l2) = (
+            pv.layer(n1.layer as usize)?,
+            pv.layer(nd.layer as usize)?,
+            pv.layer(n2.layer as usize)?,
+        );
+        let t0 = pv.tensor(n1.inputs[0] as usize)?;
+        let t1 = pv.tensor(n1.output as usize)?;
+        let t2 = pv.tensor(nd.output as usize)?;
+        let t3 = pv.tensor(n2.output as usize)?;
+        let g1 = Self::conv_geom(&n1, &t0, &t1)?;
+        let gd = Self::conv_geom(&nd, &t1, &t2)?;
+        let g2 = Self::conv_geom(&n2, &t2, &t3)?;
+        let pointwise = |g: &Conv2dGeom| {
+            g.kh == 1
+                && g.kw == 1
+                && g.stride_h == 1
+                && g.stride_w == 1
+                && g.pad_top + g.pad_left + g.pad_bottom + g.pad_right == 0
+                && g.groups == 1
+        };
+        if !pointwise(&g1) || !pointwise(&g2) || !gd.is_depthwise() || ld.st_weight != NONE {
+            return Err(bad("ops.arg (block is not pw -> depthwise -> pw)"));
+        }
+        let (fw1, _, ws1, _) = Self::frozen_in(&pv, params, &l1)?;
+        let (fwd, _, wsd, _) = Self::frozen_in(&pv, params, &ld)?;
+        let (fw2, _, ws2, _) = Self::frozen_in(&pv, params, &l2)?;
+        let (m, c0, c3) = (t1.c as usize, t0.c as usize, t3.c as usize);
+        let (hw1, hw2) = (t1.h as usize * t1.w as usize, t2.h as usize * t2.w as usize);
+        let k = l1.channels as usize;
+        let (rows, cols, xc) = match (l1.st_weight != NONE, l1.axis) {
+            (false, _) => (0, 0, 0),
+            (true, 0) => (k, c0, c0),
+            (true, _) => (m, k, k),
+        };
+        let with_m = self.momentum != 0.0;
+        if with_m && !pv.globals.momentum_buffers {
+            return Err(Error::InvalidParameter {
+                what: "executor: momentum > 0 needs a plan compiled with momentum buffers",
+            });
+        }
+        let cfg = SgdConfig {
+            lr: self.lr,
+            momentum: self.momentum,
+            qas: self.qas,
+        };
+        let prec = pv.globals.precision;
+        let rng_buf = if rows > 0 { pv.globals.rng } else { NONE };
+        let [go2, gi, scratch, mask_d, mask_1, x, w2s, w1s, sp, mw1, rb, bd, mbd, b1, mb1] = self
+            .carve_t(
+            [
+                bufs[0],
+                bufs[1],
+                bufs[2],
+                opr.bufs[0],
+                opr.bufs[1],
+                opr.bufs[2],
+                l2.st_weight,
+                l1.st_weight,
+                l1.st_precision,
+                l1.st_momentum_w,
+                rng_buf,
+                ld.st_bias,
+                ld.st_momentum_b,
+                l1.st_bias,
+                l1.st_momentum_b,
+            ],
+            [
+                4 * hw2 * c3,
+                if bufs[1] == NONE { ALL } else { 4 * hw1 * c0 },
+                ALL,
+                ALL,
+                ALL,
+                if opr.bufs[2] == NONE { ALL } else { hw1 * xc },
+                ALL,
+                ALL,
+                ALL,
+                ALL,
+                ALL,
+                ALL,
+                ALL,
+                ALL,
+                ALL,
+            ],
+        )?;
+        let go2: &[f32] = view(go2, "grad out")?;
+        let gi: &mut [f32] = view_mut(gi, "grad in")?;
+        let scratch: &mut [f32] = view_mut(scratch, "block scratch")?;
+        let x: &[i8] = view(x, "saved input")?;
+        let w2s: &[i8] = view(w2s, "trained weights")?;
+        let w1s: &mut [i8] = view_mut(w1s, "trained weights")?;
+        let w2 = Self::weights_of_static(&l2, &g2, fw2, w2s);
+        w2.check(&g2)?;
+        let has_gi = bufs[1] != NONE;
+        if go2.len() != hw2 * c3
+            || (has_gi && gi.len() != hw1 * c0)
+            || scratch.len() < hw2 + hw1 + 2 * m + cols
+            || mask_d.len() != (hw2 * m).div_ceil(8)
+            || mask_1.len() != (hw1 * m).div_ceil(8)
+            || (rows > 0 && (x.len() != hw1 * xc || w1s.len() != rows * cols))
+            || fw1.len() != m * c0
+            || fwd.len() != m * gd.kh * gd.kw
+            || ws1.len() != m
+            || wsd.len() != m
+            || ws2.len() != c3
+        {
+            return Err(bad("buffers.bytes (block backward)"));
+        }
+        let mut residual: &mut [i8] = &mut [];
+        let mut master: &mut [f32] = &mut [];
+        if rows > 0 {
+            match prec {
+                Precision::Residual => residual = view_mut(sp, "residual")?,
+                Precision::FpMaster => master = view_mut(sp, "master copy")?,
+                Precision::StochasticRounding => {}
+            }
+        }
+        let mut mom1: &mut [f32] = if with_m && rows > 0 {
+            view_mut(mw1, "momentum")?
+        } else {
+            &mut []
+        };
+        let mut rng = match rb.get(..4) {
+            Some(b) => XorShift32 {
+                state: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            },
+            None if rows > 0 && prec == Precision::StochasticRounding => {
+                return Err(bad("globals.rng"))
+            }
+            None => XorShift32::new(1),
+        };
+        let (pa, rest) = scratch.split_at_mut(hw2);
+        let (pb, rest) = rest.split_at_mut(hw1);
+        let (dbg, rest) = rest.split_at_mut(m);
+        let (b1g, rest) = rest.split_at_mut(m);
+        let row = &mut rest[..cols];
+        dbg.fill(0.0);
+        b1g.fill(0.0);
+        if has_gi && !accumulate {
+            gi.fill(0.0);
+        }
+        let row_shape = WeightShape {
+            out_c: 1,
+            taps: 1,
+            in_per_group: cols,
+            groups: 1,
+        };
+        let (dtaps, dow) = (gd.kh * gd.kw, gd.out_w());
+        let in_scale = t0.scale;
+        let x_zp = t0.zero_point;
+        let mut result = Ok(());
+        for c in 0..m {
+            for (p, a) in pa.iter_mut().enumerate() {
+                let mut v = 0.0f32;
+                if bit(mask_d, p * m + c) {
+                    let g = &go2[p * c3..][..c3];
+                    for (o, &gv) in g.iter().enumerate() {
+                        if gv != 0.0 {
+                            v += gv * ws2[o] * w2.at(o, 0, c, 1, m) as f32;
+                        }
+                    }
+                }
+                *a = v;
+                dbg[c] += v;
+            }
+            pb.fill(0.0);
+            for oy in 0..gd.out_h() {
+                for ox in 0..dow {
+                    let v = pa[oy * dow + ox];
+                    if v == 0.0 {
+                        continue;
+                    }
+                    for ky in 0..gd.kh {
+                        let iy = (oy * gd.stride_h + ky) as isize - gd.pad_top as isize;
+                        if iy < 0 || iy >= gd.in_h as isize {
+                            continue;
+                        }
+                        for kx in 0..gd.kw {
+                            let ix = (ox * gd.stride_w + kx) as isize - gd.pad_left as isize;
+                            if ix < 0 || ix >= gd.in_w as isize {
+                                continue;
+                            }
+                            let wv = fwd[c * dtaps + ky * gd.kw + kx] as f32 * wsd[c];
+                            pb[iy as usize * gd.in_w + ix as usize] += v * wv;
+                        }
+                    }
+                }
+            }
+            for (q, v) in pb.iter_mut().enumerate() {
+                if !bit(mask_1, q * m + c) {
+                    *v = 0.0;
+                }
+                b1g[c] += *v;
+            }
+            let trained_row = c < rows;
+            if has_gi {
+                let s = ws1[c];
+                for (q, &v) in pb.iter().enumerate() {
+                    if v == 0.0 {
+                        continue;
+                    }
+                    let v = v * s;
+                    let d = &mut gi[q * c0..][..c0];
+                    for (i, dv) in d.iter_mut().enumerate() {
+                        let w = if trained_row && i < cols {
+                            w1s[c * cols + i]
+                        } else {
+                            fw1[c * c0 + i]
+                        };
+                        *dv += v * w as f32;
+                    }
+                }
+            }
+            if trained_row {
+                row.fill(0.0);
+                for (q, &v) in pb.iter().enumerate() {
+                    if v == 0.0 {
+                        continue;
+                    }
+                    let v = v * in_scale;
+                    let xs = &x[q * xc..][..cols];
+                    for (r, &xv) in row.iter_mut().zip(xs) {
+                        *r += v * (xv as i32 - x_zp) as f32;
+                    }
+                }
+                let mslice = if with_m {
+                    let n = cols.min(mom1.len());
+                    let (a, rest) = core::mem::take(&mut mom1).split_at_mut(n);
+                    mom1 = rest;
+                    Some(a)
+                } else {
+                    None
+                };
+                let state = match prec {
+                    Precision::StochasticRounding => UpdateState::StochasticRounding(&mut rng),
+                    Precision::Residual => {
+                        let n = cols.min(residual.len());
+                        let (a, rest) = core::mem::take(&mut residual).split_at_mut(n);
+                        residual = rest;
+                        UpdateState::Residual(a)
+                    }
+                    Precision::FpMaster => {
+                        let n = cols.min(master.len());
+                        let (a, rest) = core::mem::take(&mut master).split_at_mut(n);
+                        master = rest;
+                        UpdateState::FpMaster(a)
+                    }
+                };
+                result = sgd_update_weights(
+                    &mut w1s[c * cols..][..cols],
+                    &row_shape,
+                    &ws1[c..c + 1],
+                    ChannelSelection::output(1),
+                    row,
+                    &cfg,
+                    mslice,
+                    state,
+                );
+                if result.is_err() {
+                    break;
+                }
+            }
+        }
+        if let Some(b) = rb.get_mut(..4) {
+            b.copy_from_slice(&rng.state.to_le_bytes());
+        }
+        result?;
+        if ld.st_bias != NONE {
+            let mom = if with_m {
+                Some(view_mut(mbd, "momentum")?)
+            } else {
+                None
+            };
+            sgd_update_bias(view_mut(bd, "trained bias")?, wsd, t1.scale, dbg, &cfg, mom)?;
+        }
+        if l1.st_bias != NONE {
+            let mom = if with_m {
+                Some(view_mut(mb1, "momentum")?)
+            } else {
+                None
+            };
+            sgd_update_bias(view_mut(b1, "trained bias")?, ws1, t0.scale, b1g, &cfg, mom)?;
+        }
+        Ok(())
+    }
+}
+
+/// Gradient of one trained weight row `o` (real units), for the fused weight step.
+#[allow(clippy::too_many_arguments)]
+fn weight_grad_row(
+    g: &Conv2dGeom,
+    axis: u8,
+    o: usize,
+    go: &[f32],
+    x: &[i8],
+    xc: usize,
+    in_q: QParams,
+    row: &mut [f32],
+) {
+    row.fill(0.0);
+    let taps = g.kh * g.kw;
+    let cols = row.len() / taps.max(1);
+    let base = if axis == 0 {
+        (o / g.out_per_group()) * g.in_per_group()
+    } else {
+        0
+    };
+    let (ow, oc) = (g.out_w(), g.out_c);
+    let zp = in_q.zero_point;
+    for oy in 0..g.out_h() {
+        for ox in 0..ow {
+            let v = go[(oy * ow + ox) * oc + o];
+            if v == 0.0 {
+                continue;
+            }
+            let v = v * in_q.scale;
+            for ky in 0..g.kh {
+                let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
+                if iy < 0 || iy >= g.in_h as isize {
+                    continue;
+                }
+                for kx in 0..g.kw {
+                    let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
+                    if ix < 0 || ix >= g.in_w as isize {
+                        continue;
+                    }
+                    let xs = &x[(iy as usize * g.in_w + ix as usize) * xc + base..][..cols];
+                    let r = &mut row[(ky * g.kw + kx) * cols..][..cols];
+                    for (d, &xv) in r.iter_mut().zip(xs) {
+                        *d += v * (xv as i32 - zp) as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Depthwise conv whose output overwrites its input, one channel at a time: channel `c` of the
+/// output only needs channel `c` of the input, which is dead once its plane is computed.
+#[allow(clippy::too_many_arguments)]
+fn dw_forward_in_place(
+    g: &Conv2dGeom,
+    buf: &mut [i8],
+    in_zp: i32,
+    w: &[i8],
+    bias: &[i32],
+    rq: &[Requant],
+    out_zp: i32,
+    amin: i8,
+    amax: i8,
+    plane: &mut [i8],
+) -> Result<()> {
+    g.validate()?;
+    let (c, taps, ow) = (g.in_c, g.kh * g.kw, g.out_w());
+    let opix = g.out_h() * ow;
+    if buf.len() < g.input_len()
+        || buf.len() < g.output_len()
+        || w.len() != c * taps
+        || bias.len() != c
+        || rq.len() != c
+        || plane.len() != opix
+    {
+        return Err(Error::ShapeMismatch {
+            what: "executor: in-place depthwise buffers",
+            expected: g.input_len(),
+            actual: buf.len(),
+        });
+    }
+    for ch in 0..c {
+        for oy in 0..g.out_h() {
+            for ox in 0..ow {
+                let mut acc = bias[ch];
+                for ky in 0..g.kh {
+                    let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
+                    if iy < 0 || iy >= g.in_h as isize {
+                        continue;
+                    }
+                    for kx in 0..g.kw {
+                        let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
+                        if ix < 0 || ix >= g.in_w as isize {
+                            continue;
+                        }
+                        let xv = buf[(iy as usize * g.in_w + ix as usize) * c + ch] as i32;
+                        let wv = w[ch * taps + ky * g.kw + kx] as i32;
+                        acc = acc.wrapping_add((xv - in_zp).wrapping_mul(wv));
+                    }
+                }
+                let v = rq[ch].apply(acc).saturating_add(out_zp);
+                plane[oy * ow + ox] = v.clamp(amin as i32, amax as i32) as i8;
+            }
+        }
+        for (p, &v) in plane.iter().enumerate() {
+            buf[p * c + ch] = v;
+        }
+    }
+    Ok(())
+}
+
+/// Input gradient of a depthwise conv written over its output gradient, channel by channel.
+fn dw_backward_in_place(
+    g: &Conv2dGeom,
+    buf: &mut [f32],
+    w: &[i8],
+    ws: &[f32],
+    planes: &mut [f32],
+) -> Result<()> {
+    g.validate()?;
+    let (c, taps, ow) = (g.in_c, g.kh * g.kw, g.out_w());
+    let (ipix, opix) = (g.in_h * g.in_w, g.out_h() * ow);
+    if buf.len() < g.input_len()
+        || buf.len() < g.output_len()
+        || w.len() != c * taps
+        || ws.len() != c
+        || planes.len() != ipix + opix
+    {
+        return Err(Error::ShapeMismatch {
+            what: "executor: in-place depthwise gradient buffers",
+            expected: g.input_len(),
+            actual: buf.len(),
+        });
+    }
+    let (gi, go) = planes.split_at_mut(ipix);
+    for ch in 0..c {
+        for (p, v) in go.iter_mut().enumerate() {
+            *v = buf[p * c + ch];
+        }
+        gi.fill(0.0);
+        for oy in 0..g.out_h() {
+            for ox in 0..ow {
+                let v = go[oy * ow + ox];
+                if v == 0.0 {
+                    continue;
+                }
+                for ky in 0..g.kh {
+                    let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
+                    if iy < 0 || iy >= g.in_h as isize {
+                        continue;
+                    }
+                    for kx in 0..g.kw {
+                        let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
+                        if ix < 0 || ix >= g.in_w as isize {
+                            continue;
+                        }
+                        let wv = w[ch * taps + ky * g.kw + kx] as f32 * ws[ch];
+                        gi[iy as usize * g.in_w + ix as usize] += v * wv;
+                    }
+                }
+            }
+        }
+        for (p, &v) in gi.iter().enumerate() {
+            buf[p * c + ch] = v;
+        }
+    }
     Ok(())
 }
 
@@ -1488,6 +2361,209 @@ mod tests {
             }
         }
         assert!(PlanView::parse(&c.plan).is_ok());
+    }
+
+    /// conv3x3 -> dw3x3/2 -> pw -> dw5x5 -> pw -> gap -> flatten -> fc: a chain a patch stage and
+    /// in-place depthwise can cover.
+    fn chain_graph() -> Graph {
+        let mut r = Lcg(11);
+        let tensors = std::vec![
+            t(3, 12, 12, 0.02, 0),
+            t(6, 12, 12, 0.03, -128),
+            t(6, 6, 6, 0.03, -128),
+            t(10, 6, 6, 0.05, 3),
+            t(10, 6, 6, 0.04, -128),
+            t(8, 6, 6, 0.06, -5),
+            t(8, 1, 1, 0.04, -7),
+            t(8, 1, 1, 0.04, -7),
+            t(5, 1, 1, 0.1, 2),
+        ];
+        let node = |name: &str, kind, i: usize, o: usize| Node {
+            name: name.into(),
+            kind,
+            inputs: std::vec![i],
+            output: o,
+        };
+        let conv = |k, s, p, groups, act| NodeKind::Conv {
+            win: win(k, s, p),
+            groups,
+            act,
+        };
+        let nodes = std::vec![
+            node("c0", conv(3, 1, 1, 1, Act::Relu6), 0, 1),
+            node("dw1", conv(3, 2, 1, 6, Act::Relu6), 1, 2),
+            node("pw2", conv(1, 1, 0, 1, Act::None), 2, 3),
+            node("dw3", conv(5, 1, 2, 10, Act::Relu), 3, 4),
+            node("pw4", conv(1, 1, 0, 1, Act::Relu6), 4, 5),
+            node("gap", NodeKind::GlobalAvgPool, 5, 6),
+            node("flat", NodeKind::Flatten, 6, 7),
+            node("fc", NodeKind::Fc { act: Act::None }, 7, 8),
+        ];
+        let params = std::vec![
+            params(&mut r, 6 * 9 * 3, 6, 0.004),
+            params(&mut r, 6 * 9, 6, 0.005),
+            params(&mut r, 10 * 6, 10, 0.004),
+            params(&mut r, 10 * 25, 10, 0.004),
+            params(&mut r, 8 * 10, 8, 0.004),
+            None,
+            None,
+            params(&mut r, 5 * 8, 5, 0.006),
+        ];
+        Graph {
+            tensors,
+            nodes,
+            params,
+            input: 0,
+            output: 8,
+        }
+    }
+
+    fn run_layout(
+        g: &Graph,
+        s: &Scheme,
+        st: &PlanSettings,
+        layout: &crate::autodiff::Layout,
+        x: &[i8],
+        steps: usize,
+    ) -> Option<(Vec<i8>, Vec<f32>, usize, usize)> {
+        let tg = crate::autodiff::build_with(g, s, &st.options, layout).ok()?;
+        let mp = crate::planner::plan(&tg.buffers, &tg.ops);
+        let (plan, params) = crate::plan::encode(g, &tg, &mp, st, b"").unwrap();
+        let pw: Vec<u32> = params
+            .chunks(4)
+            .map(|b| {
+                let mut a = [0u8; 4];
+                a[..b.len()].copy_from_slice(b);
+                u32::from_le_bytes(a)
+            })
+            .collect();
+        let pb: &[u8] =
+            unsafe { core::slice::from_raw_parts(pw.as_ptr() as *const u8, params.len()) };
+        let mut aw = std::vec![0u32; mp.arena_bytes / 4 + 1];
+        let arena: &mut [u8] =
+            unsafe { core::slice::from_raw_parts_mut(aw.as_mut_ptr() as *mut u8, mp.arena_bytes) };
+        let mut ex = Executor::new(&plan, pb, arena).unwrap();
+        ex.init().unwrap();
+        let logits = ex.forward(x).unwrap().to_vec();
+        let losses = (0..steps)
+            .map(|_| ex.step(x, Target::Class(1)).unwrap())
+            .collect();
+        Some((logits, losses, ex.high_water(), mp.arena_bytes))
+    }
+
+    #[test]
+    fn layouts_change_memory_not_results() {
+        use crate::autodiff::Layout;
+        let g = chain_graph();
+        let mut rx = Lcg(3);
+        let x: Vec<i8> = (0..3 * 144).map(|_| rx.i8(120)).collect();
+        let schemes = [
+            scheme(&g, |i| LayerUpdate {
+                bias: i >= 3,
+                weight_ratio: if i == 4 {
+                    0.5
+                } else if i == 7 {
+                    1.0
+                } else {
+                    0.0
+                },
+                axis: ChannelAxis::Output,
+            }),
+            // pw2 trained too: the pw2 -> dw3 -> pw4 block runs fused.
+            scheme(&g, |i| LayerUpdate {
+                bias: i >= 2,
+                weight_ratio: if i == 2 {
+                    0.5
+                } else if i == 4 {
+                    0.25
+                } else {
+                    0.0
+                },
+                axis: ChannelAxis::Output,
+            }),
+            scheme(&g, |i| LayerUpdate {
+                bias: i >= 2,
+                weight_ratio: if i == 2 || i == 4 { 0.5 } else { 0.0 },
+                axis: ChannelAxis::Input,
+            }),
+        ];
+        let mut fused_seen = 0;
+        for sch in &schemes {
+            let st = settings(true, Precision::FpMaster, false);
+            let base = run_layout(&g, sch, &st, &Layout::default(), &x, 15).unwrap();
+            let cands = crate::autodiff::patch_candidates(&g, sch).unwrap();
+            let mut layouts = std::vec![Layout {
+                patch: None,
+                in_place: true
+            }];
+            for &last in &cands {
+                for grid in [1, 2, 3, 5] {
+                    layouts.push(Layout {
+                        patch: Some((last, grid)),
+                        in_place: true,
+                    });
+                    layouts.push(Layout {
+                        patch: Some((last, grid)),
+                        in_place: false,
+                    });
+                }
+            }
+            for l in &layouts {
+                let tg = crate::autodiff::build_with(&g, sch, &st.options, l).unwrap();
+                fused_seen += tg
+                    .ops
+                    .iter()
+                    .filter(|o| o.kind == OpKind::BlockBackward)
+                    .count();
+                let (logits, losses, hw, arena) = run_layout(&g, sch, &st, l, &x, 15).unwrap();
+                assert_eq!(logits, base.0, "{l:?}");
+                for (a, b) in losses.iter().zip(&base.1) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                        "{l:?}: {a} vs {b}"
+                    );
+                }
+                assert_eq!(hw, arena, "{l:?}");
+            }
+            // Reordering (fused row updates) and the conventional order train the same numbers.
+            let late = run_layout(
+                &g,
+                sch,
+                &settings(false, Precision::FpMaster, false),
+                &Layout::default(),
+                &x,
+                15,
+            )
+            .unwrap();
+            for (a, b) in late.1.iter().zip(&base.1) {
+                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+            }
+        }
+        assert!(fused_seen > 0);
+        let st = settings(true, Precision::FpMaster, false);
+        // When only the classifier trains, the forward pass sets the peak: patches cut it.
+        let fc_only = scheme(&g, |i| LayerUpdate {
+            bias: i == 7,
+            weight_ratio: 0.0,
+            axis: ChannelAxis::Output,
+        });
+        let whole = run_layout(&g, &fc_only, &st, &Layout::default(), &x, 1)
+            .unwrap()
+            .3;
+        let patched = run_layout(
+            &g,
+            &fc_only,
+            &st,
+            &Layout {
+                patch: Some((2, 3)),
+                in_place: true,
+            },
+            &x,
+            1,
+        )
+        .unwrap();
+        assert!(patched.3 < whole, "{} vs {whole}", patched.3);
+        assert_eq!(patched.2, patched.3);
     }
 
     proptest::proptest! {

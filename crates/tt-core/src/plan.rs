@@ -122,6 +122,19 @@ pub enum OpKind {
     BackWeight = 6,
     BackBias = 7,
     Update = 8,
+    /// Forward of a chain of convs patch by patch: [input, output, ping, pong]; `node` is the
+    /// first node, `arg` = last node | grid << 16.
+    PatchStage = 9,
+    /// Weight gradient and SGD update fused row by row (no full gradient buffer):
+    /// [output grad, saved input, row scratch, NONE].
+    WeightStep = 10,
+    /// Extra operands of the `BlockBackward` right after it: [pw1 mask, depthwise mask,
+    /// pw1 saved input | NONE, NONE]. Its buffers live through the next op.
+    BlockOperands = 11,
+    /// Backward of pw1 -> depthwise -> pw2 (`node`) channel by channel of the expanded tensor,
+    /// with pw1's and the depthwise conv's updates: [pw2 output grad, pw1 input grad | NONE,
+    /// scratch, NONE]; `arg` = pw1 | depthwise << 12 | accumulate << 24.
+    BlockBackward = 12,
 }
 
 impl OpKind {
@@ -137,6 +150,10 @@ impl OpKind {
             6 => BackWeight,
             7 => BackBias,
             8 => Update,
+            9 => PatchStage,
+            10 => WeightStep,
+            11 => BlockOperands,
+            12 => BlockBackward,
             _ => return None,
         })
     }
@@ -152,12 +169,73 @@ impl OpKind {
             BackWeight => "grad_weight",
             BackBias => "grad_bias",
             Update => "update",
+            PatchStage => "patch_stage",
+            WeightStep => "grad_weight_and_update",
+            BlockOperands => "block_operands",
+            BlockBackward => "grad_block",
         }
     }
 }
 
 /// `BackInput` adds into the input gradient instead of overwriting it.
 pub const ACCUMULATE: u32 = 1 << 8;
+/// A depthwise `Forward` / `BackInput` whose output overwrites its input channel by channel
+/// (bufs[3] / bufs[2] is the per-channel scratch).
+pub const IN_PLACE: u32 = 1 << 9;
+
+/// Longest chain a patch stage may cover.
+pub const MAX_PATCH_CHAIN: usize = 32;
+
+/// One axis of a conv window: kernel, stride, leading padding, input size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Axis1 {
+    pub k: usize,
+    pub s: usize,
+    pub p: usize,
+    pub n: usize,
+}
+
+/// Back-propagates an output range `[o0, o1)` of the last conv of a chain to every conv's input:
+/// `out[j] = (lo, hi, pad_before, pad_after)` of node j's input (clipped to the tensor, the cut
+/// part becoming padding), so node j's patch output is node j+1's patch input.
+pub fn patch_ranges(
+    axes: &[Axis1],
+    o0: usize,
+    o1: usize,
+    out: &mut [(usize, usize, usize, usize)],
+) -> bool {
+    if axes.len() > out.len() || o1 <= o0 {
+        return false;
+    }
+    let (mut a, mut b) = (o0, o1);
+    for j in (0..axes.len()).rev() {
+        let ax = axes[j];
+        if ax.s == 0 || ax.k == 0 {
+            return false;
+        }
+        let start = (a * ax.s) as isize - ax.p as isize;
+        let end = ((b - 1) * ax.s + ax.k) as isize - ax.p as isize;
+        let lo = start.max(0) as usize;
+        let hi = (end.min(ax.n as isize)).max(0) as usize;
+        if hi <= lo {
+            return false;
+        }
+        out[j] = (
+            lo,
+            hi,
+            (lo as isize - start) as usize,
+            (end - hi as isize) as usize,
+        );
+        a = lo;
+        b = hi;
+    }
+    true
+}
+
+/// Bounds of patch `i` of `grid` along an axis of size `n`.
+pub fn patch_bounds(n: usize, grid: usize, i: usize) -> (usize, usize) {
+    (n * i / grid, n * (i + 1) / grid)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrainOp {
@@ -826,15 +904,76 @@ mod encode {
         pub memory: MemoryPlan,
     }
 
-    /// Forward graph + scheme -> training graph -> memory plan -> plan bytes.
+    /// Forward graph + scheme -> training graph -> memory plan -> plan bytes, with the execution
+    /// layout (patch stage, in-place depthwise) that gives the smallest peak.
     pub fn compile(
         g: &Graph,
         scheme: &crate::sparse::Scheme,
         settings: &PlanSettings,
         meta: &[u8],
     ) -> Result<Compiled> {
-        let training = crate::autodiff::build(g, scheme, &settings.options)?;
-        let memory = crate::planner::plan(&training.buffers, &training.ops);
+        compile_with(g, scheme, settings, meta, None)
+    }
+
+    /// Patch grids the layout search tries.
+    pub const PATCH_GRIDS: [usize; 5] = [2, 3, 4, 6, 8];
+
+    /// `compile` with a given layout (`Some`), or searching for the best one (`None`).
+    pub fn compile_with(
+        g: &Graph,
+        scheme: &crate::sparse::Scheme,
+        settings: &PlanSettings,
+        meta: &[u8],
+        fixed: Option<crate::autodiff::Layout>,
+    ) -> Result<Compiled> {
+        use crate::autodiff::{build_with, patch_candidates, Layout};
+        if let Some(layout) = fixed {
+            let training = build_with(g, scheme, &settings.options, &layout)?;
+            let memory = crate::planner::plan(&training.buffers, &training.ops);
+            let (plan, params) = encode(g, &training, &memory, settings, meta)?;
+            return Ok(Compiled {
+                plan,
+                params,
+                training,
+                memory,
+            });
+        }
+        let mut layouts = alloc::vec![Layout::default()];
+        {
+            layouts.push(Layout {
+                patch: None,
+                in_place: true,
+            });
+            g.validate()?;
+            for last in patch_candidates(g, scheme)? {
+                for grid in PATCH_GRIDS {
+                    layouts.push(Layout {
+                        patch: Some((last, grid)),
+                        in_place: true,
+                    });
+                }
+            }
+        }
+        let mut best: Option<(TrainingGraph, MemoryPlan)> = None;
+        for layout in &layouts {
+            let Ok(training) = build_with(g, scheme, &settings.options, layout) else {
+                if layout.patch.is_none() && !layout.in_place {
+                    // The plain layout always builds unless the graph or scheme is invalid.
+                    build_with(g, scheme, &settings.options, layout)?;
+                }
+                continue;
+            };
+            let memory = crate::planner::plan(&training.buffers, &training.ops);
+            if best
+                .as_ref()
+                .is_none_or(|(_, m)| memory.arena_bytes < m.arena_bytes)
+            {
+                best = Some((training, memory));
+            }
+        }
+        let (training, memory) = best.ok_or(Error::InvalidParameter {
+            what: "compile: no layout builds",
+        })?;
         let (plan, params) = encode(g, &training, &memory, settings, meta)?;
         Ok(Compiled {
             plan,

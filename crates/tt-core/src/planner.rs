@@ -37,14 +37,20 @@ pub struct MemoryPlan {
 pub fn lifetimes(buffers: &[Buffer], ops: &[TrainOp]) -> Vec<Option<(usize, usize)>> {
     let mut life: Vec<Option<(usize, usize)>> = alloc::vec![None; buffers.len()];
     for (i, op) in ops.iter().enumerate() {
+        // Operands of a block op are read by the op after them.
+        let end = if op.kind == crate::plan::OpKind::BlockOperands {
+            i + 1
+        } else {
+            i
+        };
         for &b in &op.bufs {
             if b == NONE {
                 continue;
             }
             if let Some(l) = life.get_mut(b as usize) {
                 *l = Some(match *l {
-                    None => (i, i),
-                    Some((f, _)) => (f, i),
+                    None => (i, end),
+                    Some((f, e)) => (f, e.max(end)),
                 });
             }
         }
@@ -69,6 +75,7 @@ fn pack(
     life: &[Option<(usize, usize)>],
     order: &[usize],
     base: usize,
+    first_fit: bool,
 ) -> (Vec<usize>, usize) {
     let mut offsets = alloc::vec![0usize; buffers.len()];
     let mut placed: Vec<usize> = Vec::new();
@@ -91,7 +98,7 @@ fn pack(
         for &(s, e) in &busy {
             if s > cursor {
                 let gap = s - cursor;
-                if gap >= size && best.is_none_or(|(g, _)| gap < g) {
+                if gap >= size && best.is_none_or(|(g, _)| !first_fit && gap < g) {
                     best = Some((gap, cursor));
                 }
             }
@@ -118,20 +125,41 @@ pub fn plan(buffers: &[Buffer], ops: &[TrainOp]) -> MemoryPlan {
     let transient: Vec<usize> = (0..buffers.len())
         .filter(|&i| !buffers[i].kind.persistent())
         .collect();
-    let mut by_size = transient.clone();
-    by_size.sort_by_key(|&i| (core::cmp::Reverse(aligned(buffers[i].bytes)), i));
-    let mut by_area = transient;
-    by_area.sort_by_key(|&i| {
-        let len = life[i].map_or(0, |(f, l)| l - f + 1);
-        (core::cmp::Reverse(aligned(buffers[i].bytes) * len), i)
+    // Greedy packings under several orders, best fit and first fit; the smallest arena wins.
+    let len = |i: usize| life[i].map_or(0, |(f, l)| l - f + 1);
+    let start = |i: usize| life[i].map_or(0, |(f, _)| f);
+    let mut orders: Vec<Vec<usize>> = Vec::new();
+    let mut o = transient.clone();
+    o.sort_by_key(|&i| (core::cmp::Reverse(aligned(buffers[i].bytes)), i));
+    orders.push(o);
+    let mut o = transient.clone();
+    o.sort_by_key(|&i| (core::cmp::Reverse(aligned(buffers[i].bytes) * len(i)), i));
+    orders.push(o);
+    let mut o = transient.clone();
+    o.sort_by_key(|&i| (start(i), core::cmp::Reverse(aligned(buffers[i].bytes)), i));
+    orders.push(o);
+    let mut o = transient.clone();
+    o.sort_by_key(|&i| {
+        (
+            core::cmp::Reverse(len(i)),
+            core::cmp::Reverse(aligned(buffers[i].bytes)),
+            i,
+        )
     });
-    let (o1, t1) = pack(buffers, &life, &by_size, state);
-    let (o2, t2) = pack(buffers, &life, &by_area, state);
-    let (to, top) = if t2 < t1 { (o2, t2) } else { (o1, t1) };
-    for &i in by_size.iter() {
+    orders.push(o);
+    let mut best: Option<(Vec<usize>, usize)> = None;
+    for order in &orders {
+        for first_fit in [false, true] {
+            let (o, t) = pack(buffers, &life, order, state, first_fit);
+            if best.as_ref().is_none_or(|(_, bt)| t < *bt) {
+                best = Some((o, t));
+            }
+        }
+    }
+    let (to, top) = best.unwrap_or_else(|| (alloc::vec![0; buffers.len()], state));
+    for &i in &transient {
         offsets[i] = to[i];
     }
-
     measure(buffers, ops, offsets, top.max(state), state)
 }
 

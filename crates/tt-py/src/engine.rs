@@ -7,10 +7,12 @@ use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2}
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use tt_core::autodiff::Layout;
 use tt_core::exec::{Executor, Target};
 use tt_core::graph::{Act, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
 use tt_core::plan::{
-    compile, Buffer, CompileOptions, LossKind, PlanSettings, PlanView, Precision, TrainOp,
+    compile_with, Buffer, CompileOptions, LossKind, OpKind, PlanSettings, PlanView, Precision,
+    TrainOp, IN_PLACE,
 };
 use tt_core::planner;
 use tt_core::sparse::{ChannelAxis, LayerUpdate, Scheme};
@@ -121,7 +123,7 @@ fn build_graph(
 
 /// Compiles a quantized graph for training. Returns (plan bytes, parameter blob).
 #[pyfunction]
-#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta))]
+#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta, layout=None))]
 #[allow(clippy::too_many_arguments)]
 fn engine_compile<'py>(
     py: Python<'py>,
@@ -138,6 +140,7 @@ fn engine_compile<'py>(
     lr: f32,
     momentum: f32,
     meta: &[u8],
+    layout: Option<(Option<(usize, usize)>, bool)>,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
     let g = build_graph(tensors, nodes, input, output)?;
     let scheme = Scheme {
@@ -163,7 +166,10 @@ fn engine_compile<'py>(
         momentum,
     };
     let c = py
-        .allow_threads(|| compile(&g, &scheme, &settings, meta))
+        .allow_threads(|| {
+            let fixed = layout.map(|(patch, in_place)| Layout { patch, in_place });
+            compile_with(&g, &scheme, &settings, meta, fixed)
+        })
         .map_err(|e| core_err(py, e))?;
     Ok((PyBytes::new(py, &c.plan), PyBytes::new(py, &c.params)))
 }
@@ -230,6 +236,18 @@ fn plan_report<'py>(py: Python<'py>, plan: &[u8]) -> PyResult<Bound<'py, PyDict>
     d.set_item("lr", v.globals.lr)?;
     d.set_item("momentum", v.globals.momentum)?;
     d.set_item("seed", v.globals.seed)?;
+    let mut patch = None;
+    let mut in_place = 0usize;
+    for o in &ops {
+        if o.kind == OpKind::PatchStage {
+            patch = Some(((o.arg & 0xFFFF) as usize, (o.arg >> 16) as usize));
+        }
+        if o.arg & IN_PLACE != 0 {
+            in_place += 1;
+        }
+    }
+    d.set_item("patch", patch)?;
+    d.set_item("in_place_ops", in_place)?;
     Ok(d)
 }
 
