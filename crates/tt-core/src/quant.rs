@@ -91,13 +91,26 @@ impl Requant {
     /// `round(acc * real)` in fixed point, half away from zero, saturated to int32.
     #[inline]
     pub fn apply(&self, acc: i32) -> i32 {
+        self.apply_wide(acc).clamp(i32::MIN as i64, i32::MAX as i64) as i32
+    }
+
+    /// `round(acc * real)` before saturation. Branch-free: for a negative product, subtracting
+    /// one before the flooring shift turns "ties up" into "ties away from zero".
+    #[inline(always)]
+    fn apply_wide(&self, acc: i32) -> i64 {
         // A shift outside what `from_scale` produces (a corrupted plan) is clamped, not trusted.
         let n = (31 - self.shift).clamp(1, 62);
         let p = acc as i64 * self.multiplier as i64;
-        // |p| <= 2^62, so neither `abs` nor the rounding add can overflow.
-        let r = (p.abs() + (1i64 << (n - 1))) >> n;
-        let v = if p < 0 { -r } else { r };
-        v.clamp(i32::MIN as i64, i32::MAX as i64) as i32
+        // |p| <= 2^62, so the rounding add cannot overflow.
+        (p + (1i64 << (n - 1)) - (p < 0) as i64) >> n
+    }
+
+    /// Requantize, add the output zero point and clamp to `[act_min, act_max]`: the epilogue of
+    /// every int8 layer. Same result as `finish(self.apply(acc), ..)`, without the intermediate
+    /// int32 saturation (the clamp subsumes it).
+    #[inline(always)]
+    pub fn apply_clamp(&self, acc: i32, out_zp: i32, act_min: i8, act_max: i8) -> i8 {
+        (self.apply_wide(acc) + out_zp as i64).clamp(act_min as i64, act_max as i64) as i8
     }
 }
 
@@ -163,7 +176,7 @@ pub fn requantize(
             } else {
                 requant[c]
             };
-            o[c] = finish(rq.apply(a[c]), out_zp, act_min, act_max);
+            o[c] = rq.apply_clamp(a[c], out_zp, act_min, act_max);
         }
     }
     Ok(())

@@ -6,7 +6,7 @@ mod kernels_common;
 use kernels_common::*;
 use proptest::prelude::*;
 use tt_core::ops::add::{add_forward, AddParams};
-use tt_core::ops::conv::{conv2d_accumulate, conv2d_forward};
+use tt_core::ops::conv::{conv2d_accumulate, conv2d_forward, Conv2dGeom};
 use tt_core::ops::fc::{fc_accumulate, fc_forward, FcGeom};
 use tt_core::ops::pool::{avgpool_forward, global_avgpool_forward, maxpool_forward, Pool2dGeom};
 use tt_core::quant::{requantize, QParams, Requant};
@@ -180,6 +180,49 @@ proptest! {
                     prop_assert_eq!(max[k] as i64, *vals.iter().max().unwrap());
                 }
             }
+        }
+    }
+}
+
+/// The paths the random shapes above do not reach: groups wider than the int16 staging buffer
+/// and depthwise inputs whose zero point is outside int8 range (int32 lanes).
+#[test]
+fn conv_forward_fallback_paths() {
+    let cases = [
+        (
+            Conv2dGeom::new(2, 3, 600, 5, 1, 1, 1, 1, 0, 0, 0, 0, 1).unwrap(),
+            17,
+        ),
+        (
+            Conv2dGeom::new(3, 3, 1100, 4, 1, 1, 1, 1, 1, 0, 0, 1, 2).unwrap(),
+            -9,
+        ),
+        (
+            Conv2dGeom::new(5, 5, 32, 32, 3, 3, 1, 1, 1, 1, 1, 1, 32).unwrap(),
+            200,
+        ),
+        (
+            Conv2dGeom::new(5, 4, 20, 20, 3, 3, 2, 1, 1, 1, 1, 1, 20).unwrap(),
+            -300,
+        ),
+    ];
+    for (g, in_zp) in cases {
+        let mut rng = Seeded(g.input_len() as u64);
+        let x = rng.i8s(g.input_len(), -128, 127);
+        let w = rng.i8s(g.weight_len(), -127, 127);
+        let bias: Vec<i32> = (0..g.out_c).map(|_| rng.int(-3000, 3000)).collect();
+        let rq: Vec<Requant> = (0..g.out_c)
+            .map(|_| Requant::from_scale(1e-4 + 0.003 * rng.unit()).unwrap())
+            .collect();
+        let mut out = vec![0i8; g.output_len()];
+        conv2d_forward(&g, &x, in_zp, &w, &bias, &rq, -3, -128, 127, &mut out).unwrap();
+        let acc = ref_conv_acc(&g, &x, in_zp, &w, &[0], &bias);
+        for (i, (&o, &a)) in out.iter().zip(&acc).enumerate() {
+            assert_eq!(
+                o,
+                ref_finish(ref_requant(a, rq[i % g.out_c]), -3, -128, 127),
+                "{g:?}"
+            );
         }
     }
 }

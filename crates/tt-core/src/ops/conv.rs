@@ -5,13 +5,18 @@
 //! Depthwise layers (`groups == in_c == out_c`) take a channel-vectorized path.
 use super::{dims, ChannelAxis, ChannelSelection, WeightShape};
 use crate::error::{Error, Result};
-use crate::quant::{check_act, check_len, finish, QParams, Requant};
+use crate::quant::{check_act, check_len, QParams, Requant};
 
 /// Channels processed together by the depthwise paths (accumulators live on the stack).
 const DW_CHUNK: usize = 16;
 /// Largest kernel (kh * kw) the depthwise paths stage on the stack; larger ones take the
 /// general path.
 const DW_MAX_TAPS: usize = 64;
+/// Input channels per group the general forward stages as int16 (1 KB of stack); wider
+/// groups take the unstaged path.
+const XZ_MAX: usize = 512;
+/// Output channels accumulated together by the general forward.
+const OC_BLOCK: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dGeom {
@@ -227,6 +232,47 @@ pub fn conv2d_forward(
     let (icg, ocg, kw) = (g.in_per_group(), g.out_per_group(), g.kw);
     let taps = g.kh * g.kw;
     let (ow, oc_n, in_c) = (g.out_w(), g.out_c, g.in_c);
+    if icg <= XZ_MAX {
+        // One tap's input slice minus the zero point, staged once and reused by a block of
+        // output channels: the inner loop is then a single-accumulator int16 dot product.
+        let mut xz = [0i16; XZ_MAX];
+        let mut acc = [0i32; OC_BLOCK];
+        for oy in 0..g.out_h() {
+            let (iy0, ky_lo, ky_hi) = g.rows(oy);
+            for ox in 0..ow {
+                let (ix0, kx_lo, kx_hi) = g.cols(ox);
+                let out_px = &mut output[(oy * ow + ox) * oc_n..][..oc_n];
+                for grp in 0..g.groups {
+                    let mut o0 = grp * ocg;
+                    let o_end = o0 + ocg;
+                    while o0 < o_end {
+                        let nb = OC_BLOCK.min(o_end - o0);
+                        acc[..nb].copy_from_slice(&bias[o0..o0 + nb]);
+                        for ky in ky_lo..ky_hi {
+                            let row = idx(iy0, ky) * g.in_w;
+                            for kx in kx_lo..kx_hi {
+                                let x = &input[(row + idx(ix0, kx)) * in_c + grp * icg..][..icg];
+                                for (d, &v) in xz[..icg].iter_mut().zip(x) {
+                                    *d = (v as i32).wrapping_sub(in_zp) as i16;
+                                }
+                                let t = ky * kw + kx;
+                                for (j, a) in acc[..nb].iter_mut().enumerate() {
+                                    let w = &weight[((o0 + j) * taps + t) * icg..][..icg];
+                                    *a = a.wrapping_add(dot_i16(&xz[..icg], w));
+                                }
+                            }
+                        }
+                        for j in 0..nb {
+                            out_px[o0 + j] =
+                                requant[o0 + j].apply_clamp(acc[j], out_zp, act_min, act_max);
+                        }
+                        o0 += nb;
+                    }
+                }
+            }
+        }
+        return Ok(());
+    }
     for oy in 0..g.out_h() {
         let (iy0, ky_lo, ky_hi) = g.rows(oy);
         for ox in 0..ow {
@@ -244,7 +290,7 @@ pub fn conv2d_forward(
                         acc = acc.wrapping_add(dot_zp(x, w, in_zp));
                     }
                 }
-                *out_v = finish(requant[oc].apply(acc), out_zp, act_min, act_max);
+                *out_v = requant[oc].apply_clamp(acc, out_zp, act_min, act_max);
             }
         }
     }
@@ -263,6 +309,26 @@ fn dot_zp(x: &[i8], w: &[i8], zp: i32) -> i32 {
     s.wrapping_sub(zp.wrapping_mul(sw))
 }
 
+/// `sum xz * w` with the zero point already subtracted (int16 lanes).
+#[inline]
+fn dot_i16(xz: &[i16], w: &[i8]) -> i32 {
+    let mut s: i32 = 0;
+    for (&a, &b) in xz.iter().zip(w) {
+        s = s.wrapping_add(a as i32 * b as i32);
+    }
+    s
+}
+
+/// `acc[j] += (x[j] - zp) * w[j]` over a fixed number of lanes, multiplying in int16: with
+/// `zp` in int8 range, `|x - zp| <= 255` and `|w| <= 128`, so the product fits (<= 32640).
+#[inline(always)]
+fn dw_mac16<const N: usize>(acc: &mut [i32], x: &[i8], w: &[i16], zp: i16) {
+    let (acc, x, w) = (&mut acc[..N], &x[..N], &w[..N]);
+    for j in 0..N {
+        acc[j] = acc[j].wrapping_add(((x[j] as i16 - zp) * w[j]) as i32);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn dw_forward(
     g: &Conv2dGeom,
@@ -277,14 +343,16 @@ fn dw_forward(
     output: &mut [i8],
 ) {
     let (c, kw, taps, ow) = (g.in_c, g.kw, g.kh * g.kw, g.out_w());
-    let mut wt = [0i32; DW_CHUNK * DW_MAX_TAPS];
+    // int16 products need an int8-range zero point; any other takes the int32 lanes.
+    let narrow = (-128..=127).contains(&in_zp);
+    let mut wt = [0i16; DW_CHUNK * DW_MAX_TAPS];
     let mut c0 = 0;
     while c0 < c {
         let n = DW_CHUNK.min(c - c0);
         // Tap-major staging of this chunk's weights so the inner loop runs over channels.
         for t in 0..taps {
             for j in 0..n {
-                wt[t * DW_CHUNK + j] = weight[(c0 + j) * taps + t] as i32;
+                wt[t * DW_CHUNK + j] = weight[(c0 + j) * taps + t] as i16;
             }
         }
         for oy in 0..g.out_h() {
@@ -298,14 +366,20 @@ fn dw_forward(
                     for kx in kx_lo..kx_hi {
                         let x = &input[(row + idx(ix0, kx)) * c + c0..][..n];
                         let w = &wt[(ky * kw + kx) * DW_CHUNK..][..n];
-                        for j in 0..n {
-                            acc[j] = acc[j].wrapping_add((x[j] as i32 - in_zp).wrapping_mul(w[j]));
+                        if narrow && n == DW_CHUNK {
+                            dw_mac16::<DW_CHUNK>(&mut acc, x, w, in_zp as i16);
+                        } else {
+                            for j in 0..n {
+                                acc[j] = acc[j].wrapping_add(
+                                    (x[j] as i32).wrapping_sub(in_zp).wrapping_mul(w[j] as i32),
+                                );
+                            }
                         }
                     }
                 }
                 let out = &mut output[(oy * ow + ox) * c + c0..][..n];
                 for j in 0..n {
-                    out[j] = finish(requant[c0 + j].apply(acc[j]), out_zp, act_min, act_max);
+                    out[j] = requant[c0 + j].apply_clamp(acc[j], out_zp, act_min, act_max);
                 }
             }
         }

@@ -3,7 +3,7 @@
 //! `conv` (an FC layer is a 1x1 convolution over a single pixel).
 use super::{ChannelAxis, ChannelSelection, WeightShape};
 use crate::error::{Error, Result};
-use crate::quant::{check_act, check_len, finish, QParams, Requant};
+use crate::quant::{check_act, check_len, QParams, Requant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FcGeom {
@@ -84,7 +84,7 @@ pub fn fc_forward(
             sw = sw.wrapping_add(b as i32);
         }
         let acc = bias[o].wrapping_add(s.wrapping_sub(in_zp.wrapping_mul(sw)));
-        *out = finish(requant[o].apply(acc), out_zp, act_min, act_max);
+        *out = requant[o].apply_clamp(acc, out_zp, act_min, act_max);
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! `count_include_pad = 0`, and TFLite's behaviour). Windowed average and max pool keep the
 //! input's quantization for the output (as TFLite requires), so they work on raw int8 values.
 use crate::error::{Error, Result};
-use crate::quant::{check_len, finish, QParams, Requant};
+use crate::quant::{check_len, QParams, Requant};
 
 /// Geometry of a windowed pool over an HWC tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +143,7 @@ pub fn global_avgpool_forward(
         for px in 0..hw {
             acc = acc.wrapping_add(input[px * c + ch] as i32 - in_q.zero_point);
         }
-        *o = finish(rq.apply(acc), out_q.zero_point, -128, 127);
+        *o = rq.apply_clamp(acc, out_q.zero_point, -128, 127);
     }
     Ok(())
 }
