@@ -103,6 +103,23 @@ impl<'p, 'a> Trainer<'p, 'a> {
         self.ex.predict(input)
     }
 
+    /// Correct predictions over labelled samples stored back to back (`ys.len()` inputs in `xs`).
+    pub fn count_correct(&mut self, xs: &[i8], ys: &[u8]) -> Result<usize, Error> {
+        let n = self.input_len()?;
+        if xs.len() != ys.len() * n {
+            return Err(Error::ShapeMismatch {
+                what: "labelled samples (labels x input length)",
+                expected: ys.len() * n,
+                actual: xs.len(),
+            });
+        }
+        let mut correct = 0;
+        for (x, &y) in xs.chunks_exact(n).zip(ys) {
+            correct += (self.predict(x)? == y as usize) as usize;
+        }
+        Ok(correct)
+    }
+
     /// Reads the next sample from `source` into `buf` and trains on it if it carries a label
     /// (`Ok(Some(loss))`); an unlabelled sample is only predicted on and gives `Ok(None)`.
     pub fn step_from<S: SampleSource>(

@@ -19,7 +19,14 @@ fn main() {
     let bundle = match env::var_os("TT_MCU_BUNDLE") {
         Some(dir) => {
             let dir = PathBuf::from(dir);
-            for f in ["plan.ttp", "params.bin", "train_x.bin", "train_y.bin", "test_x.bin", "test_y.bin"] {
+            for f in [
+                "plan.ttp",
+                "params.bin",
+                "train_x.bin",
+                "train_y.bin",
+                "test_x.bin",
+                "test_y.bin",
+            ] {
                 println!("cargo:rerun-if-changed={}", dir.join(f).display());
             }
             Bundle::read(&dir).unwrap_or_else(|e| panic!("TT_MCU_BUNDLE={}: {e}", dir.display()))
@@ -30,7 +37,9 @@ fn main() {
         .ok()
         .map(|v| v.parse().expect("TT_MCU_EPOCHS: a number"))
         .unwrap_or(3);
-    let run = bundle.run(epochs).unwrap_or_else(|e| panic!("host reference run: {e}"));
+    let run = bundle
+        .run(epochs)
+        .unwrap_or_else(|e| panic!("host reference run: {e}"));
     bundle.write(&out).unwrap();
     let losses: Vec<u8> = run.losses.iter().flat_map(|l| l.to_le_bytes()).collect();
     fs::write(out.join("host_losses.bin"), losses).unwrap();

@@ -35,7 +35,9 @@ impl ErrorType for MemFlash {
 }
 
 fn window(offset: u32, len: usize) -> Result<*mut u8, MemFlashError> {
-    let end = (offset as usize).checked_add(len).ok_or(MemFlashError::OutOfBounds)?;
+    let end = (offset as usize)
+        .checked_add(len)
+        .ok_or(MemFlashError::OutOfBounds)?;
     if end > FLASH_SIZE {
         return Err(MemFlashError::OutOfBounds);
     }

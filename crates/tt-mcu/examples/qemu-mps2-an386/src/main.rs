@@ -33,8 +33,10 @@ static TRAIN_X: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/train_x.bin"))
 static TRAIN_Y: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/train_y.bin"));
 static TEST_X: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test_x.bin"));
 static TEST_Y: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/test_y.bin"));
-static HOST_LOSSES: &Aligned<[u8]> =
-    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/host_losses.bin")));
+static HOST_LOSSES: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(
+    env!("OUT_DIR"),
+    "/host_losses.bin"
+)));
 
 /// All of training's SRAM: the plan's arena, sized by the export. In .bss, so the linker
 /// figure counts it and a plan that does not fit fails the link.
@@ -51,11 +53,7 @@ fn host_loss(i: usize) -> Option<u32> {
 }
 
 fn accuracy(t: &mut Trainer) -> Result<usize, tt_core::Error> {
-    let mut correct = 0;
-    for (x, &y) in as_i8(TEST_X).chunks_exact(INPUT_LEN).zip(TEST_Y) {
-        correct += (t.predict(x)? == y as usize) as usize;
-    }
-    Ok(correct)
+    t.count_correct(as_i8(TEST_X), TEST_Y)
 }
 
 fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
@@ -99,7 +97,10 @@ fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
     let spent = instructions() - t_train;
     let per = spent / step.max(1) as u64;
     say!("training: {step} steps, {per} instructions per step ({:.1} ms at 216 MHz if 1 instr/cycle)", per as f32 / 216_000.0);
-    say!("loss trajectory vs host run: {} of {step} steps differ (bit-exact expected)", mismatches);
+    say!(
+        "loss trajectory vs host run: {} of {step} steps differ (bit-exact expected)",
+        mismatches
+    );
     ok &= mismatches == 0 && step == HOST_LOSSES.0.len() / 4;
 
     let after = accuracy(&mut t)?;
@@ -112,7 +113,9 @@ fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
 
     // Checkpoint the learned state, then come back as after a reset.
     let mut store = Checkpoints::new(MemFlash, 0, 32 * 1024, t.tag()).map_err(|_| {
-        tt_core::Error::InvalidParameter { what: "checkpoint layout" }
+        tt_core::Error::InvalidParameter {
+            what: "checkpoint layout",
+        }
     })?;
     let t0 = instructions();
     let seq = t.save(&mut store);

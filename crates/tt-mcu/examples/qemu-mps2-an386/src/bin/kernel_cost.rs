@@ -44,7 +44,10 @@ static mut BUF: Buffers = Buffers {
     x: [0; H * W * C],
     w: [0; C * C],
     b: [0; C],
-    rq: [Requant { multiplier: 0, shift: 0 }; C],
+    rq: [Requant {
+        multiplier: 0,
+        shift: 0,
+    }; C],
     ws: [0.0; C],
     y: [0; H * W * C],
     gy: [0.0; H * W * C],
@@ -85,7 +88,18 @@ fn run() -> Result<(), tt_core::Error> {
     let macs = g.macs();
 
     let t0 = instructions();
-    conv2d_forward(&g, &b.x, x_q.zero_point, &b.w, &b.b, &b.rq, y_q.zero_point, lo, hi, &mut b.y)?;
+    conv2d_forward(
+        &g,
+        &b.x,
+        x_q.zero_point,
+        &b.w,
+        &b.b,
+        &b.rq,
+        y_q.zero_point,
+        lo,
+        hi,
+        &mut b.y,
+    )?;
     let t1 = instructions();
     for (gy, &y) in b.gy.iter_mut().zip(b.y.iter()) {
         *gy = (y as i32 + 100) as f32 * 0.001;
@@ -118,14 +132,38 @@ fn run() -> Result<(), tt_core::Error> {
     let bw = per_mac(t3 - t2, wmacs);
     let bi = per_mac(t4 - t3, macs);
     say!("kernel layer: conv 1x1 {H}x{W}x{C} -> {C}, ReLU6, weight update on {SEL}/{C} output channels");
-    say!("  forward          {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC", t1 - t0, macs, f.0, f.1);
+    say!(
+        "  forward          {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC",
+        t1 - t0,
+        macs,
+        f.0,
+        f.1
+    );
     say!("  loss grad + mask {:>9} instr", t2 - t1);
-    say!("  weight gradient  {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC", t3 - t2, wmacs, bw.0, bw.1);
-    say!("  input gradient   {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC", t4 - t3, macs, bi.0, bi.1);
+    say!(
+        "  weight gradient  {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC",
+        t3 - t2,
+        wmacs,
+        bw.0,
+        bw.1
+    );
+    say!(
+        "  input gradient   {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC",
+        t4 - t3,
+        macs,
+        bi.0,
+        bi.1
+    );
     say!("  bias grad + SGD  {:>9} instr", t5 - t4);
     let all = macs * 2 + wmacs;
     let s = per_mac(t5 - t0, all);
-    say!("  step             {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC", t5 - t0, all, s.0, s.1);
+    say!(
+        "  step             {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC",
+        t5 - t0,
+        all,
+        s.0,
+        s.1
+    );
     Ok(())
 }
 
@@ -135,8 +173,16 @@ fn main() -> ! {
     clock_start();
     match run() {
         Ok(()) => {
-            say!("stack peak {} B of {} B reserved", stack_peak(), stack_reserve());
-            exit(if stack_peak() <= stack_reserve() { 0 } else { 1 })
+            say!(
+                "stack peak {} B of {} B reserved",
+                stack_peak(),
+                stack_reserve()
+            );
+            exit(if stack_peak() <= stack_reserve() {
+                0
+            } else {
+                1
+            })
         }
         Err(e) => {
             say!("FAIL: kernel error: {e}");
