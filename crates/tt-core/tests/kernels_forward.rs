@@ -6,7 +6,10 @@ mod kernels_common;
 use kernels_common::*;
 use proptest::prelude::*;
 use tt_core::ops::add::{add_forward, AddParams};
-use tt_core::ops::conv::{conv2d_accumulate, conv2d_forward, Conv2dGeom};
+use tt_core::ops::conv::{
+    conv2d_accumulate, conv2d_depthwise_in_place, conv2d_forward, depthwise_in_place_scratch_len,
+    Conv2dGeom,
+};
 use tt_core::ops::fc::{fc_accumulate, fc_forward, FcGeom};
 use tt_core::ops::pool::{avgpool_forward, global_avgpool_forward, maxpool_forward, Pool2dGeom};
 use tt_core::quant::{requantize, QParams, Requant};
@@ -36,6 +39,30 @@ proptest! {
         for (i, (&o, &a)) in out.iter().zip(&acc).enumerate() {
             let oc = i % g.out_c;
             prop_assert_eq!(o, ref_finish(ref_requant(a, rq[oc]), out_zp, lo, hi), "element {} of {:?}", i, g);
+        }
+    }
+
+    #[test]
+    fn depthwise_in_place_equals_out_of_place(g in depthwise_geom(), seed in any::<u64>()) {
+        let mut rng = Seeded(seed);
+        let x = rng.i8s(g.input_len(), -128, 127);
+        let w = rng.i8s(g.weight_len(), -127, 127);
+        let bias: Vec<i32> = (0..g.out_c).map(|_| rng.int(-3000, 3000)).collect();
+        let rq = requants(&mut rng, g.out_c);
+        let in_zp = rng.int(-128, 127);
+        let mut want = vec![0i8; g.output_len()];
+        conv2d_forward(&g, &x, in_zp, &w, &bias, &rq, 4, -128, 127, &mut want).unwrap();
+        let mut buf = x.clone();
+        let mut scratch = vec![0i8; depthwise_in_place_scratch_len(&g)];
+        let r = conv2d_depthwise_in_place(&g, &mut buf, in_zp, &w, &bias, &rq, 4, -128, 127, &mut scratch);
+        if g.out_w() <= g.in_w && g.pad_top < g.kh && g.output_len() <= g.input_len() {
+            // "Same" or shrinking geometries always fit in place.
+            prop_assert!(r.is_ok(), "{:?}: {:?}", g, r);
+        }
+        match r {
+            Ok(()) => prop_assert_eq!(&buf[..g.output_len()], &want[..]),
+            // Refused before writing anything.
+            Err(_) => prop_assert_eq!(&buf, &x),
         }
     }
 

@@ -49,6 +49,9 @@ proptest! {
         }
         let mut acc = vec![0i32; l[3]];
         let _ = conv2d_accumulate(&g, &x, 0, &w, &[0], &b, &mut acc);
+        let mut buf = vec![0i8; l[0]];
+        let mut scratch = vec![0i8; l[5]];
+        let _ = conv2d_depthwise_in_place(&g, &mut buf, 0, &w, &b, &r, 0, act.0, act.1, &mut scratch);
         let go = vec![0.5f32; l[4]];
         let mut gi = vec![0f32; l[0]];
         let _ = conv2d_backward_input(&g, &go, &w, &vec![0.1; l[2]], &mut gi);

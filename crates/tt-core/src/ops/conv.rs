@@ -691,3 +691,126 @@ pub fn conv2d_backward_bias(g: &Conv2dGeom, grad_out: &[f32], grad_b: &mut [f32]
     }
     Ok(())
 }
+
+/// Scratch bytes `conv2d_depthwise_in_place` needs: `kh` input rows.
+pub fn depthwise_in_place_scratch_len(g: &Conv2dGeom) -> usize {
+    g.kh.saturating_mul(g.in_w).saturating_mul(g.in_c)
+}
+
+/// Depthwise conv that writes its output over its own input, so a layer costs
+/// `max(input, output) + kh input rows` of SRAM instead of `input + output` (DESIGN: the
+/// early MobileNet stages do not fit otherwise). `buf` holds the input (`g.input_len()`
+/// bytes); on return its first `g.output_len()` bytes hold the output, bit-identical to
+/// `conv2d_forward`. Each output row is computed from copies of the input rows it needs, kept
+/// in `scratch` (`depthwise_in_place_scratch_len(g)` bytes), taken before any output byte
+/// lands on them; a geometry where an output row would overwrite input not yet copied (an
+/// output wider than its input) is refused with an error before anything is written.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_depthwise_in_place(
+    g: &Conv2dGeom,
+    buf: &mut [i8],
+    in_zp: i32,
+    weight: &[i8],
+    bias: &[i32],
+    requant: &[Requant],
+    out_zp: i32,
+    act_min: i8,
+    act_max: i8,
+    scratch: &mut [i8],
+) -> Result<()> {
+    g.validate()?;
+    if !g.is_depthwise() {
+        return Err(Error::InvalidParameter {
+            what: "conv2d_depthwise_in_place: needs groups == in_c == out_c",
+        });
+    }
+    check_len(
+        "conv2d_depthwise_in_place: buffer",
+        g.input_len(),
+        buf.len(),
+    )?;
+    check_len(
+        "conv2d_depthwise_in_place: scratch",
+        depthwise_in_place_scratch_len(g),
+        scratch.len(),
+    )?;
+    check_len(
+        "conv2d_depthwise_in_place: weight",
+        g.weight_len(),
+        weight.len(),
+    )?;
+    check_len("conv2d_depthwise_in_place: bias", g.out_c, bias.len())?;
+    check_len("conv2d_depthwise_in_place: requant", g.out_c, requant.len())?;
+    check_act(act_min, act_max)?;
+    if g.output_len() > g.input_len() {
+        return Err(Error::InvalidParameter {
+            what: "conv2d_depthwise_in_place: output larger than input",
+        });
+    }
+    let row_in = g.in_w * g.in_c;
+    let row_out = g.out_w() * g.out_c;
+    // The input rows output row `oy` reads: `[a, b)`, possibly empty (all padding).
+    let window = |oy: usize| {
+        let (iy0, lo, hi) = g.rows(oy);
+        (idx(iy0, lo), idx(iy0, hi).max(idx(iy0, lo)), lo, hi)
+    };
+    // Dry run of the copy schedule: a row is copied into scratch right before the first output
+    // row that reads it, when the output rows before have written `oy * row_out` bytes.
+    let mut copied_to = 0;
+    for oy in 0..g.out_h() {
+        let (a, b, _, _) = window(oy);
+        let first_new = a.max(copied_to);
+        if b > first_new {
+            if oy * row_out > first_new * row_in {
+                return Err(Error::InvalidParameter {
+                    what: "conv2d_depthwise_in_place: output would overwrite input still needed",
+                });
+            }
+            copied_to = b;
+        }
+    }
+    // Scratch holds input rows [win_lo, win_hi), in order, from its start.
+    let (mut win_lo, mut win_hi) = (0usize, 0usize);
+    for oy in 0..g.out_h() {
+        let (a, b, lo, hi) = window(oy);
+        if b == a {
+            // Padding only: every tap contributes zero, the output is the bias.
+            for (i, o) in buf[oy * row_out..][..row_out].iter_mut().enumerate() {
+                let c = i % g.out_c;
+                *o = requant[c].apply_clamp(bias[c], out_zp, act_min, act_max);
+            }
+            continue;
+        }
+        let kept = win_hi.min(b).saturating_sub(a.max(win_lo));
+        if kept > 0 {
+            scratch.copy_within((a - win_lo) * row_in..(a - win_lo + kept) * row_in, 0);
+        }
+        (win_lo, win_hi) = (a, b);
+        for r in (a + kept)..b {
+            let dst = (r - a) * row_in;
+            // Not yet overwritten: the dry run above checked `oy * row_out <= r * row_in`.
+            let (src, dst_s) = (r * row_in, &mut scratch[dst..dst + row_in]);
+            dst_s.copy_from_slice(&buf[src..src + row_in]);
+        }
+        let sub = Conv2dGeom {
+            in_h: b - a,
+            pad_top: lo,
+            pad_bottom: g.kh - hi,
+            stride_h: 1,
+            ..*g
+        };
+        conv2d_forward(
+            &sub,
+            &scratch[..(b - a) * row_in],
+            in_zp,
+            weight,
+            bias,
+            requant,
+            out_zp,
+            act_min,
+            act_max,
+            &mut buf[oy * row_out..][..row_out],
+        )?;
+    }
+    Ok(())
+}
