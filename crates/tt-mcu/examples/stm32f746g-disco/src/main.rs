@@ -108,7 +108,7 @@ fn run(
             mismatches,
             step
         );
-        ok &= mismatches == 0 && after == HOST_CORRECT_AFTER;
+        ok &= mismatches == 0 && before == HOST_CORRECT_BEFORE && after == HOST_CORRECT_AFTER;
     }
     ok &= after > before || after == N_TEST;
     match t.save(store) {
