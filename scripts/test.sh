@@ -16,5 +16,9 @@ cargo test --workspace --release
 echo "== no_std build for thumbv7em-none-eabihf (Debian toolchain)"
 bash scripts/build-thumb.sh
 
+echo "== tt-mcu firmware: QEMU mps2-an386 (trains, 256 KB / 1 MB budget) and STM32F746G-DISCO build"
+bash scripts/mcu-qemu.sh
+bash scripts/mcu-board.sh
+
 echo "== pytest"
 python3 -m pytest -q tests
