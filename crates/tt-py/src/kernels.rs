@@ -168,21 +168,25 @@ fn conv2d_forward<'py>(
     let (xd, wd, bd) = (data(&x), data(&weight), data(&bias));
     let (il, ol) = (g.input_len(), g.output_len());
     let mut out = vec![0i8; xs[0] * ol];
-    for n in 0..xs[0] {
-        conv::conv2d_forward(
-            &g,
-            &xd[n * il..(n + 1) * il],
-            in_zp,
-            &wd,
-            &bd,
-            &rq,
-            out_zp,
-            act_min,
-            act_max,
-            &mut out[n * ol..(n + 1) * ol],
-        )
-        .map_err(core_err)?;
-    }
+    // The batch runs without the GIL: other Python threads keep going meanwhile.
+    py.allow_threads(|| {
+        for n in 0..xs[0] {
+            conv::conv2d_forward(
+                &g,
+                &xd[n * il..(n + 1) * il],
+                in_zp,
+                &wd,
+                &bd,
+                &rq,
+                out_zp,
+                act_min,
+                act_max,
+                &mut out[n * ol..(n + 1) * ol],
+            )?;
+        }
+        Ok(())
+    })
+    .map_err(core_err)?;
     to_numpy(py, &[xs[0], g.out_h(), g.out_w(), g.out_c], out)
 }
 
@@ -219,18 +223,22 @@ fn conv2d_accumulate<'py>(
     let (xd, wd) = (data(&x), data(&weight));
     let (il, ol) = (g.input_len(), g.output_len());
     let mut out = vec![0i32; xs[0] * ol];
-    for n in 0..xs[0] {
-        conv::conv2d_accumulate(
-            &g,
-            &xd[n * il..(n + 1) * il],
-            x_zp,
-            &wd,
-            &wzp,
-            &b,
-            &mut out[n * ol..(n + 1) * ol],
-        )
-        .map_err(core_err)?;
-    }
+    // The batch runs without the GIL: other Python threads keep going meanwhile.
+    py.allow_threads(|| {
+        for n in 0..xs[0] {
+            conv::conv2d_accumulate(
+                &g,
+                &xd[n * il..(n + 1) * il],
+                x_zp,
+                &wd,
+                &wzp,
+                &b,
+                &mut out[n * ol..(n + 1) * ol],
+            )?;
+        }
+        Ok(())
+    })
+    .map_err(core_err)?;
     to_numpy(py, &[xs[0], g.out_h(), g.out_w(), g.out_c], out)
 }
 
@@ -267,16 +275,20 @@ fn conv2d_backward_input<'py>(
         )));
     }
     let mut out = vec![0f32; gs[0] * il];
-    for n in 0..gs[0] {
-        conv::conv2d_backward_input(
-            &g,
-            &gd[n * ol..(n + 1) * ol],
-            &wd,
-            &sd,
-            &mut out[n * il..(n + 1) * il],
-        )
-        .map_err(core_err)?;
-    }
+    // The batch runs without the GIL: other Python threads keep going meanwhile.
+    py.allow_threads(|| {
+        for n in 0..gs[0] {
+            conv::conv2d_backward_input(
+                &g,
+                &gd[n * ol..(n + 1) * ol],
+                &wd,
+                &sd,
+                &mut out[n * il..(n + 1) * il],
+            )?;
+        }
+        Ok(())
+    })
+    .map_err(core_err)?;
     to_numpy(py, &[gs[0], g.in_h, g.in_w, g.in_c], out)
 }
 
@@ -331,17 +343,21 @@ fn conv2d_backward_weight<'py>(
             (g.out_h(), g.out_w(), g.out_c)
         )));
     }
-    for n in 0..xs[0] {
-        conv::conv2d_backward_weight(
-            &g,
-            &xd[n * il..(n + 1) * il],
-            q,
-            &gd[n * ol..(n + 1) * ol],
-            sel,
-            &mut gw,
-        )
-        .map_err(core_err)?;
-    }
+    // The batch runs without the GIL: other Python threads keep going meanwhile.
+    py.allow_threads(|| {
+        for n in 0..xs[0] {
+            conv::conv2d_backward_weight(
+                &g,
+                &xd[n * il..(n + 1) * il],
+                q,
+                &gd[n * ol..(n + 1) * ol],
+                sel,
+                &mut gw,
+            )?;
+        }
+        Ok(())
+    })
+    .map_err(core_err)?;
     let shape = match sel.axis {
         tt_core::ops::ChannelAxis::Output => [count, kh, kw, ipg],
         tt_core::ops::ChannelAxis::Input => [o, kh, kw, count],
