@@ -79,8 +79,12 @@ pub struct Layout {
     /// Run nodes `0..=last` (a chain of frozen convs) patch by patch on a `grid` x `grid` grid.
     pub patch: Option<(usize, usize)>,
     /// Depthwise convs overwrite their input in the forward pass and their output gradient in
-    /// the backward pass, channel by channel.
+    /// the backward pass, channel by channel; expanding pointwise convs and adds overwrite an
+    /// input read by nothing else.
     pub in_place: bool,
+    /// Shrinking pointwise convs and adds also run in place (keeps a large input buffer alive as
+    /// long as the small output: a win only when what follows reuses it, so it is searched).
+    pub shrink_in_place: bool,
 }
 
 pub fn build(g: &Graph, scheme: &Scheme, opt: &CompileOptions) -> Result<TrainingGraph> {
@@ -341,22 +345,49 @@ pub fn build_with(
             continue;
         }
         let t_in = n.inputs[0];
+        // Depthwise convs overwrite their input channel by channel; pointwise convs pixel by
+        // pixel (an input pixel is dead once its output pixel exists). Only when nothing else
+        // reads the input: one consumer, and no weight gradient needing it whole.
+        let dw = is_depthwise(g, i) && sel[i].channels == 0;
+        // A shrinking pointwise conv stays out of place: in place, its large input buffer would
+        // live as long as its small output.
+        let pw = is_pointwise(g, i)
+            && !(sel[i].channels > 0 && sel[i].axis == ChannelAxis::Output)
+            && (layout.shrink_in_place || g.tensors[n.output].numel() >= g.tensors[t_in].numel());
         let in_place = layout.in_place
-            && is_depthwise(g, i)
-            && sel[i].channels == 0
+            && (dw || pw)
             && t_in != g.input
-            && g.tensors[n.output].numel() <= g.tensors[t_in].numel()
-            && g.nodes.iter().filter(|m| m.inputs.contains(&t_in)).count() == 1
-            && !g
-                .nodes
+            && (pw || g.tensors[n.output].numel() <= g.tensors[t_in].numel())
+            && g.nodes.iter().filter(|m| m.inputs.contains(&t_in)).count() == 1;
+        let single = |t: usize| g.nodes.iter().filter(|m| m.inputs.contains(&t)).count() == 1;
+        let add_into = if layout.shrink_in_place && matches!(n.kind, NodeKind::Add { .. }) {
+            n.inputs
                 .iter()
-                .enumerate()
-                .any(|(ci, c)| c.inputs[0] == t_in && sel[ci].channels > 0);
-        if in_place {
+                .rposition(|&t| t != g.input && single(t) && n.inputs[0] != n.inputs[1])
+        } else {
+            None
+        };
+        if let Some(j) = add_into {
+            // The output overwrites input j element by element.
+            let buf = act_buf[n.inputs[j]];
+            act_buf[n.output] = buf;
+            ops.push(TrainOp {
+                kind: OpKind::Forward,
+                node: i as u32,
+                arg: IN_PLACE | j as u32,
+                bufs: [act_buf[n.inputs[0]], act_buf[n.inputs[1]], buf, NONE],
+            });
+        } else if in_place {
             let buf = act_buf[t_in];
             act_buf[n.output] = buf;
             let o = g.tensors[n.output];
-            let plane = b.add(BufKind::Scratch, o.h as usize * o.w as usize, i);
+            let bb = &mut b.buffers[buf as usize];
+            bb.bytes = bb.bytes.max(o.numel());
+            let plane = if dw {
+                b.add(BufKind::Scratch, o.h as usize * o.w as usize, i)
+            } else {
+                b.add(BufKind::Scratch, o.c as usize, i)
+            };
             ops.push(TrainOp {
                 kind: OpKind::Forward,
                 node: i as u32,

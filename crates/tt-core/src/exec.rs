@@ -630,35 +630,86 @@ impl<'p, 'a> Executor<'p, 'a> {
             qas: self.qas,
         };
         match kind {
+            OpKind::Forward if arg & IN_PLACE != 0 && n.kind == NODE_ADD => {
+                // The output overwrites input `j`, element by element.
+                let j = (arg & 1) as usize;
+                let b_t = pv.tensor(n.inputs[1] as usize)?;
+                let p = AddParams::new(in_q, qp(&b_t), out_q, amin, amax)?;
+                if bufs[2] != bufs[j] || bufs[0] == bufs[1] || ni != no || b_t.numel() != no {
+                    return Err(Error::CorruptPlan {
+                        field: "ops (in-place add)",
+                    });
+                }
+                let other = bufs[1 - j];
+                let [o, y] = self.carve_t([other, bufs[2]], [no, no])?;
+                let o: &[i8] = view(o, "add input")?;
+                let y: &mut [i8] = view_mut(y, "add output")?;
+                for (d, &v) in y.iter_mut().zip(o) {
+                    *d = if j == 1 {
+                        p.apply(v, *d)
+                    } else {
+                        p.apply(*d, v)
+                    };
+                }
+            }
             OpKind::Forward if arg & IN_PLACE != 0 => {
                 let l = layer.ok_or(Error::CorruptPlan {
                     field: "nodes.layer",
                 })?;
                 let (fw, fb, _, rq) = self.frozen(&l)?;
                 let g = Self::conv_geom(&n, &inp, &out)?;
-                if n.kind != NODE_CONV || !g.is_depthwise() || bufs[0] != bufs[2] {
+                let pointwise = g.kh == 1
+                    && g.kw == 1
+                    && g.stride_h == 1
+                    && g.stride_w == 1
+                    && g.pad_top + g.pad_left + g.pad_bottom + g.pad_right == 0
+                    && g.groups == 1;
+                if n.kind != NODE_CONV
+                    || !(g.is_depthwise() || pointwise)
+                    || bufs[0] != bufs[2]
+                    || (g.is_depthwise() && l.st_weight != NONE)
+                {
                     return Err(Error::CorruptPlan {
-                        field: "ops (in-place forward of a non-depthwise conv)",
+                        field: "ops (in-place forward of this conv)",
                     });
                 }
-                let [buf, plane, sb] = self.carve([bufs[0], bufs[3], l.st_bias])?;
+                let [buf, plane, sb, sw] =
+                    self.carve([bufs[0], bufs[3], l.st_bias, l.st_weight])?;
                 let bias: &[i32] = if l.st_bias != NONE {
                     view(sb, "trained bias")?
                 } else {
                     fb
                 };
-                dw_forward_in_place(
-                    &g,
-                    view_mut(buf, "in-place activation")?,
-                    in_q.zero_point,
-                    fw,
-                    bias,
-                    rq,
-                    out_q.zero_point,
-                    amin,
-                    amax,
-                    view_mut(plane, "plane scratch")?,
-                )?;
+                let buf: &mut [i8] = view_mut(buf, "in-place activation")?;
+                let plane: &mut [i8] = view_mut(plane, "in-place scratch")?;
+                if g.is_depthwise() {
+                    dw_forward_in_place(
+                        &g,
+                        buf,
+                        in_q.zero_point,
+                        fw,
+                        bias,
+                        rq,
+                        out_q.zero_point,
+                        amin,
+                        amax,
+                        plane,
+                    )?;
+                } else {
+                    let w = Self::weights_of_static(&l, &g, fw, view(sw, "trained weights")?);
+                    pw_forward_in_place(
+                        &g,
+                        buf,
+                        in_q.zero_point,
+                        w,
+                        bias,
+                        rq,
+                        out_q.zero_point,
+                        amin,
+                        amax,
+                        plane,
+                    )?;
+                }
             }
             OpKind::PatchStage => {
                 self.patch_stage(node as usize, arg, bufs)?;
@@ -1905,6 +1956,55 @@ fn weight_grad_row(
     }
 }
 
+/// Pointwise conv whose output overwrites its input pixel by pixel: output pixel p only needs
+/// input pixel p. Shrinking convs walk forward, expanding ones backward, so a write never lands
+/// on an input pixel still to be read.
+#[allow(clippy::too_many_arguments)]
+fn pw_forward_in_place(
+    g: &Conv2dGeom,
+    buf: &mut [i8],
+    in_zp: i32,
+    w: Weights<'_>,
+    bias: &[i32],
+    rq: &[Requant],
+    out_zp: i32,
+    amin: i8,
+    amax: i8,
+    px: &mut [i8],
+) -> Result<()> {
+    g.validate()?;
+    w.check(g)?;
+    let (ci, co) = (g.in_c, g.out_c);
+    let pixels = g.in_h * g.in_w;
+    if buf.len() < g.input_len()
+        || buf.len() < g.output_len()
+        || bias.len() != co
+        || rq.len() != co
+        || px.len() != co
+    {
+        return Err(Error::ShapeMismatch {
+            what: "executor: in-place pointwise buffers",
+            expected: g.output_len(),
+            actual: buf.len(),
+        });
+    }
+    for step in 0..pixels {
+        let p = if co > ci { pixels - 1 - step } else { step };
+        let x = &buf[p * ci..][..ci];
+        for (o, d) in px.iter_mut().enumerate() {
+            let mut acc = bias[o];
+            for (i, &xv) in x.iter().enumerate() {
+                acc =
+                    acc.wrapping_add((xv as i32 - in_zp).wrapping_mul(w.at(o, 0, i, 1, ci) as i32));
+            }
+            let v = rq[o].apply(acc).saturating_add(out_zp);
+            *d = v.clamp(amin as i32, amax as i32) as i8;
+        }
+        buf[p * co..][..co].copy_from_slice(px);
+    }
+    Ok(())
+}
+
 /// Depthwise conv whose output overwrites its input, one channel at a time: channel `c` of the
 /// output only needs channel `c` of the input, which is dead once its plane is computed.
 #[allow(clippy::too_many_arguments)]
@@ -2494,17 +2594,20 @@ mod tests {
             let cands = crate::autodiff::patch_candidates(&g, sch).unwrap();
             let mut layouts = std::vec![Layout {
                 patch: None,
-                in_place: true
+                in_place: true,
+                shrink_in_place: false
             }];
             for &last in &cands {
                 for grid in [1, 2, 3, 5] {
                     layouts.push(Layout {
                         patch: Some((last, grid)),
                         in_place: true,
+                        shrink_in_place: false,
                     });
                     layouts.push(Layout {
                         patch: Some((last, grid)),
                         in_place: false,
+                        shrink_in_place: false,
                     });
                 }
             }
@@ -2540,6 +2643,43 @@ mod tests {
             }
         }
         assert!(fused_seen > 0);
+        // A residual add (in place into its branch input) and shrinking pointwise convs in place.
+        let gs = small_graph();
+        let xs = sample(9);
+        for sch in [
+            full(&gs),
+            scheme(&gs, |i| LayerUpdate {
+                bias: i >= 2,
+                weight_ratio: if i == 2 { 0.5 } else { 0.0 },
+                axis: ChannelAxis::Input,
+            }),
+        ] {
+            let st = settings(true, Precision::FpMaster, false);
+            let base = run_layout(&gs, &sch, &st, &Layout::default(), &xs, 10).unwrap();
+            for shrink_in_place in [false, true] {
+                let l = Layout {
+                    patch: None,
+                    in_place: true,
+                    shrink_in_place,
+                };
+                let tg = crate::autodiff::build_with(&gs, &sch, &st.options, &l).unwrap();
+                let add_in_place = tg.ops.iter().any(|o| {
+                    o.kind == OpKind::Forward
+                        && o.arg & IN_PLACE != 0
+                        && gs.nodes[o.node as usize].kind == (NodeKind::Add { act: Act::None })
+                });
+                assert_eq!(add_in_place, shrink_in_place);
+                let (logits, losses, hw, arena) = run_layout(&gs, &sch, &st, &l, &xs, 10).unwrap();
+                assert_eq!(logits, base.0);
+                for (a, b) in losses.iter().zip(&base.1) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                        "{l:?}: {a} vs {b}"
+                    );
+                }
+                assert_eq!(hw, arena);
+            }
+        }
         let st = settings(true, Precision::FpMaster, false);
         // When only the classifier trains, the forward pass sets the peak: patches cut it.
         let fc_only = scheme(&g, |i| LayerUpdate {
@@ -2557,6 +2697,7 @@ mod tests {
             &Layout {
                 patch: Some((2, 3)),
                 in_place: true,
+                shrink_in_place: false,
             },
             &x,
             1,

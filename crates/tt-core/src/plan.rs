@@ -939,17 +939,20 @@ mod encode {
             });
         }
         let mut layouts = alloc::vec![Layout::default()];
-        {
+        g.validate()?;
+        let candidates = patch_candidates(g, scheme)?;
+        for shrink_in_place in [false, true] {
             layouts.push(Layout {
                 patch: None,
                 in_place: true,
+                shrink_in_place,
             });
-            g.validate()?;
-            for last in patch_candidates(g, scheme)? {
+            for &last in &candidates {
                 for grid in PATCH_GRIDS {
                     layouts.push(Layout {
                         patch: Some((last, grid)),
                         in_place: true,
+                        shrink_in_place,
                     });
                 }
             }

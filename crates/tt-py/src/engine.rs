@@ -167,7 +167,11 @@ fn engine_compile<'py>(
     };
     let c = py
         .allow_threads(|| {
-            let fixed = layout.map(|(patch, in_place)| Layout { patch, in_place });
+            let fixed = layout.map(|(patch, in_place)| Layout {
+                patch,
+                in_place,
+                shrink_in_place: false,
+            });
             compile_with(&g, &scheme, &settings, meta, fixed)
         })
         .map_err(|e| core_err(py, e))?;
