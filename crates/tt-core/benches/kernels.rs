@@ -43,7 +43,7 @@ fn thread_seconds() -> Option<f64> {
     let mut t = Timespec { sec: 0, nsec: 0 };
     // SAFETY: `t` is a valid, writable timespec; glibc/musl define this ABI on 64-bit Linux.
     let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    (rc == 0).then(|| t.sec as f64 + t.nsec as f64 * 1e-9)
+    (rc == 0).then_some(t.sec as f64 + t.nsec as f64 * 1e-9)
 }
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]

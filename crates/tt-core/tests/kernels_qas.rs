@@ -455,7 +455,7 @@ fn selections_touch_only_their_channels() {
         &shape,
         &[1.0; 3],
         sel,
-        &vec![-1.0; 16],
+        &[-1.0; 16],
         &cfg,
         None,
         UpdateState::FpMaster(&mut m),

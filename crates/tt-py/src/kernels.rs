@@ -17,6 +17,7 @@ use tt_core::qas::{self, SgdConfig, UpdatePrecision, UpdateState, XorShift32};
 use tt_core::quant::{self, Activation, QParams, Requant};
 
 type Py1<'py, T> = PyResult<Bound<'py, PyArrayDyn<T>>>;
+type Py2<'py> = PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)>;
 
 fn core_err(e: tt_core::Error) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -590,7 +591,7 @@ fn add_backward<'py>(
     grad_out: PyReadonlyArrayDyn<'py, f32>,
     act_min: i8,
     act_max: i8,
-) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+) -> Py2<'py> {
     let (qd, gd) = (data(&out_q), data(&grad_out));
     let mut ga = vec![0f32; qd.len()];
     let mut gb = vec![0f32; qd.len()];
@@ -809,7 +810,7 @@ fn softmax_cross_entropy<'py>(
     scale: f32,
     zero_point: i32,
     labels: Vec<usize>,
-) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+) -> Py2<'py> {
     let ls = dims(&logits, 2, "logits")?;
     if labels.len() != ls[0] {
         return Err(bad(format!(
@@ -843,7 +844,7 @@ fn mse<'py>(
     scale: f32,
     zero_point: i32,
     target: PyReadonlyArrayDyn<'py, f32>,
-) -> PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)> {
+) -> Py2<'py> {
     let shape = output.shape().to_vec();
     if shape.is_empty() || target.shape() != shape.as_slice() {
         return Err(bad(format!(
