@@ -17,6 +17,8 @@ const DW_MAX_TAPS: usize = 64;
 const XZ_MAX: usize = 512;
 /// Output channels accumulated together by the general forward.
 const OC_BLOCK: usize = 64;
+/// Row length (taps x channels) from which the backward paths skip zero gradients.
+const SKIP_ZERO_MIN: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dGeom {
@@ -490,14 +492,16 @@ pub fn conv2d_backward_input(
     }
     let (icg, ocg, kw, taps) = (g.in_per_group(), g.out_per_group(), g.kw, g.kh * g.kw);
     let (ow, oc_n, in_c) = (g.out_w(), g.out_c, g.in_c);
+    let skip_zero = icg * taps >= SKIP_ZERO_MIN;
     for oy in 0..g.out_h() {
         let (iy0, ky_lo, ky_hi) = g.rows(oy);
         for ox in 0..ow {
             let (ix0, kx_lo, kx_hi) = g.cols(ox);
             let go_px = &grad_out[(oy * ow + ox) * oc_n..][..oc_n];
             for (oc, &go) in go_px.iter().enumerate() {
-                // Clamped outputs (masked to zero) cost nothing.
-                if go == 0.0 {
+                // Clamped outputs (masked to zero) are skipped when that saves more than the
+                // mispredicted branch costs, i.e. for long rows.
+                if go == 0.0 && skip_zero {
                     continue;
                 }
                 let gs = go * weight_scale[oc];
@@ -604,13 +608,14 @@ pub fn conv2d_backward_weight(
     let (ow, oc_n) = (g.out_w(), g.out_c);
     let rows = sel.rows(&ws);
     let cols = sel.cols(&ws);
+    let skip_zero = cols * taps >= SKIP_ZERO_MIN;
     for oy in 0..g.out_h() {
         let (iy0, ky_lo, ky_hi) = g.rows(oy);
         for ox in 0..ow {
             let (ix0, kx_lo, kx_hi) = g.cols(ox);
             let go_px = &grad_out[(oy * ow + ox) * oc_n..][..rows];
             for (oc, &go) in go_px.iter().enumerate() {
-                if go == 0.0 {
+                if go == 0.0 && skip_zero {
                     continue;
                 }
                 let gs = go * s_in;
