@@ -103,7 +103,8 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
       on a grid of 2..8 patches per side, and depthwise convs overwriting their input (forward)
       and their output gradient (backward). ``patch=None`` runs whole tensors;
       ``patch=("conv_5", 4)`` runs the nodes up to ``conv_5`` on a 4x4 grid; ``in_place`` fixes
-      the depthwise choice. The layout changes memory, never the numbers.
+      the in-place choice (``True``: depthwise and expanding pointwise convs; ``"all"``: also
+      shrinking pointwise convs and adds). The layout changes memory, never the numbers.
     """
     q = _quantized(model)
     if not isinstance(scheme, Scheme):
@@ -155,7 +156,9 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
             if not isinstance(grid, int) or isinstance(grid, bool) or not 1 <= grid <= 64:
                 raise ValueError(f"patch grid must be an int in [1, 64], got {grid!r}")
             stage = (names.index(last), grid)
-        layout = (stage, True if in_place is None else bool(in_place))
+        if in_place not in (None, True, False, "all"):
+            raise ValueError(f"in_place must be True, False or 'all', got {in_place!r}")
+        layout = (stage, in_place is None or bool(in_place), in_place == "all")
     try:
         plan_bytes, params = _core.engine_compile(
             tensors, nodes, inp, out, per_node, bool(reorder), PRECISIONS[update_precision], momentum > 0,

@@ -353,20 +353,23 @@ pub fn build_with(
         // live as long as its small output.
         let pw = is_pointwise(g, i)
             && !(sel[i].channels > 0 && sel[i].axis == ChannelAxis::Output)
-            && (layout.shrink_in_place || g.tensors[n.output].numel() >= g.tensors[t_in].numel());
+            && ((layout.shrink_in_place && !needs_bwd[i])
+                || g.tensors[n.output].numel() >= g.tensors[t_in].numel());
         let in_place = layout.in_place
             && (dw || pw)
             && t_in != g.input
             && (pw || g.tensors[n.output].numel() <= g.tensors[t_in].numel())
             && g.nodes.iter().filter(|m| m.inputs.contains(&t_in)).count() == 1;
         let single = |t: usize| g.nodes.iter().filter(|m| m.inputs.contains(&t)).count() == 1;
-        let add_into = if layout.shrink_in_place && matches!(n.kind, NodeKind::Add { .. }) {
-            n.inputs
-                .iter()
-                .rposition(|&t| t != g.input && single(t) && n.inputs[0] != n.inputs[1])
-        } else {
-            None
-        };
+        // Only in the forward-only prefix: behind it, outputs are saved for the backward pass.
+        let add_into =
+            if layout.shrink_in_place && !needs_bwd[i] && matches!(n.kind, NodeKind::Add { .. }) {
+                n.inputs
+                    .iter()
+                    .rposition(|&t| t != g.input && single(t) && n.inputs[0] != n.inputs[1])
+            } else {
+                None
+            };
         if let Some(j) = add_into {
             // The output overwrites input j element by element.
             let buf = act_buf[n.inputs[j]];

@@ -140,7 +140,7 @@ fn engine_compile<'py>(
     lr: f32,
     momentum: f32,
     meta: &[u8],
-    layout: Option<(Option<(usize, usize)>, bool)>,
+    layout: Option<(Option<(usize, usize)>, bool, bool)>,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
     let g = build_graph(tensors, nodes, input, output)?;
     let scheme = Scheme {
@@ -167,10 +167,10 @@ fn engine_compile<'py>(
     };
     let c = py
         .allow_threads(|| {
-            let fixed = layout.map(|(patch, in_place)| Layout {
+            let fixed = layout.map(|(patch, in_place, shrink_in_place)| Layout {
                 patch,
                 in_place,
-                shrink_in_place: false,
+                shrink_in_place,
             });
             compile_with(&g, &scheme, &settings, meta, fixed)
         })
