@@ -6,6 +6,7 @@ from . import models
 from . import datasets, reference
 from .model import QuantizedModel
 from .onnx_import import load_onnx
+from .tflite_import import load_tflite
 from .quantize import quantize
 from .errors import MemoryBudgetError, PlanError
 from . import schemes
@@ -22,3 +23,4 @@ __all__ += ["TinytrainError", "ModelFormatError", "UnsupportedOperatorError", "Q
 __all__ += ["QuantizedModel", "load_onnx", "quantize", "datasets", "reference"]
 __all__ += ["Scheme", "schemes", "compile", "Plan", "MemoryReport", "Trainer", "MemoryBudgetError", "PlanError"]
 __all__ += ["search", "SearchResult"]
+__all__ += ["load_tflite"]

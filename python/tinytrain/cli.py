@@ -28,7 +28,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .model import layer_stats
 
     try:
-        g = load_onnx(args.model)
+        if str(args.model).lower().endswith(".tflite"):
+            from .tflite_import import load_tflite
+
+            g = load_tflite(args.model)
+        else:
+            g = load_onnx(args.model)
     except UnsupportedOperatorError as exc:
         if args.json:
             _print_json({"model": args.model, "supported": False, "unsupported": str(exc)})
@@ -177,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_options(p)
     p.add_argument("-o", "--output", required=True, help="plan file to write (.ttp)")
     p.set_defaults(func=_cmd_compile)
+
+    from .mcu import add_cli_parser as add_mcu_export
+
+    add_mcu_export(sub)
     return parser
 
 

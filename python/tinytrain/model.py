@@ -50,11 +50,18 @@ class QuantizedModel(Graph):
     calibration: str = "minmax"
 
     # ------------------------------------------------------------------ inference
-    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+    def quantize_input(self, x: np.ndarray, layout: str = "NCHW") -> np.ndarray:
         """float32 NCHW -> int8 NHWC with the input tensor's scale and zero point. int8 input
-        (already quantized with those parameters, NCHW) is only transposed."""
+        (already quantized with those parameters, NCHW) is only transposed. ``layout="NHWC"`` takes
+        (N, H, W, C) data, as a TFLite user holds it; a (C, 1, 1) input also accepts (N, C)."""
         t = self.tensors[self.input]
         x = np.asarray(x)
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+        if x.ndim == 2 and t.shape[1:] == (1, 1):
+            x = x[:, :, None, None]
+        elif layout == "NHWC" and x.ndim == 4:
+            x = x.transpose(0, 3, 1, 2)
         if x.ndim != 4 or x.shape[1:] != t.shape:
             raise ValueError(f"input must be (N, {', '.join(map(str, t.shape))}), got {x.shape}")
         if x.dtype == np.int8:
@@ -66,31 +73,32 @@ class QuantizedModel(Graph):
             q = np.clip(r + t.zero_point, -128, 127).astype(np.int8)
         return np.ascontiguousarray(q.transpose(0, 2, 3, 1))
 
-    def forward_int8(self, x: np.ndarray, keep: bool = False):
+    def forward_int8(self, x: np.ndarray, keep: bool = False, layout: str = "NCHW"):
         """Run the int8 graph; returns the output's int8 NHWC array (and every tensor if `keep`)."""
         from . import _core
 
-        vals = {self.input: self.quantize_input(x)}
+        vals = {self.input: self.quantize_input(x, layout)}
         for n in self.nodes:
             vals[n.output] = self._run_node(_core, n, [vals[i] for i in n.inputs])
         out = vals[self.output]
         return (out, vals) if keep else out
 
-    def forward(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def forward(self, x: np.ndarray, batch_size: int = 256, layout: str = "NCHW") -> np.ndarray:
         """float32 NCHW batch -> dequantized float32 output: (N, classes) logits when the output is
-        1x1 spatially (the trailing Softmax, if any, is not applied), else (N, C, H, W)."""
+        1x1 spatially (the trailing Softmax, if any, is not applied), else (N, C, H, W).
+        ``layout="NHWC"`` takes (N, H, W, C) input (TFLite's layout); the output stays as above."""
         x = np.asarray(x)
         outs = []
         for s in range(0, len(x), batch_size):
-            outs.append(self.forward_int8(x[s: s + batch_size]))
+            outs.append(self.forward_int8(x[s: s + batch_size], layout=layout))
         q = np.concatenate(outs) if outs else np.zeros((0,) + (1, 1, self.tensors[self.output].shape[0]), np.int8)
         t = self.tensors[self.output]
         y = (q.astype(np.float32) - t.zero_point) * np.float32(t.scale)
         return y[:, 0, 0, :] if y.shape[1:3] == (1, 1) else y.transpose(0, 3, 1, 2)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: np.ndarray, layout: str = "NCHW") -> np.ndarray:
         """Class indices (argmax of the logits)."""
-        return self.forward(x).argmax(axis=1)
+        return self.forward(x, layout=layout).argmax(axis=1)
 
     def _run_node(self, core, n: Node, ins: List[np.ndarray]) -> np.ndarray:
         t_out = self.tensors[n.output]

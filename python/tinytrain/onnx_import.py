@@ -34,10 +34,14 @@ _MS_DOMAIN = "com.microsoft"
 
 @dataclass
 class _Act:
-    """An activation as ONNX sees it: the IR tensor holding it and its ONNX rank (4 = NCHW, 2 = NF)."""
+    """An activation as ONNX sees it: the IR tensor holding it and its ONNX rank (4 = NCHW, 2 = NF).
+
+    ``nhwc``: the ONNX tensor is the (N, H, W, C) view of the IR tensor (a TensorFlow converter's
+    input before its Transpose, or a map transposed back to NHWC before the classifier's Reshape)."""
 
     ir: str
     rank: int
+    nhwc: bool = False
 
 
 def _load_proto(model: Union[str, os.PathLike, onnx.ModelProto, bytes]) -> Tuple[onnx.ModelProto, str]:
@@ -205,8 +209,21 @@ class _Importer:
             raise ModelFormatError(f"{self.where}: expected exactly one graph output, found {[o.name for o in g.output]}")
         inp = inputs[0]
         self.input_name = inp.name
-        self.tensors[inp.name] = Tensor(inp.name, self._input_shape(inp))
-        self.env[inp.name] = _Act(inp.name, 4)
+        dims = inp.type.tensor_type.shape.dim if inp.type.HasField("tensor_type") else []
+        if len(dims) == 2 and self.input_shape is None:
+            f = dims[1].dim_value if dims[1].HasField("dim_value") else 0
+            if f <= 0:
+                raise ModelFormatError(f"{self.where}: dynamic shape: input {inp.name!r} has {dims[1].dim_param!r} "
+                                       f"features; pass input_shape=(F, 1, 1)")
+            self.tensors[inp.name] = Tensor(inp.name, (int(f), 1, 1))
+            self.env[inp.name] = _Act(inp.name, 2)
+        elif len(dims) == 4 and self.input_shape is None and self._nhwc_input(inp.name, dims):
+            d = [int(x.dim_value) for x in dims]
+            self.tensors[inp.name] = Tensor(inp.name, (d[3], d[1], d[2]))
+            self.env[inp.name] = _Act(inp.name, 4, nhwc=True)
+        else:
+            self.tensors[inp.name] = Tensor(inp.name, self._input_shape(inp))
+            self.env[inp.name] = _Act(inp.name, 4)
         for node in g.node:
             self._lower(node)
         out = self.env.get(g.output[0].name)
@@ -214,6 +231,30 @@ class _Importer:
             raise ModelFormatError(f"{self.where}: graph output {g.output[0].name!r} is not computed by the graph")
         self.output = out.ir
         return self._finish()
+
+    def _nhwc_input(self, name: str, dims) -> bool:
+        """TensorFlow converters keep the (N, H, W, C) input and reorder it right away: a Transpose
+        with perm (0, 3, 1, 2), or (one channel) a Reshape to (N, 1, H, W), possibly behind Q/DQ."""
+        if not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[1:]):
+            return False
+        _, h, w, c = [d.dim_value for d in dims]
+        inits = {i.name: i for i in self.proto.graph.initializer}
+        cur = name
+        for _ in range(4):
+            users = [n for n in self.proto.graph.node if cur in n.input]
+            if len(users) != 1:
+                return False
+            n = users[0]
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] == cur:
+                cur = n.output[0]
+                continue
+            if n.op_type == "Transpose":
+                return list(_attrs(n).get("perm", [])) == [0, 3, 1, 2]
+            if n.op_type == "Reshape" and c == 1 and len(n.input) > 1 and n.input[1] in inits:
+                t = numpy_helper.to_array(inits[n.input[1]]).reshape(-1).tolist()
+                return len(t) == 4 and t[1:] == [1, h, w]
+            return False
+        return False
 
     def _input_shape(self, inp: onnx.ValueInfoProto) -> Tuple[int, int, int]:
         t = inp.type.tensor_type
@@ -253,6 +294,10 @@ class _Importer:
             return
         vals = [self._get(node, i) for i in range(len(node.input))]
         present = [v for v in vals if v is not None]
+        if op not in _LAYOUT_OPS and any(isinstance(v, _Act) and v.nhwc and self._shape(v)[1:] != (1, 1)
+                                         for v in vals):
+            raise self._unsupported(node, "it reads an (N, H, W, C) tensor; only Transpose/Reshape/Flatten "
+                                          "(and Q/DQ) may, as TensorFlow converters emit them at the edges")
         if op == "Shape" and isinstance(vals[0], _Act):
             c, h, w = self._shape(vals[0])
             full = np.array([1, c, h, w] if vals[0].rank == 4 else [1, c], np.int64)
@@ -470,8 +515,21 @@ class _Importer:
             if self._shape(xa) != self._shape(xb):
                 raise self._unsupported(node, "broadcasting QLinearAdd")
             n = self._emit(node, "add", [xa.ir, xb.ir], self._shape(xa), max(xa.rank, xb.rank), {"act": "none"})
-        else:
-            raise self._unsupported(node, "QLinearAdd with a constant operand")
+        elif isinstance(xa, _Act) or isinstance(xb, _Act):
+            # onnxruntime's quantizer turns a MatMul's bias Add into QLinearAdd of a quantized constant:
+            # dequantized, it folds into the fc's bias (re-quantized with s_in * s_w)
+            x, (ci, si, zi) = (xa, (3, 4, 5)) if isinstance(xa, _Act) else (xb, (0, 1, 2))
+            cq = self._const(node, ci, "constant operand")
+            cs = np.asarray(self._const(node, si, "constant scale"), np.float64)
+            cz = self._get(node, zi)
+            cz = np.zeros((), np.float64) if cz is None else np.asarray(cz, np.float64)
+            cv = (cq.astype(np.float64) - cz) * cs
+            ch = self._shape(x)[0]
+            if cv.size not in (1, ch) or cs.size != 1:
+                raise self._unsupported(node, f"QLinearAdd of a constant of shape {cq.shape} (only a per-channel "
+                                              f"bias folds into the preceding fc/conv)")
+            n = self._emit(node, "bias_add", [x.ir], self._shape(x), x.rank, {"_bq": None},
+                           {"add": np.broadcast_to(cv.reshape(-1), (ch,)).copy()})
         self._annotate(node, self.env[n.output], self._const(node, 6, "C_scale"), self._const(node, 7, "C_zero_point"))
 
     # ---- pooling and shape ops
@@ -501,7 +559,7 @@ class _Importer:
         if op == "avgpool" and a.get("count_include_pad", 0) and any(pads):
             raise self._unsupported(node, "count_include_pad=1 with padding (padding is excluded from averages)")
         if op == "avgpool" and kernel == (h, w) and not any(pads):
-            self._emit(node, "global_avgpool", [x.ir], (c, 1, 1), 4)
+            self._emit(node, "global_avgpool", [x.ir], (c, 1, 1), 4, {"_window": (kernel, stride)})
             return
         self._emit(node, op, [x.ir], (c, oh, ow), 4, {"kernel": kernel, "stride": stride, "pads": pads})
 
@@ -518,7 +576,88 @@ class _Importer:
         if h * w == 1:
             self.env[node.output[0]] = _Act(x.ir, 2)
         else:
-            self._emit(node, "flatten", [x.ir], (c * h * w, 1, 1), 2)
+            # an NHWC view flattens in (H, W, C) order already: its columns need no permutation
+            self._emit(node, "flatten", [x.ir], (c * h * w, 1, 1), 2, {"hwc_order": x.nhwc})
+
+    def _op_Transpose(self, node, a) -> None:
+        x = self._act(node, 0)
+        perm = list(a.get("perm", []))
+        c, h, w = self._shape(x)
+        if x.rank == 4 and perm == [0, 3, 1, 2] and (x.nhwc or h * w == 1):
+            self.env[node.output[0]] = _Act(x.ir, 4)
+        elif x.rank == 4 and perm == [0, 2, 3, 1] and (not x.nhwc or h * w == 1):
+            self.env[node.output[0]] = _Act(x.ir, 4, nhwc=True)
+        elif perm == list(range(len(perm))) or (x.rank == 2 and perm == [0, 1]):
+            self.env[node.output[0]] = x
+        else:
+            raise self._unsupported(node, f"perm {perm} (only NHWC <-> NCHW at the graph's edges, which is a "
+                                          f"change of view, not of data)")
+
+    def _op_Squeeze(self, node, a) -> None:
+        x = self._act(node, 0)
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1:
+            axes = self._const(node, 1, "axes")
+        axes = sorted(int(v) % 4 for v in np.asarray(axes).reshape(-1)) if axes is not None else None
+        c, h, w = self._shape(x)
+        spatial = [1, 2] if x.nhwc else [2, 3]
+        if x.rank == 4 and h * w == 1 and axes in (spatial, None) and c > 1:
+            self.env[node.output[0]] = _Act(x.ir, 2)
+            return
+        raise self._unsupported(node, f"Squeeze of axes {axes} on shape {self._shape(x)} (only the 1x1 spatial axes)")
+
+    def _op_Unsqueeze(self, node, a) -> None:
+        x = self._act(node, 0)
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1:
+            axes = self._const(node, 1, "axes")
+        axes = sorted(int(v) % 4 for v in np.asarray(axes).reshape(-1)) if axes is not None else None
+        if x.rank == 2 and axes == [2, 3]:
+            self.env[node.output[0]] = _Act(x.ir, 4)
+            return
+        raise self._unsupported(node, f"Unsqueeze of axes {axes} (only (N, C) -> (N, C, 1, 1))")
+
+    def _op_Pad(self, node, a) -> None:
+        x = self._act(node, 0)
+        mode = a.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        pads = a.get("pads")
+        if pads is None:
+            pads = self._const(node, 1, "pads")
+        p = [int(v) for v in np.asarray(pads).reshape(-1)]
+        if x.rank != 4 or x.nhwc or len(p) != 8 or p[0] or p[1] or p[4] or p[5] or min(p) < 0 or mode != "constant":
+            raise self._unsupported(node, f"Pad {mode} {p} (only non-negative constant padding of H and W of NCHW)")
+        value = a.get("value", None)
+        if value is None and len(node.input) > 2:
+            value = self._const(node, 2, "constant_value")
+        v = np.asarray(0.0 if value is None else value)
+        zero = 0
+        if v.dtype.kind in "iu":
+            if x.ir not in self.qparams:
+                raise self._unsupported(node, "integer padding of a tensor whose quantization is not known yet")
+            zero = self.qparams[x.ir][1] + (128 if v.dtype == np.uint8 else 0)
+        if v.size != 1 or float(v.reshape(())) != zero:
+            raise self._unsupported(node, f"padding with {v.reshape(-1).tolist()} (only with the value of zero, "
+                                          f"which folds into the next Conv's pads)")
+        c, h, w = self._shape(x)
+        t, l, b, r = p[2], p[3], p[6], p[7]
+        n = self._emit(node, "pad", [x.ir], (c, h + t + b, w + l + r), 4, {"pads": (t, l, b, r)})
+        if x.ir in self.qparams:
+            self.qparams[n.output] = self.qparams[x.ir]
+
+    def _op_QLinearAveragePool(self, node, a) -> None:
+        x = self._act(node, 0)
+        if a.get("channels_last", 0):
+            raise self._unsupported(node, "channels_last=1")
+        self._annotate(node, x, self._const(node, 1, "x_scale"), self._const(node, 2, "x_zero_point"))
+        self._pool(node, a, "avgpool")
+        self._annotate(node, self.env[node.output[0]], self._const(node, 3, "y_scale"),
+                       self._const(node, 4, "y_zero_point"))
+
+    def _op_QLinearSigmoid(self, node, a) -> None:
+        raise self._unsupported(node, "sigmoid has no int8 kernel or backward in tinytrain (ReLU/ReLU6 only)")
+
+    _op_QLinearLeakyRelu = _op_QLinearSigmoid
 
     def _op_Flatten(self, node, a) -> None:
         x = self._act(node, 0)
@@ -534,7 +673,7 @@ class _Importer:
         c, h, w = self._shape(x)
         numel = c * h * w
         t = [int(v) for v in target.reshape(-1)]
-        src = [1, c, h, w] if x.rank == 4 else [1, c]
+        src = ([1, h, w, c] if x.nhwc else [1, c, h, w]) if x.rank == 4 else [1, c]
         t = [src[i] if (v == 0 and not a.get("allowzero", 0) and i < len(src)) else v for i, v in enumerate(t)]
         if t and t[0] in (1, -1) and len(t) in (2, 4):
             rest = t[1:]
@@ -544,10 +683,17 @@ class _Importer:
             if len(rest) == 1 and rest[0] == numel:
                 self._flatten_to_rank2(node, x)
                 return
+            if x.nhwc and len(rest) == 3 and c == 1 and rest == [1, h, w]:
+                # one channel: (N, H, W, 1) and (N, 1, H, W) hold the same bytes
+                self.env[node.output[0]] = _Act(x.ir, 4)
+                return
+            if x.nhwc and len(rest) == 3 and rest == [h, w, c]:
+                self.env[node.output[0]] = x
+                return
             if len(rest) == 3 and rest == [numel, 1, 1] and h * w == 1:
                 self.env[node.output[0]] = _Act(x.ir, 4)
                 return
-            if len(rest) == 3 and rest == [c, h, w]:
+            if len(rest) == 3 and rest == [c, h, w] and not x.nhwc:
                 self.env[node.output[0]] = _Act(x.ir, 4)
                 return
         raise self._unsupported(node, f"Reshape of (N, {c}, {h}, {w}) to {list(target.reshape(-1))} (only flattening "
@@ -558,8 +704,10 @@ class _Importer:
         """w is (O, I) in ONNX column order (the flattening of NCHW); permuted to the IR's HWC order."""
         src = x.ir
         producer = next((n for n in self.nodes if n.output == x.ir), None)
+        hwc = False
         if producer is not None and producer.op == "flatten":
             src = producer.inputs[0]
+            hwc = bool(producer.attrs.get("hwc_order"))
         c, h, wd = self.tensors[src].shape
         o, i = w.shape
         if i != c * h * wd:
@@ -567,7 +715,7 @@ class _Importer:
                                    f"{c * h * wd} features")
         extra = dict(extra or {})
         perm = None
-        if h * wd > 1:
+        if h * wd > 1 and not hwc:
             perm = np.arange(i).reshape(c, h, wd).transpose(1, 2, 0).reshape(-1)
             w = w[:, perm]
         if perm is not None and extra.get("_wq") is not None:
@@ -711,6 +859,20 @@ class _Importer:
 
     def _finish(self) -> Graph:
         for n in list(self.nodes):
+            if n.op == "pad":
+                users = self._consumers(n.output)
+                if not users or any(u.op != "conv" for u in users) or n.output == self.output:
+                    raise self._err(n, "a Pad is only supported right before Conv (it folds into the Conv's pads)")
+                qin, qout = self.qparams.get(n.inputs[0]), self.qparams.get(n.output)
+                if qin != qout:
+                    raise self._err(n, f"its output is quantized differently from its input ({qout} vs {qin})")
+                for u in users:
+                    u.attrs["pads"] = tuple(int(p + q) for p, q in zip(u.attrs["pads"], n.attrs["pads"]))
+                    u.inputs = [n.inputs[0] if i == n.output else i for i in u.inputs]
+                self.nodes.remove(n)
+                del self.tensors[n.output]
+                self.qparams.pop(n.output, None)
+        for n in list(self.nodes):
             if n.op == "bn":
                 prod = self._fusable_producer(n, ("conv", "fc"))
                 if prod is not None and prod.attrs.get("act", "none") == "none":
@@ -757,6 +919,14 @@ class _Importer:
                 softmax_tail = True
         self._dead_code()
         for n in self.nodes:
+            window = n.attrs.pop("_window", None)
+            qin, qout = self.qparams.get(n.inputs[0]) if n.inputs else None, self.qparams.get(n.output)
+            if window is not None and qin is not None and qin == qout:
+                # an int8 AveragePool that keeps its quantization (tf2onnx's AVERAGE_POOL_2D) rounds
+                # its sum as TFLite does: that is avgpool, not the rescaling global_avgpool
+                n.op = "avgpool"
+                n.attrs.update({"kernel": window[0], "stride": window[1], "pads": (0, 0, 0, 0)})
+        for n in self.nodes:
             if n.op == "flatten" and (n.output == self.output or
                                       any(c.op != "fc" for c in self._consumers(n.output))):
                 # the IR flattens in (H, W, C) order; only an fc (whose columns are permuted at
@@ -793,6 +963,9 @@ class _Importer:
             counts[n.op] = k + 1
             n.name = f"{n.op}_{k}"
 
+
+# ops that may read an NHWC view (the converter's layout changes at the graph's edges)
+_LAYOUT_OPS = {"QuantizeLinear", "DequantizeLinear", "Identity", "Transpose", "Reshape", "Flatten"}
 
 # ops whose constant inputs mean something other than "evaluate me"
 _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear"}

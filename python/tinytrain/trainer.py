@@ -65,6 +65,8 @@ class Trainer:
     def _inputs(self, x) -> np.ndarray:
         """float32 (or int8, already quantized) NCHW / CHW -> int8 (N, H*W*C)."""
         x = np.asarray(x)
+        if x.ndim in (1, 2) and len(self._in_shape) == 3 and self._in_shape[1:] == (1, 1):
+            x = x.reshape((-1,) + self._in_shape)  # (N, F) features for a (F, 1, 1) input
         if x.ndim == len(self._in_shape):
             x = x[None]
         if x.shape[1:] != self._in_shape:
@@ -145,7 +147,18 @@ class Trainer:
         return self._predict_q(self._inputs(X))
 
     def evaluate(self, X, Y) -> float:
-        """Accuracy of the current weights (int8 forward by the executor)."""
+        """Accuracy of the current weights (int8 forward by the executor); for an ``mse`` plan, the
+        mean squared error between the dequantized output and the float targets ``Y``."""
+        if self.plan.loss == "mse":
+            xq = self._inputs(X)
+            if self.plan.model is None:
+                raise ValueError("this plan was loaded without its model: use tt.Plan.load(path, model=q)")
+            t = self.plan.model.tensors[self.plan.model.output]
+            y = (self._s.forward(xq).astype(np.float32) - t.zero_point) * np.float32(t.scale)
+            Y = np.asarray(Y, dtype=np.float32).reshape(len(xq), -1)
+            if Y.shape != y.shape:
+                raise ValueError(f"targets must have {y.shape[1]} values per sample, got {Y.shape[1]}")
+            return float(np.mean((y - Y) ** 2)) if len(Y) else float("nan")
         pred = self.predict(X)
         Y = np.asarray(Y).reshape(-1)
         if len(Y) != len(pred):
