@@ -2,8 +2,10 @@
 would otherwise pick, on the same model, scheme and batch size, in one run.
 
 tinytrain's memory is the plan's arena (its executor's measured high-water mark equals it);
-PyTorch's is the peak RSS of its process over the RSS after importing it (its CPU allocator keeps
-no statistics of its own), measured in a separate process. Times are medians of a few steps on
+a peer's is the peak RSS of its process over the RSS after importing it (PyTorch's CPU allocator
+keeps no statistics of its own), measured in a separate process: PyTorch when some interpreter on
+the machine imports torch, onnxruntime-training when ``TINYTRAIN_ORT_PYTHON`` (or this interpreter)
+has it. Times are medians of a few steps on
 this machine, one thread each; compare them as ratios from the same run only.
 """
 from __future__ import annotations
@@ -53,7 +55,7 @@ def run_bench(models: List[str], schemes: List[str], steps: int = 5, peers: bool
               progress: bool = True) -> Dict[str, object]:
     import tinytrain as tt
 
-    from .peers.runner import torch_step
+    from .peers.runner import ort_training_step, torch_step
     from .progress import progress_bar
 
     rows = []
@@ -88,13 +90,18 @@ def run_bench(models: List[str], schemes: List[str], steps: int = 5, peers: bool
                 if peers:
                     mode = "full" if kind == "full" else "sparse"
                     row["torch"] = torch_step(q, mode, upd_w, upd_b, steps=steps)
-                    row["onnxruntime-training"] = {"skipped": _ort_training_status()}
+                    row["ort"] = ort_training_step(q, mode, upd_w, upd_b, steps=steps)
                 else:
                     row["torch"] = {"skipped": "--no-peers"}
+                    row["ort"] = {"skipped": "--no-peers"}
                 t = row["torch"]
                 if "peak_rss_over_import_bytes" in t:
                     row["torch_memory_ratio"] = t["peak_rss_over_import_bytes"] / plan.memory.peak_bytes
                     row["torch_time_ratio"] = step_ms / t["step_ms_median"]
+                o = row["ort"]
+                if "peak_rss_over_import_bytes" in o:
+                    row["ort_memory_ratio"] = o["peak_rss_over_import_bytes"] / plan.memory.peak_bytes
+                    row["ort_time_ratio"] = step_ms / o["step_ms_median"]
                 rows.append(row)
                 advance()
     return {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -102,45 +109,40 @@ def run_bench(models: List[str], schemes: List[str], steps: int = 5, peers: bool
             "steps_timed": steps, "rows": rows}
 
 
-def _ort_training_status() -> str:
-    from .peers.runner import python_with
-
-    if python_with("onnxruntime.training") is None:
-        return "onnxruntime-training is not installed (see ../shared/notes/peers-measured.md for its pitfalls)"
-    return "onnxruntime-training is installed but its runner is not part of this release"
-
-
 def print_table(report: Dict[str, object]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"One training step, batch 1 ({report['machine']}, {report['date']})")
-    for col in ("model", "scheme", "tinytrain peak", "PyTorch peak", "PyTorch/tinytrain",
-                "tinytrain ms", "PyTorch ms", "tinytrain/PyTorch"):
+    for col in ("model", "scheme", "tinytrain peak", "PyTorch peak", "ORT peak", "tinytrain ms", "PyTorch ms", "ORT ms"):
         t.add_column(col, justify="left" if col in ("model", "scheme") else "right", overflow="fold")
+
+    def peer_mem(r, key):
+        p = r.get(key, {})
+        if "peak_rss_over_import_bytes" not in p:
+            return "skipped"
+        return f"{p['peak_rss_over_import_bytes'] / 2**20:.1f} MB ({r[key + '_memory_ratio']:.0f}x)"
+
+    def peer_ms(r, key):
+        p = r.get(key, {})
+        return f"{p['step_ms_median']:.2f}" if "step_ms_median" in p else ""
+
     for r in report["rows"]:
         tt_ = r["tinytrain"]
-        torch = r.get("torch", {})
-        has = "peak_rss_over_import_bytes" in torch
-        t.add_row(r["model"], r["scheme"],
-                  f"{tt_['peak_bytes'] / 1024:.1f} KB",
-                  f"{torch['peak_rss_over_import_bytes'] / 2**20:.1f} MB" if has else "skipped",
-                  f"{r['torch_memory_ratio']:.0f}x" if has else "",
-                  f"{tt_['step_ms']:.2f}",
-                  f"{torch['step_ms_median']:.2f}" if has else "",
-                  f"{r['torch_time_ratio']:.2f}x" if has else "")
+        t.add_row(r["model"], r["scheme"], f"{tt_['peak_bytes'] / 1024:.1f} KB", peer_mem(r, "torch"),
+                  peer_mem(r, "ort"), f"{tt_['step_ms']:.2f}", peer_ms(r, "torch"), peer_ms(r, "ort"))
     console = Console(width=max(Console().width, 120))
     console.print(t)
     for model, kind, detail in sorted({(r["model"], r["scheme"], r["scheme_detail"]) for r in report["rows"]}):
         if kind == "sparse":
             console.print(f"sparse scheme of {model}: {detail}")
-    skipped = {r["torch"].get("skipped") for r in report["rows"] if "skipped" in r.get("torch", {})}
-    for reason in sorted(s for s in skipped if s):
-        console.print(f"PyTorch: skipped: {reason}")
-    ort = {r.get("onnxruntime-training", {}).get("skipped") for r in report["rows"]}
-    for reason in sorted(s for s in ort if s):
-        console.print(f"onnxruntime-training: skipped: {reason}")
-    console.print("PyTorch memory = peak RSS of its process over the RSS after importing it; tinytrain memory = "
+    for key, name in (("torch", "PyTorch"), ("ort", "onnxruntime-training")):
+        for reason in sorted({r.get(key, {}).get("skipped") for r in report["rows"]} - {None}):
+            console.print(f"{name}: skipped: {reason}")
+    frameworks = sorted({r[k]["framework"] for r in report["rows"] for k in ("torch", "ort") if "step_ms_median" in r.get(k, {})})
+    if frameworks:
+        console.print("peers: " + ", ".join(frameworks) + "; (Nx) = peer memory / tinytrain memory")
+    console.print("peer memory = peak RSS of its process over the RSS after importing it; tinytrain memory = "
                   "the plan's arena (= the executor's measured high-water mark). Times: host CPU, one thread, "
                   "median step; compare only as ratios within one run.")
 

@@ -13,6 +13,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Where scripts/install-peers.sh puts onnxruntime-training (it needs its own onnx and torch).
+ORT_VENV_PYTHON = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                               "tinytrain", "peers", "venv-ort", "bin", "python")
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,6 +74,27 @@ def graph_npz(graph, path: str, updated_weights: List[str], updated_biases: List
     np.savez(path, spec=json.dumps(spec), **arrays)
 
 
+def _failure(res: subprocess.CompletedProcess) -> Optional[str]:
+    if res.returncode == 0:
+        return None
+    return (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+
+
+def _subprocess(exe: str, args: List[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+def _run_peer(exe: str, args: List[str], framework: str) -> Dict[str, object]:
+    res = _subprocess(exe, args)
+    failed = _failure(res)
+    if failed:
+        return {"framework": framework, "skipped": f"peer failed: {failed}"}
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["python"] = exe
+    return out
+
+
 def torch_step(graph, mode: str, updated_weights=(), updated_biases=(), steps: int = 5) -> Dict[str, object]:
     """Peak RSS over the post-import RSS and median step time of PyTorch on this training.
 
@@ -79,15 +103,32 @@ def torch_step(graph, mode: str, updated_weights=(), updated_biases=(), steps: i
     """
     exe = python_with("torch")
     if exe is None:
-        return {"framework": "PyTorch", "skipped": "torch is not installed (pip install 'tinytrain[bench]' or apt-get install python3-torch)"}
+        return {"framework": "PyTorch", "skipped": "torch is not installed (bash scripts/install-peers.sh)"}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "graph.npz")
         graph_npz(graph, path, list(updated_weights), list(updated_biases))
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        res = subprocess.run([exe, os.path.join(HERE, "torch_step.py"), path, mode, str(steps)],
-                             capture_output=True, text=True, env=env, timeout=900)
-    if res.returncode != 0:
-        return {"framework": "PyTorch", "skipped": f"peer failed: {res.stderr.strip().splitlines()[-1:]}"}
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    out["python"] = exe
-    return out
+        return _run_peer(exe, [os.path.join(HERE, "torch_step.py"), path, mode, str(steps)], "PyTorch")
+
+
+def ort_training_step(graph, mode: str, updated_weights=(), updated_biases=(), steps: int = 5) -> Dict[str, object]:
+    """The same for onnxruntime-training (artifacts with the frozen parameters as frozen_params).
+
+    Its artifact generation needs torch in the same interpreter (``TINYTRAIN_ORT_PYTHON`` names
+    one, e.g. a venv with onnxruntime-training-cpu 1.19.2, onnx 1.17 and torch)."""
+    exe = os.environ.get("TINYTRAIN_ORT_PYTHON") or python_with("onnxruntime.training.artifacts")
+    if exe is None and os.path.exists(ORT_VENV_PYTHON):
+        exe = ORT_VENV_PYTHON
+    if exe is None:
+        return {"framework": "onnxruntime-training",
+                "skipped": "onnxruntime-training is not installed (bash scripts/install-peers.sh)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "graph.npz")
+        graph_npz(graph, path, list(updated_weights), list(updated_biases))
+        script = os.path.join(HERE, "ort_step.py")
+        failed = _failure(_subprocess(exe, [script, "generate", path, mode, tmp]))
+        if failed:
+            return {"framework": "onnxruntime-training", "skipped": f"artifact generation failed: {failed}"}
+        c, h, w = graph.tensors[graph.input].shape
+        classes = graph.tensors[graph.output].numel
+        return _run_peer(exe, [script, "measure", tmp, str(c), str(h), str(w), str(classes), str(steps)],
+                         "onnxruntime-training")
