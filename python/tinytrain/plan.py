@@ -174,6 +174,13 @@ class Plan:
                 os.unlink(tmp)
             raise
 
+    def export_mcu(self, out_dir: str, x=None, y=None, x_test=None, y_test=None) -> Dict[str, object]:
+        """Write what tt-mcu firmware includes (plan, parameters, optional samples, manifest);
+        see `tinytrain.mcu`."""
+        from .mcu import export_mcu
+
+        return export_mcu(self, out_dir, x, y, x_test, y_test)
+
     @classmethod
     def from_bytes(cls, data: bytes, model=None) -> "Plan":
         data = bytes(data)

@@ -4,7 +4,7 @@
 //! A bundle directory holds, all written by the export (nothing to hand-edit):
 //!
 //! ```text
-//! plan.ttp      the plan (tt-core's format)              -> flash
+//! plan.bin      the plan (tt-core's format)              -> flash
 //! params.bin    the frozen parameter blob it was compiled with -> flash, 4-byte aligned
 //! train_x.bin   int8 training samples, back to back (the plan's input layout)
 //! train_y.bin   one u8 class label per training sample
@@ -62,7 +62,7 @@ impl Bundle {
     pub fn write(&self, dir: &Path) -> io::Result<()> {
         fs::create_dir_all(dir)?;
         for (name, bytes) in [
-            ("plan.ttp", self.plan.clone()),
+            ("plan.bin", self.plan.clone()),
             ("params.bin", self.params.clone()),
             ("train_x.bin", as_u8(&self.train_x)),
             ("train_y.bin", self.train_y.clone()),
@@ -85,7 +85,7 @@ impl Bundle {
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.join(n).display())))
         };
         let b = Bundle {
-            plan: rd("plan.ttp")?,
+            plan: rd("plan.bin")?,
             params: rd("params.bin")?,
             train_x: as_i8(&rd("train_x.bin")?),
             train_y: rd("train_y.bin")?,
@@ -97,24 +97,24 @@ impl Bundle {
     }
 
     pub fn input_len(&self) -> Result<usize, String> {
-        let pv = PlanView::parse(&self.plan).map_err(|e| format!("plan.ttp: {e}"))?;
+        let pv = PlanView::parse(&self.plan).map_err(|e| format!("plan.bin: {e}"))?;
         Ok(pv
             .tensor(pv.globals.input as usize)
-            .map_err(|e| format!("plan.ttp: {e}"))?
+            .map_err(|e| format!("plan.bin: {e}"))?
             .numel())
     }
 
     pub fn arena_bytes(&self) -> Result<usize, String> {
         Ok(PlanView::parse(&self.plan)
-            .map_err(|e| format!("plan.ttp: {e}"))?
+            .map_err(|e| format!("plan.bin: {e}"))?
             .arena_bytes)
     }
 
     pub fn check(&self) -> Result<(), String> {
-        let pv = PlanView::parse(&self.plan).map_err(|e| format!("plan.ttp: {e}"))?;
+        let pv = PlanView::parse(&self.plan).map_err(|e| format!("plan.bin: {e}"))?;
         if pv.params_len != self.params.len() || tt_core::crc::crc32(&self.params) != pv.params_crc
         {
-            return Err("params.bin does not belong to plan.ttp (length or CRC)".into());
+            return Err("params.bin does not belong to plan.bin (length or CRC)".into());
         }
         let n = self.input_len()?;
         for (x, y, what) in [

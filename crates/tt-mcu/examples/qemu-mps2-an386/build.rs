@@ -20,7 +20,7 @@ fn main() {
         Some(dir) => {
             let dir = PathBuf::from(dir);
             for f in [
-                "plan.ttp",
+                "plan.bin",
                 "params.bin",
                 "train_x.bin",
                 "train_y.bin",

@@ -27,7 +27,7 @@ use bundle::*;
 #[repr(C, align(4))]
 struct Aligned<T: ?Sized>(T);
 
-static PLAN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/plan.ttp"));
+static PLAN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/plan.bin"));
 static PARAMS: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/params.bin")));
 static TRAIN_X: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/train_x.bin"));
 static TRAIN_Y: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/train_y.bin"));
@@ -80,12 +80,14 @@ fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
     let mut x = [0i8; INPUT_LEN];
     let mut step = 0usize;
     let mut mismatches = 0usize;
+    let mut trajectory = tt_core::crc::Crc32::new();
     let t_train = instructions();
     for epoch in 0..EPOCHS {
         let mut sum = 0.0f32;
         for _ in 0..N_TRAIN {
             let label = src.next_sample(&mut x)?.unwrap_or(0);
             let loss = t.step(&x, label)?;
+            trajectory.update(&loss.to_bits().to_le_bytes());
             if host_loss(step) != Some(loss.to_bits()) {
                 mismatches += 1;
             }
@@ -101,6 +103,8 @@ fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
         "loss trajectory vs host run: {} of {step} steps differ (bit-exact expected)",
         mismatches
     );
+    // A host program (the Python Trainer, say) compares its own run with this one line.
+    say!("loss trajectory crc32 {:08x} over {step} steps", trajectory.finish());
     ok &= mismatches == 0 && step == HOST_LOSSES.0.len() / 4;
 
     let after = accuracy(&mut t)?;

@@ -31,7 +31,7 @@ use bundle::*;
 #[repr(C, align(4))]
 struct Aligned<T: ?Sized>(T);
 
-static PLAN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/plan.ttp"));
+static PLAN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/plan.bin"));
 static PARAMS: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/params.bin")));
 static TRAIN_X: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/train_x.bin"));
 static TRAIN_Y: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/train_y.bin"));

@@ -1,0 +1,122 @@
+"""Export a compiled plan for a microcontroller: the files tt-mcu's firmware includes.
+
+    tinytrain export PLAN.ttp --mcu OUT_DIR [--data train.npz] [--test test.npz]
+    plan.export_mcu(OUT_DIR, x, y, x_test, y_test)
+
+writes, all atomically (nothing to hand-edit):
+
+    plan.bin      the plan (tt-core's format)                    -> flash, include_bytes!
+    params.bin    the frozen parameter blob it was compiled with -> flash, 4-byte aligned
+    train_x.bin   int8 samples, back to back, quantized as the plan's input (HWC)
+    train_y.bin   one uint8 class label per sample
+    test_x.bin    held-out samples, same layout (optional: empty when not given)
+    test_y.bin    their labels
+    manifest.json arena bytes, input shape and quantization, file sizes, CRC-32s
+
+The firmware examples (crates/tt-mcu/examples/*) build against such a folder with
+``TT_MCU_BUNDLE=OUT_DIR``; their build script runs the same plan on the host and the firmware
+must reproduce that run bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from typing import Dict, Optional
+
+import numpy as np
+
+from .plan import Plan
+from .trainer import Trainer
+
+FILES = ("plan.bin", "params.bin", "train_x.bin", "train_y.bin", "test_x.bin", "test_y.bin")
+
+
+def _write(folder: str, name: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, os.path.join(folder, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _samples(tr: Trainer, x, y, what: str):
+    if x is None and y is None:
+        return b"", b"", 0
+    if x is None or y is None:
+        raise ValueError(f"{what}: give both samples and labels")
+    xq = tr._inputs(x)
+    labels = np.asarray(y).reshape(-1)
+    if len(labels) != len(xq):
+        raise ValueError(f"{what}: {len(xq)} samples but {len(labels)} labels")
+    if not np.issubdtype(labels.dtype, np.integer) or (len(labels) and (labels.min() < 0 or labels.max() > 255)):
+        raise ValueError(f"{what}: labels must be integers in [0, 255]")
+    return xq.astype(np.int8).tobytes(), labels.astype(np.uint8).tobytes(), len(labels)
+
+
+def export_mcu(plan: Plan, out_dir: str, x=None, y=None, x_test=None, y_test=None) -> Dict[str, object]:
+    """Write the firmware bundle of ``plan`` (and optional training / test samples, float32 NCHW
+    or already-quantized int8) into ``out_dir``; returns the manifest."""
+    if plan.loss != "cross_entropy" and (y is not None or y_test is not None):
+        raise ValueError("sample labels are class indices: export samples only for a cross-entropy plan")
+    tr = Trainer(plan)
+    train_x, train_y, n_train = _samples(tr, x, y, "training samples")
+    test_x, test_y, n_test = _samples(tr, x_test, y_test, "test samples")
+    data = dict(zip(FILES, (plan.plan_bytes, plan.params, train_x, train_y, test_x, test_y)))
+    inp = plan.meta.get("input", {})
+    manifest = {
+        "format": "tinytrain-mcu-bundle",
+        "version": 1,
+        "arena_bytes": plan.memory.peak_bytes,
+        "state_bytes": plan.memory.state_bytes,
+        "flash_bytes": len(plan.plan_bytes) + len(plan.params),
+        "input": {"shape": inp.get("shape"), "scale": inp.get("scale"), "zero_point": inp.get("zero_point"),
+                  "layout": "HWC int8"},
+        "train_samples": n_train,
+        "test_samples": n_test,
+        "files": {k: {"bytes": len(v), "crc32": zlib.crc32(v)} for k, v in data.items()},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    for name, blob in data.items():
+        _write(out_dir, name, blob)
+    _write(out_dir, "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    return manifest
+
+
+def _load_xy(path: Optional[str]):
+    if path is None:
+        return None, None
+    with np.load(path) as d:
+        if "X" not in d or "Y" not in d:
+            raise ValueError(f"{path}: expected arrays X (samples) and Y (labels)")
+        return d["X"], d["Y"]
+
+
+def cli_export(args) -> int:
+    plan = Plan.load(args.plan)
+    x, y = _load_xy(args.data)
+    xt, yt = _load_xy(args.test)
+    m = export_mcu(plan, args.mcu, x, y, xt, yt)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"wrote {args.mcu}: plan {m['files']['plan.bin']['bytes']} B + params "
+              f"{m['files']['params.bin']['bytes']} B (flash), arena {m['arena_bytes']} B (SRAM), "
+              f"{m['train_samples']} training / {m['test_samples']} test samples")
+    return 0
+
+
+def add_cli_parser(sub) -> None:
+    p = sub.add_parser("export", help="write what a microcontroller firmware includes (tt-mcu)")
+    p.add_argument("plan", help="plan file (.ttp) from `tinytrain compile`")
+    p.add_argument("--mcu", required=True, metavar="OUT_DIR", help="folder for the firmware bundle")
+    p.add_argument("--data", help=".npz with X (float32 NCHW or int8) and Y: samples shipped for training")
+    p.add_argument("--test", help=".npz with X and Y: held-out samples shipped for accuracy")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cli_export)
