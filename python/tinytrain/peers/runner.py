@@ -37,8 +37,9 @@ def python_with(module: str) -> Optional[str]:
 
 
 def _float_params(graph, node):
-    """Float weights of a conv/fc node: the float graph's own, or the int8 ones dequantized."""
-    if "weight" in node.params:
+    """Float weights of a conv/fc node: the int8 ones dequantized (they are what the device runs
+    and trains), or a float graph's own."""
+    if "weight_q" not in node.params:
         return node.params["weight"].astype(np.float32), node.params["bias"].astype(np.float32)
     w = node.params["weight_q"].astype(np.float32)
     ws = node.params["weight_scale"].astype(np.float32)
