@@ -659,6 +659,11 @@ class _Importer:
 
     _op_QLinearLeakyRelu = _op_QLinearSigmoid
 
+    def _op_QLinearConcat(self, node, a) -> None:
+        raise self._unsupported(node, "channel concatenation has no op in tinytrain's graph (no kernel, no backward)")
+
+    _op_Concat = _op_QLinearConcat
+
     def _op_Flatten(self, node, a) -> None:
         x = self._act(node, 0)
         if a.get("axis", 1) != 1:

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import ModelFormatError, UnsupportedOperatorError
+from .errors import ModelFormatError, TinytrainError, UnsupportedOperatorError
 from .graph import Graph, Node, Tensor
 
 __all__ = ["load_tflite", "BUILTIN_NAMES"]
@@ -314,6 +314,12 @@ class _Importer:
     def _deq(self, t: _TTensor, q: np.ndarray, axis: int) -> np.ndarray:
         if not t.quantized or q.dtype.kind == "f":
             return q.astype(np.float32)
+        n = q.shape[axis] if q.ndim else 1
+        if t.scale.size not in (1, n) or t.zero_point.size not in (0, 1, t.scale.size):
+            raise ModelFormatError(f"{self.where}: tensor {t.name!r} of shape {q.shape} has {t.scale.size} scales and "
+                                   f"{t.zero_point.size} zero points (1 or one per channel expected)")
+        if not (np.isfinite(t.scale).all() and (t.scale > 0).all()):
+            raise ModelFormatError(f"{self.where}: tensor {t.name!r} has non-positive or non-finite scales")
         s = t.scale.astype(np.float64)
         z = t.zero_point.astype(np.float64) if t.zero_point.size else np.zeros(1)
         if s.size > 1:
@@ -728,4 +734,12 @@ def load_tflite(model: Union[str, os.PathLike, bytes]):
             raise ModelFormatError(f"{where}: no such file")
         with open(where, "rb") as f:
             data = f.read()
-    return _Importer(data, where).run()
+    try:
+        with np.errstate(all="ignore"):
+            return _Importer(data, where).run()
+    except TinytrainError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError, MemoryError, UnicodeError) as exc:
+        # a file can be well formed as a flatbuffer and still describe an impossible model (shapes that
+        # contradict their data, a quantization that cannot hold); never let that surface as a crash
+        raise ModelFormatError(f"{where}: inconsistent model ({type(exc).__name__}: {exc})") from None
