@@ -28,7 +28,7 @@ impl QParams {
 
     #[inline]
     pub fn dequantize(&self, q: i8) -> f32 {
-        self.scale * (q as i32 - self.zero_point) as f32
+        self.scale * (q as i64 - self.zero_point as i64) as f32
     }
 
     /// Round half away from zero, saturate to int8.

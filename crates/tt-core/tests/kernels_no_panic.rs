@@ -127,3 +127,81 @@ proptest! {
         let _ = sgd_update_bias(&mut b, &vec![0.1; l[2]], scale, &go, &cfg, None);
     }
 }
+
+fn extreme_i32() -> impl Strategy<Value = i32> {
+    prop_oneof![any::<i32>(), Just(i32::MIN), Just(i32::MAX), -200i32..200]
+}
+
+fn extreme_f32() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        Just(f32::NAN),
+        Just(f32::INFINITY),
+        Just(0.0f32),
+        Just(-1.0f32),
+        Just(f32::MAX),
+        Just(1e-38f32),
+        0.001f32..10.0
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Buffers that match the geometry, so the arithmetic runs, with extreme zero points,
+    /// multipliers, shifts, scales and data.
+    #[test]
+    fn extreme_parameters_never_panic(
+        (h, w, c, k, s, p) in (1usize..=5, 1usize..=5, 1usize..=20, 1usize..=3, 1usize..=2, 0usize..=1),
+        dw in any::<bool>(),
+        zp in (extreme_i32(), extreme_i32()),
+        rq in (any::<i32>(), -100i32..=100),
+        scale in extreme_f32(),
+        g_val in extreme_f32(),
+        fill in any::<i8>(),
+    ) {
+        let (groups, out_c) = if dw { (c, c) } else { (1, 3) };
+        let Ok(g) = Conv2dGeom::new(h, w, c, out_c, k, k, s, s, p, p, p, p, groups) else {
+            return Ok(());
+        };
+        let x = vec![fill; g.input_len()];
+        let wt = vec![fill.max(-127); g.weight_len()];
+        let b = vec![zp.1; out_c];
+        let r = vec![Requant { multiplier: rq.0, shift: rq.1 }; out_c];
+        let mut out = vec![0i8; g.output_len()];
+        let _ = conv2d_forward(&g, &x, zp.0, &wt, &b, &r, zp.1, -128, 127, &mut out);
+        let mut acc = vec![0i32; g.output_len()];
+        let _ = conv2d_accumulate(&g, &x, zp.0, &wt, &[zp.1], &b, &mut acc);
+        let go = vec![g_val; g.output_len()];
+        let mut gi = vec![0f32; g.input_len()];
+        let _ = conv2d_backward_input(&g, &go, &wt, &vec![scale; out_c], &mut gi);
+        let q = QParams { scale, zero_point: zp.0 };
+        let sel = ChannelSelection::output(out_c);
+        let mut gw = vec![0f32; g.weight_len()];
+        let _ = conv2d_backward_weight(&g, &x, q, &go, sel, &mut gw);
+        let mut buf = x.clone();
+        let mut scratch = vec![0i8; depthwise_in_place_scratch_len(&g)];
+        let _ = conv2d_depthwise_in_place(&g, &mut buf, zp.0, &wt, &b, &r, zp.1, -128, 127, &mut scratch);
+
+        let fg = FcGeom::new(c, out_c).unwrap();
+        let mut fo = vec![0i8; out_c];
+        let fw = vec![fill.max(-127); c * out_c];
+        let _ = fc_forward(&fg, &x[..c], zp.0, &fw, &b, &r, zp.1, -128, 127, &mut fo);
+        let mut fgw = vec![0f32; c * out_c];
+        let _ = fc_backward_weight(&fg, &x[..c], q, &go[..out_c.min(go.len())], sel, &mut fgw);
+        let _ = global_avgpool_forward(h, w, c, &x, q, q, &mut vec![0i8; c]);
+        let _ = softmax_cross_entropy(&x[..c], q, 0, &mut gi[..c]);
+        let _ = mse(&x[..c], q, &go[..c.min(go.len())], &mut gi[..c.min(go.len())]);
+        let shape = g.weight_shape();
+        let cfg = SgdConfig { lr: scale, momentum: 0.5, qas: zp.0 > 0 };
+        let mut w8 = wt.clone();
+        let mut rng = XorShift32::new(zp.0 as u32);
+        let _ = sgd_update_weights(&mut w8, &shape, &vec![scale; out_c], sel, &gw, &cfg, None, UpdateState::StochasticRounding(&mut rng));
+        let mut res = vec![fill; gw.len()];
+        let mut mom = vec![g_val; gw.len()];
+        let _ = sgd_update_weights(&mut w8, &shape, &vec![scale; out_c], sel, &gw, &cfg, Some(&mut mom), UpdateState::Residual(&mut res));
+        let mut master = vec![g_val; gw.len()];
+        let _ = sgd_update_weights(&mut w8, &shape, &vec![scale; out_c], sel, &gw, &cfg, None, UpdateState::FpMaster(&mut master));
+        let mut bias = b.clone();
+        let _ = sgd_update_bias(&mut bias, &vec![scale; out_c], scale, &go[..out_c.min(go.len())], &cfg, None);
+    }
+}

@@ -626,7 +626,7 @@ pub fn conv2d_backward_weight(
                         let x = &input[(row + idx(ix0, kx)) * xc + grp * icg..][..cols];
                         let gw = &mut grad_w[(oc * taps + ky * kw + kx) * cols..][..cols];
                         for (d, &xv) in gw.iter_mut().zip(x) {
-                            *d += gs * (xv as i32 - zp) as f32;
+                            *d += gs * (xv as i32).wrapping_sub(zp) as f32;
                         }
                     }
                 }
@@ -666,7 +666,7 @@ fn dw_backward_weight(
                         let x = &input[(row + idx(ix0, kx)) * c + c0..][..n];
                         let go = &grad_out[(oy * ow + ox) * c + c0..][..n];
                         for j in 0..n {
-                            acc[j] += go[j] * (x[j] as i32 - zp) as f32;
+                            acc[j] += go[j] * (x[j] as i32).wrapping_sub(zp) as f32;
                         }
                     }
                 }

@@ -214,7 +214,7 @@ pub fn fc_backward_weight(
             continue;
         }
         for (d, &xv) in gw.iter_mut().zip(input) {
-            *d += gs * (xv as i32 - in_q.zero_point) as f32;
+            *d += gs * (xv as i32).wrapping_sub(in_q.zero_point) as f32;
         }
     }
     Ok(())

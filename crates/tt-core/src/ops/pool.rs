@@ -141,7 +141,7 @@ pub fn global_avgpool_forward(
     for (ch, o) in output.iter_mut().enumerate() {
         let mut acc: i32 = 0;
         for px in 0..hw {
-            acc = acc.wrapping_add(input[px * c + ch] as i32 - in_q.zero_point);
+            acc = acc.wrapping_add((input[px * c + ch] as i32).wrapping_sub(in_q.zero_point));
         }
         *o = rq.apply_clamp(acc, out_q.zero_point, -128, 127);
     }
@@ -183,13 +183,13 @@ pub fn avgpool_forward(g: &Pool2dGeom, input: &[i8], output: &mut [i8]) -> Resul
     for oy in 0..g.out_h() {
         for ox in 0..ow {
             let (y0, y1, x0, x1) = g.window(oy, ox);
-            let count = ((y1 - y0) * (x1 - x0)) as i32;
+            let count = ((y1 - y0) * (x1 - x0)) as i64;
             let out = &mut output[(oy * ow + ox) * c..][..c];
             for (ch, o) in out.iter_mut().enumerate() {
-                let mut acc: i32 = 0;
+                let mut acc: i64 = 0;
                 for iy in y0..y1 {
                     for ix in x0..x1 {
-                        acc += input[(iy * g.in_w + ix) * c + ch] as i32;
+                        acc += input[(iy * g.in_w + ix) * c + ch] as i64;
                     }
                 }
                 let r = if acc > 0 {
