@@ -35,3 +35,15 @@ print(f"stm32f746g-disco: flash {flash} B ({flash / 1024:.1f} KB of 512 KB code 
 if flash > 512 * 1024 or sram > 256 * 1024:
     sys.exit("mcu-board: FAIL: over budget")
 PY
+
+# The C ABI for C firmware: libtinytrain.a (include/tinytrain.h) for the same target, in
+# build-thumb.sh's target dir (same workspace profile, so `core` is reused).
+lib=target/thumb/thumbv7em-none-eabihf/release/libtinytrain.a
+rm -f "$lib"
+if ! log=$(CARGO_TARGET_DIR=target/thumb /usr/bin/cargo build -q -Z build-std=core \
+    --target thumbv7em-none-eabihf --release -p tt-mcu-ffi 2>&1); then
+  echo "$log"
+  exit 1
+fi
+echo "$log" | grep -v "dropping unsupported crate type .cdylib." || true
+echo "libtinytrain.a (thumbv7em-none-eabihf): $(stat -c %s "$lib") B archive"
