@@ -287,3 +287,17 @@ def test_errors_are_value_errors_with_the_core_message():
                                      groups=4, axis="input", count=1)
     with pytest.raises(ValueError, match="padding must be smaller"):
         _core.avgpool_forward(x, (2, 2), (1, 1), (2, 0, 0, 0))
+
+
+def test_non_contiguous_inputs_are_accepted():
+    x = rand_i8((2, 6, 6, 8))
+    w = rand_i8((4, 3, 3, 8), -127, 127)
+    bias = np.zeros(4, np.int32)
+    rs = np.full(4, 0.01)
+    want = _core.conv2d_forward(x, w, bias, (1, 1), (1, 1, 1, 1), 1, 0, 0, rs)
+    # The same data seen through a transposed (non C-contiguous) view.
+    xt = np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    assert not xt.flags.c_contiguous
+    np.testing.assert_array_equal(_core.conv2d_forward(xt, w, bias, (1, 1), (1, 1, 1, 1), 1, 0, 0, rs), want)
+    with pytest.raises(TypeError):
+        _core.conv2d_forward(x.astype(np.int16), w, bias, (1, 1), (1, 1, 1, 1), 1, 0, 0, rs)

@@ -602,3 +602,24 @@ fn bytes_per_updated_weight() {
     assert_eq!(UpdatePrecision::FpMaster.bytes_per_weight(false), 5);
     assert_eq!(UpdatePrecision::FpMaster.bytes_per_weight(true), 9);
 }
+
+#[test]
+fn bias_momentum_and_prefix() {
+    let cfg = SgdConfig {
+        lr: 1.0,
+        momentum: 0.5,
+        qas: true,
+    };
+    // s_W s_x = 0.25: G̃ = G_b / 0.25 = 4 G_b (int32 units).
+    let mut b = [0i32, 7];
+    let mut v = [0f32];
+    sgd_update_bias(&mut b, &[0.5, 0.5], 0.5, &[1.0], &cfg, Some(&mut v)).unwrap();
+    assert_eq!((b, v), ([-4, 7], [4.0]));
+    sgd_update_bias(&mut b, &[0.5, 0.5], 0.5, &[1.0], &cfg, Some(&mut v)).unwrap();
+    // v = 0.5 * 4 + 4 = 6; only the prefix the gradient covers moves.
+    assert_eq!((b, v), ([-10, 7], [6.0]));
+    // Saturates instead of wrapping.
+    let mut big = [i32::MAX - 1];
+    sgd_update_bias(&mut big, &[0.5], 0.5, &[-1e9], &cfg, None).unwrap();
+    assert_eq!(big, [i32::MAX]);
+}
