@@ -31,8 +31,8 @@ MODELS = {
 }
 
 
-def measure(q, scheme, reorder: bool, x, verify: bool):
-    plan = tt.compile(q, scheme, reorder=reorder)
+def measure(q, scheme, reorder: bool, x, verify: bool, **kw):
+    plan = tt.compile(q, scheme, reorder=reorder, **kw)
     if verify:
         tr = tt.Trainer(plan, lr=0.0)
         tr.step(x, [0])
@@ -60,12 +60,14 @@ def main(argv=None) -> int:
             "last_4": (s.last_layers(q, 4), True),
             "sparse_no_reorder": (s.paper_sparse(q), False),
             "sparse_reorder": (s.paper_sparse(q), True),
+            "sparse_reorder_streamed": (s.paper_sparse(q), True, {"stream_input": True}),
         }
         row = {"model": name, "layers": len(q.layers), "scheme": s.paper_sparse(q).to_dict()}
-        for key, (scheme, reorder) in cases.items():
-            p = measure(q, scheme, reorder, x, not args.no_verify)
+        for key, (scheme, reorder, *kw) in cases.items():
+            p = measure(q, scheme, reorder, x, not args.no_verify, **(kw[0] if kw else {}))
             row[key] = {"peak_bytes": p.memory.peak_bytes, "lower_bound_bytes": p.memory.lower_bound_bytes,
-                        "peak_op": p.memory.peak_op, "breakdown": p.memory.breakdown}
+                        "peak_op": p.memory.peak_op, "breakdown": p.memory.breakdown,
+                        "layout": p.memory.extra.get("layout")}
         row["paper_kb"] = dict(zip(("full", "sparse", "sparse_reorder"), PAPER_KB[name]))
         rows.append(row)
     if args.json:
@@ -76,12 +78,13 @@ def main(argv=None) -> int:
           + ("" if args.no_verify else "; every figure = executor's measured high-water mark"))
     print()
     print("| model | full, no reorder | full, reorder | bias-only | last-4 | sparse, no reorder | sparse + reorder "
-          "| paper: full / sparse / sparse+reorder | ours / paper (sparse+reorder) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| sparse + reorder, input streamed | paper: full / sparse / sparse+reorder | ours / paper (sparse+reorder) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pk = r["paper_kb"]
         print(f"| {r['model']} | {kb(r, 'full_no_reorder'):.0f} | {kb(r, 'full_reorder'):.0f} | {kb(r, 'bias_only'):.0f} "
               f"| {kb(r, 'last_4'):.0f} | {kb(r, 'sparse_no_reorder'):.0f} | {kb(r, 'sparse_reorder'):.0f} "
+              f"| {kb(r, 'sparse_reorder_streamed'):.0f} "
               f"| {pk['full']} / {pk['sparse']} / {pk['sparse_reorder']} "
               f"| {kb(r, 'sparse_reorder') / pk['sparse_reorder']:.2f}x |")
     print()
@@ -89,6 +92,10 @@ def main(argv=None) -> int:
         sr = r["sparse_reorder"]
         print(f"{r['model']}: sparse + reorder peak at {sr['peak_op']}: "
               + ", ".join(f"{k} {v / 1024:.1f}" for k, v in sr["breakdown"].items() if v))
+        lay = sr["layout"] or {}
+        if lay.get("patch"):
+            print(f"  layout: nodes up to {lay['patch']['last']} patch by patch on a {lay['patch']['grid']}x"
+                  f"{lay['patch']['grid']} grid, {lay['in_place_ops']} ops in place")
         print(f"  sparse scheme: biases of the last {len(r['scheme']['bias_layers'])} of {r['layers']} layers, weights "
               + ", ".join(f"{k}@{v:g}" for k, v in r["scheme"]["weight_ratios"].items()))
     return 0

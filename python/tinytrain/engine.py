@@ -84,7 +84,8 @@ def _quantized(model):
 
 def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder: bool = True,
             update_precision: str = "stochastic", loss: str = "cross_entropy", lr: float = 0.05,
-            momentum: float = 0.0, seed: int = 0, patch="auto", in_place: Optional[bool] = None) -> Plan:
+            momentum: float = 0.0, seed: int = 0, patch="auto", in_place=None,
+            stream_input: bool = False) -> Plan:
     """Compile training of `model` under `scheme` into a `Plan`.
 
     - ``budget``: SRAM budget ("256KB", bytes, or None for no limit); a plan whose peak exceeds it
@@ -105,6 +106,9 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
       ``patch=("conv_5", 4)`` runs the nodes up to ``conv_5`` on a 4x4 grid; ``in_place`` fixes
       the in-place choice (``True``: depthwise and expanding pointwise convs; ``"all"``: also
       shrinking pointwise convs and adds). The layout changes memory, never the numbers.
+    - ``stream_input``: the input sample is not copied into the SRAM arena; the patch stage reads
+      its regions from where the caller keeps the sample (on the MCU: a camera frame buffer or
+      flash). Needs a patch stage; saves the input's bytes (48 KB at 3x128x128).
     """
     q = _quantized(model)
     if not isinstance(scheme, Scheme):
@@ -162,7 +166,8 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
     try:
         plan_bytes, params = _core.engine_compile(
             tensors, nodes, inp, out, per_node, bool(reorder), PRECISIONS[update_precision], momentum > 0,
-            LOSSES[loss], int(seed) & (2**64 - 1), float(lr), float(momentum), json.dumps(meta).encode(), layout)
+            LOSSES[loss], int(seed) & (2**64 - 1), float(lr), float(momentum), json.dumps(meta).encode(), layout,
+            bool(stream_input))
     except ValueError as e:
         if layout is not None and layout[0] is not None and "patch stage" in str(e):
             raise ValueError(f"patch={patch!r}: the nodes up to {patch[0]!r} are not a chain of frozen convs "

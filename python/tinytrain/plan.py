@@ -69,6 +69,8 @@ class MemoryReport:
         lay = self.extra.get("layout") or {}
         if lay.get("patch"):
             lines.append(f"patch stage      up to {lay['patch']['last']} on a {lay['patch']['grid']}x{lay['patch']['grid']} grid")
+        if lay.get("stream_input"):
+            lines.append("input            streamed into the patch stage (not in SRAM)")
         if lay.get("in_place_ops"):
             lines.append(f"in place         {lay['in_place_ops']} depthwise ops (forward / gradient)")
         for k, v in self.breakdown.items():
@@ -113,7 +115,7 @@ class Plan:
         peak = timeline[rep["peak_op"]] if timeline else {"op": "-", "node": "-"}
         patch = rep["patch"]
         layout = {"patch": None if patch is None else {"last": node_name(patch[0]), "grid": patch[1]},
-                  "in_place_ops": int(rep["in_place_ops"])}
+                  "in_place_ops": int(rep["in_place_ops"]), "stream_input": bool(rep["stream_input"])}
         self.memory = MemoryReport(
             peak_bytes=int(rep["arena_bytes"]), lower_bound_bytes=int(rep["lower_bound"]),
             state_bytes=int(rep["state_bytes"]), breakdown={k: int(v) for k, v in rep["breakdown"].items()},

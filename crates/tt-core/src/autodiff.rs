@@ -85,6 +85,21 @@ pub struct Layout {
     /// Shrinking pointwise convs and adds also run in place (keeps a large input buffer alive as
     /// long as the small output: a win only when what follows reuses it, so it is searched).
     pub shrink_in_place: bool,
+    /// Nodes (bit i of the set) kept out of place although `shrink_in_place` allows it.
+    pub out_of_place: [u64; 4],
+    /// The input sample is not copied into the arena: the patch stage reads its regions from
+    /// where the caller keeps it (a camera frame buffer, flash). Needs a patch stage.
+    pub stream_input: bool,
+}
+
+impl Layout {
+    fn shrinks(&self, node: usize) -> bool {
+        self.shrink_in_place
+            && self
+                .out_of_place
+                .get(node / 64)
+                .is_none_or(|w| w & (1 << (node % 64)) == 0)
+    }
 }
 
 pub fn build(g: &Graph, scheme: &Scheme, opt: &CompileOptions) -> Result<TrainingGraph> {
@@ -281,7 +296,20 @@ pub fn build_with(
 
     // Forward ops.
     let mut act_buf = alloc::vec![NONE; g.tensors.len()];
-    act_buf[g.input] = b.add(BufKind::Input, g.tensors[g.input].numel(), 0);
+    if layout.stream_input {
+        let readers = g
+            .nodes
+            .iter()
+            .filter(|m| m.inputs.contains(&g.input))
+            .count();
+        if layout.patch.is_none() || readers != 1 {
+            return Err(Error::InvalidParameter {
+                what: "autodiff: a streamed input needs a patch stage as its only reader",
+            });
+        }
+    } else {
+        act_buf[g.input] = b.add(BufKind::Input, g.tensors[g.input].numel(), 0);
+    }
     let mut ops: Vec<TrainOp> = Vec::new();
     let mut masks = alloc::vec![NONE; n_nodes];
     // saved[n]: the buffer the weight gradient of layer n reads.
@@ -308,7 +336,9 @@ pub fn build_with(
                 saved[ci] = buf;
             }
         };
-    save_slices(g.input, act_buf[g.input], &mut b, &mut ops, &mut saved);
+    if !layout.stream_input {
+        save_slices(g.input, act_buf[g.input], &mut b, &mut ops, &mut saved);
+    }
 
     let mut first_node = 0;
     if let Some((last, grid)) = layout.patch {
@@ -353,7 +383,7 @@ pub fn build_with(
         // live as long as its small output.
         let pw = is_pointwise(g, i)
             && !(sel[i].channels > 0 && sel[i].axis == ChannelAxis::Output)
-            && ((layout.shrink_in_place && !needs_bwd[i])
+            && ((layout.shrinks(i) && !needs_bwd[i])
                 || g.tensors[n.output].numel() >= g.tensors[t_in].numel());
         let in_place = layout.in_place
             && (dw || pw)
@@ -363,7 +393,7 @@ pub fn build_with(
         let single = |t: usize| g.nodes.iter().filter(|m| m.inputs.contains(&t)).count() == 1;
         // Only in the forward-only prefix: behind it, outputs are saved for the backward pass.
         let add_into =
-            if layout.shrink_in_place && !needs_bwd[i] && matches!(n.kind, NodeKind::Add { .. }) {
+            if layout.shrinks(i) && !needs_bwd[i] && matches!(n.kind, NodeKind::Add { .. }) {
                 n.inputs
                     .iter()
                     .rposition(|&t| t != g.input && single(t) && n.inputs[0] != n.inputs[1])

@@ -522,6 +522,10 @@ impl<'p, 'a> Executor<'p, 'a> {
         for i in 0..self.plan.n_ops {
             let op = self.plan.op(i)?;
             let n = self.plan.node(op.node as usize)?;
+            if op.kind == OpKind::PatchStage && op.bufs[0] == NONE {
+                // A streamed input: the patch stage reads its regions from the caller's slice.
+                return Ok(());
+            }
             if matches!(
                 op.kind,
                 OpKind::Forward | OpKind::SaveChannels | OpKind::PatchStage
@@ -552,7 +556,7 @@ impl<'p, 'a> Executor<'p, 'a> {
         let mut loss = None;
         for i in 0..self.plan.n_ops {
             let op = self.plan.op(i)?;
-            if let Some(l) = self.run_op(i, op.kind, op.node, op.arg, op.bufs, target)? {
+            if let Some(l) = self.run_op(i, op.kind, op.node, op.arg, op.bufs, target, input)? {
                 loss = Some(l);
             }
         }
@@ -568,7 +572,15 @@ impl<'p, 'a> Executor<'p, 'a> {
         for i in 0..self.plan.n_ops {
             let op = self.plan.op(i)?;
             if op.kind == OpKind::Forward || op.kind == OpKind::PatchStage {
-                self.run_op(i, op.kind, op.node, op.arg, op.bufs, Target::Class(0))?;
+                self.run_op(
+                    i,
+                    op.kind,
+                    op.node,
+                    op.arg,
+                    op.bufs,
+                    Target::Class(0),
+                    input,
+                )?;
                 if self.plan.node(op.node as usize)?.output == self.plan.globals.output {
                     out = op.bufs[2];
                 }
@@ -611,6 +623,7 @@ impl<'p, 'a> Executor<'p, 'a> {
         arg: u32,
         bufs: [u32; 4],
         target: Target<'_>,
+        input: &[i8],
     ) -> Result<Option<f32>> {
         let pv = self.plan;
         let n = pv.node(node as usize)?;
@@ -712,7 +725,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                 }
             }
             OpKind::PatchStage => {
-                self.patch_stage(node as usize, arg, bufs)?;
+                self.patch_stage(node as usize, arg, bufs, input)?;
             }
             OpKind::BlockOperands => {}
             OpKind::BlockBackward => {
@@ -1444,7 +1457,7 @@ impl<'p, 'a> Executor<'p, 'a> {
     /// Runs nodes `first..=last` (a chain of frozen convs) patch by patch: each output patch is
     /// computed from its receptive field, halos recomputed, through two small ping-pong buffers,
     /// so only the stage's input and output tensors are ever whole.
-    fn patch_stage(&mut self, first: usize, arg: u32, bufs: [u32; 4]) -> Result<()> {
+    fn patch_stage(&mut self, first: usize, arg: u32, bufs: [u32; 4], input: &[i8]) -> Result<()> {
         let last = (arg & 0xFFFF) as usize;
         let grid = (arg >> 16) as usize;
         let bad = |field| Error::CorruptPlan { field };
@@ -1480,7 +1493,15 @@ impl<'p, 'a> Executor<'p, 'a> {
         let in_t = pv.tensor(pv.globals.input as usize)?;
         let out_t = pv.tensor(t as usize)?;
         let [src, dst, a, b] = self.carve_t(bufs, [in_t.numel(), out_t.numel(), ALL, ALL])?;
-        let src: &[i8] = view(src, "patch stage input")?;
+        // Without an input buffer the image is streamed: regions come from the caller's sample.
+        let src: &[i8] = if bufs[0] == NONE {
+            input
+        } else {
+            view(src, "patch stage input")?
+        };
+        if src.len() != in_t.numel() {
+            return Err(bad("buffers.bytes (patch stage input)"));
+        }
         let dst: &mut [i8] = view_mut(dst, "patch stage output")?;
         let a: &mut [i8] = view_mut(a, "patch ping")?;
         let b: &mut [i8] = view_mut(b, "patch pong")?;
@@ -2595,7 +2616,8 @@ mod tests {
             let mut layouts = std::vec![Layout {
                 patch: None,
                 in_place: true,
-                shrink_in_place: false
+                shrink_in_place: false,
+                ..Default::default()
             }];
             for &last in &cands {
                 for grid in [1, 2, 3, 5] {
@@ -2603,11 +2625,13 @@ mod tests {
                         patch: Some((last, grid)),
                         in_place: true,
                         shrink_in_place: false,
+                        ..Default::default()
                     });
                     layouts.push(Layout {
                         patch: Some((last, grid)),
                         in_place: false,
                         shrink_in_place: false,
+                        ..Default::default()
                     });
                 }
             }
@@ -2643,6 +2667,32 @@ mod tests {
             }
         }
         assert!(fused_seen > 0);
+        // A streamed input: same numbers, the image no longer in the arena.
+        {
+            let sch = &schemes[1];
+            let st = settings(true, Precision::FpMaster, false);
+            let base = run_layout(&g, sch, &st, &Layout::default(), &x, 5).unwrap();
+            let resident = Layout {
+                patch: Some((1, 3)),
+                in_place: true,
+                ..Default::default()
+            };
+            let streamed = Layout {
+                stream_input: true,
+                ..resident
+            };
+            let r = run_layout(&g, sch, &st, &resident, &x, 5).unwrap();
+            let s2 = run_layout(&g, sch, &st, &streamed, &x, 5).unwrap();
+            assert_eq!(s2.0, base.0);
+            assert_eq!(s2.1, r.1);
+            assert_eq!(s2.2, s2.3);
+            assert!(s2.3 <= r.3);
+            let no_stage = Layout {
+                stream_input: true,
+                ..Default::default()
+            };
+            assert!(crate::autodiff::build_with(&g, sch, &st.options, &no_stage).is_err());
+        }
         // A residual add (in place into its branch input) and shrinking pointwise convs in place.
         let gs = small_graph();
         let xs = sample(9);
@@ -2664,6 +2714,7 @@ mod tests {
                     patch: None,
                     in_place: true,
                     shrink_in_place,
+                    ..Default::default()
                 };
                 let tg = crate::autodiff::build_with(&gs, &sch, &st.options, &l).unwrap();
                 let add_in_place = tg.ops.iter().any(|o| {
@@ -2702,6 +2753,7 @@ mod tests {
                 patch: Some((2, 3)),
                 in_place: true,
                 shrink_in_place: false,
+                ..Default::default()
             },
             &x,
             1,

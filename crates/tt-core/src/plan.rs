@@ -912,7 +912,7 @@ mod encode {
         settings: &PlanSettings,
         meta: &[u8],
     ) -> Result<Compiled> {
-        compile_with(g, scheme, settings, meta, None)
+        compile_with(g, scheme, settings, meta, None, false)
     }
 
     /// Patch grids the layout search tries.
@@ -925,6 +925,7 @@ mod encode {
         settings: &PlanSettings,
         meta: &[u8],
         fixed: Option<crate::autodiff::Layout>,
+        stream_input: bool,
     ) -> Result<Compiled> {
         use crate::autodiff::{build_with, patch_candidates, Layout};
         if let Some(layout) = fixed {
@@ -938,29 +939,39 @@ mod encode {
                 memory,
             });
         }
-        let mut layouts = alloc::vec![Layout::default()];
+        let mut layouts = alloc::vec![];
+        if !stream_input {
+            layouts.push(Layout::default());
+        }
         g.validate()?;
         let candidates = patch_candidates(g, scheme)?;
         for shrink_in_place in [false, true] {
-            layouts.push(Layout {
-                patch: None,
-                in_place: true,
-                shrink_in_place,
-            });
+            if !stream_input {
+                layouts.push(Layout {
+                    patch: None,
+                    in_place: true,
+                    shrink_in_place,
+                    out_of_place: [0; 4],
+                    stream_input,
+                });
+            }
             for &last in &candidates {
                 for grid in PATCH_GRIDS {
                     layouts.push(Layout {
                         patch: Some((last, grid)),
                         in_place: true,
                         shrink_in_place,
+                        out_of_place: [0; 4],
+                        stream_input,
                     });
                 }
             }
         }
         let mut best: Option<(TrainingGraph, MemoryPlan)> = None;
+        let mut best_layout = Layout::default();
         for layout in &layouts {
             let Ok(training) = build_with(g, scheme, &settings.options, layout) else {
-                if layout.patch.is_none() && !layout.in_place {
+                if *layout == Layout::default() {
                     // The plain layout always builds unless the graph or scheme is invalid.
                     build_with(g, scheme, &settings.options, layout)?;
                 }
@@ -972,11 +983,40 @@ mod encode {
                 .is_none_or(|(_, m)| memory.arena_bytes < m.arena_bytes)
             {
                 best = Some((training, memory));
+                best_layout = *layout;
             }
         }
-        let (training, memory) = best.ok_or(Error::InvalidParameter {
-            what: "compile: no layout builds",
+        let (mut training, mut memory) = best.ok_or(Error::InvalidParameter {
+            what: "compile: no layout builds (a streamed input needs the first convs to form a patch stage)",
         })?;
+        // In-place shrinking is a per-node trade-off: keep each such node out of place when that
+        // alone lowers the peak (one greedy pass).
+        let mut layout = best_layout;
+        if layout.shrink_in_place {
+            for (i, n) in g.nodes.iter().enumerate().take(256) {
+                let shrinking = match n.kind {
+                    crate::graph::NodeKind::Add { .. } => true,
+                    crate::graph::NodeKind::Conv { .. } => {
+                        g.tensors[n.output].numel() < g.tensors[n.inputs[0]].numel()
+                    }
+                    _ => false,
+                };
+                if !shrinking {
+                    continue;
+                }
+                let mut trial = layout;
+                trial.out_of_place[i / 64] |= 1 << (i % 64);
+                let Ok(t) = build_with(g, scheme, &settings.options, &trial) else {
+                    continue;
+                };
+                let m = crate::planner::plan(&t.buffers, &t.ops);
+                if m.arena_bytes < memory.arena_bytes {
+                    layout = trial;
+                    training = t;
+                    memory = m;
+                }
+            }
+        }
         let (plan, params) = encode(g, &training, &memory, settings, meta)?;
         Ok(Compiled {
             plan,

@@ -123,7 +123,7 @@ fn build_graph(
 
 /// Compiles a quantized graph for training. Returns (plan bytes, parameter blob).
 #[pyfunction]
-#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta, layout=None))]
+#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta, layout=None, stream_input=false))]
 #[allow(clippy::too_many_arguments)]
 fn engine_compile<'py>(
     py: Python<'py>,
@@ -141,6 +141,7 @@ fn engine_compile<'py>(
     momentum: f32,
     meta: &[u8],
     layout: Option<(Option<(usize, usize)>, bool, bool)>,
+    stream_input: bool,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
     let g = build_graph(tensors, nodes, input, output)?;
     let scheme = Scheme {
@@ -171,8 +172,10 @@ fn engine_compile<'py>(
                 patch,
                 in_place,
                 shrink_in_place,
+                out_of_place: [0; 4],
+                stream_input,
             });
-            compile_with(&g, &scheme, &settings, meta, fixed)
+            compile_with(&g, &scheme, &settings, meta, fixed, stream_input)
         })
         .map_err(|e| core_err(py, e))?;
     Ok((PyBytes::new(py, &c.plan), PyBytes::new(py, &c.params)))
@@ -242,9 +245,11 @@ fn plan_report<'py>(py: Python<'py>, plan: &[u8]) -> PyResult<Bound<'py, PyDict>
     d.set_item("seed", v.globals.seed)?;
     let mut patch = None;
     let mut in_place = 0usize;
+    let mut streamed = false;
     for o in &ops {
         if o.kind == OpKind::PatchStage {
             patch = Some(((o.arg & 0xFFFF) as usize, (o.arg >> 16) as usize));
+            streamed = o.bufs[0] == tt_core::plan::NONE;
         }
         if o.arg & IN_PLACE != 0 {
             in_place += 1;
@@ -252,6 +257,7 @@ fn plan_report<'py>(py: Python<'py>, plan: &[u8]) -> PyResult<Bound<'py, PyDict>
     }
     d.set_item("patch", patch)?;
     d.set_item("in_place_ops", in_place)?;
+    d.set_item("stream_input", streamed)?;
     Ok(d)
 }
 
