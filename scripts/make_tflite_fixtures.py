@@ -15,6 +15,7 @@ scikit-learn digits (tests/_digits_fixtures.py says how each input is made), it 
   NAME_qop.onnx      onnxruntime.quantization.quantize_static(NAME_float.onnx), QOperator, uint8
                      activations, per-channel int8 weights
   NAME_float.tflite  the float32 TFLite model (ds_cnn and autoencoder only, to keep the files small)
+  ds_cnn_float_io.tflite  int8 inside, float32 input and output (QUANTIZE / DEQUANTIZE at the edges)
 
 and fixtures.json (versions of the tools, float accuracies). Training is seeded but TensorFlow is
 not bit-reproducible across machines: re-running changes the files, not what the tests check.
@@ -109,14 +110,15 @@ def autoencoder():
     return tf.keras.Model(inp, L.Dense(64)(x), name="autoencoder")
 
 
-def convert(model, x_rep, int8: bool) -> bytes:
+def convert(model, x_rep, int8: bool, int8_io: bool = True) -> bytes:
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     if int8:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = lambda: ([x_rep[i: i + 1]] for i in range(len(x_rep)))
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        conv.inference_input_type = tf.int8
-        conv.inference_output_type = tf.int8
+        if int8_io:
+            conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
     return conv.convert()
 
 
@@ -179,6 +181,9 @@ def make(name: str) -> None:
     p = lambda suffix: os.path.join(OUT, name + suffix)  # noqa: E731
     with open(p(".tflite"), "wb") as f:
         f.write(int8)
+    if name == "ds_cnn":
+        with open(p("_float_io.tflite"), "wb") as f:
+            f.write(convert(model, rep, True, int8_io=False))
     tf2onnx.convert.from_tflite(p(".tflite"), opset=13, output_path=p(".onnx"))
     flt_path = p("_float.tflite")
     with open(flt_path, "wb") as f:

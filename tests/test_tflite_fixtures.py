@@ -232,3 +232,26 @@ def test_autoencoder_trains_with_mse_and_separates_an_unseen_distribution():
           f"{auc_after:.3f}")
     assert after < 0.95 * before
     assert auc_after > auc_before and auc_after >= 0.8
+
+
+def test_int8_model_with_float_edges_quantizes_and_dequantizes_like_the_int8_one():
+    """ds_cnn_float_io.tflite is the same converter run with float32 input/output: QUANTIZE first,
+    DEQUANTIZE last. The QUANTIZE's scale becomes the input's, so both files give the same numbers."""
+    a, b = load("ds_cnn_float_io.tflite"), load("ds_cnn.tflite")
+    assert [n.op for n in a.nodes] == [n.op for n in b.nodes] and a.softmax_tail
+    ta, tb = a.tensors[a.input], b.tensors[b.input]
+    assert (ta.scale, ta.zero_point) == (tb.scale, tb.zero_point)
+    x, _ = digits("ds_cnn", "all", "test")
+    np.testing.assert_array_equal(a.forward(x, layout="NHWC"), b.forward(x, layout="NHWC"))
+
+
+@pytest.mark.parametrize("name", ["ds_cnn", "resnet8"])
+def test_imported_tflite_exports_to_qdq_that_onnxruntime_runs(name):
+    q = load(name + ".tflite")
+    m = q.to_onnx()
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    x, _ = digits(name, "all", "test")
+    logits = s.run(["logits"], {s.get_inputs()[0].name: nchw(x)})[0]
+    ours = q.forward(nchw(x))
+    assert np.abs(logits - ours).max() <= q.tensors[q.output].scale * 1.01
+    assert (logits.argmax(1) == ours.argmax(1)).mean() >= 0.99
