@@ -9,6 +9,9 @@ use crate::quant::{check_act, check_len, QParams, Requant};
 
 /// Channels processed together by the depthwise paths (accumulators live on the stack).
 const DW_CHUNK: usize = 16;
+/// The wider block the depthwise forward uses for kernels up to 5x5.
+const DW_WIDE: usize = 32;
+const DW_WIDE_MAX_TAPS: usize = 25;
 /// Largest kernel (kh * kw) the depthwise paths stage on the stack; larger ones take the
 /// general path.
 const DW_MAX_TAPS: usize = 64;
@@ -344,48 +347,95 @@ fn dw_forward(
     act_max: i8,
     output: &mut [i8],
 ) {
+    let p = DwParams {
+        g,
+        input,
+        in_zp,
+        weight,
+        bias,
+        requant,
+        out_zp,
+        act_min,
+        act_max,
+    };
+    let taps = g.kh * g.kw;
+    let mut wide = [0i16; DW_WIDE * DW_WIDE_MAX_TAPS];
+    let mut narrow = [0i16; DW_CHUNK * DW_MAX_TAPS];
+    let mut c0 = 0;
+    while c0 < g.in_c {
+        let rem = g.in_c - c0;
+        // 32 channels per pass where they fit (fewer passes over the pixels), else 16.
+        let n = if rem >= DW_WIDE && taps <= DW_WIDE_MAX_TAPS {
+            dw_forward_block::<DW_WIDE>(&p, c0, DW_WIDE, &mut wide, output);
+            DW_WIDE
+        } else {
+            let n = rem.min(DW_CHUNK);
+            dw_forward_block::<DW_CHUNK>(&p, c0, n, &mut narrow, output);
+            n
+        };
+        c0 += n;
+    }
+}
+
+struct DwParams<'a> {
+    g: &'a Conv2dGeom,
+    input: &'a [i8],
+    in_zp: i32,
+    weight: &'a [i8],
+    bias: &'a [i32],
+    requant: &'a [Requant],
+    out_zp: i32,
+    act_min: i8,
+    act_max: i8,
+}
+
+/// Channels `c0..c0 + n` (`n <= N`) of a depthwise forward; full blocks (`n == N`) run on
+/// fixed-width lanes. `wt` stages the block's weights tap-major (`N` per tap).
+fn dw_forward_block<const N: usize>(
+    p: &DwParams<'_>,
+    c0: usize,
+    n: usize,
+    wt: &mut [i16],
+    output: &mut [i8],
+) {
+    let g = p.g;
     let (c, kw, taps, ow) = (g.in_c, g.kw, g.kh * g.kw, g.out_w());
     // int16 products need an int8-range zero point; any other takes the int32 lanes.
-    let narrow = (-128..=127).contains(&in_zp);
-    let mut wt = [0i16; DW_CHUNK * DW_MAX_TAPS];
-    let mut c0 = 0;
-    while c0 < c {
-        let n = DW_CHUNK.min(c - c0);
-        // Tap-major staging of this chunk's weights so the inner loop runs over channels.
-        for t in 0..taps {
-            for j in 0..n {
-                wt[t * DW_CHUNK + j] = weight[(c0 + j) * taps + t] as i16;
-            }
+    let narrow = (-128..=127).contains(&p.in_zp);
+    for t in 0..taps {
+        for j in 0..n {
+            wt[t * N + j] = p.weight[(c0 + j) * taps + t] as i16;
         }
-        for oy in 0..g.out_h() {
-            let (iy0, ky_lo, ky_hi) = g.rows(oy);
-            for ox in 0..ow {
-                let (ix0, kx_lo, kx_hi) = g.cols(ox);
-                let mut acc = [0i32; DW_CHUNK];
-                acc[..n].copy_from_slice(&bias[c0..c0 + n]);
-                for ky in ky_lo..ky_hi {
-                    let row = idx(iy0, ky) * g.in_w;
-                    for kx in kx_lo..kx_hi {
-                        let x = &input[(row + idx(ix0, kx)) * c + c0..][..n];
-                        let w = &wt[(ky * kw + kx) * DW_CHUNK..][..n];
-                        if narrow && n == DW_CHUNK {
-                            dw_mac16::<DW_CHUNK>(&mut acc, x, w, in_zp as i16);
-                        } else {
-                            for j in 0..n {
-                                acc[j] = acc[j].wrapping_add(
-                                    (x[j] as i32).wrapping_sub(in_zp).wrapping_mul(w[j] as i32),
-                                );
-                            }
+    }
+    for oy in 0..g.out_h() {
+        let (iy0, ky_lo, ky_hi) = g.rows(oy);
+        for ox in 0..ow {
+            let (ix0, kx_lo, kx_hi) = g.cols(ox);
+            let mut acc = [0i32; N];
+            acc[..n].copy_from_slice(&p.bias[c0..c0 + n]);
+            for ky in ky_lo..ky_hi {
+                let row = idx(iy0, ky) * g.in_w;
+                for kx in kx_lo..kx_hi {
+                    let x = &p.input[(row + idx(ix0, kx)) * c + c0..][..n];
+                    let w = &wt[(ky * kw + kx) * N..][..n];
+                    if narrow && n == N {
+                        dw_mac16::<N>(&mut acc, x, w, p.in_zp as i16);
+                    } else {
+                        for j in 0..n {
+                            acc[j] = acc[j].wrapping_add(
+                                (x[j] as i32)
+                                    .wrapping_sub(p.in_zp)
+                                    .wrapping_mul(w[j] as i32),
+                            );
                         }
                     }
                 }
-                let out = &mut output[(oy * ow + ox) * c + c0..][..n];
-                for j in 0..n {
-                    out[j] = requant[c0 + j].apply_clamp(acc[j], out_zp, act_min, act_max);
-                }
+            }
+            let out = &mut output[(oy * ow + ox) * c + c0..][..n];
+            for j in 0..n {
+                out[j] = p.requant[c0 + j].apply_clamp(acc[j], p.out_zp, p.act_min, p.act_max);
             }
         }
-        c0 += n;
     }
 }
 
