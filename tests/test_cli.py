@@ -31,3 +31,59 @@ def test_unknown_command_is_a_usage_error():
     res = run_cli("no-such-command")
     assert res.returncode == 2
     assert "invalid choice" in res.stderr
+
+
+def test_cli_pipeline_quantize_train_evaluate_search(tmp_path):
+    import numpy as np
+    import onnx
+
+    src_x, src_y = tinytrain.datasets.digits("source", "train")
+    tr_x, tr_y = tinytrain.datasets.digits("target", "train")
+    te_x, te_y = tinytrain.datasets.digits("target", "test")
+    np.savez(tmp_path / "calib.npz", X=src_x[:128], Y=src_y[:128])
+    np.savez(tmp_path / "train.npz", X=tr_x[:300], Y=tr_y[:300])
+    np.savez(tmp_path / "test.npz", X=te_x, Y=te_y)
+    onnx.save(tinytrain.models.demo(), str(tmp_path / "demo.onnx"))
+    q_path, trained = str(tmp_path / "q.onnx"), str(tmp_path / "trained.onnx")
+
+    res = run_cli("quantize", str(tmp_path / "demo.onnx"), "--calib", str(tmp_path / "calib.npz"), "-o", q_path)
+    assert res.returncode == 0, res.stderr
+    res = run_cli("evaluate", q_path, "--data", str(tmp_path / "test.npz"), "--json")
+    assert res.returncode == 0, res.stderr
+    before = json.loads(res.stdout)["accuracy"]
+
+    res = run_cli("train", q_path, "--data", str(tmp_path / "train.npz"), "--scheme", "last:4", "--budget", "256KB",
+                  "--epochs", "2", "-o", trained, "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["measured_high_water_bytes"] == report["peak_bytes"] <= 256 * 1024
+    res = run_cli("evaluate", trained, "--data", str(tmp_path / "test.npz"), "--json")
+    after = json.loads(res.stdout)["accuracy"]
+    assert before < 0.05 and after > 0.7
+
+    scheme = str(tmp_path / "scheme.json")
+    np.savez(tmp_path / "search.npz", X=tr_x[:80], Y=tr_y[:80])
+    res = run_cli("search", q_path, "--data", str(tmp_path / "search.npz"), "--budget", "48KB", "-o", scheme, "--ratios", "1",
+                  "--population", "8", "--generations", "2", "--epochs", "1", "--workers", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    found = json.loads(res.stdout)
+    assert found["peak_bytes"] <= 48 * 1024
+    res = run_cli("memory", q_path, "--scheme", scheme, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["peak_bytes"] == found["peak_bytes"]
+
+
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
+    import onnx
+
+    onnx.save(tinytrain.models.demo(), str(tmp_path / "demo.onnx"))
+    res = run_cli("compile", str(tmp_path / "demo.onnx"), "--scheme", "full", "--budget", "8KB", "-o", str(tmp_path / "p.ttp"))
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    assert "bytes" in res.stderr and "8192" in res.stderr
+    assert not (tmp_path / "p.ttp").exists()
+
+    (tmp_path / "broken.onnx").write_bytes(b"\x08\x07garbage")
+    res = run_cli("inspect", str(tmp_path / "broken.onnx"))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "broken.onnx" in res.stdout + res.stderr

@@ -82,8 +82,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     q = load_model(args.model, args.calib)
     x, y = load_data(args.data)
-    result = search(q, x, y, budget=args.budget, population=args.population, generations=args.generations,
-                    seed=args.seed, workers=args.workers, epochs=args.epochs, lr=args.lr)
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    result = search(q, x, y, budget=args.budget, ratios=ratios, population=args.population,
+                    generations=args.generations, seed=args.seed, workers=args.workers, epochs=args.epochs, lr=args.lr)
     from .fileio import write_atomic
 
     write_atomic(args.output, result.scheme.to_json())
@@ -109,6 +110,57 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from .engine import cli_compile
 
     return cli_compile(args)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine import _cli_plan
+    from .fileio import load_data
+    from .trainer import Trainer
+
+    x, y = load_data(args.data)
+    if args.calib is None:
+        args.calib = args.data
+    q, plan = _cli_plan(args, budget_check=True)
+    trainer = Trainer(plan, lr=args.lr, momentum=args.momentum)
+    history = trainer.fit(x, y, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, verbose=not args.json)
+    trainer.model.to_onnx(args.output)
+    if args.plot:
+        from .plots import loss_curve_plot
+
+        loss_curve_plot(history, args.plot)
+    summary = {"model": args.model, "output": args.output, "samples": int(len(x)), "epochs": args.epochs,
+               "history": history, "skipped_steps": trainer.skipped_steps, "peak_bytes": plan.memory.peak_bytes,
+               "measured_high_water_bytes": trainer.high_water_bytes}
+    if args.json:
+        _print_json(summary)
+    else:
+        last = {k: v[-1] for k, v in history.items() if v}
+        print(f"trained {args.epochs} epoch(s) on {len(x)} samples through the plan "
+              f"(peak SRAM {plan.memory.peak_bytes / 1024:.1f} KB): "
+              + ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+              + (f"; {trainer.skipped_steps} non-finite step(s) skipped" if trainer.skipped_steps else ""))
+        print(f"wrote {args.output}: the trained int8 model (QDQ ONNX)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .fileio import load_data, load_model
+
+    x, y = load_data(args.data)
+    q = load_model(args.model, args.calib or args.data)
+    out = q.forward(x)
+    if np.issubdtype(np.asarray(y).dtype, np.integer):
+        metric, value = "accuracy", float((out.argmax(axis=1) == np.asarray(y).reshape(-1)).mean())
+    else:
+        target = np.asarray(y, dtype=np.float32).reshape(out.shape)
+        metric, value = "mse", float(((out - target) ** 2).mean())
+    if args.json:
+        _print_json({"model": args.model, "samples": int(len(x)), metric: value})
+    else:
+        print(f"{args.model}: {metric} {value:.4f} on {len(x)} samples (int8 inference)")
+    return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -162,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="calibration data for a float model (default: --data)")
     p.add_argument("--budget", default="256KB")
     p.add_argument("-o", "--output", required=True, help="scheme JSON to write")
+    p.add_argument("--ratios", default="0.125,0.25,0.5,1", help="channel ratios tried per layer")
     p.add_argument("--population", type=int, default=40)
     p.add_argument("--generations", type=int, default=30)
     p.add_argument("--epochs", type=int, default=2, help="epochs of each contribution fine-tune")
@@ -182,6 +235,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_cli_options(p)
     p.add_argument("-o", "--output", required=True, help="plan file to write (.ttp)")
     p.set_defaults(func=_cmd_compile)
+
+    p = sub.add_parser("train", help="train a model through its compiled plan on .npz data; writes the trained model")
+    add_cli_options(p)
+    p.add_argument("--data", required=True, help=".npz with X (float32 NCHW) and Y (labels, or float targets for mse)")
+    p.add_argument("-o", "--output", required=True, help="trained int8 model to write (QDQ ONNX)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", help="write the loss curve (PNG) here")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="accuracy (or MSE for float targets) of a model's int8 inference on .npz data")
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--data", required=True, help=".npz with X and Y")
+    p.add_argument("--calib", help="calibration data if the model is float (default: --data)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     from .mcu import add_cli_parser as add_mcu_export
 

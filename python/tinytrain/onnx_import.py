@@ -205,7 +205,18 @@ class _Importer:
         if len(inputs) != 1:
             raise ModelFormatError(f"{self.where}: expected exactly one graph input (besides initializers), found "
                                    f"{[i.name for i in inputs]}")
-        if len(g.output) != 1:
+        outputs = list(g.output)
+        if len(outputs) == 2:
+            # logits plus their Softmax as a second output (what tinytrain's own QDQ export writes
+            # for a model with a trailing Softmax): the Softmax output is the model's output.
+            by_output = {o: n for n in g.node for o in n.output}
+            names = {o.name for o in outputs}
+            soft = [o for o in outputs if by_output.get(o.name) is not None
+                    and by_output[o.name].op_type in ("Softmax", "LogSoftmax")
+                    and by_output[o.name].input[0] in names - {o.name}]
+            if len(soft) == 1:
+                outputs = soft
+        if len(outputs) != 1:
             raise ModelFormatError(f"{self.where}: expected exactly one graph output, found {[o.name for o in g.output]}")
         inp = inputs[0]
         self.input_name = inp.name
@@ -226,9 +237,9 @@ class _Importer:
             self.env[inp.name] = _Act(inp.name, 4)
         for node in g.node:
             self._lower(node)
-        out = self.env.get(g.output[0].name)
+        out = self.env.get(outputs[0].name)
         if not isinstance(out, _Act):
-            raise ModelFormatError(f"{self.where}: graph output {g.output[0].name!r} is not computed by the graph")
+            raise ModelFormatError(f"{self.where}: graph output {outputs[0].name!r} is not computed by the graph")
         self.output = out.ir
         return self._finish()
 
