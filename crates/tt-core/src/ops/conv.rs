@@ -359,18 +359,23 @@ fn dw_forward(
         act_max,
     };
     let taps = g.kh * g.kw;
-    let mut wide = [0i16; DW_WIDE * DW_WIDE_MAX_TAPS];
-    let mut narrow = [0i16; DW_CHUNK * DW_MAX_TAPS];
+    // One staging buffer serves both block widths (2 KB of stack, as much as MCUs spare).
+    const STAGE: usize = if DW_WIDE * DW_WIDE_MAX_TAPS > DW_CHUNK * DW_MAX_TAPS {
+        DW_WIDE * DW_WIDE_MAX_TAPS
+    } else {
+        DW_CHUNK * DW_MAX_TAPS
+    };
+    let mut stage = [0i16; STAGE];
     let mut c0 = 0;
     while c0 < g.in_c {
         let rem = g.in_c - c0;
         // 32 channels per pass where they fit (fewer passes over the pixels), else 16.
         let n = if rem >= DW_WIDE && taps <= DW_WIDE_MAX_TAPS {
-            dw_forward_block::<DW_WIDE>(&p, c0, DW_WIDE, &mut wide, output);
+            dw_forward_block::<DW_WIDE>(&p, c0, DW_WIDE, &mut stage, output);
             DW_WIDE
         } else {
             let n = rem.min(DW_CHUNK);
-            dw_forward_block::<DW_CHUNK>(&p, c0, n, &mut narrow, output);
+            dw_forward_block::<DW_CHUNK>(&p, c0, n, &mut stage, output);
             n
         };
         c0 += n;
