@@ -18,6 +18,7 @@ bash scripts/build-thumb.sh
 
 echo "== tt-mcu firmware: QEMU mps2-an386 (trains, 256 KB / 1 MB budget) and STM32F746G-DISCO build"
 bash scripts/mcu-qemu.sh
+bash scripts/mcu-paper.sh
 bash scripts/mcu-board.sh
 
 echo "== pytest"

@@ -11,7 +11,7 @@ use embedded_storage::nor_flash::{
 pub struct MemFlash;
 
 pub const FLASH_BASE: usize = 0x0030_0000;
-pub const FLASH_SIZE: usize = 64 * 1024;
+pub const FLASH_SIZE: usize = 512 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub enum MemFlashError {
