@@ -60,14 +60,15 @@ def load_data(path: str, need_labels: bool = True) -> Tuple[np.ndarray, Optional
 
 
 def load_model(path: str, calib: Optional[str] = None, seed: int = 0):
-    """A ``tt.QuantizedModel`` from an ONNX file. A float model is quantized with the calibration
-    data, or, without any, from synthetic inputs with a warning (memory does not depend on scales)."""
-    from . import load_onnx, quantize
+    """A ``tt.QuantizedModel`` from an ONNX or ``.tflite`` file. A float model is quantized with the
+    calibration data, or, without any, from synthetic inputs with a warning (memory does not depend on
+    scales)."""
+    from . import load_onnx, load_tflite, quantize
     from .model import QuantizedModel
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model file")
-    g = load_onnx(path)
+    g = load_tflite(path) if str(path).lower().endswith(".tflite") else load_onnx(path)
     if isinstance(g, QuantizedModel):
         return g
     if calib is not None:
