@@ -12,6 +12,8 @@ const DW_CHUNK: usize = 16;
 /// The wider block the depthwise forward uses for kernels up to 5x5.
 const DW_WIDE: usize = 32;
 const DW_WIDE_MAX_TAPS: usize = 25;
+/// Largest kernel the depthwise input gradient stages (f32, 1.6 KB of stack).
+const DW_BWD_MAX_TAPS: usize = 25;
 /// Largest kernel (kh * kw) the depthwise paths stage on the stack; larger ones take the
 /// general path.
 const DW_MAX_TAPS: usize = 64;
@@ -541,7 +543,7 @@ pub fn conv2d_backward_input(
         grad_in.len(),
     )?;
     grad_in.fill(0.0);
-    if g.dw_fast() {
+    if g.is_depthwise() && g.kh * g.kw <= DW_BWD_MAX_TAPS {
         dw_backward_input(g, grad_out, weight, weight_scale, grad_in);
         return Ok(());
     }
@@ -586,7 +588,7 @@ fn dw_backward_input(
     grad_in: &mut [f32],
 ) {
     let (c, kw, taps, ow) = (g.in_c, g.kw, g.kh * g.kw, g.out_w());
-    let mut wt = [0f32; DW_CHUNK * DW_MAX_TAPS];
+    let mut wt = [0f32; DW_CHUNK * DW_BWD_MAX_TAPS];
     let mut c0 = 0;
     while c0 < c {
         let n = DW_CHUNK.min(c - c0);
