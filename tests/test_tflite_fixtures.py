@@ -113,6 +113,35 @@ def compare(name: str, q, ref: dict, xq: np.ndarray, backend: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_tflite_and_tf2onnx_give_the_same_int8_graph(name):
+    qt, qo = load(name + ".tflite"), load(name + ".onnx")
+    assert isinstance(qt, tt.QuantizedModel) and isinstance(qo, tt.QuantizedModel)
+    assert [n.op for n in qt.nodes] == [n.op for n in qo.nodes]
+    assert qt.softmax_tail == qo.softmax_tail == (name != "autoencoder")
+    # the converter's tensor names hold ';', '/' and ':' (the IR keeps them as tensor names)
+    assert any(";" in o and "/" in o for n in onnx.load(path(name + ".onnx")).graph.node for o in n.output)
+    assert ":" in qo.input and set(qo.tensors) - {qo.input} <= {o for n in onnx.load(path(name + ".onnx")).graph.node
+                                                              for o in n.output}
+    tmap = {qt.input: qo.input}
+    for a, b in zip(qt.nodes, qo.nodes):
+        tmap[a.output] = b.output
+        assert a.name == b.name and [tmap[i] for i in a.inputs] == b.inputs
+        for k in ("kernel", "stride", "pads", "groups", "act"):
+            assert a.attrs.get(k) == b.attrs.get(k), (a.name, k)
+        if a.trainable:
+            np.testing.assert_array_equal(a.params["weight_q"], b.params["weight_q"])
+            np.testing.assert_array_equal(a.params["weight_scale"], b.params["weight_scale"])
+            np.testing.assert_array_equal(a.params["bias_q"], b.params["bias_q"])
+    for ta, tb in tmap.items():
+        a, b = qt.tensors[ta], qo.tensors[tb]
+        assert (a.shape, a.scale, a.zero_point) == (b.shape, b.scale, b.zero_point), ta
+    x, _ = digits(name, "all", "test")
+    np.testing.assert_array_equal(qt.forward_int8(nchw(x)), qo.forward_int8(nchw(x)))
+    np.testing.assert_array_equal(qt.forward(x, layout="NHWC") if x.ndim == 4 else qt.forward(x),
+                                  qt.forward(nchw(x)))
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_forward_agrees_with_onnxruntime_on_the_tf2onnx_file(name):
     q = load(name + ".onnx")
     x, _ = digits(name, "all", "test")
