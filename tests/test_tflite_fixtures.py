@@ -284,3 +284,17 @@ def test_imported_tflite_exports_to_qdq_that_onnxruntime_runs(name):
     ours = q.forward(nchw(x))
     assert np.abs(logits - ours).max() <= q.tensors[q.output].scale * 1.01
     assert (logits.argmax(1) == ours.argmax(1)).mean() >= 0.99
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_plan_executor_runs_the_imported_graph_bit_exactly(name):
+    """The compiled plan's forward (the code the MCU runs) gives the same int8 output as
+    `QuantizedModel.forward_int8` on each imported file."""
+    q = load(name + ".tflite")
+    scheme = tt.Scheme(bias_layers=q.layers[-1:], weight_ratios={q.layers[-1]: 1.0})
+    tr = tt.Trainer(tt.compile(q, scheme, loss="mse" if name == "autoencoder" else "cross_entropy"))
+    x, _ = digits(name, "all", "test")
+    xq = quantize_like(q, nchw(x))
+    ours = flat(q.forward_int8(xq))
+    plan_out = tr._s.forward(tr._inputs(xq)).astype(np.int32)
+    np.testing.assert_array_equal(plan_out, ours)
