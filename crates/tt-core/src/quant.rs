@@ -53,7 +53,7 @@ pub struct Requant {
 impl Requant {
     /// Encodes a non-negative real multiplier. Zero maps to a multiplier that yields zero.
     /// Multipliers too small to be represented (< 2^-32) also yield zero, as in TFLite;
-    /// multipliers >= 2^31 are rejected because no int32 accumulator could use them.
+    /// multipliers >= 2^30 are rejected: no layer needs one, and the shift stays in `[-31, 30]`.
     pub fn from_scale(real: f64) -> Result<Requant> {
         if !real.is_finite() || real < 0.0 {
             return Err(Error::NotRepresentable {
