@@ -4,9 +4,12 @@ For MCUNet-5FPS, MobileNetV2-w0.35 and ProxylessNAS-w0.3 at 128x128, batch 1: pe
 (a) full update without reordering, (b) full update with reordering, (c) bias-only, (d) last-4
 layers, (e) the paper's kind of sparse scheme without and (f) with reordering, beside the paper's
 figures. Every figure is the plan's arena size; unless --no-verify, one training step is run with
-tt-core's executor and its measured high-water mark must equal it.
+tt-core's executor and its measured high-water mark must equal it. When PyTorch is installed (any
+interpreter on the machine, see tinytrain.peers), its peak memory for the same training (peak RSS
+over the post-import RSS, float32, batch 1: full update, and the same sparse scheme through
+requires_grad) is printed beside ours as a ratio.
 
-    python benches/memory_table.py [--json] [--no-verify]
+    python benches/memory_table.py [--json] [--no-verify] [--no-peers]
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-verify", action="store_true", help="skip running a step with the executor")
+    ap.add_argument("--no-peers", action="store_true", help="skip the PyTorch measurement")
     args = ap.parse_args(argv)
     x = np.random.default_rng(0).uniform(0, 1, size=(1, 3, 128, 128)).astype(np.float32)
     rows = []
@@ -69,6 +73,12 @@ def main(argv=None) -> int:
                         "peak_op": p.memory.peak_op, "breakdown": p.memory.breakdown,
                         "layout": p.memory.extra.get("layout")}
         row["paper_kb"] = dict(zip(("full", "sparse", "sparse_reorder"), PAPER_KB[name]))
+        if not args.no_peers:
+            from tinytrain.peers.runner import torch_step
+
+            sp = s.paper_sparse(q)
+            row["pytorch"] = {"full": torch_step(q, "full", q.layers, q.layers, steps=3),
+                              "sparse": torch_step(q, "sparse", list(sp.weight_ratios), sp.bias_layers, steps=3)}
         rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -87,6 +97,21 @@ def main(argv=None) -> int:
               f"| {kb(r, 'sparse_reorder_streamed'):.0f} "
               f"| {pk['full']} / {pk['sparse']} / {pk['sparse_reorder']} "
               f"| {kb(r, 'sparse_reorder') / pk['sparse_reorder']:.2f}x |")
+    print()
+    for r in rows:
+        pt = r.get("pytorch")
+        if not pt:
+            continue
+        if "skipped" in pt["full"]:
+            print(f"{r['model']}: PyTorch {pt['full']['skipped']}")
+            continue
+        full_b = pt["full"]["peak_rss_over_import_bytes"]
+        sparse_b = pt["sparse"].get("peak_rss_over_import_bytes")
+        ours = r["sparse_reorder"]["peak_bytes"]
+        print(f"{r['model']}: {pt['full']['framework']} full update {full_b / 2**20:.1f} MB "
+              f"({full_b / ours:.0f}x ours sparse + reorder; {full_b / r['full_reorder']['peak_bytes']:.1f}x ours full)"
+              + (f", same sparse scheme via requires_grad {sparse_b / 2**20:.1f} MB ({sparse_b / ours:.0f}x)"
+                 if sparse_b else ""))
     print()
     for r in rows:
         sr = r["sparse_reorder"]
