@@ -216,6 +216,7 @@ class _Importer:
         self.tensors: Dict[str, Tensor] = {}
         self.nodes: List[Node] = []
         self.qparams: Dict[str, Tuple[float, int]] = {}
+        self.softmax_tail = False
         self.uses: Dict[int, int] = {}
         for op in self.ops:
             for v in op.array(1, "inputs", np.int32):
@@ -522,7 +523,7 @@ class _Importer:
         t = self.ttensors[out]
         name = self.irnames[out]
         qp = self._qp(t)
-        code, version, _ = self._opcode(k)
+        _, version, _ = self._opcode(k)
         attrs.update({"tflite_op": "FULLY_CONNECTED", "tflite_index": k, "onnx_node": name,
                       "onnx_op": "FULLY_CONNECTED", "onnx_opset": version})
         self.tensors[name] = Tensor(name, (o, 1, 1))
@@ -631,7 +632,6 @@ class _Importer:
                                        "training)")
         self.softmax_tail = True
         self.env[out] = x
-        self.env_softmax = out
 
     def _only_edges_after(self, v: int) -> bool:
         """True when only DEQUANTIZE/QUANTIZE ops lead from tensor v to the graph output."""
@@ -652,7 +652,7 @@ class _Importer:
             self.qparams[x.ir] = qp  # float input quantized once: forward does that with the same numbers
             self.env[out] = x
             return
-        if self._qp(tin) == qp or getattr(self, "softmax_tail", False):
+        if self._qp(tin) == qp or self.softmax_tail:
             self.env[out] = x
             return
         raise self._unsupported(k, "re-quantization inside the graph (QUANTIZE int8 -> int8 with new parameters)")
@@ -706,7 +706,7 @@ class _Importer:
             i = counts.get(n.op, 0)
             counts[n.op] = i + 1
             n.name = f"{n.op}_{i}"
-        g = Graph(self.input_name, self.output, self.tensors, self.nodes, getattr(self, "softmax_tail", False))
+        g = Graph(self.input_name, self.output, self.tensors, self.nodes, self.softmax_tail)
         if self.qparams:
             from .quantize import from_imported
 
