@@ -181,3 +181,20 @@ def test_quantized_ops_without_kernels_are_refused_by_name(op):
     with pytest.raises(tt.UnsupportedOperatorError) as e:
         tt.load_onnx(_model(nodes, inits, inp, out, ms=True))
     assert e.value.node == "the_op" and e.value.op_type == op
+
+
+@pytest.mark.parametrize("name", ["ds_cnn.onnx", "resnet8_qop.onnx"])
+def test_corrupted_converter_onnx_gives_typed_errors(name):
+    with open(os.path.join(FIX, name), "rb") as f:
+        data = f.read()
+    rng = np.random.default_rng(3)
+    typed = 0
+    for _ in range(60):
+        b = bytearray(data)
+        for pos in rng.integers(0, len(b), rng.integers(1, 4)):
+            b[pos] = int(rng.integers(0, 256))
+        try:
+            tt.load_onnx(bytes(b))
+        except tt.TinytrainError:
+            typed += 1
+    assert typed > 0

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelFormatError, UnsupportedOperatorError
+from .errors import ModelFormatError, TinytrainError, UnsupportedOperatorError
 from .graph import Graph, Node, Tensor
 
 __all__ = ["load_onnx", "MIN_OPSET", "MAX_OPSET"]
@@ -994,9 +994,18 @@ def load_onnx(model: Union[str, os.PathLike, onnx.ModelProto, bytes], input_shap
     QOperator), keeping its scales and zero points. `input_shape=(C, H, W)` resolves a dynamic input.
     Raises `tt.ModelFormatError` / `tt.UnsupportedOperatorError` naming the file, node and op.
     """
+    if input_shape is not None and (len(tuple(input_shape)) != 3 or min(int(d) for d in input_shape) <= 0):
+        raise ValueError(f"input_shape must be (C, H, W) positive ints, got {input_shape}")
     proto, where = _load_proto(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
     except Exception as exc:
         raise ModelFormatError(f"{where}: ONNX shape inference failed: {exc}") from None
-    return _Importer(inferred, where, input_shape).run()
+    try:
+        return _Importer(inferred, where, input_shape).run()
+    except TinytrainError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
+        # a file can be valid protobuf and still describe an impossible model (initializers whose
+        # shapes contradict their use, a missing attribute): never let that surface as a crash
+        raise ModelFormatError(f"{where}: inconsistent model ({type(exc).__name__}: {exc})") from None
