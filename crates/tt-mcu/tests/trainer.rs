@@ -94,7 +94,6 @@ fn trainer_matches_the_reference_run_bit_for_bit_and_checkpoints_its_state() {
         .chunks_exact(n)
         .map(|x| t.predict(x).unwrap())
         .collect();
-    drop(t);
     let mut arena2 = Box::new(Arena::<65536>::new());
     let mut t2 = Trainer::new(&b.plan, params, &mut arena2.0).unwrap();
     assert_ne!(

@@ -130,7 +130,6 @@ fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
     let t0 = instructions();
     let seq = t.save(&mut store);
     let t_save = instructions() - t0;
-    drop(t);
     let mut t = Trainer::new(PLAN, &PARAMS.0, &mut *arena)?;
     let fresh = accuracy(&mut t)?;
     let t0 = instructions();
