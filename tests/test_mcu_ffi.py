@@ -17,22 +17,18 @@ HEADER = os.path.join(ROOT, "include", "tinytrain.h")
 
 
 def _cdef_source() -> str:
-    """The header as cffi reads it: declarations and integer #defines, no other preprocessor lines."""
-    text = open(HEADER).read()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    """The header as cffi reads it: declarations and integer #defines; no other preprocessor
+    lines, and not the C++ guard's `extern "C" {` ... `}` (the only lines that are just that)."""
+    text = re.sub(r"/\*.*?\*/", "", open(HEADER).read(), flags=re.S)
     keep = []
     for line in text.splitlines():
         s = line.strip()
-        if s.startswith("#"):
-            if re.fullmatch(r"#define\s+TT_\w+\s+-?\d+", s):
-                keep.append(s)
+        if s.startswith("#") and not re.fullmatch(r"#define\s+TT_\w+\s+-?\d+", s):
             continue
-        if s in ('extern "C" {', "}") and not keep or s == 'extern "C" {':
+        if s in ('extern "C" {', "}"):
             continue
         keep.append(line)
-    src = "\n".join(keep)
-    # The C++ guard's closing brace sits between #ifdef lines already dropped.
-    return re.sub(r"\n}\s*$", "\n", src.rstrip() + "\n")
+    return "\n".join(keep) + "\n"
 
 
 @pytest.fixture(scope="module")
