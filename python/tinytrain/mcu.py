@@ -70,6 +70,11 @@ def export_mcu(plan: Plan, out_dir: str, x=None, y=None, x_test=None, y_test=Non
     test_x, test_y, n_test = _samples(tr, x_test, y_test, "test samples")
     data = dict(zip(FILES, (plan.plan_bytes, plan.params, train_x, train_y, test_x, test_y)))
     inp = plan.meta.get("input", {})
+    macs = None
+    if plan.model is not None:
+        from .model import layer_stats
+
+        macs = sum(int(r["macs"]) for r in layer_stats(plan.model))
     manifest = {
         "format": "tinytrain-mcu-bundle",
         "version": 1,
@@ -78,6 +83,7 @@ def export_mcu(plan: Plan, out_dir: str, x=None, y=None, x_test=None, y_test=Non
         "flash_bytes": len(plan.plan_bytes) + len(plan.params),
         "input": {"shape": inp.get("shape"), "scale": inp.get("scale"), "zero_point": inp.get("zero_point"),
                   "layout": "HWC int8"},
+        "forward_macs": macs,
         "train_samples": n_train,
         "test_samples": n_test,
         "files": {k: {"bytes": len(v), "crc32": zlib.crc32(v)} for k, v in data.items()},

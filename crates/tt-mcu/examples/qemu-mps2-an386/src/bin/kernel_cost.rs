@@ -33,6 +33,7 @@ struct Buffers {
     rq: [Requant; C],
     ws: [f32; C],
     y: [i8; H * W * C],
+    y_ref: [i8; H * W * C],
     gy: [f32; H * W * C],
     gx: [f32; H * W * C],
     gw: [f32; SEL * C],
@@ -50,6 +51,7 @@ static mut BUF: Buffers = Buffers {
     }; C],
     ws: [0.0; C],
     y: [0; H * W * C],
+    y_ref: [0; H * W * C],
     gy: [0.0; H * W * C],
     gx: [0.0; H * W * C],
     gw: [0.0; SEL * C],
@@ -59,6 +61,33 @@ static mut BUF: Buffers = Buffers {
 fn per_mac(instr: u64, macs: u64) -> (u64, u64) {
     let centi = instr * 100 / macs.max(1);
     (centi / 100, centi % 100)
+}
+
+/// The plain reference (TF-Lite-reference style: one MAC per inner iteration, requantize per
+/// output): the oracle the optimized kernel must match on the device, and the baseline of its
+/// speed-up.
+#[allow(clippy::too_many_arguments)]
+fn reference_pointwise(
+    x: &[i8],
+    x_zp: i32,
+    w: &[i8],
+    b: &[i32],
+    rq: &[Requant],
+    y_zp: i32,
+    lo: i8,
+    hi: i8,
+    y: &mut [i8],
+) {
+    for p in 0..H * W {
+        for o in 0..C {
+            let mut acc = b[o];
+            for i in 0..C {
+                acc += (x[p * C + i] as i32 - x_zp) * w[o * C + i] as i32;
+            }
+            let v = rq[o].apply(acc) + y_zp;
+            y[p * C + o] = v.clamp(lo as i32, hi as i32) as i8;
+        }
+    }
 }
 
 fn run() -> Result<(), tt_core::Error> {
@@ -100,6 +129,25 @@ fn run() -> Result<(), tt_core::Error> {
         hi,
         &mut b.y,
     )?;
+    let t_fwd = instructions() - t0;
+    let r0 = instructions();
+    reference_pointwise(
+        &b.x,
+        x_q.zero_point,
+        &b.w,
+        &b.b,
+        &b.rq,
+        y_q.zero_point,
+        lo,
+        hi,
+        &mut b.y_ref,
+    );
+    let t_ref = instructions() - r0;
+    if b.y_ref != b.y {
+        return Err(tt_core::Error::InvalidParameter {
+            what: "optimized conv forward differs from the reference on the device",
+        });
+    }
     let t1 = instructions();
     for (gy, &y) in b.gy.iter_mut().zip(b.y.iter()) {
         *gy = (y as i32 + 100) as f32 * 0.001;
@@ -128,16 +176,22 @@ fn run() -> Result<(), tt_core::Error> {
     let t5 = instructions();
 
     let wmacs = (H * W * SEL * C) as u64;
-    let f = per_mac(t1 - t0, macs);
+    let f = per_mac(t_fwd, macs);
     let bw = per_mac(t3 - t2, wmacs);
     let bi = per_mac(t4 - t3, macs);
     say!("kernel layer: conv 1x1 {H}x{W}x{C} -> {C}, ReLU6, weight update on {SEL}/{C} output channels");
     say!(
         "  forward          {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC",
-        t1 - t0,
+        t_fwd,
         macs,
         f.0,
         f.1
+    );
+    let r = per_mac(t_ref, macs);
+    let speedup = t_ref * 100 / t_fwd.max(1);
+    say!(
+        "  forward, plain   {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC  (reference loops; the kernel is {}.{:02}x faster, same outputs)",
+        t_ref, macs, r.0, r.1, speedup / 100, speedup % 100
     );
     say!("  loss grad + mask {:>9} instr", t2 - t1);
     say!(
@@ -156,10 +210,12 @@ fn run() -> Result<(), tt_core::Error> {
     );
     say!("  bias grad + SGD  {:>9} instr", t5 - t4);
     let all = macs * 2 + wmacs;
-    let s = per_mac(t5 - t0, all);
+    // The step without the reference run in the middle of it.
+    let step = t5 - t0 - t_ref;
+    let s = per_mac(step, all);
     say!(
         "  step             {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC",
-        t5 - t0,
+        step,
         all,
         s.0,
         s.1
