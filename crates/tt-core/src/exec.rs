@@ -20,6 +20,10 @@
 //!
 //! [`Executor::high_water`] is the end of the highest arena byte any op touched: it equals the
 //! plan's arena size when every buffer is used, which the tests assert for every plan.
+//!
+//! A plan compiled with a streamed input (its patch stage has no input buffer) never copies the
+//! sample into the arena: the patch stage reads its regions straight from the `input` slice given
+//! to `step` / `predict`, which may live anywhere (a camera frame buffer, flash).
 use crate::crc::crc32;
 use crate::ops::act::{clamp_mask_apply_bits, clamp_mask_pack};
 use crate::ops::add::AddParams;
@@ -2787,6 +2791,37 @@ mod tests {
                 let _ = ex.init();
                 let _ = ex.step(&sample(1), Target::Class(1));
                 let _ = ex.predict(&sample(2));
+            }
+        }
+
+        #[test]
+        fn mutated_layout_plans_never_panic(flips in proptest::collection::vec((0usize..100_000, proptest::prelude::any::<u8>()), 1..6), stream in proptest::prelude::any::<bool>()) {
+            // Patch stage, in-place ops and the fused block backward behind a re-sealed CRC.
+            use crate::autodiff::Layout;
+            let g = chain_graph();
+            let sch = scheme(&g, |i| LayerUpdate { bias: i >= 2, weight_ratio: if i == 2 { 0.5 } else if i == 4 { 0.25 } else { 0.0 }, axis: ChannelAxis::Output });
+            let st = settings(true, Precision::StochasticRounding, false);
+            let layout = Layout { patch: Some((1, 3)), in_place: true, shrink_in_place: true, stream_input: stream, ..Default::default() };
+            let tg = crate::autodiff::build_with(&g, &sch, &st.options, &layout).unwrap();
+            let mp = crate::planner::plan(&tg.buffers, &tg.ops);
+            let (plan, params) = crate::plan::encode(&g, &tg, &mp, &st, b"").unwrap();
+            let mut p = plan.clone();
+            for (at, v) in flips {
+                let i = at % p.len();
+                p[i] = v;
+            }
+            let crc = crate::crc::crc32(&p[crate::plan::HEADER_LEN..]);
+            p[12..16].copy_from_slice(&crc.to_le_bytes());
+            let pw: Vec<u32> = params.chunks(4).map(|b| { let mut a = [0u8; 4]; a[..b.len()].copy_from_slice(b); u32::from_le_bytes(a) }).collect();
+            let pb: &[u8] = unsafe { core::slice::from_raw_parts(pw.as_ptr() as *const u8, params.len()) };
+            let mut aw = std::vec![0u32; 8192];
+            let arena: &mut [u8] = unsafe { core::slice::from_raw_parts_mut(aw.as_mut_ptr() as *mut u8, 32768) };
+            let mut rx = Lcg(5);
+            let x: Vec<i8> = (0..3 * 144).map(|_| rx.i8(120)).collect();
+            if let Ok(mut ex) = Executor::new(&p, pb, arena) {
+                let _ = ex.init();
+                let _ = ex.step(&x, Target::Class(1));
+                let _ = ex.predict(&x);
             }
         }
 

@@ -360,8 +360,11 @@ pub struct TensorRec {
 }
 
 impl TensorRec {
+    /// Saturating: a corrupted shape must not overflow (32-bit targets), it fails a size check.
     pub fn numel(&self) -> usize {
-        self.c as usize * self.h as usize * self.w as usize
+        (self.c as usize)
+            .saturating_mul(self.h as usize)
+            .saturating_mul(self.w as usize)
     }
 }
 
