@@ -210,6 +210,8 @@ def add_cli_options(p) -> None:
     p.add_argument("--precision", choices=list(PRECISIONS), default="stochastic", help="update precision")
     p.add_argument("--loss", choices=list(LOSSES), default="cross_entropy")
     p.add_argument("--calib", help="calibration data for a float model (.npz with X, or .npy)")
+    p.add_argument("--stream-input", action="store_true",
+                   help="the patch stage reads the input sample from outside the SRAM arena")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -218,7 +220,8 @@ def _cli_plan(args, budget_check: bool) -> Tuple[object, Plan]:
 
     q = load_model(args.model, args.calib)
     s = scheme_from_arg(q, args.scheme)
-    plan = compile(q, s, budget=None, reorder=not args.no_reorder, update_precision=args.precision, loss=args.loss)
+    plan = compile(q, s, budget=None, reorder=not args.no_reorder, update_precision=args.precision, loss=args.loss,
+                   stream_input=args.stream_input)
     if args.budget is not None:
         plan.memory.budget_bytes = parse_bytes(args.budget)
     if budget_check and plan.memory.fits is False:
