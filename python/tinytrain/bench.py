@@ -84,7 +84,7 @@ def run_bench(models: List[str], schemes: List[str], steps: int = 5, peers: bool
                 resolved = scheme.resolved(q.layers)
                 upd_w = [n for n, r in resolved.items() if r["ratio"] > 0]
                 upd_b = [n for n, r in resolved.items() if r["bias"]]
-                row = {"model": title, "scheme": kind, "scheme_detail": how,
+                row = {"model": title, "key": key, "scheme": kind, "scheme_detail": how,
                        "tinytrain": {"peak_bytes": plan.memory.peak_bytes, "step_ms": step_ms,
                                      "flash_bytes": plan.memory.flash_bytes}}
                 if peers:
@@ -151,21 +151,24 @@ def bench_plot(report: Dict[str, object], path: str) -> str:
     from .plots import _pyplot, _save
 
     plt = _pyplot()
-    rows = [r for r in report["rows"] if "peak_rss_over_import_bytes" in r.get("torch", {})]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['model'].split(' ')[0]}\n{r['scheme']}" for r in report["rows"]]
-    xs = np.arange(len(report["rows"]))
-    ax.bar(xs - 0.2, [r["tinytrain"]["peak_bytes"] / 1024 for r in report["rows"]], 0.4, label="tinytrain (arena)")
-    if rows:
-        ax.bar([i + 0.2 for i, r in enumerate(report["rows"]) if r in rows],
-               [r["torch"]["peak_rss_over_import_bytes"] / 1024 for r in rows], 0.4, label="PyTorch (peak RSS over import)")
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    xs = np.arange(len(rows))
+    series = [("tinytrain (arena)", lambda r: r["tinytrain"]["peak_bytes"])]
+    for key, name in (("torch", "PyTorch"), ("ort", "onnxruntime-training")):
+        if any("peak_rss_over_import_bytes" in r.get(key, {}) for r in rows):
+            series.append((f"{name} (peak RSS over import)",
+                           lambda r, k=key: r.get(k, {}).get("peak_rss_over_import_bytes", 0)))
+    width = 0.8 / len(series)
+    for i, (label, value) in enumerate(series):
+        ax.bar(xs + (i - (len(series) - 1) / 2) * width, [value(r) / 1024 for r in rows], width, label=label)
     ax.axhline(256, color="C3", linestyle="--", label="256 KB")
     ax.set_yscale("log")
     ax.set_ylabel("KB (log scale)")
     ax.set_xticks(xs)
-    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_xticklabels([f"{r['key']}\n{r['scheme']}" for r in rows], fontsize=7, rotation=45, ha="right")
     ax.set_title("Memory of one training step, batch 1")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     out = _save(fig, path)
     plt.close(fig)
     return out
