@@ -10,8 +10,8 @@ rate of each row is chosen from a grid on a validation split held out of the tar
     python benches/learning_quality.py [--seeds 3] [--epochs 5] [--json]
 
 Rows: fp32 full update (numpy reference), int8 full update without / with QAS, int8 bias-only,
-last layer, last 4 layers, the searched sparse scheme at 64 / 128 / 256 KB, and the three update
-precisions on the 128 KB searched scheme. Memory is the planner's exact peak of the training step.
+last layer, last 4 layers, the searched sparse scheme at 16 / 32 / 64 / 128 / 256 KB, and the
+three update precisions on the 64 KB searched scheme. Memory is the planner's exact peak of the training step.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import tinytrain as tt
 from tinytrain import reference
 
 
+BUDGETS_KB = (16, 32, 64, 128, 256)
+PRECISION_STUDY_KB = 64
 LR_GRID = (0.01, 0.02, 0.05, 0.1)
 # Without QAS the int8 step is the float step times s_W^2 (about 1e-5 here): no rate in the QAS
 # grid moves the weights at all, so the baseline gets a grid scaled to its own units.
@@ -64,7 +66,7 @@ def main(argv=None) -> int:
     before = float((q.predict(x_te) == y_te).mean())
 
     searched = {}
-    for kb in (64, 128, 256):
+    for kb in BUDGETS_KB:
         res = tt.search(q, x_tr, y_tr, budget=f"{kb}KB", population=24, generations=12, seed=0, epochs=1)
         searched[kb] = res.scheme
 
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
     for kb, scheme in searched.items():
         record(f"int8 searched sparse, {kb} KB budget", int8(scheme))
     for precision in ("stochastic", "residual", "fp32"):
-        record(f"int8 searched 128 KB, update precision {precision}", int8(searched[128], precision=precision))
+        record(f"int8 searched {PRECISION_STUDY_KB} KB, update precision {precision}",
+               int8(searched[PRECISION_STUDY_KB], precision=precision))
     if args.json:
         print(json.dumps({"accuracy_before": before, "epochs": e, "seeds": args.seeds, "rows": rows,
                           "schemes": {kb: s.to_dict() for kb, s in searched.items()}}))
