@@ -87,3 +87,21 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
     res = run_cli("inspect", str(tmp_path / "broken.onnx"))
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "broken.onnx" in res.stdout + res.stderr
+
+
+def test_cli_export_onnx_of_a_tflite_or_onnx_model(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    x, _ = tinytrain.datasets.digits("target", "test")
+    np.save(tmp_path / "calib.npy", x[:64])
+    import onnx
+
+    onnx.save(tinytrain.models.demo(), str(tmp_path / "demo.onnx"))
+    out = str(tmp_path / "demo_int8.onnx")
+    res = run_cli("export", str(tmp_path / "demo.onnx"), "--onnx", out, "--calib", str(tmp_path / "calib.npy"))
+    assert res.returncode == 0, res.stderr
+    q = tinytrain.quantize(tinytrain.load_onnx(str(tmp_path / "demo.onnx")), x[:64])
+    sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    logits = sess.run(["logits"], {sess.get_inputs()[0].name: x[:32]})[0]
+    assert (logits.argmax(1) == q.forward(x[:32]).argmax(1)).mean() >= 0.97

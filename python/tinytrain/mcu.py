@@ -105,7 +105,17 @@ def _load_xy(path: Optional[str]):
 
 
 def cli_export(args) -> int:
-    plan = Plan.load(args.plan)
+    if args.onnx:
+        from .fileio import load_model
+
+        q = load_model(args.source, args.calib)
+        q.to_onnx(args.onnx)
+        if args.json:
+            print(json.dumps({"source": args.source, "onnx": args.onnx, "layers": len(q.layers)}))
+        else:
+            print(f"wrote {args.onnx}: int8 QDQ ONNX of {args.source} ({len(q.layers)} trainable layers)")
+        return 0
+    plan = Plan.load(args.source)
     x, y = _load_xy(args.data)
     xt, yt = _load_xy(args.test)
     m = export_mcu(plan, args.mcu, x, y, xt, yt)
@@ -119,9 +129,12 @@ def cli_export(args) -> int:
 
 
 def add_cli_parser(sub) -> None:
-    p = sub.add_parser("export", help="write what a microcontroller firmware includes (tt-mcu)")
-    p.add_argument("plan", help="plan file (.ttp) from `tinytrain compile`")
-    p.add_argument("--mcu", required=True, metavar="OUT_DIR", help="folder for the firmware bundle")
+    p = sub.add_parser("export", help="the firmware bundle of a plan (--mcu), or a model as int8 QDQ ONNX (--onnx)")
+    p.add_argument("source", help="plan file (.ttp) from `tinytrain compile` with --mcu; a model (.onnx/.tflite) with --onnx")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--mcu", metavar="OUT_DIR", help="folder for the firmware bundle (what tt-mcu includes)")
+    target.add_argument("--onnx", metavar="OUT", help="write the int8 model as a QDQ ONNX file onnxruntime runs")
+    p.add_argument("--calib", help="calibration data (.npz/.npy) when --onnx is given a float model")
     p.add_argument("--data", help=".npz with X (float32 NCHW or int8) and Y: samples shipped for training")
     p.add_argument("--test", help=".npz with X and Y: held-out samples shipped for accuracy")
     p.add_argument("--json", action="store_true")
