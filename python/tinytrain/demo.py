@@ -102,6 +102,7 @@ def run(json_output: bool = False, out_dir: str = "tinytrain-demo", budget: str 
         "pretraining_digits_accuracy_after": src_after,
         "history": history,
         "scheme": result.scheme.to_dict(),
+        "layers": len(q.layers),
         "search_score": result.score,
         "peak_bytes": plan.memory.peak_bytes,
         "measured_high_water_bytes": high_water,
@@ -123,6 +124,13 @@ def run(json_output: bool = False, out_dir: str = "tinytrain-demo", budget: str 
     return 0
 
 
+def _describe(scheme: Dict[str, object], n_layers: int) -> str:
+    ratios = scheme.get("weight_ratios", {})
+    partial = sorted(f"{name}@{ratio:g}" for name, ratio in ratios.items() if ratio < 1)
+    text = f"weights of {len(ratios)}/{n_layers} layers, biases of {len(scheme.get('bias_layers', []))}"
+    return text + (f"; partial: {', '.join(partial)}" if partial else "")
+
+
 def _print_summary(r: Dict[str, object]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -134,6 +142,7 @@ def _print_summary(r: Dict[str, object]) -> None:
         ("accuracy on new digits, before", f"{100 * r['accuracy_before']:.1f} %"),
         ("accuracy on new digits, after", f"{100 * r['accuracy_after']:.1f} %"),
         ("accuracy on pretraining digits, after", f"{100 * r['pretraining_digits_accuracy_after']:.1f} %"),
+        ("searched scheme", _describe(r["scheme"], r["layers"])),
         ("peak SRAM of a training step (plan)", format_bytes(r["peak_bytes"])),
         ("arena high-water mark (measured)", format_bytes(r["measured_high_water_bytes"])),
         ("budget", f"{format_bytes(r['budget_bytes'])} ({'fits' if r['fits'] else 'DOES NOT FIT'})"),
