@@ -85,7 +85,7 @@ def _quantized(model):
 def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder: bool = True,
             update_precision: str = "stochastic", loss: str = "cross_entropy", lr: float = 0.05,
             momentum: float = 0.0, seed: int = 0, patch="auto", in_place=None,
-            stream_input: bool = False) -> Plan:
+            stream_input: bool = False, accumulate: bool = False) -> Plan:
     """Compile training of `model` under `scheme` into a `Plan`.
 
     - ``budget``: SRAM budget ("256KB", bytes, or None for no limit); a plan whose peak exceeds it
@@ -109,6 +109,14 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
     - ``stream_input``: the input sample is not copied into the SRAM arena; the patch stage reads
       its regions from where the caller keeps the sample (on the MCU: a camera frame buffer or
       flash). Needs a patch stage; saves the input's bytes (48 KB at 3x128x128).
+    - ``accumulate``: gradient accumulation over a batch. ``False`` (default): every sample's
+      update is applied in place as soon as its gradient exists (the paper's on-device setting,
+      the smallest memory). ``True``: the plan holds persistent fp32 accumulators for the trained
+      weight channels and biases (``memory.breakdown["accumulated_gradients"]``, in the peak);
+      the backward pass adds into them and a separate update phase applies the batch's mean
+      gradient (same QAS SGD, update precision and momentum) once per batch
+      (`Trainer.step` / `Trainer.fit`). The fused gradient-and-update ops of ``reorder`` are not
+      used then: weights must not move inside a batch.
     """
     q = _quantized(model)
     if not isinstance(scheme, Scheme):
@@ -167,7 +175,7 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         plan_bytes, params = _core.engine_compile(
             tensors, nodes, inp, out, per_node, bool(reorder), PRECISIONS[update_precision], momentum > 0,
             LOSSES[loss], int(seed) & (2**64 - 1), float(lr), float(momentum), json.dumps(meta).encode(), layout,
-            bool(stream_input))
+            bool(stream_input), bool(accumulate))
     except ValueError as e:
         if layout is not None and layout[0] is not None and "patch stage" in str(e):
             raise ValueError(f"patch={patch!r}: the nodes up to {patch[0]!r} are not a chain of frozen convs "

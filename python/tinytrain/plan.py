@@ -31,6 +31,7 @@ class MemoryReport:
     same number while running). ``breakdown`` splits it at the peak op into updated weights (int8
     copies + int32 biases), precision_and_optimizer (residual / fp32 master copies, momentum, PRNG),
     saved activations (int8, and 1-bit clamp masks), activations (forward), gradients (fp32), scratch,
+    accumulated_gradients (the fp32 per-batch accumulators of an ``accumulate=True`` plan, 0 otherwise)
     and fragmentation (packing overhead above the lower bound); ``flash_bytes`` is what stays in
     flash (frozen weights, scales, the plan). ``lower_bound_bytes`` is the most bytes live at once:
     no placement can do better.
@@ -133,6 +134,11 @@ class Plan:
         return bool(self._report["reorder"])
 
     @property
+    def accumulate(self) -> bool:
+        """Gradient accumulation: one update per batch (``tt.compile(..., accumulate=True)``)."""
+        return bool(self._report["accumulate"])
+
+    @property
     def update_precision(self) -> str:
         return {v: k for k, v in PRECISIONS.items()}[self._report["precision"]]
 
@@ -154,7 +160,7 @@ class Plan:
 
     def __repr__(self) -> str:
         return (f"Plan(peak {self.memory.peak_bytes / 1024:.1f} KB, {len(self.layers)} layers, "
-                f"reorder={self.reorder}, update_precision={self.update_precision!r}, loss={self.loss!r})")
+                f"reorder={self.reorder}, accumulate={self.accumulate}, update_precision={self.update_precision!r}, loss={self.loss!r})")
 
     # ------------------------------------------------------------------ files
     def to_bytes(self) -> bytes:

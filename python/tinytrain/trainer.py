@@ -1,9 +1,16 @@
 """`Trainer`: trains a `Plan` on the host with tt-core's executor (the code the MCU runs).
 
-Batch semantics: the engine updates weights in place right after each sample's gradient (the
-paper's batch-1 on-device training; that is what makes reordering save memory). ``step(X, Y)``
-with a batch therefore runs ``len(X)`` consecutive single-sample SGD steps and returns their mean
-loss; in ``fit`` the batch size only groups samples for the progress bar. ``lr`` is per sample.
+Batch semantics depend on how the plan was compiled:
+
+- ``tt.compile(..., accumulate=False)`` (default): the engine updates weights in place right after
+  each sample's gradient (the paper's batch-1 on-device training; that is what makes reordering
+  save memory). ``step(X, Y)`` with a batch runs ``len(X)`` consecutive single-sample SGD steps and
+  returns their mean loss; in ``fit`` the batch size only groups samples for the progress bar.
+  ``lr`` is per sample.
+- ``accumulate=True``: real gradient accumulation. ``step(X, Y)`` adds the gradients of all samples
+  of the batch (weights fixed meanwhile) and applies one update with their mean; ``fit(...,
+  batch_size=B)`` makes one update per batch of ``B``. ``lr`` applies to the mean gradient. A batch
+  whose accumulated gradient is not finite changes nothing and counts one ``skipped_steps``.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ class Trainer:
         self._s.momentum = float(momentum)
         self._s.qas = bool(qas)
         self.skipped_steps = 0
-        self.steps_done = 0
+        self.steps_done = 0  # updates attempted: one per sample, or one per batch with accumulation
         inp = plan.meta.get("input", {})
         self._in_shape = tuple(inp.get("shape", ()))
         self._in_scale = float(inp.get("scale", 1.0))
@@ -82,33 +89,60 @@ class Trainer:
             t = np.asarray(y, dtype=np.float32).reshape(len(xq), -1)
             losses = self._s.steps_mse(xq, np.ascontiguousarray(t))
         else:
-            labels = np.asarray(y).reshape(-1)
-            if labels.shape[0] != len(xq):
-                raise ValueError(f"{len(xq)} samples but {labels.shape[0]} labels")
-            if not np.issubdtype(labels.dtype, np.integer):
-                raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-            n_out = int(np.prod(self.plan.meta.get("output", {}).get("shape", [0])))
-            if n_out and (labels.min() < 0 or labels.max() >= n_out):
-                raise ValueError(f"labels must be in [0, {n_out}), got {labels.min()}..{labels.max()}")
+            labels = self._labels(y, len(xq))
             losses = self._s.steps(xq, np.ascontiguousarray(labels, dtype=np.int64))
         bad = ~np.isfinite(losses)
         self.skipped_steps += int(bad.sum())
         self.steps_done += len(losses)
         return losses
 
+    def _accumulate(self, xq: np.ndarray, y) -> np.ndarray:
+        """One update for the whole batch; every loss NaN when the update was skipped."""
+        if self.plan.loss == "mse":
+            t = np.asarray(y, dtype=np.float32).reshape(len(xq), -1)
+            losses = self._s.accumulate_mse(xq, np.ascontiguousarray(t))
+        else:
+            labels = self._labels(y, len(xq))
+            losses = self._s.accumulate(xq, np.ascontiguousarray(labels, dtype=np.int64))
+        if not len(losses):
+            return losses
+        self.steps_done += 1
+        if not self._s.apply_accumulated(len(losses)):
+            self.skipped_steps += 1
+            return np.full(len(losses), np.nan, dtype=np.float32)
+        return losses
+
+    def _labels(self, y, n: int) -> np.ndarray:
+        labels = np.asarray(y).reshape(-1)
+        if labels.shape[0] != n:
+            raise ValueError(f"{n} samples but {labels.shape[0]} labels")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        n_out = int(np.prod(self.plan.meta.get("output", {}).get("shape", [0])))
+        if n_out and (labels.min() < 0 or labels.max() >= n_out):
+            raise ValueError(f"labels must be in [0, {n_out}), got {labels.min()}..{labels.max()}")
+        return labels
+
+    def _train(self, xq: np.ndarray, y) -> np.ndarray:
+        return self._accumulate(xq, y) if self.plan.accumulate else self._run(xq, y)
+
     # ------------------------------------------------------------------ training
     def step(self, x, y) -> float:
-        """One sample (C, H, W) or a batch (N, C, H, W): per-sample in-place updates; mean loss
-        over the samples whose step was applied (NaN if none)."""
-        losses = self._run(self._inputs(x), y)
+        """One sample (C, H, W) or a batch (N, C, H, W). A plain plan: per-sample in-place
+        updates, mean loss over the samples whose step was applied (NaN if none). An
+        ``accumulate=True`` plan: one update with the batch's mean gradient, mean loss of the batch
+        (NaN if the update was skipped)."""
+        losses = self._train(self._inputs(x), y)
         ok = losses[np.isfinite(losses)]
         return float(ok.mean()) if len(ok) else float("nan")
 
     def fit(self, X, Y, epochs: int = 1, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
             validation=None, verbose: bool = True) -> Dict[str, List[float]]:
         """Train for ``epochs``; returns the history: per epoch mean ``loss``, training ``accuracy``
-        (cross-entropy plans; measured on the fly, before each sample's update) and, with
-        ``validation=(Xv, Yv)``, ``val_accuracy``."""
+        (cross-entropy plans; measured on the fly, before each batch's updates) and, with
+        ``validation=(Xv, Yv)``, ``val_accuracy``. ``batch_size``: on an ``accumulate=True`` plan one
+        update per batch (mean gradient); on a plain plan one in-place update per sample, the batch
+        only grouping samples for the progress bar."""
         if epochs < 1 or batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         xq = self._inputs(X)
@@ -128,7 +162,7 @@ class Trainer:
                     idx = order[s: s + batch_size]
                     if ce:
                         correct += int((self._predict_q(xq[idx]) == Y[idx]).sum())
-                    losses = self._run(xq[idx], Y[idx])
+                    losses = self._train(xq[idx], Y[idx])
                     ok = losses[np.isfinite(losses)]
                     tot += float(ok.sum())
                     n += len(ok)

@@ -13,6 +13,11 @@
 //! Reordering: with `reorder`, each layer's update directly follows its gradient ops, so the
 //! gradient buffers of different layers never coexist; without it every update waits until the
 //! whole backward pass is done (the conventional order, for comparison).
+//!
+//! Accumulation (`CompileOptions::accumulate`): weight and bias gradients add into persistent fp32
+//! accumulators and every update moves to a separate update phase at the end of the op list (run
+//! once per batch by the executor). No fused gradient-and-update op is used then: the weights
+//! must not move between the samples of a batch.
 use alloc::vec::Vec;
 
 use crate::graph::{Graph, NodeKind};
@@ -34,6 +39,9 @@ pub struct LayerState {
     pub precision: u32,
     pub momentum_w: u32,
     pub momentum_b: u32,
+    /// Gradient accumulators (accumulation plans only).
+    pub accum_w: u32,
+    pub accum_b: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -251,6 +259,8 @@ pub fn build_with(
             precision: NONE,
             momentum_w: NONE,
             momentum_b: NONE,
+            accum_w: NONE,
+            accum_b: NONE,
         };
         if s.channels > 0 {
             let n = trained_weights(g, i, s);
@@ -262,15 +272,27 @@ pub fn build_with(
             if opt.momentum {
                 ls.momentum_w = b.add(BufKind::StateMomentum, 4 * n, i);
             }
+            if opt.accumulate {
+                ls.accum_w = b.add(BufKind::AccumWeight, 4 * n, i);
+            }
         }
         if s.bias {
             ls.bias = b.add(BufKind::StateBias, 4 * d.out_ch, i);
             if opt.momentum {
                 ls.momentum_b = b.add(BufKind::StateMomentum, 4 * d.out_ch, i);
             }
+            if opt.accumulate {
+                ls.accum_b = b.add(BufKind::AccumBias, 4 * d.out_ch, i);
+            }
         }
         layers.push(ls);
     }
+    let accum_of = |i: usize| {
+        layers
+            .iter()
+            .find(|l: &&LayerState| l.node as usize == i)
+            .map_or((NONE, NONE), |l| (l.accum_w, l.accum_b))
+    };
     let rng = if any_weight && opt.precision == Precision::StochasticRounding {
         b.add(BufKind::StateRng, 8, 0)
     } else {
@@ -503,7 +525,7 @@ pub fn build_with(
         }
         // An inverted-residual tail pw1 -> depthwise -> pw2 (this node) runs backward channel by
         // channel of the expanded tensor: its fp32 gradients never exist whole.
-        let block = if opt.reorder && layout.in_place && is_pointwise(g, i) {
+        let block = if opt.reorder && !opt.accumulate && layout.in_place && is_pointwise(g, i) {
             let t2 = n.inputs[0];
             g.producer(t2)
                 .filter(|&d| {
@@ -575,12 +597,20 @@ pub fn build_with(
             && sel[i].channels == 0
             && grad_needed(n.inputs[0])
             && grad_buf[n.inputs[0]] == NONE;
+        let (acc_w, acc_b) = accum_of(i);
+        // Accumulating gradient ops add into the persistent accumulators; their updates wait
+        // for the update phase.
+        let acc_arg = if opt.accumulate { ACCUMULATE } else { 0 };
         let mut bg = NONE;
         if sel[i].bias {
             let d = g.weight_dims(i).ok_or(Error::InvalidParameter {
                 what: "autodiff: bias on a layer without weights",
             })?;
-            bg = b.add(BufKind::BiasGrad, 4 * d.out_ch, i);
+            bg = if opt.accumulate {
+                acc_b
+            } else {
+                b.add(BufKind::BiasGrad, 4 * d.out_ch, i)
+            };
         }
         if dw_in_place {
             // The output gradient is consumed before it is overwritten: bias first.
@@ -588,7 +618,7 @@ pub fn build_with(
                 ops.push(TrainOp {
                     kind: OpKind::BackBias,
                     node: i as u32,
-                    arg: 0,
+                    arg: acc_arg,
                     bufs: [go, bg, NONE, NONE],
                 });
             }
@@ -612,10 +642,10 @@ pub fn build_with(
                 let u = TrainOp {
                     kind: OpKind::Update,
                     node: i as u32,
-                    arg: 0,
+                    arg: acc_arg,
                     bufs: [NONE, bg, NONE, NONE],
                 };
-                if opt.reorder {
+                if opt.reorder && !opt.accumulate {
                     ops.push(u);
                 } else {
                     updates.push(u);
@@ -645,7 +675,15 @@ pub fn build_with(
         }
         let mut wg = NONE;
         if sel[i].channels > 0 {
-            if opt.reorder {
+            if opt.accumulate {
+                wg = acc_w;
+                ops.push(TrainOp {
+                    kind: OpKind::BackWeight,
+                    node: i as u32,
+                    arg: ACCUMULATE,
+                    bufs: [go, saved[i], wg, NONE],
+                });
+            } else if opt.reorder {
                 // Each row of the weight gradient is applied as soon as it exists.
                 let d = g.weight_dims(i).ok_or(Error::InvalidParameter {
                     what: "autodiff: weights on a layer without weights",
@@ -675,7 +713,7 @@ pub fn build_with(
             ops.push(TrainOp {
                 kind: OpKind::BackBias,
                 node: i as u32,
-                arg: 0,
+                arg: acc_arg,
                 bufs: [go, bg, NONE, NONE],
             });
         }
@@ -683,10 +721,10 @@ pub fn build_with(
             let u = TrainOp {
                 kind: OpKind::Update,
                 node: i as u32,
-                arg: 0,
+                arg: acc_arg,
                 bufs: [wg, bg, NONE, NONE],
             };
-            if opt.reorder {
+            if opt.reorder && !opt.accumulate {
                 ops.push(u);
             } else {
                 updates.push(u);

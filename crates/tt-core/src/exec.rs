@@ -8,6 +8,9 @@
 //! let class = ex.predict(&image_q)?;            // forward only, same buffers
 //! let state: &[u8] = ex.state();                // learned parameters, for a checkpoint
 //! ex.state_mut().copy_from_slice(&checkpoint);  // ... restored instead of init()
+//! // A plan compiled with accumulation: gradients of a batch add up, one update per batch.
+//! for (x, y) in batch { ex.accumulate(x, Target::Class(y))?; }
+//! ex.apply_accumulated(batch.len())?;           // mean gradient, QAS SGD; accumulators zeroed
 //! ```
 //!
 //! - `plan_bytes`: a plan as written by [`crate::plan`] (flash); `params`: the frozen parameter blob
@@ -468,7 +471,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                 })?
                 .copy_from_slice(&bytes);
         }
-        Ok(())
+        self.zero_accumulated()
     }
 
     /// The current parameters of layer `li` (frozen values from flash overlaid with the trained
@@ -554,12 +557,98 @@ impl<'p, 'a> Executor<'p, 'a> {
         })
     }
 
-    /// One training step on one sample; returns the loss. Updates are applied in place.
+    /// One training step on one sample; returns the loss. Updates are applied in place (an
+    /// accumulation plan: [`Self::accumulate`] then [`Self::apply_accumulated`] with count 1).
     pub fn step(&mut self, input: &[i8], target: Target<'_>) -> Result<f32> {
+        let loss = self.sample_pass(input, target)?;
+        if self.plan.globals.accumulate {
+            self.apply_accumulated(1)?;
+        }
+        Ok(loss)
+    }
+
+    /// Forward, loss and backward of one sample of a batch, adding its weight and bias gradients
+    /// into the plan's accumulators; the weights do not change. Returns the loss.
+    pub fn accumulate(&mut self, input: &[i8], target: Target<'_>) -> Result<f32> {
+        if !self.plan.globals.accumulate {
+            return Err(Error::InvalidParameter {
+                what: "executor: accumulate needs a plan compiled with gradient accumulation",
+            });
+        }
+        self.sample_pass(input, target)
+    }
+
+    /// The update phase: applies the mean of the `count` accumulated gradients (QAS SGD with the
+    /// plan's update precision and momentum) and zeroes the accumulators. When any accumulated
+    /// gradient is not finite, no weight changes, the accumulators are zeroed and the result is
+    /// `Error::NonFinite` (the batch is skipped).
+    pub fn apply_accumulated(&mut self, count: usize) -> Result<()> {
+        if !self.plan.globals.accumulate {
+            return Err(Error::InvalidParameter {
+                what:
+                    "executor: apply_accumulated needs a plan compiled with gradient accumulation",
+            });
+        }
+        if count == 0 {
+            return Err(Error::InvalidParameter {
+                what: "executor: apply_accumulated over zero samples",
+            });
+        }
+        let r = self.update_phase(1.0 / count as f32);
+        let z = self.zero_accumulated();
+        r.and(z)
+    }
+
+    fn update_phase(&mut self, scale: f32) -> Result<()> {
+        // Every accumulator is checked before any weight moves: a skipped batch leaves them all.
+        for i in 0..self.plan.n_ops {
+            let op = self.plan.op(i)?;
+            if op.kind == OpKind::Update && op.arg & ACCUMULATE != 0 {
+                let [a, b] = self.carve([op.bufs[0], op.bufs[1]])?;
+                let (a, b): (&[f32], &[f32]) = (view(a, "accumulator")?, view(b, "accumulator")?);
+                if !(crate::qas::all_finite(a) && crate::qas::all_finite(b)) {
+                    return Err(Error::NonFinite {
+                        what: "accumulated gradients (the batch's update is skipped)",
+                    });
+                }
+            }
+        }
+        for i in 0..self.plan.n_ops {
+            let op = self.plan.op(i)?;
+            if op.kind == OpKind::Update && op.arg & ACCUMULATE != 0 {
+                let [a, b] = self.carve([op.bufs[0], op.bufs[1]])?;
+                for g in view_mut::<f32>(a, "accumulator")?
+                    .iter_mut()
+                    .chain(view_mut::<f32>(b, "accumulator")?.iter_mut())
+                {
+                    *g *= scale;
+                }
+                self.run_op(i, op.kind, op.node, op.arg, op.bufs, Target::Class(0), &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_accumulated(&mut self) -> Result<()> {
+        for i in 0..self.plan.n_buffers {
+            if self.plan.buffer(i)?.kind.accumulator() {
+                let [a] = self.carve([i as u32])?;
+                a.fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forward, loss, backward and the in-place updates of one sample (not the update phase of
+    /// an accumulation plan).
+    fn sample_pass(&mut self, input: &[i8], target: Target<'_>) -> Result<f32> {
         self.write_input(input)?;
         let mut loss = None;
         for i in 0..self.plan.n_ops {
             let op = self.plan.op(i)?;
+            if op.kind == OpKind::Update && op.arg & ACCUMULATE != 0 {
+                continue;
+            }
             if let Some(l) = self.run_op(i, op.kind, op.node, op.arg, op.bufs, target, input)? {
                 loss = Some(l);
             }
@@ -1137,7 +1226,9 @@ impl<'p, 'a> Executor<'p, 'a> {
                 };
                 let [go, x, gw] = self.carve_t([bufs[0], bufs[1], bufs[2]], [4 * no, xn, ALL])?;
                 let gw: &mut [f32] = view_mut(gw, "weight gradient")?;
-                gw.fill(0.0);
+                if arg & ACCUMULATE == 0 {
+                    gw.fill(0.0);
+                }
                 let (go, x) = (view(go, "grad out")?, view(x, "saved input")?);
                 if n.kind == NODE_FC {
                     fc_backward_weight(&FcGeom::new(g.in_c, g.out_c)?, x, in_q, go, sel, gw)?;
@@ -1149,7 +1240,9 @@ impl<'p, 'a> Executor<'p, 'a> {
                 let g = Self::conv_geom(&n, &inp, &out)?;
                 let [go, gb] = self.carve_t([bufs[0], bufs[1]], [4 * no, ALL])?;
                 let gb: &mut [f32] = view_mut(gb, "bias gradient")?;
-                gb.fill(0.0);
+                if arg & ACCUMULATE == 0 {
+                    gb.fill(0.0);
+                }
                 let go = view(go, "grad out")?;
                 if n.kind == NODE_FC {
                     fc_backward_bias(&FcGeom::new(g.in_c, g.out_c)?, go, gb)?;
@@ -2307,6 +2400,7 @@ mod tests {
                 precision,
                 momentum,
                 loss: LossKind::CrossEntropy,
+                accumulate: false,
             },
             seed: 1,
             lr: 0.05,
@@ -2430,6 +2524,239 @@ mod tests {
         for m in [&a, &b, &c.memory] {
             assert!(m.lower_bound <= m.arena_bytes);
         }
+    }
+
+    /// A compiled plan with its parameter blob and arena in 4-byte aligned storage.
+    struct Owned {
+        plan: Vec<u8>,
+        params: Vec<u32>,
+        params_len: usize,
+        arena: Vec<u32>,
+        arena_len: usize,
+    }
+
+    impl Owned {
+        fn new(c: &crate::plan::Compiled) -> Owned {
+            let params = c
+                .params
+                .chunks(4)
+                .map(|b| {
+                    let mut a = [0u8; 4];
+                    a[..b.len()].copy_from_slice(b);
+                    u32::from_le_bytes(a)
+                })
+                .collect();
+            Owned {
+                plan: c.plan.clone(),
+                params,
+                params_len: c.params.len(),
+                arena: std::vec![0u32; c.memory.arena_bytes / 4 + 1],
+                arena_len: c.memory.arena_bytes,
+            }
+        }
+
+        fn ex(&mut self) -> Executor<'_, '_> {
+            let pb: &[u8] = unsafe {
+                core::slice::from_raw_parts(self.params.as_ptr() as *const u8, self.params_len)
+            };
+            let arena: &mut [u8] = unsafe {
+                core::slice::from_raw_parts_mut(self.arena.as_mut_ptr() as *mut u8, self.arena_len)
+            };
+            Executor::new(&self.plan, pb, arena).unwrap()
+        }
+    }
+
+    fn accumulating(mut st: PlanSettings) -> PlanSettings {
+        st.options.accumulate = true;
+        st
+    }
+
+    /// Every layer's current weights and bias (flash + trained).
+    fn all_layers(g: &Graph, ex: &mut Executor<'_, '_>) -> Vec<(Vec<i8>, Vec<i32>)> {
+        let mut out = Vec::new();
+        for (li, p) in g.params.iter().flatten().enumerate() {
+            let mut w = std::vec![0i8; p.weight.len()];
+            let mut b = std::vec![0i32; p.bias.len()];
+            ex.read_layer(li, &mut w, &mut b).unwrap();
+            out.push((w, b));
+        }
+        out
+    }
+
+    #[test]
+    fn accumulated_batch_of_one_is_the_in_place_step() {
+        let g = small_graph();
+        let x = sample(3);
+        let partial = scheme(&g, |i| LayerUpdate {
+            bias: i >= 1,
+            weight_ratio: if i == 2 { 0.5 } else { 0.0 },
+            axis: ChannelAxis::Input,
+        });
+        for s in [full(&g), partial] {
+            for p in [
+                Precision::StochasticRounding,
+                Precision::Residual,
+                Precision::FpMaster,
+            ] {
+                let plain = settings(false, p, true);
+                let mut a = Owned::new(&compile(&g, &s, &plain, b"").unwrap());
+                let mut b = Owned::new(&compile(&g, &s, &accumulating(plain), b"").unwrap());
+                let (mut ea, mut eb) = (a.ex(), b.ex());
+                ea.init().unwrap();
+                eb.init().unwrap();
+                ea.momentum = 0.9;
+                eb.momentum = 0.9;
+                for k in 0..6 {
+                    let la = ea.step(&x, Target::Class(k % 4)).unwrap();
+                    let lb = eb.step(&x, Target::Class(k % 4)).unwrap();
+                    assert_eq!(la, lb, "{p:?} step {k}");
+                }
+                assert_eq!(all_layers(&g, &mut ea), all_layers(&g, &mut eb), "{p:?}");
+                assert_ne!(all_layers(&g, &mut ea), {
+                    let mut e = a.ex();
+                    e.init().unwrap();
+                    all_layers(&g, &mut e)
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn accumulation_sums_per_sample_gradients_and_updates_once() {
+        let g = small_graph();
+        let sparse = scheme(&g, |i| LayerUpdate {
+            bias: i >= 2,
+            weight_ratio: if i == 2 {
+                0.5
+            } else if i == 6 {
+                1.0
+            } else {
+                0.0
+            },
+            axis: ChannelAxis::Output,
+        });
+        let xs: Vec<Vec<i8>> = (0..4).map(|k| sample(20 + k)).collect();
+        let ys = [0usize, 2, 1, 3];
+        for (s, p, reorder) in [
+            (full(&g), Precision::FpMaster, true),
+            (sparse, Precision::StochasticRounding, false),
+        ] {
+            let st = accumulating(settings(reorder, p, false));
+            let c = compile(&g, &s, &st, b"").unwrap();
+            // The accumulators are persistent state, counted in their own category.
+            let plain = compile(&g, &s, &settings(reorder, p, false), b"").unwrap();
+            assert!(c.memory.arena_bytes > plain.memory.arena_bytes);
+            let bd = crate::planner::breakdown(&c.training.buffers, &c.training.ops, &c.memory);
+            assert!(bd[6] > 0);
+            assert_eq!(bd.iter().sum::<usize>(), c.memory.arena_bytes);
+            let pv = PlanView::parse(&c.plan).unwrap();
+            assert!(pv.globals.accumulate);
+            let acc: Vec<(usize, usize)> = (0..pv.n_buffers)
+                .map(|i| pv.buffer(i).unwrap())
+                .filter(|b| b.kind.accumulator())
+                .map(|b| (b.offset as usize, b.bytes as usize))
+                .collect();
+            assert!(!acc.is_empty());
+            let read = |state: &[u8]| -> Vec<f32> {
+                acc.iter()
+                    .flat_map(|&(o, n)| {
+                        state[o..o + n]
+                            .chunks(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    })
+                    .collect()
+            };
+            let mut o = Owned::new(&c);
+            // Each sample's gradient on its own, from the initial weights.
+            let mut sum: Vec<f32> = Vec::new();
+            for (x, &y) in xs.iter().zip(&ys) {
+                let mut ex = o.ex();
+                ex.init().unwrap();
+                ex.accumulate(x, Target::Class(y)).unwrap();
+                let gi = read(ex.state());
+                if sum.is_empty() {
+                    sum = std::vec![0.0; gi.len()];
+                }
+                for (s, v) in sum.iter_mut().zip(gi) {
+                    *s += v;
+                }
+            }
+            let mut ex = o.ex();
+            ex.init().unwrap();
+            let before = all_layers(&g, &mut ex);
+            for (x, &y) in xs.iter().zip(&ys) {
+                ex.accumulate(x, Target::Class(y)).unwrap();
+                assert_eq!(
+                    all_layers(&g, &mut ex),
+                    before,
+                    "weights moved inside a batch"
+                );
+            }
+            let batch = read(ex.state());
+            assert!(sum.iter().any(|&v| v != 0.0));
+            for (b, s) in batch.iter().zip(&sum) {
+                assert!((b - s).abs() <= 1e-5 * (1.0 + s.abs()), "{b} vs {s}");
+            }
+            ex.apply_accumulated(4).unwrap();
+            assert_ne!(all_layers(&g, &mut ex), before);
+            assert!(read(ex.state()).iter().all(|&v| v == 0.0));
+            assert_eq!(ex.high_water(), c.memory.arena_bytes);
+            drop(ex);
+            // A batch of one sample twice is that sample's step (the mean, not the sum).
+            let mut twice = o.ex();
+            twice.init().unwrap();
+            twice.accumulate(&xs[0], Target::Class(0)).unwrap();
+            twice.accumulate(&xs[0], Target::Class(0)).unwrap();
+            twice.apply_accumulated(2).unwrap();
+            let t = all_layers(&g, &mut twice);
+            drop(twice);
+            let mut once = o.ex();
+            once.init().unwrap();
+            once.step(&xs[0], Target::Class(0)).unwrap();
+            assert_eq!(all_layers(&g, &mut once), t);
+        }
+    }
+
+    #[test]
+    fn a_non_finite_accumulated_gradient_skips_the_batch() {
+        let g = small_graph();
+        let st = accumulating(settings(true, Precision::FpMaster, true));
+        let c = compile(&g, &full(&g), &st, b"").unwrap();
+        let pv = PlanView::parse(&c.plan).unwrap();
+        let acc = (0..pv.n_buffers)
+            .map(|i| pv.buffer(i).unwrap())
+            .find(|b| b.kind == BufKind::AccumWeight)
+            .unwrap();
+        let mut o = Owned::new(&c);
+        let mut ex = o.ex();
+        ex.init().unwrap();
+        ex.momentum = 0.5;
+        ex.step(&sample(1), Target::Class(1)).unwrap();
+        let state = ex.state().to_vec();
+        ex.accumulate(&sample(2), Target::Class(2)).unwrap();
+        let at = acc.offset as usize + 4;
+        ex.state_mut()[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(matches!(
+            ex.apply_accumulated(2),
+            Err(Error::NonFinite { .. })
+        ));
+        // Weights, precision and momentum untouched; the accumulators are clear for the next batch.
+        assert_eq!(ex.state(), &state[..]);
+        assert!(ex.apply_accumulated(0).is_err());
+        // A plain plan has no accumulation phase.
+        let mut p = Owned::new(
+            &compile(
+                &g,
+                &full(&g),
+                &settings(true, Precision::FpMaster, false),
+                b"",
+            )
+            .unwrap(),
+        );
+        let mut pe = p.ex();
+        pe.init().unwrap();
+        assert!(pe.accumulate(&sample(1), Target::Class(1)).is_err());
+        assert!(pe.apply_accumulated(1).is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! ```text
 //! header  magic "TTPL" | version u16 | header_len u16 | body_len u32 | body_crc u32
 //!         | params_len u32 | params_crc u32 | arena_bytes u32 | state_bytes u32
-//!         | lower_bound u32 | reserved u32
+//!         | lower_bound u32 | flags u32 (version 2; 0 in version 1)
 //! body    counts: tensors, nodes, layers, buffers, ops, meta_len (u32 each)
 //!         globals: input u32, output u32, loss u8, precision u8, reorder u8, momentum u8,
 //!                  rng buffer u32, seed u64, peak op u32, lr f32, momentum f32
@@ -19,6 +19,11 @@
 //!         ops      28 B: kind u8, 0 0 0, node u32, arg u32, buffers u32 x4
 //!         meta     meta_len bytes of UTF-8 JSON for tools (layer names); ignored by the executor
 //! ```
+//!
+//! Version 2 is version 1 plus the header's `flags`: bit 0 = gradient accumulation (persistent
+//! `AccumWeight` / `AccumBias` buffers; `BackWeight` / `BackBias` add into them and the `Update`
+//! ops, flagged `ACCUMULATE`, run only in the separate update phase). Plans without accumulation
+//! are written as version 1, so readers of version 1 keep reading them.
 //!
 //! The parameter blob (frozen weights: flash on the MCU) holds per layer, each part 4-aligned:
 //! OHWI int8 weights, int32 bias, f32 weight scales, then (multiplier i32, shift i32) per
@@ -64,6 +69,11 @@ pub enum BufKind {
     StateMomentum = 11,
     /// Stochastic-rounding PRNG state (persistent).
     StateRng = 12,
+    /// fp32 sum of a batch's weight gradients of one layer's selected channels (persistent
+    /// across the samples of a batch; accumulation plans only).
+    AccumWeight = 13,
+    /// fp32 sum of a batch's bias gradients of one layer (as `AccumWeight`).
+    AccumBias = 14,
 }
 
 impl BufKind {
@@ -83,12 +93,17 @@ impl BufKind {
             10 => StatePrecision,
             11 => StateMomentum,
             12 => StateRng,
+            13 => AccumWeight,
+            14 => AccumBias,
             _ => return None,
         })
     }
     /// Persistent buffers live across steps: they are the learned state.
     pub fn persistent(self) -> bool {
         (self as u8) >= BufKind::StateWeight as u8
+    }
+    pub fn accumulator(self) -> bool {
+        matches!(self, BufKind::AccumWeight | BufKind::AccumBias)
     }
 }
 
@@ -110,6 +125,10 @@ pub struct Buffer {
 /// - `BackWeight`: [output grad, saved input, weight grad, NONE]
 /// - `BackBias`: [output grad, bias grad, NONE, NONE]
 /// - `Update`: [weight grad | NONE, bias grad | NONE, NONE, NONE]
+///
+/// In an accumulation plan `BackWeight` / `BackBias` carry `ACCUMULATE` (add into the persistent
+/// accumulators) and every `Update` carries `ACCUMULATE` (it belongs to the update phase, not to
+/// the per-sample pass).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum OpKind {
@@ -177,7 +196,8 @@ impl OpKind {
     }
 }
 
-/// `BackInput` adds into the input gradient instead of overwriting it.
+/// `BackInput` / `BackWeight` / `BackBias` add into their gradient instead of overwriting it; an
+/// `Update` with it runs in the update phase of an accumulation plan.
 pub const ACCUMULATE: u32 = 1 << 8;
 /// A depthwise `Forward` / `BackInput` whose output overwrites its input channel by channel
 /// (bufs[3] / bufs[2] is the per-channel scratch).
@@ -299,6 +319,9 @@ pub struct CompileOptions {
     /// Allocate momentum buffers (needed to train with momentum > 0).
     pub momentum: bool,
     pub loss: LossKind,
+    /// Gradient accumulation over a batch: persistent fp32 accumulators for the trained
+    /// parameters and a separate update phase, instead of in-place per-sample updates.
+    pub accumulate: bool,
 }
 
 impl Default for CompileOptions {
@@ -308,12 +331,17 @@ impl Default for CompileOptions {
             precision: Precision::StochasticRounding,
             momentum: false,
             loss: LossKind::CrossEntropy,
+            accumulate: false,
         }
     }
 }
 
 pub const MAGIC: [u8; 4] = *b"TTPL";
-pub const VERSION: u16 = 1;
+/// Version of plans with gradient accumulation; others are written as [`VERSION_PLAIN`].
+pub const VERSION: u16 = 2;
+pub const VERSION_PLAIN: u16 = 1;
+/// Header `flags` bit: the plan accumulates gradients over a batch.
+pub const FLAG_ACCUMULATE: u32 = 1;
 pub const HEADER_LEN: usize = 40;
 pub const COUNTS_LEN: usize = 24;
 pub const GLOBALS_LEN: usize = 36;
@@ -427,6 +455,8 @@ pub struct Globals {
     pub peak_op: u32,
     pub lr: f32,
     pub momentum: f32,
+    /// Gradient accumulation (header flag, version 2).
+    pub accumulate: bool,
 }
 
 /// A validated, zero-copy view of plan bytes.
@@ -486,8 +516,13 @@ impl<'a> PlanView<'a> {
         if bytes[0..4] != MAGIC {
             return Err(corrupt("magic"));
         }
-        if rd_u16(bytes, 4, "version")? != VERSION {
+        let version = rd_u16(bytes, 4, "version")?;
+        if version != VERSION && version != VERSION_PLAIN {
             return Err(corrupt("version"));
+        }
+        let flags = rd_u32(bytes, 36, "flags")?;
+        if (version == VERSION_PLAIN && flags != 0) || flags & !FLAG_ACCUMULATE != 0 {
+            return Err(corrupt("flags"));
         }
         if rd_u16(bytes, 6, "header_len")? as usize != HEADER_LEN {
             return Err(corrupt("header_len"));
@@ -552,6 +587,7 @@ impl<'a> PlanView<'a> {
             peak_op: rd_u32(body, g + 24, "globals.peak_op")?,
             lr: rd_f32(body, g + 28, "globals.lr")?,
             momentum: rd_f32(body, g + 32, "globals.momentum")?,
+            accumulate: flags & FLAG_ACCUMULATE != 0,
         };
         let view = PlanView {
             body,
@@ -724,6 +760,27 @@ impl<'a> PlanView<'a> {
                 if b != NONE && b as usize >= self.n_buffers {
                     return Err(corrupt("ops.buffers"));
                 }
+            }
+            // Accumulators are written only by flagged gradient ops and read only by the update
+            // phase; an accumulation plan has no in-place update.
+            let flagged = o.arg & ACCUMULATE != 0;
+            let grads = match o.kind {
+                OpKind::BackWeight => [o.bufs[2], NONE],
+                OpKind::BackBias => [o.bufs[1], NONE],
+                OpKind::Update => [o.bufs[0], o.bufs[1]],
+                _ => [NONE, NONE],
+            };
+            for b in grads {
+                if b != NONE && self.buffer(b as usize)?.kind.accumulator() != flagged {
+                    return Err(corrupt("ops.arg (accumulation)"));
+                }
+            }
+            let in_place_update = matches!(o.kind, OpKind::WeightStep | OpKind::BlockBackward)
+                || (o.kind == OpKind::Update && !flagged);
+            if (o.kind == OpKind::Update && flagged && !gl.accumulate)
+                || (gl.accumulate && in_place_update)
+            {
+                return Err(corrupt("ops (accumulation flag)"));
             }
         }
         if params_end > self.params_len {
@@ -1128,7 +1185,8 @@ mod encode {
 
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        let version = if o.accumulate { VERSION } else { VERSION_PLAIN };
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(HEADER_LEN as u16).to_le_bytes());
         for v in [
             u32_of(body.len(), "plan too large")?,
@@ -1138,7 +1196,7 @@ mod encode {
             u32_of(mp.arena_bytes, "arena too large")?,
             u32_of(mp.state_bytes, "state too large")?,
             u32_of(mp.lower_bound, "arena too large")?,
-            0,
+            if o.accumulate { FLAG_ACCUMULATE } else { 0 },
         ] {
             out.extend_from_slice(&v.to_le_bytes());
         }

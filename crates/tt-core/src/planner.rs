@@ -200,13 +200,14 @@ pub fn measure(
 }
 
 /// Report categories (stable names, used by the Python API and the CLI).
-pub const CATEGORIES: [&str; 7] = [
+pub const CATEGORIES: [&str; 8] = [
     "updated_weights",
     "precision_and_optimizer",
     "saved_activations",
     "activations",
     "gradients",
     "scratch",
+    "accumulated_gradients",
     "fragmentation",
 ];
 
@@ -219,20 +220,21 @@ pub fn category(kind: BufKind) -> usize {
         Input | Activation => 3,
         Grad | WeightGrad | BiasGrad => 4,
         Scratch => 5,
+        AccumWeight | AccumBias => 6,
     }
 }
 
 /// Bytes per category live at the peak op, plus the packing overhead above the lower bound, so
 /// the entries sum to the arena size.
-pub fn breakdown(buffers: &[Buffer], ops: &[TrainOp], mp: &MemoryPlan) -> [usize; 7] {
+pub fn breakdown(buffers: &[Buffer], ops: &[TrainOp], mp: &MemoryPlan) -> [usize; 8] {
     let life = lifetimes(buffers, ops);
-    let mut out = [0usize; 7];
+    let mut out = [0usize; 8];
     for (b, l) in buffers.iter().zip(&life) {
         let Some((f, e)) = *l else { continue };
         if f <= mp.peak_op && mp.peak_op <= e {
             out[category(b.kind)] += aligned(b.bytes);
         }
     }
-    out[6] = mp.arena_bytes - mp.lower_bound.min(mp.arena_bytes);
+    out[7] = mp.arena_bytes - mp.lower_bound.min(mp.arena_bytes);
     out
 }

@@ -198,6 +198,7 @@ impl Bundle {
                 precision: Precision::StochasticRounding,
                 momentum: false,
                 loss: LossKind::CrossEntropy,
+                accumulate: false,
             },
             seed: 1,
             lr: 0.1,

@@ -123,7 +123,7 @@ fn build_graph(
 
 /// Compiles a quantized graph for training. Returns (plan bytes, parameter blob).
 #[pyfunction]
-#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta, layout=None, stream_input=false))]
+#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta, layout=None, stream_input=false, accumulate=false))]
 #[allow(clippy::too_many_arguments)]
 fn engine_compile<'py>(
     py: Python<'py>,
@@ -142,6 +142,7 @@ fn engine_compile<'py>(
     meta: &[u8],
     layout: Option<(Option<(usize, usize)>, bool, bool)>,
     stream_input: bool,
+    accumulate: bool,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
     let g = build_graph(tensors, nodes, input, output)?;
     let scheme = Scheme {
@@ -161,6 +162,7 @@ fn engine_compile<'py>(
                 .ok_or_else(|| PyValueError::new_err("bad update precision"))?,
             momentum: momentum_buffers,
             loss: LossKind::from_u8(loss).ok_or_else(|| PyValueError::new_err("bad loss"))?,
+            accumulate,
         },
         seed,
         lr,
@@ -240,6 +242,7 @@ fn plan_report<'py>(py: Python<'py>, plan: &[u8]) -> PyResult<Bound<'py, PyDict>
     d.set_item("precision", v.globals.precision as u8)?;
     d.set_item("loss", v.globals.loss as u8)?;
     d.set_item("momentum_buffers", v.globals.momentum_buffers)?;
+    d.set_item("accumulate", v.globals.accumulate)?;
     d.set_item("lr", v.globals.lr)?;
     d.set_item("momentum", v.globals.momentum)?;
     d.set_item("seed", v.globals.seed)?;
@@ -383,6 +386,60 @@ impl Session {
             out.push(r);
         }
         Ok(out.into_pyarray(py))
+    }
+
+    /// Accumulation plans: forward and backward of each row (class labels), gradients summed
+    /// into the accumulators, no update. Returns the per-sample losses.
+    fn accumulate<'py>(
+        &mut self,
+        py: Python<'py>,
+        x: PyReadonlyArray2<'py, i8>,
+        labels: PyReadonlyArray1<'py, i64>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let x = x.as_array();
+        let labels = labels.as_slice()?;
+        if labels.len() != x.nrows() {
+            return Err(PyValueError::new_err("one label per sample expected"));
+        }
+        let mut out = Vec::with_capacity(labels.len());
+        for (row, &y) in x.outer_iter().zip(labels) {
+            let row: Vec<i8> = row.iter().copied().collect();
+            if y < 0 {
+                return Err(PyValueError::new_err(format!("label {y} is negative")));
+            }
+            out.push(self.with(py, |ex| ex.accumulate(&row, Target::Class(y as usize)))?);
+        }
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Like `accumulate`, for a plan compiled with the MSE loss: one float target row per sample.
+    fn accumulate_mse<'py>(
+        &mut self,
+        py: Python<'py>,
+        x: PyReadonlyArray2<'py, i8>,
+        targets: PyReadonlyArray2<'py, f32>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let x = x.as_array();
+        let t = targets.as_array();
+        if t.nrows() != x.nrows() {
+            return Err(PyValueError::new_err("one target row per sample expected"));
+        }
+        let mut out = Vec::with_capacity(x.nrows());
+        for (row, trow) in x.outer_iter().zip(t.outer_iter()) {
+            let row: Vec<i8> = row.iter().copied().collect();
+            let trow: Vec<f32> = trow.iter().copied().collect();
+            out.push(self.with(py, |ex| ex.accumulate(&row, Target::Values(&trow)))?);
+        }
+        Ok(out.into_pyarray(py))
+    }
+
+    /// The update phase of an accumulation plan: the mean of `count` accumulated gradients.
+    /// Returns False (nothing changed, accumulators zeroed) when a gradient was not finite.
+    fn apply_accumulated(&mut self, py: Python<'_>, count: usize) -> PyResult<bool> {
+        self.with(py, |ex| match ex.apply_accumulated(count) {
+            Err(Error::NonFinite { .. }) => Ok(false),
+            other => other.map(|()| true),
+        })
     }
 
     /// Like `steps`, for a plan compiled with the MSE loss: one float target row per sample.
