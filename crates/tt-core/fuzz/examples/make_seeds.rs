@@ -1,0 +1,88 @@
+//! Seed corpora from real files: the demo bundle's plan + parameter blob (as a `.ttp` image), any
+//! `.ttp` given on the command line (e.g. from `tinytrain compile`), and flash images holding
+//! real checkpoints of the demo state. Usage: make_seeds OUT_DIR [plan.ttp ...]
+use std::path::PathBuf;
+
+use embedded_storage::nor_flash::{
+    ErrorType, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
+};
+use tt_mcu::bundle::Bundle;
+use tt_mcu::checkpoint::Checkpoints;
+
+#[derive(Debug)]
+struct OutOfBounds;
+
+impl NorFlashError for OutOfBounds {
+    fn kind(&self) -> NorFlashErrorKind {
+        NorFlashErrorKind::OutOfBounds
+    }
+}
+
+struct Ram(Vec<u8>);
+
+impl ErrorType for Ram {
+    type Error = OutOfBounds;
+}
+
+impl ReadNorFlash for Ram {
+    const READ_SIZE: usize = 1;
+    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), OutOfBounds> {
+        let o = offset as usize;
+        bytes.copy_from_slice(self.0.get(o..o + bytes.len()).ok_or(OutOfBounds)?);
+        Ok(())
+    }
+    fn capacity(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl NorFlash for Ram {
+    const WRITE_SIZE: usize = 4;
+    const ERASE_SIZE: usize = 256;
+    fn erase(&mut self, from: u32, to: u32) -> Result<(), OutOfBounds> {
+        self.0.get_mut(from as usize..to as usize).ok_or(OutOfBounds)?.fill(0xFF);
+        Ok(())
+    }
+    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), OutOfBounds> {
+        let o = offset as usize;
+        let dst = self.0.get_mut(o..o + bytes.len()).ok_or(OutOfBounds)?;
+        for (d, &b) in dst.iter_mut().zip(bytes) {
+            *d &= b;
+        }
+        Ok(())
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let out = PathBuf::from(args.next().expect("usage: make_seeds OUT_DIR [plan.ttp ...]"));
+    let b = Bundle::demo();
+    let ttp = [b.plan.clone(), b.params.clone()].concat();
+    let mut ttps = vec![("demo".to_string(), ttp)];
+    for (i, p) in args.enumerate() {
+        ttps.push((format!("file{i}"), std::fs::read(&p)?));
+    }
+    for t in ["plan_load", "ffi", "checkpoint_read"] {
+        std::fs::create_dir_all(out.join(t))?;
+    }
+    for (name, t) in &ttps {
+        std::fs::write(out.join("plan_load").join(name), t)?;
+        for ctl in [0u8, 1] {
+            std::fs::write(out.join("ffi").join(format!("{name}-{ctl}")), [&[ctl][..], t].concat())?;
+        }
+    }
+    let tag = tt_mcu::trainer::plan_tag(&b.plan).expect("the demo plan has a header");
+    let state: Vec<u8> = b.run(1).expect("the demo runs").state;
+    let mut c = Checkpoints::new(Ram(vec![0xFF; 2048]), 0, 1024, tag).expect("layout");
+    for k in 0..3u8 {
+        let p: Vec<u8> = state.iter().map(|&v| v ^ k).collect();
+        c.save(&[&p]).expect("a save on RAM");
+        let img = c.into_inner();
+        let mut seed = tag.to_le_bytes().to_vec();
+        seed.extend_from_slice(&(state.len() as u16).to_le_bytes());
+        seed.extend_from_slice(&img.0);
+        std::fs::write(out.join("checkpoint_read").join(format!("demo-{k}")), seed)?;
+        c = Checkpoints::new(img, 0, 1024, tag).expect("layout");
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# libFuzzer on every Rust reader of external bytes: the plan loader + executor (plan_load), the
+# checkpoint slot reader (checkpoint_read) and the C ABI (ffi), each seeded from real files (the
+# demo bundle, plans from `tinytrain compile`, real checkpoint images).
+#   bash scripts/fuzz-smoke.sh              # a few seconds each (FUZZ_SECONDS, default 5)
+#   FUZZ_RUNS=1000000 bash scripts/fuzz-smoke.sh   # the long run: 1e6 executions each
+#   FUZZ_SANITIZER=none ...                        # without AddressSanitizer (several times faster)
+# Needs cargo-fuzz (installed here from crates.io if missing) and libFuzzer; stable rustc is run
+# with RUSTC_BOOTSTRAP=1 for the sanitizer flags cargo-fuzz passes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+export RUSTC_BOOTSTRAP=1
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/fuzz}
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+plans=()
+if command -v tinytrain >/dev/null; then
+  tinytrain compile python/tinytrain/models/demo_digits.onnx --scheme paper -o "$work/digits.ttp" >/dev/null 2>&1 \
+    && plans+=("$work/digits.ttp")
+  tinytrain compile tests/fixtures/tflite/ds_cnn.onnx --scheme last:2 --precision fp32 -o "$work/dscnn.ttp" >/dev/null 2>&1 \
+    && plans+=("$work/dscnn.ttp")
+fi
+cd crates/tt-core/fuzz
+cargo run -q --release --example make_seeds -- "$work/corpus" "${plans[@]}"
+limit=(-max_total_time="${FUZZ_SECONDS:-5}")
+[[ -n "${FUZZ_RUNS:-}" ]] && limit=(-runs="$FUZZ_RUNS")
+for t in ${FUZZ_TARGETS:-plan_load checkpoint_read ffi}; do
+  echo "== $t"
+  # -a: debug assertions and overflow checks on, so an arithmetic overflow is a crash.
+  log="$work/$t.log"
+  if ! cargo fuzz run -a -O ${FUZZ_SANITIZER:+-s "$FUZZ_SANITIZER"} "$t" "$work/corpus/$t" -- "${limit[@]}" \
+      -rss_limit_mb=512 -malloc_limit_mb=256 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
+    tail -60 "$log"
+    echo "fuzz target $t failed (crash input under crates/tt-core/fuzz/artifacts/$t)" >&2
+    exit 1
+  fi
+  grep -E "^Done|stat::number_of_executed_units|stat::average_exec_per_sec" "$log"
+done
