@@ -41,15 +41,21 @@ def load_data(path: str, need_labels: bool = True) -> Tuple[np.ndarray, Optional
         if path.endswith(".npy"):
             x, y = np.load(path, allow_pickle=False), None
         else:
-            with np.load(path, allow_pickle=False) as f:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ModelFormatError(f"{path}: holds a single array, not an .npz archive of inputs and labels "
+                                       f"(name it .npy to read it as inputs only)")
+            with loaded as f:
                 xk = next((k for k in X_KEYS if k in f.files), None)
                 yk = next((k for k in Y_KEYS if k in f.files), None)
                 if xk is None:
                     raise ModelFormatError(f"{path}: no input array; expected one of {', '.join(X_KEYS)}, found {f.files}")
                 x = f[xk]
                 y = f[yk] if yk is not None else None
-    except (ValueError, OSError) as exc:
-        raise ModelFormatError(f"{path}: not a readable .npz/.npy file ({exc})") from None
+    except ModelFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy's parsers raise many types (zip, header tokenizer, EOF) on bad bytes
+        raise ModelFormatError(f"{path}: not a readable .npz/.npy file ({type(exc).__name__}: {exc})") from None
     if need_labels and y is None:
         raise ModelFormatError(f"{path}: no labels; expected one of {', '.join(Y_KEYS)} beside the inputs")
     if y is not None and len(y) != len(x):
