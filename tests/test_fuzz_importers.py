@@ -194,3 +194,11 @@ def test_found_by_fuzzing_npy_with_broken_header(tmp_path):
     p.write_bytes(bytes(b.replace(b")", b" ")))
     with pytest.raises(tt.ModelFormatError, match=r"x\.npy: not a readable \.npz/\.npy file"):
         load_data(str(p), need_labels=False)
+
+
+def test_found_by_fuzzing_npy_holding_an_archive(tmp_path):
+    """An .npy that is really an .npz used to escape as AttributeError."""
+    p = tmp_path / "x.npy"
+    p.write_bytes(_npz(x=np.zeros((2, 3), np.float32)))
+    with pytest.raises(tt.ModelFormatError, match=r"x\.npy: holds an \.npz archive"):
+        load_data(str(p), need_labels=False)

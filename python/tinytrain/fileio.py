@@ -40,6 +40,10 @@ def load_data(path: str, need_labels: bool = True) -> Tuple[np.ndarray, Optional
     try:
         if path.endswith(".npy"):
             x, y = np.load(path, allow_pickle=False), None
+            if not isinstance(x, np.ndarray):
+                x.close()
+                raise ModelFormatError(f"{path}: holds an .npz archive, not one array (name it .npz to read "
+                                       f"inputs and labels from it)")
         else:
             loaded = np.load(path, allow_pickle=False)
             if not isinstance(loaded, np.lib.npyio.NpzFile):
