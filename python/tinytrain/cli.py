@@ -134,11 +134,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(summary)
     else:
-        last = {k: v[-1] for k, v in history.items() if v}
+        last = {k: v[-1] for k, v in history.items() if isinstance(v, list) and v}
         print(f"trained {args.epochs} epoch(s) on {len(x)} samples through the plan "
               f"(peak SRAM {plan.memory.peak_bytes / 1024:.1f} KB): "
               + ", ".join(f"{k} {v:.4g}" for k, v in last.items())
-              + (f"; {trainer.skipped_steps} non-finite step(s) skipped" if trainer.skipped_steps else ""))
+              + (f"; {trainer.skipped_steps} non-finite step(s) skipped" if trainer.skipped_steps else "")
+              + ("; the loss diverged: lower the learning rate" if history.get("diverged") else ""))
         print(f"wrote {args.output}: the trained int8 model (QDQ ONNX)")
     return 0
 

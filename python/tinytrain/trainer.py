@@ -15,6 +15,7 @@ Batch semantics depend on how the plan was compiled:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -24,6 +25,17 @@ from .plan import Plan
 from .progress import progress_bar
 
 __all__ = ["Trainer"]
+
+
+def _window(n_samples: int) -> int:
+    return max(8, min(256, n_samples // 4))
+
+
+def _diverged(losses: List[float], start: float, n_samples: int) -> bool:
+    """The training loss over the last window of samples is more than 1.5x the model's loss before
+    training: SGD with a sane learning rate does not end far above where it started."""
+    w = _window(n_samples)
+    return len(losses) >= w and float(np.mean(losses[-w:])) > 1.5 * start + 1e-6
 
 
 class Trainer:
@@ -140,7 +152,9 @@ class Trainer:
             validation=None, verbose: bool = True) -> Dict[str, List[float]]:
         """Train for ``epochs``; returns the history: per epoch mean ``loss``, training ``accuracy``
         (cross-entropy plans; measured on the fly, before each batch's updates) and, with
-        ``validation=(Xv, Yv)``, ``val_accuracy``. ``batch_size``: on an ``accumulate=True`` plan one
+        ``validation=(Xv, Yv)``, ``val_accuracy``;
+        ``diverged`` turns True (with a RuntimeWarning) once the loss over the last samples is more than
+        1.5x the model's loss before training (a learning rate too high). ``batch_size``: on an ``accumulate=True`` plan one
         update per batch (mean gradient); on a plain plan one in-place update per sample, the batch
         only grouping samples for the progress bar."""
         if epochs < 1 or batch_size < 1:
@@ -153,6 +167,9 @@ class Trainer:
         hist: Dict[str, List[float]] = {"loss": [], "accuracy": []}
         if validation is not None:
             hist["val_accuracy"] = []
+        seen: List[float] = []  # finite per-sample losses in training order, for divergence
+        hist["diverged"] = False
+        start = self._loss(xq[:_window(len(xq))], Y[:_window(len(xq))])
         ce = self.plan.loss == "cross_entropy"
         with progress_bar("training", epochs * len(xq), enabled=verbose) as advance:
             for ep in range(epochs):
@@ -166,12 +183,33 @@ class Trainer:
                     ok = losses[np.isfinite(losses)]
                     tot += float(ok.sum())
                     n += len(ok)
+                    seen.extend(ok.tolist())
                     advance(len(idx), epoch=ep + 1, loss=tot / max(n, 1))
                 hist["loss"].append(tot / max(n, 1))
+                if not hist["diverged"] and _diverged(seen, start, len(xq)):
+                    hist["diverged"] = True
+                    w = _window(len(xq))
+                    warnings.warn(f"training diverged in epoch {ep + 1}: the loss rose from {start:.4g} (before "
+                                  f"training) to {np.mean(seen[-w:]):.4g} (last {w} samples); lower the "
+                                  f"learning rate (lr={self.lr:g})", RuntimeWarning, stacklevel=2)
                 hist["accuracy"].append(correct / len(xq) if ce else float("nan"))
                 if validation is not None:
                     hist["val_accuracy"].append(self.evaluate(*validation))
         return hist
+
+    def _loss(self, xq: np.ndarray, Y) -> float:
+        """Mean loss of the current model on quantized samples, without training (forward only);
+        infinite (divergence is not judged) for a plan loaded without its model: no output scale."""
+        if self.plan.model is None or not len(xq):
+            return float("inf")
+        t = self.plan.model.tensors[self.plan.model.output]
+        out = (self._s.forward(xq).astype(np.float64) - int(t.zero_point)) * float(t.scale)
+        if self.plan.loss == "mse":
+            return float(np.mean((out - np.asarray(Y, dtype=np.float64).reshape(out.shape)) ** 2))
+        labels = self._labels(Y, len(out))
+        m = out.max(axis=1, keepdims=True)
+        lse = (m + np.log(np.exp(out - m).sum(axis=1, keepdims=True)))[:, 0]
+        return float(np.mean(lse - out[np.arange(len(out)), labels.astype(np.int64)]))
 
     # ------------------------------------------------------------------ inference
     def _predict_q(self, xq: np.ndarray) -> np.ndarray:
