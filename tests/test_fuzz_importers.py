@@ -170,6 +170,9 @@ def main(argv) -> None:
             warnings.simplefilter("ignore")
             check(target, data)
 
+    # Coverage feedback from the Python readers themselves (already imported): without it libFuzzer
+    # shrinks the corpus to one empty input and fuzzes blind.
+    atheris.instrument_all()
     atheris.Setup([argv[0], corpus] + argv[2:], one)
     atheris.Fuzz()
 
