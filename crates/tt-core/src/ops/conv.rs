@@ -196,7 +196,13 @@ impl Conv2dGeom {
 }
 
 #[inline]
-fn tap_range(o: usize, stride: usize, pad: usize, k: usize, n: usize) -> (isize, usize, usize) {
+pub(super) fn tap_range(
+    o: usize,
+    stride: usize,
+    pad: usize,
+    k: usize,
+    n: usize,
+) -> (isize, usize, usize) {
     let i0 = (o * stride) as isize - pad as isize;
     let lo = if i0 < 0 { (-i0) as usize } else { 0 };
     let hi_i = n as isize - i0;
@@ -230,6 +236,13 @@ pub fn conv2d_forward(
     check_len("conv2d_forward: requant", g.out_c, requant.len())?;
     check_len("conv2d_forward: output", g.output_len(), output.len())?;
     check_act(act_min, act_max)?;
+    #[cfg(all(target_arch = "arm", target_feature = "dsp"))]
+    if g.is_depthwise() && super::arm::dw_applies(g, in_zp) {
+        super::arm::dw_forward(
+            g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
+        );
+        return Ok(());
+    }
     if g.dw_fast() {
         dw_forward(
             g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
@@ -239,6 +252,13 @@ pub fn conv2d_forward(
     let (icg, ocg, kw) = (g.in_per_group(), g.out_per_group(), g.kw);
     let taps = g.kh * g.kw;
     let (ow, oc_n, in_c) = (g.out_w(), g.out_c, g.in_c);
+    #[cfg(all(target_arch = "arm", target_feature = "dsp"))]
+    if taps * icg <= super::arm::PATCH_MAX {
+        super::arm::conv_forward_patch(
+            g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
+        );
+        return Ok(());
+    }
     if icg <= XZ_MAX {
         // One tap's input slice minus the zero point, staged once and reused by a block of
         // output channels: the inner loop is then a single-accumulator int16 dot product.

@@ -2,7 +2,10 @@
 //! mps2-an386 under `-icount shift=0`; exits 0 when every kernel ran): a 1x1
 //! (pointwise) conv 8x8x96 -> 96 with ReLU6, the kind of late layer the paper's sparse schemes
 //! update. Forward, clamp-mask backward, weight gradient of 1/4 of the output channels, input
-//! gradient, bias gradient, and the QAS SGD update with stochastic rounding.
+//! gradient, bias gradient, and the QAS SGD update with stochastic rounding. Then the forward of
+//! the other layer kinds (depthwise 3x3, first-layer 3x3 stride 2) against plain reference loops,
+//! and the forward kernels against those loops on random geometries (exact equality: on thumbv7em
+//! the kernels take their DSP paths, which must match the portable semantics bit for bit).
 #![no_std]
 #![no_main]
 
@@ -26,6 +29,15 @@ const W: usize = 8;
 const C: usize = 96;
 const SEL: usize = C / 4;
 
+/// Forward-only layers: depthwise 3x3 16x16x96 and a first layer 3x3 stride 2, 32x32x3 -> 16.
+const DW_H: usize = 16;
+const DW_C: usize = 96;
+const FL_H: usize = 32;
+const FL_OC: usize = 16;
+/// Largest random geometry of the equality check.
+const RX: usize = 8 * 8 * 32;
+const RW: usize = 32 * 9 * 32;
+
 struct Buffers {
     x: [i8; H * W * C],
     w: [i8; C * C],
@@ -38,6 +50,16 @@ struct Buffers {
     gx: [f32; H * W * C],
     gw: [f32; SEL * C],
     gb: [f32; C],
+    dx: [i8; DW_H * DW_H * DW_C],
+    dy: [i8; DW_H * DW_H * DW_C],
+    dy_ref: [i8; DW_H * DW_H * DW_C],
+    fx: [i8; FL_H * FL_H * 3],
+    rx: [i8; RX],
+    rw: [i8; RW],
+    rb: [i32; 32],
+    rrq: [Requant; 32],
+    ry: [i8; RX],
+    ry_ref: [i8; RX],
 }
 
 /// In .bss, so the linker's SRAM figure includes them.
@@ -56,6 +78,19 @@ static mut BUF: Buffers = Buffers {
     gx: [0.0; H * W * C],
     gw: [0.0; SEL * C],
     gb: [0.0; C],
+    dx: [0; DW_H * DW_H * DW_C],
+    dy: [0; DW_H * DW_H * DW_C],
+    dy_ref: [0; DW_H * DW_H * DW_C],
+    fx: [0; FL_H * FL_H * 3],
+    rx: [0; RX],
+    rw: [0; RW],
+    rb: [0; 32],
+    rrq: [Requant {
+        multiplier: 0,
+        shift: 0,
+    }; 32],
+    ry: [0; RX],
+    ry_ref: [0; RX],
 };
 
 fn per_mac(instr: u64, macs: u64) -> (u64, u64) {
@@ -88,6 +123,217 @@ fn reference_pointwise(
             y[p * C + o] = v.clamp(lo as i32, hi as i32) as i8;
         }
     }
+}
+
+/// The plain reference for any geometry: one MAC per inner iteration, padding skipped.
+#[allow(clippy::too_many_arguments)]
+fn reference_conv(
+    g: &Conv2dGeom,
+    x: &[i8],
+    x_zp: i32,
+    w: &[i8],
+    b: &[i32],
+    rq: &[Requant],
+    y_zp: i32,
+    lo: i8,
+    hi: i8,
+    y: &mut [i8],
+) {
+    let (icg, ocg) = (g.in_per_group(), g.out_per_group());
+    for oy in 0..g.out_h() {
+        for ox in 0..g.out_w() {
+            for o in 0..g.out_c {
+                let grp = o / ocg;
+                let mut acc = b[o];
+                for ky in 0..g.kh {
+                    let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
+                    for kx in 0..g.kw {
+                        let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
+                        if iy < 0 || ix < 0 || iy >= g.in_h as isize || ix >= g.in_w as isize {
+                            continue;
+                        }
+                        let xp = ((iy as usize * g.in_w + ix as usize) * g.in_c) + grp * icg;
+                        let wp = ((o * g.kh + ky) * g.kw + kx) * icg;
+                        for i in 0..icg {
+                            acc = acc.wrapping_add(
+                                (x[xp + i] as i32)
+                                    .wrapping_sub(x_zp)
+                                    .wrapping_mul(w[wp + i] as i32),
+                            );
+                        }
+                    }
+                }
+                let v = rq[o].apply(acc) as i64 + y_zp as i64;
+                y[(oy * g.out_w() + ox) * g.out_c + o] = v.clamp(lo as i64, hi as i64) as i8;
+            }
+        }
+    }
+}
+
+/// Forward cost of one layer against the plain reference on the same data; the outputs must
+/// be equal.
+#[allow(clippy::too_many_arguments)]
+fn forward_vs_plain(
+    name: &str,
+    g: &Conv2dGeom,
+    x: &[i8],
+    x_zp: i32,
+    w: &[i8],
+    bias: &[i32],
+    rq: &[Requant],
+    y: &mut [i8],
+    y_ref: &mut [i8],
+) -> Result<(), tt_core::Error> {
+    let (lo, hi) = (-128i8, -68i8);
+    let t0 = instructions();
+    conv2d_forward(g, x, x_zp, w, bias, rq, -128, lo, hi, y)?;
+    let t_fwd = instructions() - t0;
+    let r0 = instructions();
+    reference_conv(g, x, x_zp, w, bias, rq, -128, lo, hi, y_ref);
+    let t_ref = instructions() - r0;
+    if y != y_ref {
+        return Err(tt_core::Error::InvalidParameter {
+            what: "conv forward differs from the plain reference on the device",
+        });
+    }
+    let (f, r) = (per_mac(t_fwd, g.macs()), per_mac(t_ref, g.macs()));
+    let speedup = t_ref * 100 / t_fwd.max(1);
+    say!(
+        "  {name:<16} {:>9} instr  {:>7} MACs  {}.{:02} instr/MAC  (plain {}.{:02}; {}.{:02}x faster, same outputs)",
+        t_fwd,
+        g.macs(),
+        f.0,
+        f.1,
+        r.0,
+        r.1,
+        speedup / 100,
+        speedup % 100
+    );
+    Ok(())
+}
+
+fn other_layers(b: &mut Buffers, rng: &mut XorShift32) -> Result<(), tt_core::Error> {
+    for v in b.dx.iter_mut().chain(b.fx.iter_mut()) {
+        *v = rng.next_u32() as i8;
+    }
+    for v in b.w.iter_mut() {
+        *v = (rng.next_u32() % 255) as i8;
+    }
+    say!("forward of other layer kinds (ReLU6):");
+    let g = Conv2dGeom::new(DW_H, DW_H, DW_C, DW_C, 3, 3, 1, 1, 1, 1, 1, 1, DW_C)?;
+    let rq = [Requant::from_scale(0.004)?; C];
+    forward_vs_plain(
+        "dw3x3 16x16x96",
+        &g,
+        &b.dx,
+        5,
+        &b.w[..g.weight_len()],
+        &b.b,
+        &rq,
+        &mut b.dy,
+        &mut b.dy_ref,
+    )?;
+    let g = Conv2dGeom::new(FL_H, FL_H, 3, FL_OC, 3, 3, 2, 2, 0, 0, 1, 1, 1)?;
+    let n = g.output_len();
+    forward_vs_plain(
+        "3x3 s2 32x32x3>16",
+        &g,
+        &b.fx,
+        -7,
+        &b.w[..g.weight_len()],
+        &b.b[..FL_OC],
+        &rq[..FL_OC],
+        &mut b.dy[..n],
+        &mut b.dy_ref[..n],
+    )
+}
+
+/// Random geometries (pointwise, grouped, general and depthwise, odd channel counts, paddings,
+/// strides, wide zero points): the kernels must equal the plain reference exactly.
+fn random_geometries(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_core::Error> {
+    let mut r = |n: u32| rng.next_u32() % n;
+    let mut checked = 0;
+    for case in 0..200 {
+        let k = 1 + r(3) as usize;
+        let (kh, kw) = if r(4) == 0 {
+            (k, 1 + r(3) as usize)
+        } else {
+            (k, k)
+        };
+        let kind = r(3);
+        let (in_c, out_c, groups) = match kind {
+            0 => {
+                let c = 1 + r(32) as usize;
+                (c, c, c)
+            }
+            1 => {
+                let gr = 1 + r(4) as usize;
+                (gr * (1 + r(8) as usize), gr * (1 + r(8) as usize), gr)
+            }
+            _ => (1 + r(32) as usize, 1 + r(32) as usize, 1),
+        };
+        let (in_h, in_w) = (kh + r(6) as usize, kw + r(6) as usize);
+        let (sh, sw) = (1 + r(2) as usize, 1 + r(2) as usize);
+        let pads = [r(kh as u32) as usize, r(kw as u32) as usize];
+        let pads2 = [r(kh as u32) as usize, r(kw as u32) as usize];
+        let g = Conv2dGeom::new(
+            in_h, in_w, in_c, out_c, kh, kw, sh, sw, pads[0], pads[1], pads2[0], pads2[1], groups,
+        )?;
+        if g.input_len() > RX || g.output_len() > RX || g.weight_len() > RW {
+            continue;
+        }
+        let x_zp = if case % 10 == 9 {
+            200
+        } else {
+            r(256) as i32 - 128
+        };
+        for v in b.rx[..g.input_len()].iter_mut() {
+            *v = r(256) as i8;
+        }
+        for v in b.rw[..g.weight_len()].iter_mut() {
+            *v = (r(255) as i32 - 127) as i8;
+        }
+        for o in 0..out_c {
+            b.rb[o] = r(4001) as i32 - 2000;
+            b.rrq[o] = Requant::from_scale(0.0005 + 0.0001 * r(50) as f64)?;
+        }
+        let (lo, hi) = (-128 + r(20) as i8, 127 - r(20) as i8);
+        let y_zp = r(41) as i32 - 20;
+        let n = g.output_len();
+        let (w, bias, rq) = (&b.rw[..g.weight_len()], &b.rb[..out_c], &b.rrq[..out_c]);
+        conv2d_forward(
+            &g,
+            &b.rx[..g.input_len()],
+            x_zp,
+            w,
+            bias,
+            rq,
+            y_zp,
+            lo,
+            hi,
+            &mut b.ry[..n],
+        )?;
+        reference_conv(
+            &g,
+            &b.rx[..g.input_len()],
+            x_zp,
+            w,
+            bias,
+            rq,
+            y_zp,
+            lo,
+            hi,
+            &mut b.ry_ref[..n],
+        );
+        if b.ry[..n] != b.ry_ref[..n] {
+            say!("mismatch: {g:?} x_zp {x_zp}");
+            return Err(tt_core::Error::InvalidParameter {
+                what: "conv forward differs from the plain reference on a random geometry",
+            });
+        }
+        checked += 1;
+    }
+    Ok(checked)
 }
 
 fn run() -> Result<(), tt_core::Error> {
@@ -220,6 +466,9 @@ fn run() -> Result<(), tt_core::Error> {
         s.0,
         s.1
     );
+    other_layers(b, &mut rng)?;
+    let n = random_geometries(b, &mut rng)?;
+    say!("forward kernels equal the plain reference on {n} random geometries");
     Ok(())
 }
 
