@@ -40,7 +40,10 @@ impl NorFlash for Ram {
     const WRITE_SIZE: usize = 4;
     const ERASE_SIZE: usize = 256;
     fn erase(&mut self, from: u32, to: u32) -> Result<(), OutOfBounds> {
-        self.0.get_mut(from as usize..to as usize).ok_or(OutOfBounds)?.fill(0xFF);
+        self.0
+            .get_mut(from as usize..to as usize)
+            .ok_or(OutOfBounds)?
+            .fill(0xFF);
         Ok(())
     }
     fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), OutOfBounds> {
@@ -55,7 +58,10 @@ impl NorFlash for Ram {
 
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
-    let out = PathBuf::from(args.next().expect("usage: make_seeds OUT_DIR [plan.ttp ...]"));
+    let out = PathBuf::from(
+        args.next()
+            .expect("usage: make_seeds OUT_DIR [plan.ttp ...]"),
+    );
     let b = Bundle::demo();
     let ttp = [b.plan.clone(), b.params.clone()].concat();
     let mut ttps = vec![("demo".to_string(), ttp)];
@@ -68,7 +74,10 @@ fn main() -> std::io::Result<()> {
     for (name, t) in &ttps {
         std::fs::write(out.join("plan_load").join(name), t)?;
         for ctl in [0u8, 1] {
-            std::fs::write(out.join("ffi").join(format!("{name}-{ctl}")), [&[ctl][..], t].concat())?;
+            std::fs::write(
+                out.join("ffi").join(format!("{name}-{ctl}")),
+                [&[ctl][..], t].concat(),
+            )?;
         }
     }
     let tag = tt_mcu::trainer::plan_tag(&b.plan).expect("the demo plan has a header");

@@ -73,14 +73,18 @@ fuzz_target!(|data: &[u8]| {
     let mut c = Checkpoints::new(Ram(mem), 0, SLOT, tag).expect("a valid layout");
     let newest = c.newest(len).expect("RAM flash does not fail in bounds");
     let mut out = vec![0u8; len];
-    let got = c.load(&mut [&mut out[..]]).expect("RAM flash does not fail in bounds");
+    let got = c
+        .load(&mut [&mut out[..]])
+        .expect("RAM flash does not fail in bounds");
     assert_eq!(got, newest.map(|s| s.seq));
     if len > c.max_len() {
         assert!(got.is_none());
         return;
     }
     let payload: Vec<u8> = out.iter().map(|b| b ^ 0x5A).collect();
-    let seq = c.save(&[&payload]).expect("a save on working flash succeeds");
+    let seq = c
+        .save(&[&payload])
+        .expect("a save on working flash succeeds");
     let mut back = vec![0u8; len];
     assert_eq!(c.load(&mut [&mut back[..]]).unwrap(), Some(seq));
     assert_eq!(back, payload);

@@ -80,7 +80,10 @@ fuzz_target!(|data: &[u8]| {
     let mut claimed = 0usize;
     let rc = unsafe { tt_arena_bytes(plan.as_ptr(), plan.len(), &mut claimed) };
     assert!(rc <= 0);
-    assert_eq!(unsafe { tt_arena_bytes(plan.as_ptr(), plan.len(), ptr::null_mut()) }, TT_ERR_NULL);
+    assert_eq!(
+        unsafe { tt_arena_bytes(plan.as_ptr(), plan.len(), ptr::null_mut()) },
+        TT_ERR_NULL
+    );
     if rc != TT_OK {
         return;
     }
@@ -98,7 +101,17 @@ fuzz_target!(|data: &[u8]| {
     } else {
         (arena_ptr, arena_len)
     };
-    let rc = unsafe { tt_init(tp, plan.as_ptr(), plan.len(), params.as_ptr(), params.len(), aptr, alen) };
+    let rc = unsafe {
+        tt_init(
+            tp,
+            plan.as_ptr(),
+            plan.len(),
+            params.as_ptr(),
+            params.len(),
+            aptr,
+            alen,
+        )
+    };
     if ctl & 2 != 0 && alen > 0 {
         assert_eq!(rc, TT_ERR_ALIGN);
     }
@@ -107,14 +120,25 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     assert_eq!(unsafe { tt_input_len(tp, &mut n) }, TT_OK);
-    let x: Vec<i8> = (0..n.min(MAX_ARENA)).map(|i| (i as i8) ^ ctl as i8).collect();
+    let x: Vec<i8> = (0..n.min(MAX_ARENA))
+        .map(|i| (i as i8) ^ ctl as i8)
+        .collect();
     let mut loss = 0f32;
     let mut class = 0u32;
     // Wrong length and NULLs are error codes.
-    assert_eq!(unsafe { tt_step(tp, x.as_ptr(), n + 1, 0, &mut loss) }, TT_ERR_SIZE);
-    assert_eq!(unsafe { tt_step(tp, x.as_ptr(), x.len(), 0, ptr::null_mut()) }, TT_ERR_NULL);
+    assert_eq!(
+        unsafe { tt_step(tp, x.as_ptr(), n + 1, 0, &mut loss) },
+        TT_ERR_SIZE
+    );
+    assert_eq!(
+        unsafe { tt_step(tp, x.as_ptr(), x.len(), 0, ptr::null_mut()) },
+        TT_ERR_NULL
+    );
     if n > 0 && x.len() == n {
-        assert_eq!(unsafe { tt_predict(tp, ptr::null(), n, &mut class) }, TT_ERR_NULL);
+        assert_eq!(
+            unsafe { tt_predict(tp, ptr::null(), n, &mut class) },
+            TT_ERR_NULL
+        );
     }
     let _ = unsafe { tt_step(tp, x.as_ptr(), x.len(), (ctl >> 4) as u32, &mut loss) };
     let _ = unsafe { tt_predict(tp, x.as_ptr(), x.len(), &mut class) };
@@ -138,11 +162,29 @@ fuzz_target!(|data: &[u8]| {
     assert!(rc <= 0);
     let mut buf = vec![0u8; (ctl as usize) * 4];
     let rc = unsafe {
-        tt_checkpoint_load(&flash, SLOT * 2, SLOT, ctl as u32, buf.as_mut_ptr(), buf.len(), &mut seq)
+        tt_checkpoint_load(
+            &flash,
+            SLOT * 2,
+            SLOT,
+            ctl as u32,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut seq,
+        )
     };
     assert!(rc == TT_OK || rc == TT_NO_CHECKPOINT || rc < 0);
     assert_eq!(
-        unsafe { tt_checkpoint_load(ptr::null(), 0, SLOT, 0, buf.as_mut_ptr(), buf.len(), &mut seq) },
+        unsafe {
+            tt_checkpoint_load(
+                ptr::null(),
+                0,
+                SLOT,
+                0,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut seq,
+            )
+        },
         TT_ERR_NULL
     );
 });
