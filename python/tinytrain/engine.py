@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import List, Optional, Tuple, Union
+from typing import List, Tuple, Union
 
 import numpy as np
 

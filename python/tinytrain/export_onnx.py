@@ -8,13 +8,13 @@ IR's (H, W, C) order, are permuted back to ONNX's (C, H, W) flattening order.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Dict, Optional
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .fileio import write_atomic
 
 __all__ = ["export_qdq"]
 
@@ -137,15 +137,5 @@ def export_qdq(q, path: Optional[str] = None) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     if path is not None:
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tinytrain-", suffix=".onnx")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(model.SerializeToString())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, model.SerializeToString())
     return model

@@ -8,13 +8,12 @@ file in the same folder, then a rename).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from . import _core
 from .errors import PlanError
+from .fileio import write_atomic
 
 __all__ = ["Plan", "MemoryReport", "PRECISIONS", "LOSSES"]
 
@@ -168,19 +167,7 @@ class Plan:
 
     def save(self, path: str) -> None:
         """Write ``plan bytes + parameter blob`` atomically."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tinytrain-", suffix=".ttp.tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, self.to_bytes())
 
     def export_mcu(self, out_dir: str, x=None, y=None, x_test=None, y_test=None) -> Dict[str, object]:
         """Write what tt-mcu firmware includes (plan, parameters, optional samples, manifest);
