@@ -205,3 +205,14 @@ def test_found_by_fuzzing_npy_holding_an_archive(tmp_path):
     p.write_bytes(_npz(x=np.zeros((2, 3), np.float32)))
     with pytest.raises(tt.ModelFormatError, match=r"x\.npy: holds an \.npz archive"):
         load_data(str(p), need_labels=False)
+
+
+def test_found_by_fuzzing_npz_member_that_is_not_an_array(tmp_path):
+    """An .npz member that is not an .npy came back as bytes and escaped as AttributeError."""
+    import zipfile
+
+    p = tmp_path / "d.npz"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x", b"not an array")
+    with pytest.raises(tt.ModelFormatError, match=r"d\.npz: inputs are not a numeric array of samples \(got bytes\)"):
+        load_data(str(p), need_labels=False)

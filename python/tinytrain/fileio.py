@@ -60,6 +60,12 @@ def load_data(path: str, need_labels: bool = True) -> Tuple[np.ndarray, Optional
         raise
     except Exception as exc:  # noqa: BLE001 - numpy's parsers raise many types (zip, header tokenizer, EOF) on bad bytes
         raise ModelFormatError(f"{path}: not a readable .npz/.npy file ({type(exc).__name__}: {exc})") from None
+    for name, a in (("inputs", x), ("labels", y)):
+        # An archive member that is not an .npy comes back as raw bytes.
+        if a is not None and not (isinstance(a, np.ndarray) and a.ndim >= 1
+                                  and (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_)):
+            raise ModelFormatError(f"{path}: {name} are not a numeric array of samples (got {type(a).__name__}"
+                                   f"{' of dtype ' + str(a.dtype) + ', shape ' + str(a.shape) if isinstance(a, np.ndarray) else ''})")
     if need_labels and y is None:
         raise ModelFormatError(f"{path}: no labels; expected one of {', '.join(Y_KEYS)} beside the inputs")
     if y is not None and len(y) != len(x):
