@@ -401,6 +401,15 @@ impl<'p, 'a> Executor<'p, 'a> {
     /// precision, momentum and PRNG state: the start of training.
     pub fn init(&mut self) -> Result<()> {
         let pv = self.plan;
+        // Padding between state buffers is written by nothing below; zeroing the whole region
+        // makes the learned state (and so every checkpoint of it) independent of what the SRAM
+        // held at boot.
+        self.arena
+            .get_mut(..pv.state_bytes)
+            .ok_or(Error::CorruptPlan {
+                field: "header.state_bytes",
+            })?
+            .fill(0);
         for li in 0..pv.n_layers {
             let l = pv.layer(li)?;
             let (fw, fb, _, _) = self.frozen(&l)?;
@@ -2450,6 +2459,47 @@ mod tests {
             c.memory.arena_bytes,
             ex.state().to_vec(),
         )
+    }
+
+    #[test]
+    fn init_state_does_not_depend_on_what_the_arena_held() {
+        let g = small_graph();
+        for p in [
+            Precision::StochasticRounding,
+            Precision::Residual,
+            Precision::FpMaster,
+        ] {
+            let c = compile(&g, &full(&g), &settings(true, p, false), b"{}").unwrap();
+            let params: Vec<u32> = c
+                .params
+                .chunks(4)
+                .map(|b| {
+                    let mut a = [0u8; 4];
+                    a[..b.len()].copy_from_slice(b);
+                    u32::from_le_bytes(a)
+                })
+                .collect();
+            let pbytes: &[u8] = unsafe {
+                core::slice::from_raw_parts(params.as_ptr() as *const u8, c.params.len())
+            };
+            let states: Vec<Vec<u8>> = [0x00u32, 0xA5A5_A5A5, u32::MAX]
+                .iter()
+                .map(|&fill| {
+                    let mut words = std::vec![fill; c.memory.arena_bytes / 4 + 1];
+                    let arena: &mut [u8] = unsafe {
+                        core::slice::from_raw_parts_mut(
+                            words.as_mut_ptr() as *mut u8,
+                            c.memory.arena_bytes,
+                        )
+                    };
+                    let mut ex = Executor::new(&c.plan, pbytes, arena).unwrap();
+                    ex.init().unwrap();
+                    ex.state().to_vec()
+                })
+                .collect();
+            assert_eq!(states[0], states[1], "{p:?}");
+            assert_eq!(states[0], states[2], "{p:?}");
+        }
     }
 
     #[test]

@@ -249,10 +249,8 @@ fn run(b: &Bundle, total: usize, cuts: &[Cut]) -> Outcome {
     let mut in_flight: Option<usize> = None;
     'boot: loop {
         out.boots += 1;
-        // A reset zeroes the arena as the firmware's `.bss` static is zeroed. (With stale SRAM
-        // instead, 4 bytes at the end of the learned state keep the stale value: `init` does not
-        // write the whole state region; training and losses are unaffected.)
-        let mut arena = vec![0u32; arena_bytes.div_ceil(4)];
+        // After a power cut the SRAM holds garbage: recovery must not depend on it.
+        let mut arena = vec![0xA5A5_A5A5u32; arena_bytes.div_ceil(4)];
         let mut t = Trainer::new(&b.plan, params, as_bytes_mut(&mut arena)).unwrap();
         let tag = t.tag();
         let mut store = Checkpoints::new(flash, 0, slot, tag).unwrap();
