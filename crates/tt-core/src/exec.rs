@@ -2422,6 +2422,19 @@ mod tests {
         (0..3 * 64).map(|_| r.i8(120)).collect()
     }
 
+    /// The parameter blob copied into u32 words: the executor reads it at 4-byte alignment, as
+    /// flash gives it on the device.
+    fn word_aligned(bytes: &[u8]) -> Vec<u32> {
+        bytes
+            .chunks(4)
+            .map(|b| {
+                let mut a = [0u8; 4];
+                a[..b.len()].copy_from_slice(b);
+                u32::from_le_bytes(a)
+            })
+            .collect()
+    }
+
     fn run(
         g: &Graph,
         s: &Scheme,
@@ -2429,15 +2442,7 @@ mod tests {
         steps: usize,
     ) -> (Vec<f32>, usize, usize, Vec<u8>) {
         let c = compile(g, s, st, b"{}").unwrap();
-        let params: Vec<u32> = c
-            .params
-            .chunks(4)
-            .map(|b| {
-                let mut a = [0u8; 4];
-                a[..b.len()].copy_from_slice(b);
-                u32::from_le_bytes(a)
-            })
-            .collect();
+        let params = word_aligned(&c.params);
         let pbytes: &[u8] =
             unsafe { core::slice::from_raw_parts(params.as_ptr() as *const u8, c.params.len()) };
         let mut arena_words = std::vec![0u32; c.memory.arena_bytes / 4 + 1];
@@ -2470,15 +2475,7 @@ mod tests {
             Precision::FpMaster,
         ] {
             let c = compile(&g, &full(&g), &settings(true, p, false), b"{}").unwrap();
-            let params: Vec<u32> = c
-                .params
-                .chunks(4)
-                .map(|b| {
-                    let mut a = [0u8; 4];
-                    a[..b.len()].copy_from_slice(b);
-                    u32::from_le_bytes(a)
-                })
-                .collect();
+            let params = word_aligned(&c.params);
             let pbytes: &[u8] = unsafe {
                 core::slice::from_raw_parts(params.as_ptr() as *const u8, c.params.len())
             };
