@@ -1893,7 +1893,7 @@ impl<'p, 'a> Executor<'p, 'a> {
             in_per_group: cols,
             groups: 1,
         };
-        let (dtaps, dow) = (gd.kh * gd.kw, gd.out_w());
+        let dtaps = gd.kh * gd.kw;
         let in_scale = t0.scale;
         let x_zp = t0.zero_point;
         let mut result = Ok(());
@@ -1911,29 +1911,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                 *a = v;
                 dbg[c] += v;
             }
-            pb.fill(0.0);
-            for oy in 0..gd.out_h() {
-                for ox in 0..dow {
-                    let v = pa[oy * dow + ox];
-                    if v == 0.0 {
-                        continue;
-                    }
-                    for ky in 0..gd.kh {
-                        let iy = (oy * gd.stride_h + ky) as isize - gd.pad_top as isize;
-                        if iy < 0 || iy >= gd.in_h as isize {
-                            continue;
-                        }
-                        for kx in 0..gd.kw {
-                            let ix = (ox * gd.stride_w + kx) as isize - gd.pad_left as isize;
-                            if ix < 0 || ix >= gd.in_w as isize {
-                                continue;
-                            }
-                            let wv = fwd[c * dtaps + ky * gd.kw + kx] as f32 * wsd[c];
-                            pb[iy as usize * gd.in_w + ix as usize] += v * wv;
-                        }
-                    }
-                }
-            }
+            dw_plane_input_grad(&gd, pa, &fwd[c * dtaps..(c + 1) * dtaps], wsd[c], pb);
             for (q, v) in pb.iter_mut().enumerate() {
                 if !bit(mask_1, q * m + c) {
                     *v = 0.0;
@@ -2193,6 +2171,36 @@ fn dw_forward_in_place(
     Ok(())
 }
 
+/// Input gradient of one depthwise channel on planar (H x W) buffers: `gi` is overwritten with the
+/// output gradient `go` scattered through the channel's `kh * kw` weights (dequantized by `scale`).
+/// The caller has checked the plane sizes against `g`.
+fn dw_plane_input_grad(g: &Conv2dGeom, go: &[f32], w: &[i8], scale: f32, gi: &mut [f32]) {
+    let ow = g.out_w();
+    gi.fill(0.0);
+    for oy in 0..g.out_h() {
+        for ox in 0..ow {
+            let v = go[oy * ow + ox];
+            if v == 0.0 {
+                continue;
+            }
+            for ky in 0..g.kh {
+                let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
+                if iy < 0 || iy >= g.in_h as isize {
+                    continue;
+                }
+                for kx in 0..g.kw {
+                    let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
+                    if ix < 0 || ix >= g.in_w as isize {
+                        continue;
+                    }
+                    gi[iy as usize * g.in_w + ix as usize] +=
+                        v * (w[ky * g.kw + kx] as f32 * scale);
+                }
+            }
+        }
+    }
+}
+
 /// Input gradient of a depthwise conv written over its output gradient, channel by channel.
 fn dw_backward_in_place(
     g: &Conv2dGeom,
@@ -2221,29 +2229,7 @@ fn dw_backward_in_place(
         for (p, v) in go.iter_mut().enumerate() {
             *v = buf[p * c + ch];
         }
-        gi.fill(0.0);
-        for oy in 0..g.out_h() {
-            for ox in 0..ow {
-                let v = go[oy * ow + ox];
-                if v == 0.0 {
-                    continue;
-                }
-                for ky in 0..g.kh {
-                    let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
-                    if iy < 0 || iy >= g.in_h as isize {
-                        continue;
-                    }
-                    for kx in 0..g.kw {
-                        let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
-                        if ix < 0 || ix >= g.in_w as isize {
-                            continue;
-                        }
-                        let wv = w[ch * taps + ky * g.kw + kx] as f32 * ws[ch];
-                        gi[iy as usize * g.in_w + ix as usize] += v * wv;
-                    }
-                }
-            }
-        }
+        dw_plane_input_grad(g, go, &w[ch * taps..(ch + 1) * taps], ws[ch], gi);
         for (p, &v) in gi.iter().enumerate() {
             buf[p * c + ch] = v;
         }
