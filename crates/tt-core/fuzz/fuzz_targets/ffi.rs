@@ -1,6 +1,6 @@
 //! The C ABI with random bytes: `tt_arena_bytes`, `tt_init` (plan and parameter blob from the
 //! input, arena sized from the plan's claim but capped), then `tt_input_len`, `tt_step`,
-//! `tt_predict` with right and wrong lengths and NULLs, and `tt_restore` / `tt_save` /
+//! `tt_predict` with right and wrong lengths and NULLs (run for plans up to `MAX_MACS`), and `tt_restore` / `tt_save` /
 //! `tt_checkpoint_load` through a `tt_flash` over RAM whose contents come from the input.
 //! Input: control byte | `.ttp` image; the flash image is the tail of the parameter blob.
 #![no_main]
@@ -140,8 +140,11 @@ fuzz_target!(|data: &[u8]| {
             TT_ERR_NULL
         );
     }
-    let _ = unsafe { tt_step(tp, x.as_ptr(), x.len(), (ctl >> 4) as u32, &mut loss) };
-    let _ = unsafe { tt_predict(tp, x.as_ptr(), x.len(), &mut class) };
+    // Work is bounded as in `plan_load`: a plan that `tt_init` accepted parses.
+    if tt_core::plan::PlanView::parse(plan).is_ok_and(|pv| forward_macs(&pv) <= MAX_MACS) {
+        let _ = unsafe { tt_step(tp, x.as_ptr(), x.len(), (ctl >> 4) as u32, &mut loss) };
+        let _ = unsafe { tt_predict(tp, x.as_ptr(), x.len(), &mut class) };
+    }
 
     let tail = &params[params.len().saturating_sub(CAPACITY as usize)..];
     let mut mem = vec![0xFFu8; CAPACITY as usize];
