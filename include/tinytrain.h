@@ -31,6 +31,8 @@ extern "C" {
 #define TT_ERR_LAYOUT -10            /* checkpoint slots do not fit the flash geometry */
 #define TT_ERR_TOO_LARGE -11         /* the learned state does not fit in a checkpoint slot */
 #define TT_ERR_VERIFY -12            /* a written checkpoint did not read back valid */
+#define TT_ERR_CORRUPT_UPDATE -13    /* update blob truncated, damaged or not matching the plan */
+#define TT_ERR_UPDATE_PLAN -14       /* update blob written for another plan (plan tag differs) */
 
 /* Storage for one trainer, owned by the caller (static or stack), 8-byte aligned. */
 #define TT_TRAINER_WORDS 64
@@ -72,6 +74,22 @@ int32_t tt_step(tt_trainer *t, const int8_t *input, size_t input_len, uint32_t l
 
 /* Forward pass only; *class_out gets the arg-max class. */
 int32_t tt_predict(tt_trainer *t, const int8_t *input, size_t input_len, uint32_t *class_out);
+
+/* Fleet update blob (docs/fleet-update-format.md): the trained int8 weights and int32 biases
+ * with a sample count, for a gateway to forward to a Flower client unchanged.
+ * tt_update_len: its size in bytes (the same for every blob of the plan). */
+int32_t tt_update_len(const tt_trainer *t, size_t *out);
+
+/* Writes the update blob of the learned state into out (out_len >= tt_update_len, else
+ * TT_ERR_SIZE); *written gets its length. */
+int32_t tt_write_update(const tt_trainer *t, uint32_t sample_count, uint8_t *out, size_t out_len,
+                        size_t *written);
+
+/* Loads the trained parameters of an update blob of this plan (the fleet's global update). The
+ * whole blob is checked (length, CRC, plan tag, every section) before anything changes;
+ * *sample_count gets its sample count. */
+int32_t tt_apply_update(tt_trainer *t, const uint8_t *blob, size_t blob_len,
+                        uint32_t *sample_count);
 
 /* Writes the learned state as a power-loss-safe A/B checkpoint: two slots of slot_size bytes
  * (whole sectors) from base in the flash region; *seq gets its sequence number. */

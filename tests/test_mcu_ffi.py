@@ -44,11 +44,11 @@ def lib():
 def test_every_declared_function_and_constant_resolves(lib):
     ffi, L = lib
     decls = re.findall(r"\b(tt_\w+)\s*\(", _cdef_source())
-    assert len(set(decls)) == 10
+    assert len(set(decls)) == 13
     for name in set(decls):
         getattr(L, name)  # raises if the library does not export it
-    assert L.TT_OK == 0 and L.TT_ERR_VERIFY == -12 and L.TT_NO_CHECKPOINT == 1
-    for code in range(-12, 2):
+    assert L.TT_OK == 0 and L.TT_ERR_UPDATE_PLAN == -14 and L.TT_NO_CHECKPOINT == 1
+    for code in range(-14, 2):
         assert ffi.string(L.tt_status_str(code)) != b"unknown status"
     assert ffi.sizeof("tt_trainer") == 8 * L.TT_TRAINER_WORDS
 

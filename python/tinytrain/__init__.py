@@ -15,6 +15,8 @@ from .plan import MemoryReport, Plan
 from .engine import compile
 from .trainer import Trainer
 from .sparse_search import SearchResult, search
+from .errors import UpdateError
+from .update import Update, read_update
 
 __version__ = _core.__version__
 
@@ -24,3 +26,4 @@ __all__ += ["QuantizedModel", "load_onnx", "quantize", "datasets", "reference"]
 __all__ += ["Scheme", "schemes", "compile", "Plan", "MemoryReport", "Trainer", "MemoryBudgetError", "PlanError"]
 __all__ += ["search", "SearchResult"]
 __all__ += ["load_tflite"]
+__all__ += ["Update", "read_update", "UpdateError"]

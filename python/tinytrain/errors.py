@@ -62,3 +62,15 @@ class MemoryBudgetError(TinytrainError, ValueError):
         if detail:
             msg += f"; {detail}"
         super().__init__(msg)
+
+
+class UpdateError(TinytrainError, ValueError):
+    """A fleet update blob is truncated, corrupted, written for another plan, or its values do not
+    have the plan's trained parameter names, shapes and dtypes.
+
+    ``field`` names what failed (``"plan_tag"`` for a blob of another plan).
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        self.field = field
+        super().__init__(message)

@@ -23,6 +23,7 @@ import numpy as np
 from . import _core
 from .plan import Plan
 from .progress import progress_bar
+from .update import Update, _check_count
 
 __all__ = ["Trainer"]
 
@@ -57,6 +58,7 @@ class Trainer:
         self._s.qas = bool(qas)
         self.skipped_steps = 0
         self.steps_done = 0  # updates attempted: one per sample, or one per batch with accumulation
+        self._samples_since_sync = 0  # samples whose update was applied, for export_update
         inp = plan.meta.get("input", {})
         self._in_shape = tuple(inp.get("shape", ()))
         self._in_scale = float(inp.get("scale", 1.0))
@@ -136,7 +138,9 @@ class Trainer:
         return labels
 
     def _train(self, xq: np.ndarray, y) -> np.ndarray:
-        return self._accumulate(xq, y) if self.plan.accumulate else self._run(xq, y)
+        losses = self._accumulate(xq, y) if self.plan.accumulate else self._run(xq, y)
+        self._samples_since_sync += int(np.isfinite(losses).sum())
+        return losses
 
     # ------------------------------------------------------------------ training
     def step(self, x, y) -> float:
@@ -250,6 +254,27 @@ class Trainer:
         self._s.init()
         self.skipped_steps = 0
         self.steps_done = 0
+        self._samples_since_sync = 0
+
+    # ------------------------------------------------------------------ fleet updates
+    def export_update(self, sample_count: Optional[int] = None) -> bytes:
+        """The update blob of the current trained parameters (docs/fleet-update-format.md), the
+        bytes a device running this plan sends; `tt.read_update` reads it. ``sample_count``
+        defaults to the samples trained on (steps applied) since the trainer was created, reset or
+        last given an update."""
+        n = self._samples_since_sync if sample_count is None else sample_count
+        return bytes(_core.session_export_update(self._s, _check_count(n)))
+
+    def apply_update(self, update) -> None:
+        """Loads trained parameters from a `tt.Update` or an update blob of this plan (e.g. a
+        fleet's global update). The whole blob is checked before anything changes: a corrupted
+        one or one of another plan raises `tt.UpdateError`. Where a weight changes, its extra
+        update precision (residual / fp32 master) restarts from the new value; momentum is kept."""
+        blob = update.to_bytes() if isinstance(update, Update) else update
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            raise TypeError(f"apply_update expects a tt.Update or bytes, got {type(update).__name__}")
+        _core.session_apply_update(self._s, bytes(blob))
+        self._samples_since_sync = 0
 
     @property
     def model(self):

@@ -24,6 +24,11 @@ pub enum Error {
         needed: usize,
         available: usize,
     },
+    /// An update blob is truncated, corrupted or does not match its plan's trained parameters;
+    /// `field` names what failed.
+    CorruptUpdate { field: &'static str },
+    /// An update blob was written for another plan: its plan tag is not this plan's.
+    UpdatePlanMismatch { expected: u32, found: u32 },
 }
 
 pub type Result<T> = core::result::Result<T, Error>;
@@ -47,6 +52,13 @@ impl fmt::Display for Error {
                 needed,
                 available,
             } => write!(f, "{what}: needs {needed} bytes, {available} available"),
+            Error::CorruptUpdate { field } => {
+                write!(f, "corrupted or truncated update blob: field {field}")
+            }
+            Error::UpdatePlanMismatch { expected, found } => write!(
+                f,
+                "update blob written for another plan (plan tag {found:08x}, this plan's is {expected:08x})"
+            ),
         }
     }
 }

@@ -25,5 +25,6 @@ pub mod qas;
 pub mod quant;
 #[cfg(feature = "alloc")]
 pub mod sparse;
+pub mod update;
 
 pub use error::{Error, Result};

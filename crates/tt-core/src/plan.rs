@@ -463,6 +463,9 @@ pub struct Globals {
 #[derive(Clone, Copy, Debug)]
 pub struct PlanView<'a> {
     body: &'a [u8],
+    /// CRC-32 of the 40-byte header, which holds the CRCs of the body and of the parameter blob:
+    /// the plan's identity for checkpoints and update blobs.
+    pub tag: u32,
     pub plan_len: usize,
     pub params_len: usize,
     pub params_crc: u32,
@@ -591,6 +594,7 @@ impl<'a> PlanView<'a> {
         };
         let view = PlanView {
             body,
+            tag: crc32(&bytes[..HEADER_LEN]),
             plan_len: HEADER_LEN + body_len,
             params_len: rd_u32(bytes, 16, "params_len")? as usize,
             params_crc: rd_u32(bytes, 20, "params_crc")?,

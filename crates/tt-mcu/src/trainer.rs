@@ -138,6 +138,23 @@ impl<'p, 'a> Trainer<'p, 'a> {
         self.ex.state()
     }
 
+    /// Bytes of this plan's update blob (tt-core `update`): what [`Self::write_update`] needs.
+    pub fn update_len(&self) -> Result<usize, Error> {
+        tt_core::update::blob_len(self.ex.plan())
+    }
+
+    /// Writes the trained parameters (int8 weights of the trained channels, int32 biases) and
+    /// `sample_count` as an update blob for the fleet; returns its length.
+    pub fn write_update(&self, sample_count: u32, out: &mut [u8]) -> Result<usize, Error> {
+        self.ex.write_update(sample_count, out)
+    }
+
+    /// Loads the trained parameters of an update blob of this plan (a fleet's global update),
+    /// checked entirely before anything changes; returns its sample count.
+    pub fn apply_update(&mut self, blob: &[u8]) -> Result<u32, Error> {
+        self.ex.apply_update(blob)
+    }
+
     /// Writes the learned state as a new checkpoint; returns its sequence number.
     pub fn save<F: NorFlash>(
         &self,

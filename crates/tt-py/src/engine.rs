@@ -18,7 +18,22 @@ use tt_core::planner;
 use tt_core::sparse::{ChannelAxis, LayerUpdate, Scheme};
 use tt_core::Error;
 
-fn core_err(py: Python<'_>, e: Error) -> PyErr {
+pub(crate) fn core_err(py: Python<'_>, e: Error) -> PyErr {
+    let update_field = match e {
+        Error::CorruptUpdate { field } => Some(field),
+        Error::UpdatePlanMismatch { .. } => Some("plan_tag"),
+        _ => None,
+    };
+    if let Some(field) = update_field {
+        let made = py
+            .import("tinytrain.errors")
+            .and_then(|m| m.getattr("UpdateError"))
+            .and_then(|cls| cls.call1((e.to_string(), field)));
+        return match made {
+            Ok(obj) => PyErr::from_value(obj),
+            Err(err) => err,
+        };
+    }
     if let Error::CorruptPlan { field } = e {
         let made = py
             .import("tinytrain.errors")
@@ -289,7 +304,7 @@ fn as_bytes_mut(w: &mut [u32], len: usize) -> &mut [u8] {
 /// A plan being trained on the host: owns the plan, the parameter blob and the arena, and runs
 /// tt-core's executor over them (the same code as on the MCU).
 #[pyclass(unsendable)]
-struct Session {
+pub(crate) struct Session {
     plan: Vec<u8>,
     params: Vec<u32>,
     params_len: usize,
@@ -306,7 +321,7 @@ struct Session {
 }
 
 impl Session {
-    fn with<R>(
+    pub(crate) fn with<R>(
         &mut self,
         py: Python<'_>,
         f: impl FnOnce(&mut Executor<'_, '_>) -> Result<R, Error>,

@@ -4,11 +4,13 @@ use pyo3::prelude::*;
 
 mod engine;
 mod kernels;
+mod update;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     kernels::register(m)?;
     engine::register(m)?;
+    update::register(m)?;
     Ok(())
 }

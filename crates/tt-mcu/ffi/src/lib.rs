@@ -37,6 +37,8 @@ pub const TT_ERR_FLASH: i32 = -9;
 pub const TT_ERR_LAYOUT: i32 = -10;
 pub const TT_ERR_TOO_LARGE: i32 = -11;
 pub const TT_ERR_VERIFY: i32 = -12;
+pub const TT_ERR_CORRUPT_UPDATE: i32 = -13;
+pub const TT_ERR_UPDATE_PLAN: i32 = -14;
 
 /// `tt_trainer` is this many `uint64_t`: room for the trainer and an initialization marker.
 pub const TRAINER_WORDS: usize = 64;
@@ -77,6 +79,8 @@ fn core_code(e: Error) -> i32 {
         Error::NonFinite { .. } => TT_ERR_NON_FINITE,
         Error::CorruptPlan { .. } => TT_ERR_CORRUPT_PLAN,
         Error::OutOfMemory { .. } => TT_ERR_OUT_OF_MEMORY,
+        Error::CorruptUpdate { .. } => TT_ERR_CORRUPT_UPDATE,
+        Error::UpdatePlanMismatch { .. } => TT_ERR_UPDATE_PLAN,
     }
 }
 
@@ -106,6 +110,8 @@ pub extern "C" fn tt_status_str(status: i32) -> *const c_char {
         TT_ERR_LAYOUT => b"checkpoint slots do not fit the flash geometry\0",
         TT_ERR_TOO_LARGE => b"learned state larger than a checkpoint slot\0",
         TT_ERR_VERIFY => b"checkpoint did not read back valid\0",
+        TT_ERR_CORRUPT_UPDATE => b"update blob damaged or not matching the plan's parameters\0",
+        TT_ERR_UPDATE_PLAN => b"update blob written for another plan\0",
         _ => b"unknown status\0",
     };
     s.as_ptr() as *const c_char
@@ -277,6 +283,65 @@ pub unsafe extern "C" fn tt_predict(
         let x = unsafe { input(tr, x, x_len)? };
         let c = tr.predict(x).map_err(core_code)?;
         unsafe { class_out.write(c as u32) };
+        Ok(())
+    })())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn tt_update_len(t: *const TtTrainer, out: *mut usize) -> i32 {
+    status((|| {
+        // SAFETY: checked by `trainer`; only read through the reference.
+        let tr = unsafe { trainer(t as *mut TtTrainer)? };
+        if out.is_null() {
+            return Err(TT_ERR_NULL);
+        }
+        let n = tr.update_len().map_err(core_code)?;
+        unsafe { out.write(n) };
+        Ok(())
+    })())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn tt_write_update(
+    t: *const TtTrainer,
+    sample_count: u32,
+    out: *mut u8,
+    out_len: usize,
+    written: *mut usize,
+) -> i32 {
+    status((|| {
+        // SAFETY: checked by `trainer`; only read through the reference.
+        let tr = unsafe { trainer(t as *mut TtTrainer)? };
+        if written.is_null() {
+            return Err(TT_ERR_NULL);
+        }
+        if out_len < tr.update_len().map_err(core_code)? {
+            return Err(TT_ERR_SIZE);
+        }
+        // SAFETY: header contract: `out_len` writable bytes at `out`.
+        let buf = unsafe { bytes_mut(out, out_len)? };
+        let n = tr.write_update(sample_count, buf).map_err(core_code)?;
+        unsafe { written.write(n) };
+        Ok(())
+    })())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn tt_apply_update(
+    t: *mut TtTrainer,
+    blob: *const u8,
+    blob_len: usize,
+    sample_count: *mut u32,
+) -> i32 {
+    status((|| {
+        let tr = unsafe { trainer(t)? };
+        if sample_count.is_null() {
+            return Err(TT_ERR_NULL);
+        }
+        // SAFETY: header contract for `blob`.
+        let b = unsafe { bytes(blob, blob_len)? };
+        let n = tr.apply_update(b).map_err(core_code)?;
+        unsafe { sample_count.write(n) };
         Ok(())
     })())
 }

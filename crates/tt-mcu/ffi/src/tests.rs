@@ -68,6 +68,8 @@ fn header_matches_the_library() {
         ("TT_ERR_LAYOUT", TT_ERR_LAYOUT),
         ("TT_ERR_TOO_LARGE", TT_ERR_TOO_LARGE),
         ("TT_ERR_VERIFY", TT_ERR_VERIFY),
+        ("TT_ERR_CORRUPT_UPDATE", TT_ERR_CORRUPT_UPDATE),
+        ("TT_ERR_UPDATE_PLAN", TT_ERR_UPDATE_PLAN),
     ];
     for (name, v) in want {
         assert_eq!(d.get(name), Some(&(v as i64)), "{name}");
@@ -82,7 +84,7 @@ fn header_matches_the_library() {
     let declared = functions(HEADER, " ");
     let defined = functions(SOURCE, "extern \"C\" fn ");
     assert_eq!(declared, defined);
-    assert_eq!(defined.len(), 10);
+    assert_eq!(defined.len(), 13);
     for (rust, c) in [
         ("pub ctx: *mut c_void", "void *ctx;"),
         ("pub capacity: u32", "uint32_t capacity;"),
