@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 bash scripts/install-arm-toolchain.sh
 
 python3 -m pip install -q --upgrade pip maturin
-python3 -m pip install -q -e ".[test,plot]"
+python3 -m pip install -q -e ".[test,plot,fleet]"
 
 echo "== cargo test"
 cargo test --workspace --release

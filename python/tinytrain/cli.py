@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .mcu import add_cli_parser as add_mcu_export
 
     add_mcu_export(sub)
+    from .fleet_cli import add_cli_parser as add_fleet
+
+    add_fleet(sub)
     return parser
 
 

@@ -86,3 +86,19 @@ def loss_curve_plot(history: Dict[str, List[float]], path: str) -> str:
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+def fleet_accuracy_plot(curves: Dict[str, List[float]], path: str, title: str = "Fleet: test accuracy per round") -> str:
+    """Accuracy per federated round (index 0: before training), one line per curve."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for label, acc in curves.items():
+        ax.plot(range(len(acc)), [100 * a for a in acc], marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

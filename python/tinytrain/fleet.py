@@ -1,0 +1,672 @@
+"""Fleets: many devices learn together with Flower, sharing only their sparse int8 updates.
+
+Each device trains its compiled plan on its own data (the same sparse int8 update as alone); after
+a round it sends only the parameters its scheme updates -- the int8 weights of the updated channels
+and the int32 biases -- plus its sample count. The server averages them (`SparseFedAvg`: FedAvg
+over the dequantized updates, re-quantized with the plan's frozen scales by stochastic rounding,
+as training rounds) and sends the new global values back. Raw data never leaves a device.
+
+Everything runs on Flower's Message API: `client_app` builds the `ClientApp`, `server_app` the
+`ServerApp`; `simulate` runs a whole federation on this machine with Flower's simulation engine
+(Ray), and `tinytrain fleet server` / `tinytrain fleet client` deploy the same apps over the
+network (a Flower SuperLink and SuperNodes). Needs ``pip install 'tinytrain[fleet]'``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+try:
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    raise ImportError("tinytrain.fleet needs Flower (flwr with its simulation engine): "
+                      "pip install 'tinytrain[fleet]'") from _exc
+
+from .errors import UpdateError
+from .plan import Plan
+from .schemes import Scheme
+from .trainer import Trainer
+from .update import Update, read_update
+
+__all__ = ["Layout", "FleetClient", "GatewayClient", "SparseFedAvg", "RunConfig", "client_app", "server_app", "run_server", "partition",
+           "simulate", "demo_setup", "plan_tag", "SERVER_APP", "CLIENT_APP"]
+
+log = logging.getLogger("tinytrain.fleet")
+
+#: The MetricRecord key of the sample count, as Flower's strategies expect it.
+COUNT_KEY = "num-examples"
+_W_MAX = 127  # symmetric int8 weights: training saturates to [-127, 127]
+_I32 = np.iinfo(np.int32)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One exchanged array: the updated channels of a layer's int8 weights, or its int32 bias."""
+
+    key: str
+    layer: str
+    kind: str  # "weight" | "bias"
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    index: Tuple[slice, ...]  # where the array sits in the layer's full OIHW weight / bias
+    scale: np.ndarray  # float64, broadcastable to `shape`: the frozen quantization scale
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+class Layout:
+    """What a plan's scheme updates, in the order it is exchanged: for each updated layer (input to
+    output) ``"<layer>.weight"`` (int8, the updated channels, ONNX OIHW / (out, in) layout) and
+    ``"<layer>.bias"`` (int32), with the frozen scales that give their real values."""
+
+    def __init__(self, plan: Plan) -> None:
+        if plan.model is None:
+            raise ValueError("the fleet needs the plan's quantized model for its scales: "
+                             "tt.Plan.load(path, model=q) or a plan from tt.compile")
+        self.plan = plan
+        self.model = plan.model
+        self.scheme = Scheme.from_dict(plan.meta["scheme"])
+        resolved = self.scheme.resolved(plan.layers)
+        entries: List[Entry] = []
+        for name in plan.layers:
+            r = resolved[name]
+            n = self.model.node(name)
+            wq = np.asarray(n.params["weight_q"])
+            s_w = np.asarray(n.params["weight_scale"], dtype=np.float64).reshape(-1)
+            if r["ratio"] > 0:
+                axis = 1 if r["axis"] == "input" else 0
+                k = _channels(r["ratio"], wq.shape[axis])
+                index = (slice(None), slice(0, k)) if axis else (slice(0, k),)
+                shape = wq[index].shape
+                scale = s_w[index[0]].reshape((-1,) + (1,) * (wq.ndim - 1))
+                entries.append(Entry(f"{name}.weight", name, "weight", shape, np.dtype(np.int8), index, scale))
+            if r["bias"]:
+                s_in = float(self.model.tensors[n.inputs[0]].scale)
+                entries.append(Entry(f"{name}.bias", name, "bias", (wq.shape[0],), np.dtype(np.int32),
+                                     (slice(None),), s_in * s_w))
+        if not entries:
+            raise ValueError("the plan's scheme updates nothing: a fleet has nothing to share")
+        self.entries = entries
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def keys(self) -> List[str]:
+        return [e.key for e in self.entries]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one update's parameters (int8 weights + int32 biases)."""
+        return sum(e.nbytes for e in self.entries)
+
+    def model_bytes(self) -> int:
+        """Bytes of the whole int8 model's parameters (int8 weights + int32 biases)."""
+        return int(self.model.weight_bytes())
+
+    def model_params(self) -> int:
+        return int(sum(np.asarray(n.params["weight_q"]).size + np.asarray(n.params["bias_q"]).size
+                       for n in self.model.nodes if n.trainable))
+
+    # ------------------------------------------------------------------ values
+    def extract(self, q) -> Dict[str, np.ndarray]:
+        """The exchanged arrays of a `QuantizedModel` (e.g. ``trainer.model``)."""
+        out = {}
+        for e in self.entries:
+            n = q.node(e.layer)
+            src = n.params["weight_q"] if e.kind == "weight" else n.params["bias_q"]
+            out[e.key] = np.ascontiguousarray(np.asarray(src)[e.index], dtype=e.dtype)
+        return out
+
+    def apply(self, q, params: Mapping[str, np.ndarray]):
+        """A copy of `QuantizedModel` ``q`` with ``params`` written into its updated channels."""
+        q = copy.deepcopy(q)
+        for e in self.entries:
+            n = q.node(e.layer)
+            field = "weight_q" if e.kind == "weight" else "bias_q"
+            full = np.array(n.params[field], dtype=e.dtype)
+            full[e.index] = params[e.key]
+            n.params[field] = full
+        return q
+
+    def check(self, params: Mapping[str, object], count: object = None) -> Optional[str]:
+        """Why an update must not be averaged in (``None`` if it is well formed): the keys, dtype,
+        shape and range of every array, and a sample count that is a finite integer >= 1."""
+        if not isinstance(params, Mapping):
+            return f"the update is a {type(params).__name__}, not a mapping of arrays"
+        missing = [k for k in self.keys if k not in params]
+        extra = sorted(set(params) - set(self.keys))
+        if missing:
+            return f"missing arrays {missing}"
+        if extra:
+            return f"unexpected arrays {extra} (not updated by the plan's scheme)"
+        for e in self.entries:
+            a = params[e.key]
+            if not isinstance(a, np.ndarray):
+                return f"{e.key}: a {type(a).__name__}, not a numpy array"
+            if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                return f"{e.key}: {int((~np.isfinite(a)).sum())} non-finite values"
+            if a.dtype != e.dtype:
+                return f"{e.key}: dtype {a.dtype}, expected {e.dtype}"
+            if a.shape != e.shape:
+                return f"{e.key}: shape {a.shape}, expected {e.shape}"
+            if e.kind == "weight" and a.size and int(a.min()) < -_W_MAX:
+                return f"{e.key}: int8 weight -128 (symmetric weights are in [-127, 127])"
+        if count is not None:
+            if isinstance(count, bool) or not isinstance(count, (int, float, np.integer, np.floating)):
+                return f"sample count {count!r} is not a number"
+            if not math.isfinite(float(count)) or float(count) != int(count) or int(count) < 1:
+                return f"sample count {count!r} is not a whole number >= 1"
+        return None
+
+    def dequantize(self, params: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        return {e.key: params[e.key].astype(np.float64) * e.scale for e in self.entries}
+
+    def quantize(self, values: Mapping[str, np.ndarray], rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """Real values -> int8 weights / int32 biases with the frozen scales, rounded stochastically
+        (unbiased: E[round(v)] = v, so averaging never drifts toward zero the way nearest rounding
+        of many small steps does), saturating as training does."""
+        out = {}
+        for e in self.entries:
+            v = np.asarray(values[e.key], dtype=np.float64) / e.scale
+            r = np.floor(v + rng.random(v.shape))
+            lo, hi = (-_W_MAX, _W_MAX) if e.kind == "weight" else (_I32.min, _I32.max)
+            out[e.key] = np.clip(r, lo, hi).astype(e.dtype)
+        return out
+
+    def average(self, updates: Sequence[Tuple[Mapping[str, np.ndarray], int]],
+                rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        """FedAvg: the sample-weighted mean of the dequantized updates, re-quantized."""
+        if not updates:
+            raise ValueError("nothing to average")
+        total = float(sum(n for _, n in updates))
+        mean = {e.key: np.zeros(e.shape, dtype=np.float64) for e in self.entries}
+        for params, n in updates:
+            for k, v in self.dequantize(params).items():
+                mean[k] += v * (n / total)
+        return self.quantize(mean, rng)
+
+
+def _channels(ratio: float, total: int) -> int:
+    # the engine's rule for a partial update: the first round(ratio * C) channels, at least one
+    return max(1, min(total, int(round(ratio * total))))
+
+
+# ---------------------------------------------------------------------- records <-> arrays
+def to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in params.items()})
+
+
+def from_record(record: ArrayRecord) -> Dict[str, np.ndarray]:
+    """Arrays of a record; raises ValueError naming the array that cannot be read."""
+    out = {}
+    for k, a in record.items():
+        try:
+            out[k] = a.numpy()
+        except Exception as exc:  # a malformed Array (bad bytes, foreign serialization) from a peer
+            raise ValueError(f"{k}: unreadable array ({exc})") from None
+    return out
+
+
+def record_bytes(params: Mapping[str, np.ndarray]) -> int:
+    """Bytes Flower carries for these arrays (their .npy serialization, headers included)."""
+    return sum(len(a.data) for a in to_record(params).values())
+
+
+# ---------------------------------------------------------------------- client
+class FleetClient:
+    """A device of the fleet: a `Trainer` on ``plan`` and the device's data ``(x, y)``.
+
+    ``get_parameters()`` returns the scheme's trained parameters (read from the trainer's update
+    blob, `tt.read_update`); ``fit(params, config)`` loads the global values
+    (`Trainer.apply_update`), trains ``config["epochs"]`` local epochs through the plan and returns
+    ``(params, samples trained on, metrics)``; ``evaluate(params, config)`` returns
+    ``(loss, samples, {"accuracy": ...})`` of the global values on the local data. Needs only the
+    plan and the data, as a device does."""
+
+    def __init__(self, plan: Plan, x, y, lr: Optional[float] = None, seed: int = 0) -> None:
+        self.plan = plan
+        self.x = np.asarray(x, dtype=np.float32) if np.asarray(x).dtype != np.int8 else np.asarray(x)
+        self.y = np.asarray(y)
+        if len(self.x) != len(self.y):
+            raise ValueError(f"{len(self.x)} samples but {len(self.y)} labels")
+        if not len(self.x):
+            raise ValueError("a fleet client needs at least one local sample")
+        self.seed = int(seed)
+        self.trainer = Trainer(plan, lr=lr)
+
+    def get_parameters(self) -> Dict[str, np.ndarray]:
+        return read_update(self.trainer.export_update(0), self.plan).params
+
+    def set_parameters(self, params: Mapping[str, np.ndarray]) -> None:
+        try:
+            self.trainer.apply_update(Update(self.plan, params, 0))
+        except UpdateError as exc:
+            raise ValueError(f"global parameters do not fit the plan: {exc}") from None
+
+    def fit(self, params: Mapping[str, np.ndarray], config: Optional[Mapping[str, object]] = None):
+        config = dict(config or {})
+        self.set_parameters(params)
+        rnd = int(config.get("server-round", 0))
+        hist = self.trainer.fit(self.x, self.y, epochs=int(config.get("epochs", 1)),
+                                batch_size=int(config.get("batch-size", 1)), seed=self.seed * 100_003 + rnd,
+                                verbose=False)
+        update = read_update(self.trainer.export_update(), self.plan)
+        metrics = {"train-loss": float(hist["loss"][-1]), "skipped-steps": int(self.trainer.skipped_steps)}
+        if hist.get("accuracy") and np.isfinite(hist["accuracy"][-1]):
+            metrics["train-accuracy"] = float(hist["accuracy"][-1])
+        return update.params, update.sample_count, metrics
+
+    def evaluate(self, params: Mapping[str, np.ndarray], config: Optional[Mapping[str, object]] = None):
+        """``(loss, samples, {"accuracy": ...})``; the loss needs the output's scale, which only a
+        plan holding its model has (NaN otherwise)."""
+        self.set_parameters(params)
+        loss = self.trainer._loss(self.trainer._inputs(self.x), self.y) if self.plan.model is not None else float("nan")
+        return float(loss), len(self.x), {"accuracy": float(self.trainer.evaluate(self.x, self.y))}
+
+
+class GatewayClient:
+    """The Flower client of devices it does not run itself (a gateway in front of microcontrollers):
+    each round ``device_fit(global_blob, config)`` sends the global update blob to a device and
+    returns the device's own update blob, which is read (`tt.read_update`: CRC, plan tag, every
+    section checked) and passed on unchanged: its parameters and its sample count.
+    ``device_evaluate(global_blob, config) -> (loss, samples, metrics)`` is optional."""
+
+    def __init__(self, plan: Plan, device_fit: Callable[[bytes, Dict[str, object]], bytes],
+                 device_evaluate: Optional[Callable[[bytes, Dict[str, object]], Tuple[float, int, Dict[str, float]]]] = None
+                 ) -> None:
+        self.plan = plan
+        self.device_fit = device_fit
+        self.device_evaluate = device_evaluate
+
+    def get_parameters(self) -> Dict[str, np.ndarray]:
+        return read_update(Trainer(self.plan).export_update(0), self.plan).params
+
+    def fit(self, params: Mapping[str, np.ndarray], config: Optional[Mapping[str, object]] = None):
+        blob = self.device_fit(Update(self.plan, params, 0).to_bytes(), dict(config or {}))
+        update = read_update(blob, self.plan)
+        return update.params, update.sample_count, {}
+
+    def evaluate(self, params: Mapping[str, np.ndarray], config: Optional[Mapping[str, object]] = None):
+        if self.device_evaluate is None:
+            raise ValueError("this gateway's devices do not evaluate: run the server with --fraction-evaluate 0")
+        return self.device_evaluate(Update(self.plan, params, 0).to_bytes(), dict(config or {}))
+
+
+def _reply(msg: Message, params: Optional[Mapping[str, np.ndarray]], count: int, metrics: Dict[str, float]) -> Message:
+    content = RecordDict({"metrics": MetricRecord({COUNT_KEY: int(count), **metrics})})
+    if params is not None:
+        content["arrays"] = to_record(params)
+    return Message(content=content, reply_to=msg)
+
+
+def client_app(make_client: Callable[[Context], "FleetClient | GatewayClient"]) -> ClientApp:
+    """A Flower `ClientApp` whose train/evaluate messages run a `FleetClient` (or a
+    `GatewayClient`); ``make_client``
+    builds it from the node's context (its ``node_config``: partition id, data path, ...)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        client = make_client(context)
+        params, n, metrics = client.fit(from_record(msg.content["arrays"]), dict(msg.content["config"]))
+        return _reply(msg, params, n, metrics)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        client = make_client(context)
+        loss, n, metrics = client.evaluate(from_record(msg.content["arrays"]), dict(msg.content["config"]))
+        return _reply(msg, None, n, {**metrics, **({"loss": loss} if math.isfinite(loss) else {})})
+
+    return app
+
+
+# ---------------------------------------------------------------------- server
+class SparseFedAvg(FedAvg):
+    """Flower's FedAvg over a plan's sparse int8 updates.
+
+    Every reply is checked against the plan's `Layout` (array names, dtype, shape, int8 range,
+    a whole sample count >= 1); a malformed one is dropped with a logged reason (``rejected`` keeps
+    ``(round, node, reason)``) and never averaged in. The others are averaged in real values
+    (dequantized with the frozen scales, weighted by sample count) and re-quantized with stochastic
+    rounding. The FedAvg arguments (``fraction_train``, ``min_train_nodes``,
+    ``min_available_nodes``, ...) work as in Flower; a round with too few valid updates keeps the
+    global model unchanged."""
+
+    def __init__(self, layout: Layout, seed: int = 0, min_valid_updates: int = 1, **fedavg) -> None:
+        super().__init__(**fedavg)
+        self.layout = layout
+        self.rng = np.random.default_rng(seed)
+        self.min_valid_updates = int(min_valid_updates)
+        self.rejected: List[Tuple[int, int, str]] = []
+        self.accepted: Dict[int, int] = {}
+
+    def _reject(self, server_round: int, node: int, reason: str) -> None:
+        self.rejected.append((server_round, node, reason))
+        log.warning("round %d: rejected the update of node %d: %s", server_round, node, reason)
+        logging.getLogger("flwr").warning("tinytrain: round %d: rejected the update of node %d: %s",
+                                          server_round, node, reason)
+
+    def aggregate_train(self, server_round: int, replies) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        good: List[Tuple[Dict[str, np.ndarray], int]] = []
+        contents = []
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                self._reject(server_round, node, f"the client failed: {msg.error.reason}")
+                continue
+            reason, params, count = self._read(msg.content)
+            if reason:
+                self._reject(server_round, node, reason)
+                continue
+            good.append((params, int(count)))
+            contents.append(msg.content)
+        self.accepted[server_round] = len(good)
+        if len(good) < max(1, self.min_valid_updates):
+            log.warning("round %d: %d valid update(s), fewer than %d: the global model stays as it was",
+                        server_round, len(good), self.min_valid_updates)
+            return None, None
+        arrays = to_record(self.layout.average(good, self.rng))
+        return arrays, aggregate_metricrecords(contents, self.weighted_by_key)
+
+    def _read(self, content: RecordDict):
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
+                    f"{len(content.metric_records)}"), None, None
+        metrics = next(iter(content.metric_records.values()))
+        if self.weighted_by_key not in metrics:
+            return f"no sample count ({self.weighted_by_key!r}) in the metrics", None, None
+        count = metrics[self.weighted_by_key]
+        try:
+            params = from_record(next(iter(content.array_records.values())))
+        except ValueError as exc:
+            return str(exc), None, None
+        return self.layout.check(params, count), params, count
+
+    def aggregate_evaluate(self, server_round: int, replies) -> Optional[MetricRecord]:
+        ok = [m.content for m in replies if not m.has_error() and len(m.content.metric_records) == 1
+              and isinstance(next(iter(m.content.metric_records.values())).get(self.weighted_by_key), int)]
+        return aggregate_metricrecords(ok, self.weighted_by_key) if ok else None
+
+
+def evaluator(layout: Layout, x, y) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """Centralized evaluation of the global parameters on ``(x, y)`` (int8 inference)."""
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y).reshape(-1)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        q = layout.apply(layout.model, from_record(arrays))
+        return MetricRecord({"accuracy": float((q.predict(x) == y).mean())})
+
+    return evaluate
+
+
+@dataclass
+class RunConfig:
+    """How the server runs a federation."""
+
+    rounds: int = 10
+    epochs: int = 1  # local epochs per round
+    batch_size: int = 1
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    min_valid_updates: int = 1
+    fraction_evaluate: float = 0.0  # federated evaluation on the clients' own data (0: none)
+    round_timeout: float = 3600.0
+    seed: int = 0
+
+
+def run_server(grid: Grid, layout: Layout, cfg: RunConfig, test=None,
+               on_round: Optional[Callable[[int, Dict[str, float]], None]] = None,
+               extra_config: Optional[Dict[str, int]] = None) -> Dict[str, object]:
+    """Runs ``cfg.rounds`` rounds of `SparseFedAvg` on ``grid``; returns the history: centralized
+    ``accuracy`` per round (index 0: before training) when ``test=(x, y)``, client metrics, the
+    accepted update counts and rejected updates with their reasons, and the final parameters."""
+    strategy = SparseFedAvg(layout, seed=cfg.seed, min_valid_updates=cfg.min_valid_updates,
+                            fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
+                            min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_available_nodes,
+                            min_evaluate_nodes=cfg.min_train_nodes if cfg.fraction_evaluate > 0 else 0)
+    central = evaluator(layout, *test) if test is not None else None
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> Optional[MetricRecord]:
+        m = central(server_round, arrays) if central else None
+        if on_round is not None:
+            on_round(server_round, dict(m or {}))
+        return m
+
+    init = layout.extract(layout.model)
+    result = strategy.start(grid=grid, initial_arrays=to_record(init), num_rounds=cfg.rounds,
+                            timeout=cfg.round_timeout,
+                            train_config=ConfigRecord({"epochs": cfg.epochs, "batch-size": cfg.batch_size,
+                                                       **(extra_config or {})}),
+                            evaluate_config=ConfigRecord(dict(extra_config or {})), evaluate_fn=evaluate_fn)
+    final = from_record(result.arrays) if len(result.arrays) else init
+    return {
+        "accuracy": [float(result.evaluate_metrics_serverapp[r]["accuracy"])
+                     for r in sorted(result.evaluate_metrics_serverapp)],
+        "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
+        "client_evaluate": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
+        "accepted": dict(strategy.accepted),
+        "rejected": [{"round": r, "node": n, "reason": s} for r, n, s in strategy.rejected],
+        "params": final,
+    }
+
+
+def server_app(layout: Layout, cfg: RunConfig, test=None, sink: Optional[Callable[[Dict[str, object]], None]] = None,
+               on_round: Optional[Callable[[int, Dict[str, float]], None]] = None) -> ServerApp:
+    """A Flower `ServerApp` running `run_server`; ``sink`` receives the history at the end."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        hist = run_server(grid, layout, cfg, test, on_round)
+        if sink is not None:
+            sink(hist)
+
+    return app
+
+
+# ---------------------------------------------------------------------- data
+def partition(y, clients: int, spec: str = "dirichlet:0.3", seed: int = 0, min_size: int = 2) -> List[np.ndarray]:
+    """Split sample indices over ``clients``: ``"iid"`` (shuffled, equal shares) or
+    ``"dirichlet:ALPHA"`` (label skew: each class is shared out by proportions drawn from a
+    symmetric Dirichlet(ALPHA); small ALPHA = each client sees few classes). Every client gets at
+    least ``min_size`` samples (the draw is repeated until it does)."""
+    y = np.asarray(y).reshape(-1)
+    if not isinstance(clients, int) or clients < 1:
+        raise ValueError(f"clients must be an int >= 1, got {clients!r}")
+    if clients * min_size > len(y):
+        raise ValueError(f"{len(y)} samples cannot give {clients} clients {min_size} each")
+    rng = np.random.default_rng(seed)
+    if spec == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(len(y)), clients)]
+    kind, _, arg = spec.partition(":")
+    try:
+        alpha = float(arg)
+    except ValueError:
+        alpha = float("nan")
+    if kind != "dirichlet" or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"partition must be 'iid' or 'dirichlet:ALPHA' with ALPHA > 0, got {spec!r}")
+    for _ in range(1000):
+        parts: List[List[int]] = [[] for _ in range(clients)]
+        for c in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            cuts = (np.cumsum(rng.dirichlet(np.full(clients, alpha))) * len(idx)).astype(int)[:-1]
+            for i, chunk in enumerate(np.split(idx, cuts)):
+                parts[i].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+    raise ValueError(f"no Dirichlet({alpha}) split gives every one of {clients} clients {min_size} samples; "
+                     "use fewer clients or a larger alpha")
+
+
+# ---------------------------------------------------------------------- simulation
+def simulate(plan: Plan, x, y, parts: Sequence[np.ndarray], cfg: RunConfig, test=None, lr: Optional[float] = None,
+             on_round: Optional[Callable[[int, Dict[str, float]], None]] = None, verbose: bool = False,
+             cpus_per_client: float = 1.0) -> Dict[str, object]:
+    """A federation of ``len(parts)`` simulated devices (client ``i`` holds ``x[parts[i]]``) run
+    by Flower's simulation engine on this machine; returns `run_server`'s history."""
+    from flwr.simulation import run_simulation
+
+    layout = Layout(plan)
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y)
+    shards = [(x[p], y[p]) for p in parts]
+    plan_bytes, params = plan.plan_bytes, plan.params  # a device holds the plan, not the model
+
+    def make_client(context: Context) -> FleetClient:
+        i = int(context.node_config["partition-id"])
+        return FleetClient(Plan(plan_bytes, params), *shards[i], lr=lr, seed=cfg.seed * 1009 + i)
+
+    out: Dict[str, object] = {}
+    sapp = server_app(layout, cfg, test, sink=out.update, on_round=on_round)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if not verbose:  # rejected updates are still reported, by the tinytrain.fleet logger
+        flwr_logger.setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs involved: silence Ray's notice
+    try:
+        run_simulation(server_app=sapp, client_app=client_app(make_client), num_supernodes=len(parts),
+                       backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                                       "init_args": {"logging_level": "ERROR", "log_to_driver": verbose}},
+                       verbose_logging=verbose)
+    finally:
+        flwr_logger.setLevel(level)
+    if "params" not in out:
+        raise RuntimeError("the Flower simulation ended without a result (see its log above)")
+    return out
+
+
+# ---------------------------------------------------------------------- the demo fleet
+def demo_setup(scheme: str = "searched", budget: str = "256KB", seed: int = 0, workers: Optional[int] = None):
+    """The demo's task as a fleet: `tt.models.demo()` (pretrained on digits 0-4) quantized as in
+    `tinytrain demo`, its sparse scheme, and the data of digits 5-9 the devices learn. ``scheme``:
+    ``"searched"`` (`tt.search` under ``budget``, as the demo does), ``full``, ``bias``,
+    ``last:K``, ``paper`` or a scheme JSON file. Returns ``(plan, (x, y), (x_test, y_test))``."""
+    import tinytrain as tt
+
+    from .engine import scheme_from_arg
+
+    q = tt.quantize(tt.load_onnx(tt.models.demo()), tt.datasets.digits("source", "train")[0][:256])
+    x, y = tt.datasets.digits("target", "train")
+    test = tt.datasets.digits("target", "test")
+    if scheme == "searched":
+        s = tt.search(q, x[:320], y[:320], budget=budget, population=24, generations=12, seed=seed, workers=workers,
+                      epochs=1).scheme
+    else:
+        s = scheme_from_arg(q, scheme)
+    return tt.compile(q, s, budget=budget), (x, y), test
+
+
+def plan_tag(plan: Plan) -> int:
+    """CRC-32 of the plan's header (which holds the CRCs of its body and frozen parameters): the
+    identity a device's update must match."""
+    return zlib.crc32(plan.plan_bytes[:40])
+
+
+# ---------------------------------------------------------------------- deployed apps
+# `tinytrain fleet server` / `client` run these two through a Flower SuperLink and SuperNodes. The
+# server's run config names the plan, model and options; a node's config names its plan and data.
+def _load_plan(plan_path: str, model_path: str) -> Plan:
+    from .fileio import load_model
+
+    return Plan.load(plan_path, model=load_model(model_path))
+
+
+def _deployed_client(context: Context) -> FleetClient:
+    nc = context.node_config
+    missing = [k for k in ("plan", "data") if not nc.get(k)]
+    if missing:
+        raise ValueError(f"the node config lacks {missing}: start it with tinytrain fleet client")
+    from .fileio import load_data
+
+    x, y = load_data(str(nc["data"]))
+    lr = float(nc["lr"]) if nc.get("lr") not in (None, "") else None
+    return FleetClient(Plan.load(str(nc["plan"])), x, y, lr=lr, seed=int(nc.get("seed", 0)))
+
+
+def _checked_client(context: Context, msg: Message) -> FleetClient:
+    client = _deployed_client(context)
+    want = int(msg.content["config"].get("plan-tag", -1))
+    if want != plan_tag(client.plan):
+        raise ValueError(f"this device's plan (tag {plan_tag(client.plan):08x}) is not the server's "
+                         f"({want & 0xFFFFFFFF:08x}): every device must run the plan the server averages")
+    return client
+
+
+CLIENT_APP = ClientApp()
+
+
+@CLIENT_APP.train()
+def _deployed_train(msg: Message, context: Context) -> Message:
+    client = _checked_client(context, msg)
+    params, n, metrics = client.fit(from_record(msg.content["arrays"]), dict(msg.content["config"]))
+    return _reply(msg, params, n, metrics)
+
+
+@CLIENT_APP.evaluate()
+def _deployed_evaluate(msg: Message, context: Context) -> Message:
+    client = _checked_client(context, msg)
+    loss, n, metrics = client.evaluate(from_record(msg.content["arrays"]), dict(msg.content["config"]))
+    return _reply(msg, None, n, {**metrics, **({"loss": loss} if math.isfinite(loss) else {})})
+
+
+SERVER_APP = ServerApp()
+
+
+@SERVER_APP.main()
+def _deployed_main(grid: Grid, context: Context) -> None:
+    from .fileio import load_data, write_atomic
+
+    rc = context.run_config
+    out = str(rc["out"])
+    try:
+        plan = _load_plan(str(rc["plan"]), str(rc["model"]))
+        layout = Layout(plan)
+        test = load_data(str(rc["test-data"])) if rc.get("test-data") else None
+        cfg = RunConfig(rounds=int(rc["rounds"]), epochs=int(rc["epochs"]), batch_size=int(rc["batch-size"]),
+                        fraction_train=float(rc["fraction-train"]), min_train_nodes=int(rc["min-clients"]),
+                        min_available_nodes=int(rc["min-clients"]), min_valid_updates=int(rc["min-valid"]),
+                        fraction_evaluate=float(rc["fraction-evaluate"]), round_timeout=float(rc["round-timeout"]),
+                        seed=int(rc["seed"]))
+        progress = str(rc.get("progress", ""))
+
+        def on_round(r: int, m: Dict[str, float]) -> None:
+            if progress:
+                with open(progress, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"round": r, **m}) + "\n")
+
+        _wait_for_nodes(grid, int(rc["wait-clients"]), float(rc["round-timeout"]))
+        # the plan tag rides in every config: a device on another plan refuses the round
+        hist = run_server(grid, layout, cfg, test, on_round, extra_config={"plan-tag": plan_tag(plan)})
+        final = hist.pop("params")
+        if rc.get("output"):
+            layout.apply(layout.model, final).to_onnx(str(rc["output"]))
+        write_atomic(out, json.dumps(hist, default=float))
+    except Exception as exc:  # the CLI waiting for `out` reports it instead of hanging
+        write_atomic(out, json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        raise
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout: float) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < n:
+        if time.monotonic() > end:
+            raise TimeoutError(f"fewer than {n} clients connected within {timeout:g} s")
+        time.sleep(0.5)
+

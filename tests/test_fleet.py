@@ -1,0 +1,278 @@
+"""tinytrain.fleet: the exchanged layout, SparseFedAvg's averaging, re-quantization and rejection of
+malformed updates, the Dirichlet split, the Flower client, and a small simulated federation."""
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr", reason="the fleet needs pip install 'tinytrain[fleet]'")
+
+import tinytrain as tt  # noqa: E402
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from tinytrain import fleet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def q():
+    g = tt.load_onnx(tt.models.demo())
+    return tt.quantize(g, tt.datasets.digits("source", "train")[0][:256])
+
+
+@pytest.fixture(scope="module")
+def plan(q):
+    # output-axis partial conv, input-axis partial conv, a bias-only layer, the whole classifier
+    s = tt.Scheme(["conv_8", "conv_9", "fc_0"], {"conv_9": 0.125, "conv_7": 0.25, "fc_0": 1.0},
+                  {"conv_7": "input"})
+    return tt.compile(q, s)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tt.datasets.digits("target", "train"), tt.datasets.digits("target", "test")
+
+
+def test_layout_is_the_schemes_updated_channels(plan, q):
+    lay = fleet.Layout(plan)
+    assert lay.keys == ["conv_7.weight", "conv_8.bias", "conv_9.weight", "conv_9.bias", "fc_0.weight", "fc_0.bias"]
+    shapes = {e.key: e.shape for e in lay.entries}
+    assert shapes["conv_7.weight"] == (32, 24, 1, 1)  # input axis: W[:, :round(0.25 * 96)]
+    assert shapes["conv_9.weight"] == (16, 32, 1, 1)  # output axis: W[:round(0.125 * 128)]
+    assert shapes["fc_0.weight"] == (10, 128) and shapes["fc_0.bias"] == (10,)
+    assert {e.key: e.dtype for e in lay.entries}["conv_9.bias"] == np.int32
+    assert lay.nbytes == 32 * 24 + 4 * 32 + 16 * 32 + 4 * 128 + 1280 + 40
+    assert lay.model_bytes() == q.weight_bytes()
+    frozen = lay.extract(q)
+    n9 = q.node("conv_9")
+    np.testing.assert_array_equal(frozen["conv_9.weight"], n9.params["weight_q"][:16])
+    np.testing.assert_array_equal(frozen["conv_7.weight"], q.node("conv_7").params["weight_q"][:, :24])
+    # the bias scale is s_in * s_w: dequantizing gives the float bias the model holds
+    s_in = q.tensors[n9.inputs[0]].scale
+    np.testing.assert_allclose(lay.dequantize(frozen)["conv_9.bias"],
+                               n9.params["bias_q"] * s_in * n9.params["weight_scale"].astype(np.float64))
+
+
+def test_apply_writes_only_the_updated_channels(plan, q):
+    lay = fleet.Layout(plan)
+    new = {k: (v // 2).astype(v.dtype) for k, v in lay.extract(q).items()}
+    q2 = lay.apply(q, new)
+    assert lay.extract(q2).keys() == new.keys()
+    for k, v in lay.extract(q2).items():
+        np.testing.assert_array_equal(v, new[k])
+    w, w2 = q.node("conv_9").params["weight_q"], q2.node("conv_9").params["weight_q"]
+    np.testing.assert_array_equal(w[16:], w2[16:])  # channels the scheme does not train stay frozen
+    np.testing.assert_array_equal(q.node("conv_5").params["weight_q"], q2.node("conv_5").params["weight_q"])
+    assert np.array_equal(q.node("conv_9").params["weight_q"], w)  # q itself untouched
+
+
+def test_average_is_the_sample_weighted_mean_requantized(plan, q):
+    lay = fleet.Layout(plan)
+    a = lay.extract(q)
+    b = {k: np.where(np.abs(v) <= 100, v.astype(np.int64) + 8, v).astype(v.dtype) for k, v in a.items()}
+    # identical updates: the mean is representable, rounding must not move it
+    same = lay.average([(a, 3), (a, 5)], np.random.default_rng(0))
+    for k in a:
+        np.testing.assert_array_equal(same[k], a[k])
+    # weights 1 and 3: exact mean a + 6 on every unsaturated value
+    avg = lay.average([(a, 1), (b, 3)], np.random.default_rng(0))
+    for k in a:
+        exact = (a[k].astype(np.float64) * 1 + b[k].astype(np.float64) * 3) / 4
+        assert avg[k].dtype == a[k].dtype and avg[k].shape == a[k].shape
+        np.testing.assert_array_equal(avg[k], exact)  # a + 6 where b = a + 8: an integer mean stays exact
+
+
+def test_requantization_is_stochastic_and_unbiased(plan):
+    lay = fleet.Layout(plan)
+    rng = np.random.default_rng(1)
+    e = lay.entries[0]
+    real = {x.key: np.full(x.shape, 0.3) * x.scale for x in lay.entries}
+    draws = np.stack([lay.quantize(real, rng)[e.key] for _ in range(400)])
+    assert set(np.unique(draws)) == {0, 1}  # never nearest-rounded to 0 everywhere
+    assert abs(draws.mean() - 0.3) < 0.02
+    big = {x.key: np.full(x.shape, 1e9) * x.scale for x in lay.entries}
+    out = lay.quantize(big, rng)
+    assert out[e.key].max() == 127 and out["fc_0.bias"].max() == 1e9  # int8 saturates, int32 holds it
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda p: p.pop("fc_0.bias"), "missing arrays ['fc_0.bias']"),
+    (lambda p: p.update({"conv_0.bias": np.zeros(16, np.int32)}), "unexpected arrays ['conv_0.bias']"),
+    (lambda p: p.update({"conv_9.weight": p["conv_9.weight"][:8]}), "conv_9.weight: shape (8, 32, 1, 1), expected (16, 32, 1, 1)"),
+    (lambda p: p.update({"fc_0.weight": p["fc_0.weight"].astype(np.float32)}), "fc_0.weight: dtype float32, expected int8"),
+    (lambda p: p.update({"fc_0.weight": np.full((10, 128), np.nan, np.float32)}), "fc_0.weight: 1280 non-finite values"),
+    (lambda p: p.update({"conv_8.bias": p["conv_8.bias"].astype(np.int64)}), "conv_8.bias: dtype int64, expected int32"),
+    (lambda p: p["conv_7.weight"].__setitem__((0, 0, 0, 0), -128), "conv_7.weight: int8 weight -128"),
+    (lambda p: p.update({"fc_0.bias": [1] * 10}), "fc_0.bias: a list, not a numpy array"),
+])
+def test_check_names_what_is_wrong(plan, q, mutate, reason):
+    lay = fleet.Layout(plan)
+    p = {k: v.copy() for k, v in lay.extract(q).items()}
+    assert lay.check(p, 5) is None
+    mutate(p)
+    assert reason in lay.check(p, 5)
+
+
+@pytest.mark.parametrize("count", [0, -3, 2.5, float("nan"), float("inf"), True, "12", None])
+def test_check_rejects_a_bad_sample_count(plan, q, count):
+    lay = fleet.Layout(plan)
+    reason = lay.check(lay.extract(q), count if count is not None else {})
+    assert reason is not None and "sample count" in reason
+
+
+@pytest.fixture
+def server_task(monkeypatch):
+    """Messages are built inside a ServerApp's task; outside one, give them its identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for k, v in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, k, v)
+
+
+def _reply(node, params, count):
+    ins = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    content = RecordDict({"arrays": fleet.to_record(params) if isinstance(params, dict) else params,
+                          "metrics": MetricRecord({fleet.COUNT_KEY: count})})
+    return Message(content=content, reply_to=ins)
+
+
+def test_strategy_rejects_malformed_updates_with_a_logged_reason(plan, q, caplog, server_task):
+    lay = fleet.Layout(plan)
+    a = lay.extract(q)
+    b = {k: np.clip(v.astype(np.int64) - 4, -127, 127).astype(v.dtype) for k, v in a.items()}
+    wrong_shape = dict(a, **{"conv_9.weight": a["conv_9.weight"][:, :16]})
+    as_float = {k: v.astype(np.float32) for k, v in b.items()}
+    as_float["conv_7.weight"][3, 0, 0, 0] = np.nan
+    replies = [_reply(11, a, 10), _reply(12, wrong_shape, 10), _reply(13, b, 30), _reply(14, as_float, 1000),
+               _reply(15, b, float("nan")), _reply(16, ArrayRecord(), 10)]
+    strat = fleet.SparseFedAvg(lay, seed=7)
+    with caplog.at_level(logging.WARNING, logger="tinytrain.fleet"):
+        arrays, metrics = strat.aggregate_train(2, replies)
+    assert strat.accepted == {2: 2}
+    rejected = {node: reason for _, node, reason in strat.rejected}
+    assert set(rejected) == {12, 14, 15, 16}
+    assert "conv_9.weight: shape (16, 16, 1, 1), expected (16, 32, 1, 1)" in rejected[12]
+    assert "non-finite" in rejected[14]
+    assert "sample count" in rejected[15]
+    assert "missing arrays" in rejected[16]
+    for node, reason in rejected.items():
+        assert f"rejected the update of node {node}: {reason}" in caplog.text
+    # only the two good updates are averaged: weights 10 and 30, same rng as the strategy's
+    want = lay.average([(a, 10), (b, 30)], np.random.default_rng(7))
+    got = fleet.from_record(arrays)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert metrics is not None
+
+
+def test_strategy_keeps_the_model_when_too_few_updates_are_valid(plan, q, server_task):
+    lay = fleet.Layout(plan)
+    a = lay.extract(q)
+    strat = fleet.SparseFedAvg(lay, min_valid_updates=2)
+    arrays, metrics = strat.aggregate_train(1, [_reply(1, a, 4), _reply(2, {"x": np.zeros(3)}, 4)])
+    assert arrays is None and metrics is None
+    assert strat.accepted == {1: 1} and len(strat.rejected) == 1
+
+
+def test_dirichlet_partition_is_a_skewed_split_of_every_sample():
+    y = np.repeat(np.arange(5), 120)
+    parts = fleet.partition(y, 20, "dirichlet:0.3", seed=3)
+    allidx = np.concatenate(parts)
+    assert len(parts) == 20 and len(allidx) == len(y) and len(np.unique(allidx)) == len(y)
+    assert min(len(p) for p in parts) >= 2
+    classes = np.mean([len(np.unique(y[p])) for p in parts])
+    iid = fleet.partition(y, 20, "iid", seed=3)
+    assert sorted(len(p) for p in iid) == [30] * 20
+    assert classes < np.mean([len(np.unique(y[p])) for p in iid]) - 1  # label skew: fewer classes each
+    with pytest.raises(ValueError, match="dirichlet:ALPHA"):
+        fleet.partition(y, 4, "dirichlet:-1")
+    with pytest.raises(ValueError, match="cannot give"):
+        fleet.partition(y[:10], 20, "iid")
+
+
+def test_client_fit_trains_from_the_global_values(plan, q, target):
+    (x, y), _ = target
+    c = fleet.FleetClient(tt.Plan(plan.plan_bytes, plan.params), x[:40], y[:40], seed=1)  # no model needed
+    lay = fleet.Layout(plan)
+    start = lay.extract(q)
+    assert all(np.array_equal(c.get_parameters()[k], v) for k, v in start.items())
+    shifted = {k: (v // 2).astype(v.dtype) for k, v in start.items()}
+    c.set_parameters(shifted)
+    assert all(np.array_equal(c.get_parameters()[k], v) for k, v in shifted.items())
+    params, n, metrics = c.fit(start, {"epochs": 1, "server-round": 1})
+    assert n == 40 and lay.check(params, n) is None and np.isfinite(metrics["train-loss"])
+    assert any(not np.array_equal(params[k], start[k]) for k in start)
+    loss, n_eval, m = c.evaluate(params, {})
+    assert n_eval == 40 and 0.0 <= m["accuracy"] <= 1.0 and np.isnan(loss)  # no model: no output scale
+    loss, _, m2 = fleet.FleetClient(plan, x[:40], y[:40]).evaluate(params, {})
+    assert np.isfinite(loss) and m2 == m
+    with pytest.raises(ValueError, match="global parameters do not fit the plan"):
+        c.set_parameters({k: v for k, v in start.items() if k != "fc_0.bias"})
+
+
+def test_layout_is_the_update_blobs(plan):
+    """The server's layout and the devices' update blob (tt-core) name and shape the same arrays."""
+    blob = tt.Trainer(plan).export_update(0)
+    u = tt.read_update(blob, plan)
+    lay = fleet.Layout(plan)
+    assert list(u.params) == lay.keys
+    assert [(a.shape, a.dtype) for a in u.params.values()] == [(e.shape, e.dtype) for e in lay.entries]
+    assert lay.nbytes == sum(a.nbytes for a in u.params.values()) < len(blob)
+
+
+def test_gateway_client_passes_a_devices_blob_on_unchanged(plan, target):
+    """A gateway forwards the global blob to a device and the device's blob back: the Flower client
+    reads the device's values and sample count exactly."""
+    (x, y), _ = target
+    device = tt.Trainer(tt.Plan(plan.plan_bytes, plan.params))  # a device holds the plan only
+    sent = []
+
+    def device_fit(global_blob, config):
+        device.apply_update(global_blob)
+        device.fit(x[:25], y[:25], epochs=int(config["epochs"]), verbose=False)
+        sent.append(device.export_update())
+        return sent[-1]
+
+    gw = fleet.GatewayClient(plan, device_fit)
+    start = gw.get_parameters()
+    params, n, _ = gw.fit(start, {"epochs": 2})
+    assert n == 50
+    mine = tt.read_update(device.export_update(), plan)
+    for k, v in mine.params.items():
+        np.testing.assert_array_equal(params[k], v)
+    assert tt.Update(plan, params, n).to_bytes() == sent[0]  # bit for bit what the device sent
+    with pytest.raises(tt.UpdateError):
+        fleet.GatewayClient(plan, lambda b, c: sent[0][:-1]).fit(start, {})
+    with pytest.raises(ValueError, match="do not evaluate"):
+        gw.evaluate(start, {})
+
+
+def test_fleet_cli_simulate_learns_with_flowers_simulation_engine(tmp_path):
+    """4 simulated devices (Dirichlet 0.3), 3 rounds, through Flower's simulation engine (Ray)."""
+    r = subprocess.run([sys.executable, "-m", "tinytrain.cli", "fleet", "simulate", "--clients", "4", "--rounds", "3",
+                        "--scheme", "last:2", "--partition", "dirichlet:0.3", "--out", str(tmp_path), "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    acc = rep["accuracy"]
+    assert len(acc) == 4 and acc[0] < 0.05  # the demo model has never seen digits 5-9
+    assert max(acc[1:]) > 0.5
+    assert rep["accepted"] == {"1": 4, "2": 4, "3": 4} and rep["rejected"] == []
+    assert rep["update_bytes"] == 4096 + 4 * 128 + 1280 + 4 * 10  # conv_9 and fc_0: int8 weights, int32 biases
+    assert rep["int8_model_over_update"] == pytest.approx(rep["full_int8_model_bytes"] / rep["update_bytes"])
+    assert (tmp_path / "fleet.json").exists()
+
+
+def test_fleet_is_optional_for_the_rest_of_tinytrain():
+    code = ("import sys; sys.modules['flwr'] = None\n"
+            "import tinytrain, tinytrain.cli\n"
+            "assert 'tinytrain.fleet' not in sys.modules\n"
+            "tinytrain.cli.build_parser()\n"
+            "try:\n    import tinytrain.fleet\nexcept ImportError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "pip install 'tinytrain[fleet]'" in r.stdout
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['flwr'] = None\nimport tinytrain.cli as c\n"
+                        "sys.exit(c.main(['fleet', 'simulate', '--clients', '2']))"], capture_output=True, text=True)
+    assert r.returncode == 1 and "pip install 'tinytrain[fleet]'" in r.stderr
