@@ -174,3 +174,69 @@ def test_c_abi_trains_like_the_python_trainer(lib):
     for i in range(4):
         assert L.tt_predict(t2, ffi.from_buffer("int8_t[]", xq[i]), n[0], c) == L.TT_OK
         assert c[0] == tr.predict(x[i:i + 1])[0]
+
+
+def test_update_blob_through_the_c_abi(lib):
+    """A device's update blob (tt_write_update) is byte for byte the Python Trainer's after the
+    same steps; tt_apply_update loads a blob into a fresh trainer; damaged blobs, blobs of another
+    plan, short buffers and NULLs are error codes that change nothing."""
+    ffi, L = lib
+    tt = pytest.importorskip("tinytrain")
+    x, y = tt.datasets.digits("target", "train")
+    q = tt.load_onnx(tt.models.demo())
+    if not isinstance(q, tt.QuantizedModel):
+        q = tt.quantize(q, x[:64])
+    plan = tt.compile(q, tt.schemes.last_layers(q, 2))
+    tr = tt.Trainer(plan)
+    xq = tr._inputs(x[:10])
+    tr.step(x[:10], y[:10])
+
+    need = ffi.new("size_t *")
+    assert L.tt_arena_bytes(plan.plan_bytes, len(plan.plan_bytes), need) == L.TT_OK
+    params = ffi.new("uint32_t[]", (len(plan.params) + 3) // 4)
+    ffi.memmove(params, plan.params, len(plan.params))
+    pp = ffi.cast("uint8_t *", params)
+
+    def trainer():
+        t, arena = ffi.new("tt_trainer *"), ffi.new("uint32_t[]", (need[0] + 3) // 4)
+        assert L.tt_init(t, plan.plan_bytes, len(plan.plan_bytes), pp, len(plan.params),
+                         ffi.cast("uint8_t *", arena), need[0]) == L.TT_OK
+        return t, arena
+
+    t, keep = trainer()
+    loss = ffi.new("float *")
+    for i in range(10):
+        assert L.tt_step(t, ffi.from_buffer("int8_t[]", xq[i]), xq.shape[1], int(y[i]), loss) == L.TT_OK
+    size = ffi.new("size_t *")
+    assert L.tt_update_len(t, size) == L.TT_OK
+    want = tr.export_update()
+    assert size[0] == len(want)
+    buf, written = ffi.new("uint8_t[]", size[0]), ffi.new("size_t *")
+    assert L.tt_write_update(t, 10, buf, size[0] - 1, written) == L.TT_ERR_SIZE
+    assert L.tt_write_update(t, 10, ffi.NULL, size[0], written) == L.TT_ERR_NULL
+    assert L.tt_write_update(t, 10, buf, size[0], written) == L.TT_OK and written[0] == size[0]
+    blob = bytes(ffi.buffer(buf, written[0]))
+    assert blob == want, "device and host update blobs differ"
+    assert tt.read_update(blob, plan).sample_count == 10
+
+    t2, keep2 = trainer()
+    count = ffi.new("uint32_t *")
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0x10
+    assert L.tt_apply_update(t2, bytes(bad), len(bad), count) == L.TT_ERR_CORRUPT_UPDATE
+    assert L.tt_apply_update(t2, blob, len(blob) - 1, count) == L.TT_ERR_CORRUPT_UPDATE
+    other = tt.Trainer(tt.compile(q, tt.schemes.last_layers(q, 1))).export_update()
+    assert L.tt_apply_update(t2, other, len(other), count) == L.TT_ERR_UPDATE_PLAN
+    assert L.tt_apply_update(t2, blob, len(blob), ffi.NULL) == L.TT_ERR_NULL
+    c = ffi.new("uint32_t *")
+    fresh = tt.Trainer(plan)
+    for i in range(10):
+        assert L.tt_predict(t2, ffi.from_buffer("int8_t[]", xq[i]), xq.shape[1], c) == L.TT_OK
+        assert c[0] == fresh.predict(x[i:i + 1])[0]
+    assert L.tt_apply_update(t2, blob, len(blob), count) == L.TT_OK and count[0] == 10
+    assert L.tt_write_update(t2, 10, buf, size[0], written) == L.TT_OK
+    assert bytes(ffi.buffer(buf, written[0])) == blob
+    for i in range(10):
+        assert L.tt_predict(t2, ffi.from_buffer("int8_t[]", xq[i]), xq.shape[1], c) == L.TT_OK
+        assert c[0] == tr.predict(x[i:i + 1])[0]
+    assert ffi.string(L.tt_status_str(L.TT_ERR_UPDATE_PLAN)) == b"update blob written for another plan"
