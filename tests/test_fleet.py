@@ -11,7 +11,7 @@ import pytest
 flwr = pytest.importorskip("flwr", reason="the fleet needs pip install 'tinytrain[fleet]'")
 
 import tinytrain as tt  # noqa: E402
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from tinytrain import fleet  # noqa: E402
 
 
@@ -144,8 +144,10 @@ def test_strategy_rejects_malformed_updates_with_a_logged_reason(plan, q, caplog
     wrong_shape = dict(a, **{"conv_9.weight": a["conv_9.weight"][:, :16]})
     as_float = {k: v.astype(np.float32) for k, v in b.items()}
     as_float["conv_7.weight"][3, 0, 0, 0] = np.nan
+    crashed = Message(Error(0, "ClientApp raised"), reply_to=Message(content=RecordDict(), dst_node_id=17,
+                                                                      message_type=MessageType.TRAIN))
     replies = [_reply(11, a, 10), _reply(12, wrong_shape, 10), _reply(13, b, 30), _reply(14, as_float, 1000),
-               _reply(15, b, float("nan")), _reply(16, ArrayRecord(), 10)]
+               _reply(15, b, float("nan")), _reply(16, ArrayRecord(), 10), crashed]
     strat = fleet.SparseFedAvg(lay, seed=7)
     with caplog.at_level(logging.WARNING, logger="tinytrain.fleet"):
         arrays, metrics = strat.aggregate_train(2, replies)
@@ -156,6 +158,7 @@ def test_strategy_rejects_malformed_updates_with_a_logged_reason(plan, q, caplog
     assert "non-finite" in rejected[14]
     assert "sample count" in rejected[15]
     assert "missing arrays" in rejected[16]
+    assert strat.failed == [(2, 17, "ClientApp raised")]
     for node, reason in rejected.items():
         assert f"rejected the update of node {node}: {reason}" in caplog.text
     # only the two good updates are averaged: weights 10 and 30, same rng as the strategy's
@@ -262,6 +265,23 @@ def test_fleet_cli_simulate_learns_with_flowers_simulation_engine(tmp_path):
     assert rep["update_bytes"] == 4096 + 4 * 128 + 1280 + 4 * 10  # conv_9 and fc_0: int8 weights, int32 biases
     assert rep["int8_model_over_update"] == pytest.approx(rep["full_int8_model_bytes"] / rep["update_bytes"])
     assert (tmp_path / "fleet.json").exists()
+
+
+def test_docs_example_runs():
+    """The example of docs/fleet.md, as written, in a fresh process."""
+    import os
+    import re
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "fleet.md")).read()
+    code = re.search(r"## Example\n\n```python\n(.*?)```", doc, re.S).group(1)
+    assert 12 <= len(code.strip().splitlines()) <= 18
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, last = r.stdout.strip().splitlines()[-2:]
+    assert "fc_0.weight" in first and "int8" in first
+    acc = [float(v) for v in re.findall(r"[0-9.]+", last.split("]")[0])]
+    assert len(acc) == 4 and acc[-1] > acc[0] + 0.3
+    assert last.endswith(f"{4096 + 512 + 1280 + 40} bytes per update")
 
 
 def test_fleet_is_optional_for_the_rest_of_tinytrain():

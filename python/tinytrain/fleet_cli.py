@@ -69,7 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     report = {
         "clients": args.clients, "rounds": args.rounds, "partition": args.partition, "epochs_per_round": args.epochs,
         "samples_per_client": [int(len(p)) for p in parts], "scheme": layout.scheme.to_dict(),
-        "accuracy": hist["accuracy"], "accepted": hist["accepted"], "rejected": hist["rejected"],
+        "accuracy": hist["accuracy"], "accepted": hist["accepted"], "rejected": hist["rejected"], "failed": hist["failed"],
         "update_bytes": sparse, "update_bytes_on_the_wire": fleet.record_bytes(hist["params"]),
         "full_int8_model_bytes": full_int8, "full_fp32_model_bytes": full_fp32,
         "int8_model_over_update": full_int8 / sparse, "fp32_model_over_update": full_fp32 / sparse,
@@ -288,6 +288,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"updates averaged per round: {result['accepted']}; rejected: {len(result['rejected'])}")
         for r in result["rejected"]:
             print(f"  round {r['round']}, node {r['node']}: {r['reason']}")
+        for r in result["failed"]:
+            print(f"no update in round {r['round']} from node {r['node']}: {r['reason']}")
         if args.output:
             print(f"wrote {args.output}: the global int8 model (QDQ ONNX)")
     return 0

@@ -1,0 +1,146 @@
+"""Fleet benchmark: do devices that share only their sparse int8 updates learn as well as pooling
+their data, and how many bytes does a round cost?
+
+Task: the demo model (`tt.models.demo()`, pretrained on digits 0-4, quantized as `tinytrain demo`
+does) learns digits 5-9. The target train split is dealt to 20 devices by a Dirichlet(0.3) label
+skew (most devices see one or two of the five new digits); accuracy is on the target test split.
+For each scheme, with the same epochs, learning rate and plan:
+
+  (a) local only:   every device trains alone for R epochs; the mean test accuracy over devices
+  (b) federated:    R rounds of one local epoch, SparseFedAvg (Flower's simulation engine)
+  (c) centralized:  one device trains on the union of the data for R epochs
+
+Bytes per device per round (upload; the download is the same size): the sparse update's parameters
+(int8 weights of the trained channels + int32 biases), its update blob (plus header, section headers
+and CRC), and what Flower carries (.npy per array), against the whole int8 model and fp32 FedAvg of
+the whole model.
+
+    python benches/fleet.py [--clients 20] [--rounds 10] [--alpha 0.3] [--schemes searched,...] [--json]
+
+Schemes: ``searched`` (the demo's: `tt.search` under 256 KB), ``searched@16KB`` (the search under a
+16 KB SRAM budget), ``classifier`` (the classifier's weights and bias: the smallest the search can
+give), ``classifier-half-in`` (half of the classifier's input channels and its bias).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import tinytrain as tt
+from tinytrain import fleet
+
+
+def make_scheme(name: str, q, x, y, seed: int) -> tt.Scheme:
+    if name.startswith("searched"):
+        budget = name.split("@")[1] if "@" in name else "256KB"
+        return tt.search(q, x[:320], y[:320], budget=budget, population=24, generations=12, seed=seed, epochs=1).scheme
+    if name == "classifier":
+        return tt.Scheme(["fc_0"], {"fc_0": 1.0}, name="classifier")
+    if name == "classifier-half-in":
+        return tt.Scheme(["fc_0"], {"fc_0": 0.5}, {"fc_0": "input"}, name="classifier-half-in")
+    raise ValueError(f"unknown scheme {name!r}")
+
+
+def local_only(plan, shards, test, rounds, lr, seed):
+    curves = []
+    for i, (x, y) in enumerate(shards):
+        tr = tt.Trainer(plan, lr=lr)
+        acc = [tr.evaluate(*test)]
+        for r in range(rounds):
+            tr.fit(x, y, epochs=1, seed=seed * 1009 + i + 7919 * r, verbose=False)
+            acc.append(tr.evaluate(*test))
+        curves.append(acc)
+    return np.mean(curves, axis=0).tolist()
+
+
+def centralized(plan, x, y, test, rounds, lr, seed):
+    tr = tt.Trainer(plan, lr=lr)
+    acc = [tr.evaluate(*test)]
+    for r in range(rounds):
+        tr.fit(x, y, epochs=1, seed=seed + 7919 * r, verbose=False)
+        acc.append(tr.evaluate(*test))
+    return acc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--alpha", type=float, default=0.3)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--schemes", default="searched,searched@16KB,classifier,classifier-half-in")
+    ap.add_argument("--plot", help="write the accuracy-per-round plot (PNG) here")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("TINYTRAIN_PROGRESS", "0")
+
+    q = tt.quantize(tt.load_onnx(tt.models.demo()), tt.datasets.digits("source", "train")[0][:256])
+    x, y = tt.datasets.digits("target", "train")
+    test = tt.datasets.digits("target", "test")
+    rows = []
+    for name in args.schemes.split(","):
+        scheme = make_scheme(name, q, x, y, 0)
+        plan = tt.compile(q, scheme, budget="256KB")
+        layout = fleet.Layout(plan)
+        blob = len(tt.Trainer(plan).export_update(0))
+        per_seed = []
+        for seed in range(args.seeds):
+            parts = fleet.partition(y, args.clients, f"dirichlet:{args.alpha}", seed=seed)
+            shards = [(x[p], y[p]) for p in parts]
+            t0 = time.perf_counter()
+            a = local_only(plan, shards, test, args.rounds, args.lr, seed)
+            c = centralized(plan, x, y, test, args.rounds, args.lr, seed)
+            t1 = time.perf_counter()
+            cfg = fleet.RunConfig(rounds=args.rounds, epochs=1, min_train_nodes=args.clients,
+                                  min_available_nodes=args.clients, seed=seed)
+            hist = fleet.simulate(plan, x, y, parts, cfg, test=test, lr=args.lr)
+            per_seed.append({"local_only": a, "federated": hist["accuracy"], "centralized": c,
+                             "rejected": len(hist["rejected"]), "seconds": {"local+central": round(t1 - t0, 1),
+                                                                           "federated": round(time.perf_counter() - t1, 1)}})
+            wire = fleet.record_bytes(hist["params"])
+        mean = {k: np.mean([s[k] for s in per_seed], axis=0).tolist() for k in ("local_only", "federated", "centralized")}
+        rows.append({
+            "scheme": name, "definition": scheme.to_dict(), "peak_sram_bytes": plan.memory.peak_bytes,
+            "accuracy": mean, "final": {k: v[-1] for k, v in mean.items()},
+            "bytes": {"update_params": layout.nbytes, "update_blob": blob, "flower_wire": wire,
+                      "int8_model": layout.model_bytes(), "fp32_model": 4 * layout.model_params()},
+            "ratios": {"int8_model/update": layout.model_bytes() / layout.nbytes,
+                       "fp32_model/update": 4 * layout.model_params() / layout.nbytes,
+                       "int8_model/update_blob": layout.model_bytes() / blob},
+            "seeds": per_seed,
+        })
+        if not args.json:
+            r = rows[-1]
+            print(f"{name}: final accuracy (a) local {100 * r['final']['local_only']:.1f} %  (b) federated "
+                  f"{100 * r['final']['federated']:.1f} %  (c) centralized {100 * r['final']['centralized']:.1f} %; "
+                  f"update {layout.nbytes} B (blob {blob} B, Flower {wire} B): int8 model "
+                  f"{r['ratios']['int8_model/update']:.1f}x, fp32 model {r['ratios']['fp32_model/update']:.1f}x",
+                  flush=True)
+    if args.plot:
+        from tinytrain.plots import fleet_accuracy_plot
+
+        main_row = rows[0]
+        fleet_accuracy_plot({f"({k[0]}) {label}": main_row["accuracy"][key] for k, (key, label) in
+                             zip("abc", [("local_only", "local only"), ("federated", "federated sparse"),
+                                         ("centralized", "centralized")])}, args.plot,
+                            title=f"{args.clients} devices, Dirichlet({args.alpha}), scheme {main_row['scheme']}")
+    if args.json:
+        print(json.dumps({"clients": args.clients, "rounds": args.rounds, "alpha": args.alpha, "lr": args.lr,
+                          "seeds": args.seeds, "rows": rows}))
+    else:
+        print("\nper round (mean over seeds), (a) local / (b) federated / (c) centralized:")
+        for r in rows:
+            print(f"  {r['scheme']}:")
+            for k in ("local_only", "federated", "centralized"):
+                print(f"    {k:<12}" + " ".join(f"{100 * v:5.1f}" for v in r["accuracy"][k]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
