@@ -72,6 +72,10 @@ int32_t tt_input_len(const tt_trainer *t, size_t *out);
 /* One training step on a labelled int8 sample; *loss gets the loss before the update. */
 int32_t tt_step(tt_trainer *t, const int8_t *input, size_t input_len, uint32_t label, float *loss);
 
+/* Steps refused with TT_ERR_NON_FINITE since tt_init (a NaN or inf loss or learning rate is
+ * refused before any weight moves; docs/reliability.md). Not checkpointed. */
+int32_t tt_skipped_steps(const tt_trainer *t, uint32_t *out);
+
 /* Forward pass only; *class_out gets the arg-max class. */
 int32_t tt_predict(tt_trainer *t, const int8_t *input, size_t input_len, uint32_t *class_out);
 

@@ -39,7 +39,7 @@ use crate::ops::pool::{
     avgpool_backward, avgpool_forward, global_avgpool_backward, global_avgpool_forward,
     maxpool_forward, Pool2dGeom,
 };
-use crate::ops::{save_input_channels, ChannelSelection, WeightShape};
+use crate::ops::{save_input_channels, ChannelSelection, WeightShape, BIAS_LIMIT};
 use crate::plan::{
     patch_bounds, patch_ranges, Axis1, BufKind, LossKind, OpKind, Precision, ACCUMULATE, IN_PLACE,
     MAX_PATCH_CHAIN, NONE,
@@ -178,6 +178,15 @@ impl<'p, 'a> Executor<'p, 'a> {
             if rq.iter().any(|r| !(-31..=30).contains(&r.shift)) {
                 return Err(Error::CorruptPlan {
                     field: "params (requantization shift)",
+                });
+            }
+        }
+        // Frozen and initial biases within the bound that keeps int32 accumulators exact.
+        for li in 0..pv.n_layers {
+            let (_, bias, _, _) = ex.frozen(&pv.layer(li)?)?;
+            if bias.iter().any(|b| b.unsigned_abs() > BIAS_LIMIT) {
+                return Err(Error::NotRepresentable {
+                    what: "params: a bias beyond +-2^30 (an int32 accumulator could overflow)",
                 });
             }
         }

@@ -33,6 +33,7 @@
 //! after that the executor can index records without further bounds worries (and still uses
 //! checked access, so nothing panics even if it could not).
 use crate::crc::crc32;
+use crate::ops::{MAX_DOT_LEN, MAX_POOL_LEN};
 use crate::{Error, Result};
 
 // The vocabulary of training graphs lives here, beside the format that stores it, so the
@@ -697,6 +698,20 @@ impl<'a> PlanView<'a> {
             };
             if !shapes_ok {
                 return Err(corrupt("nodes.shape"));
+            }
+            // Sums no int32 accumulator can overflow (see `ops::BIAS_LIMIT`).
+            let exact = match n.kind {
+                NODE_CONV => {
+                    w[0] as usize * w[1] as usize * (inp.c / n.groups) as usize <= MAX_DOT_LEN
+                }
+                NODE_FC => inp.numel() <= MAX_DOT_LEN,
+                NODE_GAP => inp.h as usize * inp.w as usize <= MAX_POOL_LEN,
+                _ => true,
+            };
+            if !exact {
+                return Err(corrupt(
+                    "nodes (more terms than an int32 accumulator holds exactly)",
+                ));
             }
             let trainable = n.kind == NODE_CONV || n.kind == NODE_FC;
             if trainable != (n.layer != NONE) {

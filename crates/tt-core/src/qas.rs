@@ -383,8 +383,10 @@ pub fn sgd_update_bias(
         }
         let nb = bias[o] as f64 - cfg.lr as f64 * g;
         let r = if nb >= 0.0 { nb + 0.5 } else { nb - 0.5 };
-        // `as` saturates for out-of-range and maps NaN to 0; NaN is excluded above.
-        bias[o] = r.clamp(i32::MIN as f64, i32::MAX as f64) as i32;
+        // Saturating at the bound that keeps the forward's int32 accumulators exact; NaN is
+        // excluded above.
+        let limit = crate::ops::BIAS_LIMIT as f64;
+        bias[o] = r.clamp(-limit, limit) as i32;
     }
     Ok(())
 }

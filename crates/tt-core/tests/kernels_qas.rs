@@ -618,8 +618,9 @@ fn bias_momentum_and_prefix() {
     sgd_update_bias(&mut b, &[0.5, 0.5], 0.5, &[1.0], &cfg, Some(&mut v)).unwrap();
     // v = 0.5 * 4 + 4 = 6; only the prefix the gradient covers moves.
     assert_eq!((b, v), ([-10, 7], [6.0]));
-    // Saturates instead of wrapping.
-    let mut big = [i32::MAX - 1];
-    sgd_update_bias(&mut big, &[0.5], 0.5, &[-1e9], &cfg, None).unwrap();
-    assert_eq!(big, [i32::MAX]);
+    // Saturates at +-2^30 (tt_core::ops::BIAS_LIMIT: the forward's int32 accumulators stay
+    // exact), never wraps.
+    let mut big = [(1 << 30) - 1, 1 - (1 << 30)];
+    sgd_update_bias(&mut big, &[0.5, 0.5], 0.5, &[-1e9, 1e9], &cfg, None).unwrap();
+    assert_eq!(big, [1 << 30, -(1 << 30)]);
 }

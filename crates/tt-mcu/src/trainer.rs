@@ -47,6 +47,7 @@ pub enum TrainError<E> {
 pub struct Trainer<'p, 'a> {
     ex: Executor<'p, 'a>,
     tag: u32,
+    skipped: u32,
 }
 
 /// The identity of a plan for checkpoints: the CRC of its header, which holds the CRCs of the
@@ -67,7 +68,11 @@ impl<'p, 'a> Trainer<'p, 'a> {
         let tag = plan_tag(plan)?;
         let mut ex = Executor::new(plan, params, arena)?;
         ex.init()?;
-        Ok(Trainer { ex, tag })
+        Ok(Trainer {
+            ex,
+            tag,
+            skipped: 0,
+        })
     }
 
     /// Arena bytes the plan needs (what [`Arena`] must hold), without building a trainer.
@@ -94,9 +99,22 @@ impl<'p, 'a> Trainer<'p, 'a> {
         &mut self.ex
     }
 
-    /// One training step on a labelled sample; returns the loss before the update.
+    /// One training step on a labelled sample; returns the loss before the update. A step
+    /// refused as `Error::NonFinite` (a NaN or infinite loss, gradient or learning rate) is
+    /// counted in [`Self::skipped_steps`]; a non-finite loss or learning rate is refused before
+    /// any weight moves.
     pub fn step(&mut self, input: &[i8], label: u32) -> Result<f32, Error> {
-        self.ex.step(input, Target::Class(label as usize))
+        let r = self.ex.step(input, Target::Class(label as usize));
+        if let Err(Error::NonFinite { .. }) = r {
+            self.skipped = self.skipped.saturating_add(1);
+        }
+        r
+    }
+
+    /// Steps refused as non-finite since this trainer was created (the host's
+    /// `Trainer.skipped_steps`); not part of the checkpointed state.
+    pub fn skipped_steps(&self) -> u32 {
+        self.skipped
     }
 
     pub fn predict(&mut self, input: &[i8]) -> Result<usize, Error> {

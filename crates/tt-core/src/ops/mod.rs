@@ -19,6 +19,18 @@ pub mod pool;
 
 use crate::error::{Error, Result};
 
+/// Largest magnitude of a conv / fc int32 bias. With it and [`MAX_DOT_LEN`], the forward
+/// accumulator `bias + Σ (x - zp)·w` (|x - zp| <= 255, |w| <= 128) stays below 2^31, so the
+/// kernels' wrapping int32 arithmetic is exact: overflow cannot happen, instead of being
+/// detected. Plans are refused past [`MAX_DOT_LEN`], blobs with larger biases are refused, and
+/// bias updates saturate here.
+pub const BIAS_LIMIT: u32 = 1 << 30;
+/// Most products one conv / fc output sums (`kh·kw·in_c/groups`, or fc inputs): 32,896, far
+/// above real layers (a 3x3 conv over 3,655 channels).
+pub const MAX_DOT_LEN: usize = (BIAS_LIMIT as usize) / (255 * 128);
+/// Most inputs a global average pool sums (|x - zp| <= 255 each) in its int32 accumulator.
+pub const MAX_POOL_LEN: usize = i32::MAX as usize / 255;
+
 /// Which axis of a weight tensor a channel selection runs along.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelAxis {

@@ -238,6 +238,19 @@ pub unsafe extern "C" fn tt_input_len(t: *const TtTrainer, out: *mut usize) -> i
     })())
 }
 
+#[no_mangle]
+pub unsafe extern "C" fn tt_skipped_steps(t: *const TtTrainer, out: *mut u32) -> i32 {
+    status((|| {
+        // SAFETY: checked by `trainer`; only read through the reference.
+        let tr = unsafe { trainer(t as *mut TtTrainer)? };
+        if out.is_null() {
+            return Err(TT_ERR_NULL);
+        }
+        unsafe { out.write(tr.skipped_steps()) };
+        Ok(())
+    })())
+}
+
 unsafe fn input<'a>(tr: &Trainer, p: *const i8, len: usize) -> Result<&'a [i8], i32> {
     if len != tr.input_len().map_err(core_code)? {
         return Err(TT_ERR_SIZE);

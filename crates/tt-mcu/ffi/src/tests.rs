@@ -84,7 +84,7 @@ fn header_matches_the_library() {
     let declared = functions(HEADER, " ");
     let defined = functions(SOURCE, "extern \"C\" fn ");
     assert_eq!(declared, defined);
-    assert_eq!(defined.len(), 13);
+    assert_eq!(defined.len(), 14);
     for (rust, c) in [
         ("pub ctx: *mut c_void", "void *ctx;"),
         ("pub capacity: u32", "uint32_t capacity;"),
@@ -244,6 +244,30 @@ fn train_predict_checkpoint_through_the_c_abi() {
     assert_eq!(unsafe { tt_restore(&mut t, &f, 0, 8192, &mut got) }, TT_OK);
     assert_eq!(got, 1);
     assert_eq!(predict(&mut t), trained);
+
+    // A non-finite learning rate refuses the step: counted, the learned state unchanged.
+    let mut skipped = u32::MAX;
+    assert_eq!(unsafe { tt_skipped_steps(&t, &mut skipped) }, TT_OK);
+    assert_eq!(skipped, 0);
+    let tr = unsafe { trainer(&mut t) }.unwrap();
+    let before = tr.state().to_vec();
+    let lr = tr.executor().lr;
+    tr.executor().lr = f32::INFINITY;
+    let mut loss = 0.0f32;
+    let y0 = b.train_y[0] as u32;
+    assert_eq!(
+        unsafe { tt_step(&mut t, b.train_x.as_ptr(), n, y0, &mut loss) },
+        TT_ERR_NON_FINITE
+    );
+    assert_eq!(unsafe { tt_skipped_steps(&t, &mut skipped) }, TT_OK);
+    assert_eq!(skipped, 1);
+    let tr = unsafe { trainer(&mut t) }.unwrap();
+    assert_eq!(tr.state(), &before[..]);
+    tr.executor().lr = lr;
+    assert_eq!(
+        unsafe { tt_skipped_steps(&t, ptr::null_mut()) },
+        TT_ERR_NULL
+    );
 
     // Wrong sizes and NULLs are refused before anything is read.
     let x = &b.test_x[..n];
