@@ -44,7 +44,7 @@ def lib():
 def test_every_declared_function_and_constant_resolves(lib):
     ffi, L = lib
     decls = re.findall(r"\b(tt_\w+)\s*\(", _cdef_source())
-    assert len(set(decls)) == 13
+    assert len(set(decls)) == 14
     for name in set(decls):
         getattr(L, name)  # raises if the library does not export it
     assert L.TT_OK == 0 and L.TT_ERR_UPDATE_PLAN == -14 and L.TT_NO_CHECKPOINT == 1
