@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # libFuzzer on every Rust reader of external bytes: the plan loader + executor (plan_load), the
-# checkpoint slot reader (checkpoint_read) and the C ABI (ffi), each seeded from real files (the
-# demo bundle, plans from `tinytrain compile`, real checkpoint images).
+# checkpoint slot reader (checkpoint_read), the C ABI (ffi) and the fleet update blob reader
+# (update_read), each seeded from real files (the demo bundle, plans from `tinytrain compile`,
+# real checkpoint images and update blobs).
 #   bash scripts/fuzz-smoke.sh              # a few seconds each (FUZZ_SECONDS, default 5)
 #   FUZZ_RUNS=1000000 bash scripts/fuzz-smoke.sh   # the long run: 1e6 executions each
 #   FUZZ_SANITIZER=none|address ...               # one sanitizer for all (default: ASan for ffi only)
@@ -42,7 +43,7 @@ cd crates/tt-core/fuzz
 cargo run -q --release --example make_seeds -- "$work/corpus" "${plans[@]}"
 limit=(-max_total_time="${FUZZ_SECONDS:-5}")
 [[ -n "${FUZZ_RUNS:-}" ]] && limit=(-runs="$FUZZ_RUNS")
-for t in ${FUZZ_TARGETS:-plan_load checkpoint_read ffi}; do
+for t in ${FUZZ_TARGETS:-plan_load checkpoint_read ffi update_read}; do
   echo "== $t"
   # -a: debug assertions and overflow checks on, so an arithmetic overflow is a crash.
   log="$work/$t.log"

@@ -4,6 +4,8 @@
 # fit the budget: SRAM (.data + .bss + .uninit + reserved stack) <= 256 KB, flash <= 1 MB.
 # The firmware trains the plan bundle in $TT_MCU_BUNDLE (as `tinytrain export --mcu` writes it),
 # or tt-mcu's built-in demo bundle, and must match the host run of the same plan bit for bit.
+# The device's fleet update blob lands in $TT_MCU_UPDATE_OUT (default
+# $CARGO_TARGET_DIR/update.ttu), decoded from the firmware's `update-hex` console lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ex=crates/tt-mcu/examples/qemu-mps2-an386
@@ -28,13 +30,14 @@ echo "== training the bundled plan"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 set +e
-qemu "$elf" | tee "$out"
+# The firmware streams its fleet update blob as `update-hex` lines: kept in $out, not shown.
+qemu "$elf" | tee "$out" | grep -v '^update-hex '
 status=${PIPESTATUS[0]}
 set -e
 
-python3 - "$elf" "$status" "$out" <<'PY'
-import subprocess, sys
-elf, status, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+python3 - "$elf" "$status" "$out" "${TT_MCU_UPDATE_OUT:-$CARGO_TARGET_DIR/update.ttu}" <<'PY'
+import os, subprocess, sys
+elf, status, out, update_out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 sec = {}
 for line in subprocess.run(["arm-none-eabi-size", "-A", elf], check=True,
                            capture_output=True, text=True).stdout.splitlines():
@@ -66,6 +69,16 @@ if sram > 256 * KB:
     bad.append(f"SRAM {sram} B > 256 KB")
 if flash > 1024 * KB:
     bad.append(f"flash {flash} B > 1 MB")
+hexs = [line.split(" ", 1)[1] for line in text.splitlines() if line.startswith("update-hex ")]
+if hexs:
+    # The device's update blob as a file (TT_MCU_UPDATE_OUT), for tt.read_update on the host.
+    tmp = update_out + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(bytes.fromhex("".join(hexs)))
+    os.replace(tmp, update_out)
+    print(f"update blob: {os.path.getsize(update_out)} B -> {update_out}")
+else:
+    bad.append("firmware wrote no update blob")
 if bad:
     sys.exit("mcu-qemu: FAIL: " + "; ".join(bad))
 print("mcu-qemu: OK")

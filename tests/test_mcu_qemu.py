@@ -1,6 +1,7 @@
 """The demo plan exported for the microcontroller (`Plan.export_mcu`), trained by the tt-mcu
 firmware on a Cortex-M4F under QEMU (scripts/mcu-qemu.sh), gives the Python Trainer's loss
-trajectory bit for bit and the same accuracy before and after. Needs Debian's Rust toolchain
+trajectory bit for bit and the same accuracy before and after, and the fleet update blob the
+device writes reads on the host (`tt.read_update`) as the Python Trainer's parameters. Needs Debian's Rust toolchain
 with rust-src, arm-none-eabi-ld and qemu-system-arm (scripts/install-arm-toolchain.sh)."""
 import os
 import re
@@ -43,7 +44,8 @@ def test_firmware_reproduces_the_python_trainer(tmp_path):
     crc = zlib.crc32(b"".join(struct.pack("<f", v) for v in losses))
     assert after > before
 
-    env = dict(os.environ, TT_MCU_BUNDLE=str(bundle), TT_MCU_EPOCHS=str(EPOCHS))
+    update = tmp_path / "device.ttu"
+    env = dict(os.environ, TT_MCU_BUNDLE=str(bundle), TT_MCU_EPOCHS=str(EPOCHS), TT_MCU_UPDATE_OUT=str(update))
     r = subprocess.run(["bash", "scripts/mcu-qemu.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     out = r.stdout
@@ -56,3 +58,19 @@ def test_firmware_reproduces_the_python_trainer(tmp_path):
     sram = int(re.search(r"memory: SRAM (\d+) B", out).group(1))
     assert plan.memory.peak_bytes < sram <= 256 * 1024
     assert np.isfinite(losses).all()
+
+    # The device's update blob, as a gateway would forward it, read on the host.
+    assert "equal to the host run's: yes" in out, out
+    assert re.search(rf"host update blob applied to a fresh trainer .*accuracy {after}/{N}", out), out
+    blob = update.read_bytes()
+    dev = tt.read_update(blob, plan)
+    host = tt.read_update(tr.export_update(), plan)
+    assert dev.sample_count == host.sample_count == EPOCHS * N
+    assert list(dev.params) == list(host.params) == ["conv_9.weight", "conv_9.bias", "fc_0.weight", "fc_0.bias"]
+    for name, v in host.params.items():
+        assert dev.params[name].dtype == v.dtype
+        np.testing.assert_array_equal(dev.params[name], v, err_msg=name)
+    assert blob == tr.export_update()
+    fresh = tt.Trainer(plan)
+    fresh.apply_update(blob)
+    np.testing.assert_array_equal(fresh.predict(xt[:N]), tr.predict(xt[:N]))

@@ -26,10 +26,11 @@
 //! where it does not, its extra precision is kept, so applying a device's own blob changes
 //! nothing. Momentum and the stochastic-rounding state are left as they are.
 //!
-//! [`read`] checks everything (length, CRC, plan tag, every section header against the plan)
-//! before any value is used; [`apply`] also checks every target range in the learned state
-//! before writing the first byte. Nothing allocates.
-use crate::crc::crc32;
+//! [`write`] fills a buffer; [`write_to`] streams the same bytes to a sink (a radio, a UART)
+//! with no buffer at all. [`read`] checks everything (length, CRC, plan tag, every section header
+//! against the plan) before any value is used; [`apply`] also checks every target range in the
+//! learned state before writing the first byte. Nothing allocates.
+use crate::crc::{crc32, Crc32};
 use crate::exec::Executor;
 use crate::plan::{BufKind, PlanView, Precision, NODE_CONV, NODE_FC, NONE};
 use crate::{Error, Result};
@@ -201,29 +202,25 @@ pub fn sections<'p>(pv: &PlanView<'p>) -> Sections<'p> {
 
 /// Bytes of the plan's update blob (the same for every blob of one plan).
 pub fn blob_len(pv: &PlanView<'_>) -> Result<usize> {
-    let mut n = HEADER_LEN + CRC_LEN;
-    for s in sections(pv) {
-        n = s?
-            .bytes()
-            .checked_add(SECTION_LEN)
-            .and_then(|b| b.checked_add(n))
-            .ok_or(Error::InvalidParameter {
-                what: "update blob above the address space",
-            })?;
-    }
-    Ok(n)
+    Ok(shape(pv)?.0)
 }
 
-fn put(out: &mut [u8], at: usize, v: &[u8]) -> Result<()> {
-    let available = out.len();
-    out.get_mut(at..at + v.len())
-        .ok_or(Error::OutOfMemory {
-            what: "update blob buffer",
-            needed: at + v.len(),
-            available,
-        })?
-        .copy_from_slice(v);
-    Ok(())
+/// Blob length and number of sections.
+fn shape(pv: &PlanView<'_>) -> Result<(usize, u32)> {
+    let too_large = Error::InvalidParameter {
+        what: "update blob above 4 GB",
+    };
+    let (mut len, mut n) = (HEADER_LEN + CRC_LEN, 0u32);
+    for s in sections(pv) {
+        len = s?
+            .bytes()
+            .checked_add(SECTION_LEN)
+            .and_then(|b| b.checked_add(len))
+            .filter(|&l| u32::try_from(l).is_ok())
+            .ok_or(too_large)?;
+        n += 1;
+    }
+    Ok((len, n))
 }
 
 fn state_slice<'s>(state: &'s [u8], at: usize, len: usize) -> Result<&'s [u8]> {
@@ -243,14 +240,54 @@ fn check_state(pv: &PlanView<'_>, state: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Writes the update blob of `state` (the learned state of an executor running `pv`) into `out`;
-/// returns its length. `out` shorter than [`blob_len`] is `OutOfMemory` naming the bytes needed.
-pub fn write(pv: &PlanView<'_>, state: &[u8], sample_count: u32, out: &mut [u8]) -> Result<usize> {
+/// Streams the update blob of `state` (the learned state of an executor running `pv`) to `sink`
+/// piece by piece, in order, with no buffer: a device can send it as it is made. Returns its
+/// length; an error of `sink` stops the stream and is returned.
+pub fn write_to(
+    pv: &PlanView<'_>,
+    state: &[u8],
+    sample_count: u32,
+    mut sink: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<usize> {
     check_state(pv, state)?;
+    let (len, n) = shape(pv)?;
+    let mut crc = Crc32::new();
+    let mut emit = |b: &[u8]| {
+        crc.update(b);
+        sink(b)
+    };
+    emit(&MAGIC)?;
+    emit(&VERSION.to_le_bytes())?;
+    emit(&(HEADER_LEN as u16).to_le_bytes())?;
+    // `shape` keeps the length within u32.
+    emit(&(len as u32).to_le_bytes())?;
+    emit(&pv.tag.to_le_bytes())?;
+    emit(&sample_count.to_le_bytes())?;
+    emit(&n.to_le_bytes())?;
+    for s in sections(pv) {
+        let s = s?;
+        emit(&s.layer.to_le_bytes())?;
+        emit(&[s.kind as u8, s.dtype as u8])?;
+        emit(&(s.count as u32).to_le_bytes())?;
+        let src = state_slice(state, s.state_at, s.bytes())?;
+        match s.dtype {
+            DType::I8 => emit(src)?,
+            // The arena holds native-endian i32; the blob is little-endian everywhere.
+            DType::I32 => {
+                for v in src.chunks_exact(4) {
+                    emit(&i32::from_ne_bytes([v[0], v[1], v[2], v[3]]).to_le_bytes())?;
+                }
+            }
+        }
+    }
+    sink(&crc.finish().to_le_bytes())?;
+    Ok(len)
+}
+
+/// [`write_to`] into `out`; returns the blob's length. `out` shorter than [`blob_len`] is
+/// `OutOfMemory` naming the bytes needed, before anything is written.
+pub fn write(pv: &PlanView<'_>, state: &[u8], sample_count: u32, out: &mut [u8]) -> Result<usize> {
     let len = blob_len(pv)?;
-    let total = u32::try_from(len).map_err(|_| Error::InvalidParameter {
-        what: "update blob above 4 GB",
-    })?;
     if out.len() < len {
         return Err(Error::OutOfMemory {
             what: "update blob buffer",
@@ -258,42 +295,19 @@ pub fn write(pv: &PlanView<'_>, state: &[u8], sample_count: u32, out: &mut [u8])
             available: out.len(),
         });
     }
-    let out = &mut out[..len];
-    put(out, 0, &MAGIC)?;
-    put(out, 4, &VERSION.to_le_bytes())?;
-    put(out, 6, &(HEADER_LEN as u16).to_le_bytes())?;
-    put(out, 8, &total.to_le_bytes())?;
-    put(out, 12, &pv.tag.to_le_bytes())?;
-    put(out, 16, &sample_count.to_le_bytes())?;
-    let mut at = HEADER_LEN;
-    let mut n = 0u32;
-    for s in sections(pv) {
-        let s = s?;
-        let count = u32::try_from(s.count).map_err(|_| Error::InvalidParameter {
-            what: "update blob: a parameter above 4 G elements",
-        })?;
-        put(out, at, &s.layer.to_le_bytes())?;
-        put(out, at + 2, &[s.kind as u8, s.dtype as u8])?;
-        put(out, at + 4, &count.to_le_bytes())?;
-        at += SECTION_LEN;
-        let src = state_slice(state, s.state_at, s.bytes())?;
-        match s.dtype {
-            DType::I8 => put(out, at, src)?,
-            // The arena holds native-endian i32; the blob is little-endian everywhere.
-            DType::I32 => {
-                for (j, v) in src.chunks_exact(4).enumerate() {
-                    let v = i32::from_ne_bytes([v[0], v[1], v[2], v[3]]);
-                    put(out, at + 4 * j, &v.to_le_bytes())?;
-                }
-            }
-        }
-        at += s.bytes();
-        n += 1;
-    }
-    put(out, 20, &n.to_le_bytes())?;
-    let crc = crc32(&out[..len - CRC_LEN]);
-    put(out, len - CRC_LEN, &crc.to_le_bytes())?;
-    Ok(len)
+    let mut at = 0;
+    write_to(pv, state, sample_count, |b| {
+        let end = at + b.len();
+        out.get_mut(at..end)
+            .ok_or(Error::OutOfMemory {
+                what: "update blob buffer",
+                needed: end,
+                available: len,
+            })?
+            .copy_from_slice(b);
+        at = end;
+        Ok(())
+    })
 }
 
 fn rd_u16(b: &[u8], at: usize, field: &'static str) -> Result<u16> {

@@ -68,7 +68,7 @@ fn main() -> std::io::Result<()> {
     for (i, p) in args.enumerate() {
         ttps.push((format!("file{i}"), std::fs::read(&p)?));
     }
-    for t in ["plan_load", "ffi", "checkpoint_read"] {
+    for t in ["plan_load", "ffi", "checkpoint_read", "update_read"] {
         std::fs::create_dir_all(out.join(t))?;
     }
     for (name, t) in &ttps {
@@ -92,6 +92,14 @@ fn main() -> std::io::Result<()> {
         seed.extend_from_slice(&img.0);
         std::fs::write(out.join("checkpoint_read").join(format!("demo-{k}")), seed)?;
         c = Checkpoints::new(img, 0, 1024, tag).expect("layout");
+    }
+    // Update blobs of the demo plan: before training and after one and two epochs.
+    let pv = tt_core::plan::PlanView::parse(&b.plan).expect("the demo plan parses");
+    for epochs in 0..3 {
+        let state = b.run(epochs).expect("the demo runs").state;
+        let mut blob = vec![0u8; tt_core::update::blob_len(&pv).expect("blob size")];
+        tt_core::update::write(&pv, &state, 48 * epochs as u32, &mut blob).expect("a blob");
+        std::fs::write(out.join("update_read").join(format!("demo-{epochs}")), blob)?;
     }
     Ok(())
 }

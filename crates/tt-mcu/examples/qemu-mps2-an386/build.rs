@@ -47,6 +47,13 @@ fn main() {
     bundle.write(&out).unwrap();
     let losses: Vec<u8> = run.losses.iter().flat_map(|l| l.to_le_bytes()).collect();
     fs::write(out.join("host_losses.bin"), losses).unwrap();
+    // The host run's fleet update blob: the firmware streams its own and must match it, and
+    // applies this one into a fresh trainer.
+    let pv = tt_core::plan::PlanView::parse(&bundle.plan).unwrap();
+    let mut blob = vec![0u8; tt_core::update::blob_len(&pv).unwrap()];
+    let samples = (epochs * bundle.train_y.len()) as u32;
+    tt_core::update::write(&pv, &run.state, samples, &mut blob).unwrap();
+    fs::write(out.join("host_update.bin"), blob).unwrap();
     let consts = format!(
         "pub const ARENA_BYTES: usize = {};\n\
          pub const INPUT_LEN: usize = {};\n\

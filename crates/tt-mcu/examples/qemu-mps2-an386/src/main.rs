@@ -37,6 +37,7 @@ static HOST_LOSSES: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(
     env!("OUT_DIR"),
     "/host_losses.bin"
 )));
+static HOST_UPDATE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/host_update.bin"));
 
 /// All of training's SRAM: the plan's arena, sized by the export. In .bss, so the linker
 /// figure counts it and a plan that does not fit fails the link.
@@ -50,6 +51,38 @@ fn as_i8(b: &[u8]) -> &[i8] {
 fn host_loss(i: usize) -> Option<u32> {
     let b = HOST_LOSSES.0.get(4 * i..4 * i + 4)?;
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Prints bytes as `update-hex <hex>` lines of 64 bytes, the form scripts/mcu-qemu.sh turns back
+/// into a file: the semihosting console stands in for the radio a device would send them over.
+struct HexLines {
+    buf: [u8; 64],
+    n: usize,
+}
+
+impl HexLines {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.buf[self.n] = b;
+            self.n += 1;
+            if self.n == self.buf.len() {
+                self.flush();
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0u8; 128];
+        for (i, &b) in self.buf[..self.n].iter().enumerate() {
+            hex[2 * i] = HEX[(b >> 4) as usize];
+            hex[2 * i + 1] = HEX[(b & 15) as usize];
+        }
+        if let Ok(line) = core::str::from_utf8(&hex[..2 * self.n]) {
+            say!("update-hex {line}");
+        }
+        self.n = 0;
+    }
 }
 
 fn accuracy(t: &mut Trainer) -> Result<usize, tt_core::Error> {
@@ -147,6 +180,33 @@ fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
         }
     }
     ok &= again == after;
+
+    // The fleet update blob: streamed out as it is made (no buffer), byte for byte the host
+    // run's; and the host run's blob applied into a fresh trainer gives the trained accuracy.
+    let mut hex = HexLines { buf: [0; 64], n: 0 };
+    let mut sent = tt_core::crc::Crc32::new();
+    let t0 = instructions();
+    let n = tt_core::update::write_to(t.plan(), t.state(), step as u32, |b| {
+        sent.update(b);
+        hex.push(b);
+        Ok(())
+    })?;
+    let t_blob = instructions() - t0;
+    hex.flush();
+    let same = n == HOST_UPDATE.len() && sent.finish() == tt_core::crc::crc32(HOST_UPDATE);
+    say!(
+        "update blob {n} B (sample count {step}, crc32 {:08x}): streamed in {t_blob} instr (with the console); equal to the host run's: {}",
+        sent.finish(),
+        if same { "yes" } else { "NO" }
+    );
+    ok &= same;
+    let mut t = Trainer::new(PLAN, &PARAMS.0, &mut *arena)?;
+    let t0 = instructions();
+    let count = t.apply_update(HOST_UPDATE)?;
+    let t_apply = instructions() - t0;
+    let via = accuracy(&mut t)?;
+    say!("host update blob applied to a fresh trainer in {t_apply} instr (sample count {count}): accuracy {via}/{N_TEST}");
+    ok &= via == after && count as usize == step;
     Ok(ok)
 }
 
