@@ -8,174 +8,28 @@
 //!
 //! CI runs `soak_short` (2,000 steps, 10 cuts); `cargo test -p tt-mcu --release --test soak --
 //! --ignored` runs the full 20,000 steps with 50 cuts and prints its figures.
-use embedded_storage::nor_flash::{
-    ErrorType, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
-};
 use tt_mcu::bundle::Bundle;
 use tt_mcu::checkpoint::{CheckpointError, Checkpoints};
 use tt_mcu::trainer::Trainer;
+
+#[path = "common/flash.rs"]
+mod flash;
+use flash::{xorshift, SimError, SimFlash, Torn};
 
 const EVERY: usize = 500;
 const WRITE: usize = 4;
 const SECTOR: usize = 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SimError {
-    NotAligned,
-    OutOfBounds,
-    PowerLost,
-}
-
-impl NorFlashError for SimError {
-    fn kind(&self) -> NorFlashErrorKind {
-        match self {
-            SimError::NotAligned => NorFlashErrorKind::NotAligned,
-            SimError::OutOfBounds => NorFlashErrorKind::OutOfBounds,
-            SimError::PowerLost => NorFlashErrorKind::Other,
-        }
-    }
-}
-
-fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
-
-/// NOR flash counting every programmed word and erased sector as one operation; when the armed
-/// operation comes, it is left torn (untouched, or some random bits of it done) and the power is
-/// gone: every later call fails until `reboot`.
-struct Flash {
-    mem: Vec<u8>,
-    ops: usize,
-    cut: Option<(usize, u64)>,
-    dead: bool,
-}
-
-impl Flash {
-    fn arm(&mut self, after: usize, tear: u64) {
-        self.cut = Some((self.ops + after, tear));
-    }
-
-    fn reboot(mut self) -> Self {
-        self.cut = None;
-        self.dead = false;
-        self
-    }
-
-    /// `Some(tear seed)` when power goes at this operation; seed 0 leaves it untouched.
-    fn op(&mut self) -> Result<Option<u64>, SimError> {
-        if self.dead {
-            return Err(SimError::PowerLost);
-        }
-        let now = self.ops;
-        self.ops += 1;
-        match self.cut {
-            Some((at, tear)) if at == now => {
-                self.dead = true;
-                Ok(Some(tear))
-            }
-            _ => Ok(None),
-        }
-    }
-}
-
-impl ErrorType for Flash {
-    type Error = SimError;
-}
-
-impl ReadNorFlash for Flash {
-    const READ_SIZE: usize = WRITE;
-
-    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), SimError> {
-        if self.dead {
-            return Err(SimError::PowerLost);
-        }
-        let o = offset as usize;
-        if !o.is_multiple_of(WRITE) || !bytes.len().is_multiple_of(WRITE) {
-            return Err(SimError::NotAligned);
-        }
-        let src = self
-            .mem
-            .get(o..o + bytes.len())
-            .ok_or(SimError::OutOfBounds)?;
-        bytes.copy_from_slice(src);
-        Ok(())
-    }
-
-    fn capacity(&self) -> usize {
-        self.mem.len()
-    }
-}
-
-impl NorFlash for Flash {
-    const WRITE_SIZE: usize = WRITE;
-    const ERASE_SIZE: usize = SECTOR;
-
-    fn erase(&mut self, from: u32, to: u32) -> Result<(), SimError> {
-        let (from, to) = (from as usize, to as usize);
-        if !from.is_multiple_of(SECTOR) || !to.is_multiple_of(SECTOR) || from > to {
-            return Err(SimError::NotAligned);
-        }
-        if to > self.mem.len() {
-            return Err(SimError::OutOfBounds);
-        }
-        for s in (from..to).step_by(SECTOR) {
-            match self.op()? {
-                None => self.mem[s..s + SECTOR].fill(0xFF),
-                Some(mut tear) => {
-                    if tear != 0 {
-                        for b in &mut self.mem[s..s + SECTOR] {
-                            *b |= xorshift(&mut tear) as u8;
-                        }
-                    }
-                    return Err(SimError::PowerLost);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), SimError> {
-        let o = offset as usize;
-        if !o.is_multiple_of(WRITE) || !bytes.len().is_multiple_of(WRITE) {
-            return Err(SimError::NotAligned);
-        }
-        if o + bytes.len() > self.mem.len() {
-            return Err(SimError::OutOfBounds);
-        }
-        for (i, word) in bytes.chunks_exact(WRITE).enumerate() {
-            let at = o + i * WRITE;
-            assert!(
-                self.mem[at..at + WRITE].iter().all(|&b| b == 0xFF),
-                "write to a non-erased word at {at:#x}"
-            );
-            let torn = self.op()?;
-            let cell = &mut self.mem[at..at + WRITE];
-            match torn {
-                None => cell.copy_from_slice(word),
-                Some(mut tear) => {
-                    if tear != 0 {
-                        // Programming only clears bits: a torn word has some of its zeros.
-                        for (c, &w) in cell.iter_mut().zip(word) {
-                            *c = w | xorshift(&mut tear) as u8;
-                        }
-                    }
-                    return Err(SimError::PowerLost);
-                }
-            }
-        }
-        Ok(())
-    }
-}
+/// The demo's flash geometry: 4-byte words (also the read unit), 1 KB sectors.
+type Flash = SimFlash<WRITE, WRITE, SECTOR>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cut {
     /// Power goes while training step `n` runs (its result never reaches flash).
     Step(usize),
-    /// Power goes at operation `op` of the checkpoint written after step `after` (with `tear`).
-    Save { after: usize, op: usize, tear: u64 },
+    /// Power goes at operation `op` of the checkpoint written after step `after`, leaving it
+    /// `torn`.
+    Save { after: usize, op: usize, torn: Torn },
 }
 
 struct Outcome {
@@ -224,12 +78,7 @@ fn run(b: &Bundle, total: usize, cuts: &[Cut]) -> Outcome {
             .len()
     };
     let slot = ((state_len + 8 + 64).div_ceil(SECTOR) * SECTOR) as u32;
-    let mut flash = Flash {
-        mem: vec![0xFF; 2 * slot as usize],
-        ops: 0,
-        cut: None,
-        dead: false,
-    };
+    let mut flash = Flash::new(2 * slot as usize);
 
     let mut pending = cuts.to_vec();
     let mut out = Outcome {
@@ -302,12 +151,12 @@ fn run(b: &Bundle, total: usize, cuts: &[Cut]) -> Outcome {
                 let cut = pending
                     .iter()
                     .position(|c| matches!(c, Cut::Save { after, .. } if *after == step));
-                let mut f = store.into_inner();
-                let before = f.ops;
+                // Operations are counted from this checkpoint's first.
+                let mut f = store.into_inner().reboot();
                 let mut cut_op = None;
                 if let Some(k) = cut {
-                    if let Cut::Save { op, tear, .. } = pending.remove(k) {
-                        f.arm(op, tear);
+                    if let Cut::Save { op, torn, .. } = pending.remove(k) {
+                        f = f.with_cut(op, torn);
                         cut_op = Some(op);
                     }
                 }
@@ -317,7 +166,7 @@ fn run(b: &Bundle, total: usize, cuts: &[Cut]) -> Outcome {
                 match (r, cut_op) {
                     (Ok(_), None) => {
                         let f = store.into_inner();
-                        out.save_ops = out.save_ops.max(f.ops - before);
+                        out.save_ops = out.save_ops.max(f.steps);
                         store = Checkpoints::new(f, 0, slot, tag).unwrap();
                         committed = Some(step);
                         out.checkpoints.push((step, state));
@@ -357,11 +206,11 @@ fn soak(total: usize, cuts: usize, seed: u64) {
             let after = EVERY * (1 + (r % (total / EVERY) as u64) as usize);
             let op = (xorshift(&mut rng) % reference.save_ops as u64) as usize;
             // A third of the tears leave the interrupted word/sector untouched.
-            let tear = match xorshift(&mut rng) % 3 {
-                0 => 0,
-                _ => xorshift(&mut rng) | 1,
+            let torn = match xorshift(&mut rng) % 3 {
+                0 => Torn::Untouched,
+                _ => Torn::Random(xorshift(&mut rng) | 1),
             };
-            plan.push(Cut::Save { after, op, tear });
+            plan.push(Cut::Save { after, op, torn });
         }
     }
     let cut = run(&b, total, &plan);
