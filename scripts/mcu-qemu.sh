@@ -13,8 +13,9 @@ export RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc
 export CARGO_TARGET_THUMBV7EM_NONE_EABIHF_LINKER=arm-none-eabi-ld
 # One target dir for every firmware example, so `core` (build-std) is compiled once.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_MCU:-$PWD/target/thumb-examples}"
+# TT_MCU_FEATURES=portable builds the plain reference firmware (no DSP kernels).
 /usr/bin/cargo build -q -Z build-std=core --target thumbv7em-none-eabihf --release \
-  --manifest-path "$ex/Cargo.toml"
+  --manifest-path "$ex/Cargo.toml" ${TT_MCU_FEATURES:+--features "$TT_MCU_FEATURES"}
 bin="$CARGO_TARGET_DIR/thumbv7em-none-eabihf/release"
 elf="$bin/tt-mcu-qemu-mps2-an386"
 qemu() {

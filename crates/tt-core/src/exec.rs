@@ -1406,6 +1406,33 @@ impl Weights<'_> {
         }
     }
 
+    /// The rows the DSP conv paths read: whole weights, or trained output channels below
+    /// `k` (input-channel splits take the portable loops), for a patch that fits their staging
+    /// and an int8-range zero point (so their int16 `x - zp` is the portable int32 one).
+    /// Lengths were checked by `check`.
+    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+    fn dsp_rows(&self, g: &Conv2dGeom, in_zp: i32) -> Option<crate::ops::arm::Rows<'_>> {
+        if g.kh * g.kw * g.in_per_group() > crate::ops::arm::PATCH_MAX
+            || !(-128..=127).contains(&in_zp)
+        {
+            return None;
+        }
+        match *self {
+            Weights::Whole(w) => Some(crate::ops::arm::Rows::whole(w)),
+            Weights::Split {
+                flash,
+                sram,
+                axis: 0,
+                k,
+            } => Some(crate::ops::arm::Rows {
+                lo: sram,
+                hi: flash,
+                k,
+            }),
+            Weights::Split { .. } => None,
+        }
+    }
+
     fn check(&self, g: &Conv2dGeom) -> Result<()> {
         let full = g.weight_len();
         let (flash, sram, need) = match *self {
@@ -1496,6 +1523,11 @@ fn split_forward(
         g.out_c,
         g.in_c,
     );
+    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+    if let Some(rows) = w.dsp_rows(g, in_zp) {
+        crate::ops::arm::conv_forward_rows(g, x, in_zp, rows, bias, rq, out_zp, amin, amax, y);
+        return Ok(());
+    }
     let ow = g.out_w();
     for oy in 0..g.out_h() {
         for ox in 0..ow {
@@ -1724,6 +1756,9 @@ impl<'p, 'a> Executor<'p, 'a> {
     }
 }
 
+/// Weights per block the fused block backward stages as f32 (1 KB of stack).
+const STAGE_F32: usize = 256;
+
 fn bit(mask: &[u8], i: usize) -> bool {
     mask[i / 8] & (1 << (i % 8)) != 0
 }
@@ -1906,18 +1941,31 @@ impl<'p, 'a> Executor<'p, 'a> {
         let in_scale = t0.scale;
         let x_zp = t0.zero_point;
         let mut result = Ok(());
+        // One weight column (pw2) or row (pw1) of channel c as f32, staged in blocks so the
+        // inner loops are plain multiply-adds; sums keep their order, so the numbers do not
+        // depend on the block size.
+        let mut stage = [0f32; STAGE_F32];
         for c in 0..m {
-            for (p, a) in pa.iter_mut().enumerate() {
-                let mut v = 0.0f32;
-                if bit(mask_d, p * m + c) {
-                    let g = &go2[p * c3..][..c3];
-                    for (o, &gv) in g.iter().enumerate() {
-                        if gv != 0.0 {
-                            v += gv * ws2[o] * w2.at(o, 0, c, 1, m) as f32;
+            pa.fill(0.0);
+            for o0 in (0..c3).step_by(STAGE_F32) {
+                let n = (c3 - o0).min(STAGE_F32);
+                for (o, s) in stage[..n].iter_mut().enumerate() {
+                    *s = w2.at(o0 + o, 0, c, 1, m) as f32;
+                }
+                let (st, sc) = (&stage[..n], &ws2[o0..o0 + n]);
+                for (p, a) in pa.iter_mut().enumerate() {
+                    if bit(mask_d, p * m + c) {
+                        let mut v = *a;
+                        for ((&gv, &s), &w) in go2[p * c3 + o0..][..n].iter().zip(sc).zip(st) {
+                            if gv != 0.0 {
+                                v += gv * s * w;
+                            }
                         }
+                        *a = v;
                     }
                 }
-                *a = v;
+            }
+            for &v in pa.iter() {
                 dbg[c] += v;
             }
             dw_plane_input_grad(&gd, pa, &fwd[c * dtaps..(c + 1) * dtaps], wsd[c], pb);
@@ -1930,19 +1978,25 @@ impl<'p, 'a> Executor<'p, 'a> {
             let trained_row = c < rows;
             if has_gi {
                 let s = ws1[c];
-                for (q, &v) in pb.iter().enumerate() {
-                    if v == 0.0 {
-                        continue;
-                    }
-                    let v = v * s;
-                    let d = &mut gi[q * c0..][..c0];
-                    for (i, dv) in d.iter_mut().enumerate() {
-                        let w = if trained_row && i < cols {
+                for i0 in (0..c0).step_by(STAGE_F32) {
+                    let n = (c0 - i0).min(STAGE_F32);
+                    for (j, d) in stage[..n].iter_mut().enumerate() {
+                        let i = i0 + j;
+                        *d = if trained_row && i < cols {
                             w1s[c * cols + i]
                         } else {
                             fw1[c * c0 + i]
-                        };
-                        *dv += v * w as f32;
+                        } as f32;
+                    }
+                    let st = &stage[..n];
+                    for (q, &v) in pb.iter().enumerate() {
+                        if v == 0.0 {
+                            continue;
+                        }
+                        let v = v * s;
+                        for (dv, &w) in gi[q * c0 + i0..][..n].iter_mut().zip(st) {
+                            *dv += v * w;
+                        }
                     }
                 }
             }
@@ -2102,6 +2156,13 @@ fn pw_forward_in_place(
             actual: buf.len(),
         });
     }
+    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+    if let Some(rows) = w.dsp_rows(g, in_zp) {
+        crate::ops::arm::pw_in_place(
+            pixels, ci, co, buf, in_zp, rows, bias, rq, out_zp, amin, amax,
+        );
+        return Ok(());
+    }
     for step in 0..pixels {
         let p = if co > ci { pixels - 1 - step } else { step };
         let x = &buf[p * ci..][..ci];
@@ -2151,33 +2212,62 @@ fn dw_forward_in_place(
         });
     }
     for ch in 0..c {
-        for oy in 0..g.out_h() {
-            for ox in 0..ow {
-                let mut acc = bias[ch];
-                for ky in 0..g.kh {
-                    let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
-                    if iy < 0 || iy >= g.in_h as isize {
-                        continue;
-                    }
-                    for kx in 0..g.kw {
-                        let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
-                        if ix < 0 || ix >= g.in_w as isize {
-                            continue;
-                        }
-                        let xv = buf[(iy as usize * g.in_w + ix as usize) * c + ch] as i32;
-                        let wv = w[ch * taps + ky * g.kw + kx] as i32;
-                        acc = acc.wrapping_add((xv - in_zp).wrapping_mul(wv));
-                    }
-                }
-                let v = rq[ch].apply(acc).saturating_add(out_zp);
-                plane[oy * ow + ox] = v.clamp(amin as i32, amax as i32) as i8;
-            }
-        }
+        let wc = &w[ch * taps..][..taps];
+        #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+        crate::ops::arm::dw_plane(
+            g, buf, ch, in_zp, wc, bias[ch], &rq[ch], out_zp, amin, amax, plane,
+        );
+        #[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
+        dw_plane_forward(
+            g, buf, ch, in_zp, wc, bias[ch], &rq[ch], out_zp, amin, amax, plane,
+        );
         for (p, &v) in plane.iter().enumerate() {
             buf[p * c + ch] = v;
         }
     }
     Ok(())
+}
+
+/// Channel `ch` of a depthwise conv over the HWC `buf` into the planar `plane`, tap by tap
+/// (the portable loop, and the oracle of the DSP build's `arm::dw_plane`). Sizes were checked
+/// by the caller.
+#[allow(clippy::too_many_arguments)]
+#[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
+fn dw_plane_forward(
+    g: &Conv2dGeom,
+    buf: &[i8],
+    ch: usize,
+    in_zp: i32,
+    w: &[i8],
+    bias: i32,
+    rq: &Requant,
+    out_zp: i32,
+    amin: i8,
+    amax: i8,
+    plane: &mut [i8],
+) {
+    let (c, ow) = (g.in_c, g.out_w());
+    for oy in 0..g.out_h() {
+        for ox in 0..ow {
+            let mut acc = bias;
+            for ky in 0..g.kh {
+                let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
+                if iy < 0 || iy >= g.in_h as isize {
+                    continue;
+                }
+                for kx in 0..g.kw {
+                    let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
+                    if ix < 0 || ix >= g.in_w as isize {
+                        continue;
+                    }
+                    let xv = buf[(iy as usize * g.in_w + ix as usize) * c + ch] as i32;
+                    let wv = w[ky * g.kw + kx] as i32;
+                    acc = acc.wrapping_add((xv - in_zp).wrapping_mul(wv));
+                }
+            }
+            plane[oy * ow + ox] = rq.apply_clamp(acc, out_zp, amin, amax);
+        }
+    }
 }
 
 /// Input gradient of one depthwise channel on planar (H x W) buffers: `gi` is overwritten with the

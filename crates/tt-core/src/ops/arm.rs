@@ -10,7 +10,7 @@ use crate::quant::Requant;
 
 /// Elements (taps x input channels per group) of one staged patch of the general path
 /// (1 KB of stack each; two are staged).
-pub(super) const PATCH_MAX: usize = 512;
+pub(crate) const PATCH_MAX: usize = 512;
 /// Channels per pass of the depthwise path and the largest kernel it stages (864 B of weights).
 const DW_BLOCK: usize = 48;
 const DW_MAX_TAPS: usize = 9;
@@ -52,25 +52,22 @@ fn smlad(a: u32, b: u32, acc: i32) -> i32 {
 }
 
 /// `Requant::apply_clamp` for the multipliers below 1/2 that `Requant::from_scale` produces for
-/// every layer scale under 1/2 (right shift `n` of 32..=62): the 64-bit product's high word
-/// carries the result, so the flooring shift is one 32-bit shift instead of a variable 64-bit
-/// one. Same value: `floor(q / 2^n) = floor(floor(q / 2^32) / 2^(n - 32))`, and the zero point
-/// is added saturating before the clamp, which the clamp to int8 range makes exact. Any other
-/// shift takes `apply_clamp` itself.
+/// every layer scale under 1/2 (right shift `n` of 32..=62), single rounding. Same value with
+/// 32-bit shifts only: `round(p / 2^n)` half away from zero is `floor((t / 2^(n-1) + 1) / 2)`
+/// with `t = p - (p < 0)`, and `floor(t / 2^(n-1)) = floor(t / 2^31) >> (n - 32)`, where
+/// `floor(t / 2^31)` fits an i32 because `|p| < 2^62` for a non-negative multiplier. The zero
+/// point is added saturating before the clamp, which the clamp to int8 range makes exact. Any
+/// other shift and a negative multiplier take `apply_clamp` itself.
 #[inline(always)]
 fn requant_clamp(rq: &Requant, acc: i32, out_zp: i32, lo: i8, hi: i8) -> i8 {
-    let n = 31i32.wrapping_sub(rq.shift);
-    if !(32..=62).contains(&n) {
+    let s = 31i32.wrapping_sub(rq.shift as i32).wrapping_sub(32);
+    if s as u32 > 30 || rq.multiplier < 0 {
         return rq.apply_clamp(acc, out_zp, lo, hi);
     }
-    let half = if n == 32 {
-        1i64 << 31
-    } else {
-        ((1u32 << (n - 33)) as i64) << 32
-    };
     let p = acc as i64 * rq.multiplier as i64;
-    let q = p + half - (p < 0) as i64;
-    let v = ((q >> 32) as i32) >> (n - 32);
+    let t = p - (p < 0) as i64;
+    let u = (t >> 31) as i32;
+    let v = ((u >> s) + 1) >> 1;
     v.saturating_add(out_zp).clamp(lo as i32, hi as i32) as i8
 }
 
@@ -94,6 +91,18 @@ fn smlatt(a: u32, b: u32, acc: i32) -> i32 {
     unsafe {
         asm!("smlatt {r}, {a}, {b}, {c}", r = lateout(reg) r, a = in(reg) a, b = in(reg) b,
              c = in(reg) acc, options(pure, nomem, nostack))
+    };
+    r
+}
+
+/// Lane-wise `a - b` of two int16 pairs (exact here: both lanes stay in int16 range).
+#[inline(always)]
+fn ssub16(a: u32, b: u32) -> u32 {
+    let r: u32;
+    // SAFETY: register-only arithmetic; it sets the GE flags, which nothing reads.
+    unsafe {
+        asm!("ssub16 {r}, {a}, {b}", r = lateout(reg) r, a = in(reg) a, b = in(reg) b,
+             options(pure, nomem, nostack))
     };
     r
 }
@@ -159,11 +168,74 @@ fn stage_patch(
     }
 }
 
+/// Weight rows of a conv (OHWI, `l` int8 each): rows below `k` from `lo`, the others from
+/// `hi`. A layer whose first `k` output channels are trained keeps those rows compact in SRAM
+/// (`lo`) while the frozen tensor stays whole in flash (`hi`); an untrained layer has `k == 0`.
+/// The caller has checked `lo` holds `k` rows and `hi` all of them.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'w> {
+    pub lo: &'w [i8],
+    pub hi: &'w [i8],
+    pub k: usize,
+}
+
+impl<'w> Rows<'w> {
+    pub(crate) fn whole(w: &'w [i8]) -> Rows<'w> {
+        Rows { lo: w, hi: w, k: 0 }
+    }
+
+    #[inline(always)]
+    fn row(&self, o: usize, l: usize) -> &'w [i8] {
+        if o < self.k {
+            &self.lo[o * l..][..l]
+        } else {
+            &self.hi[o * l..][..l]
+        }
+    }
+}
+
+/// `(a + x.w, b + y.w)`: one weight row against two staged patches, the weights widened once.
+#[inline(always)]
+fn dot2(w: &[i8], x: (&[u32], &[i16]), y: (&[u32], &[i16]), mut a: i32, mut b: i32) -> (i32, i32) {
+    let (wq, wt) = w.split_at(x.0.len() * 2);
+    for ((w, x), y) in wq
+        .chunks_exact(4)
+        .zip(x.0.chunks_exact(2))
+        .zip(y.0.chunks_exact(2))
+    {
+        let w = word(w.try_into().unwrap());
+        let (w02, w13) = (sxtb16(w), sxtb16_ror8(w));
+        a = smlad(x[0], w02, a);
+        a = smlad(x[1], w13, a);
+        b = smlad(y[0], w02, b);
+        b = smlad(y[1], w13, b);
+    }
+    for ((&w, &x), &y) in wt.iter().zip(x.1).zip(y.1) {
+        a = a.wrapping_add(x as i32 * w as i32);
+        b = b.wrapping_add(y as i32 * w as i32);
+    }
+    (a, b)
+}
+
+/// `a + x.w` for one staged patch.
+#[inline(always)]
+fn dot1(w: &[i8], x: (&[u32], &[i16]), mut a: i32) -> i32 {
+    let (wq, wt) = w.split_at(x.0.len() * 2);
+    for (w, x) in wq.chunks_exact(4).zip(x.0.chunks_exact(2)) {
+        let w = word(w.try_into().unwrap());
+        a = smlad(x[0], sxtb16(w), a);
+        a = smlad(x[1], sxtb16_ror8(w), a);
+    }
+    for (&w, &x) in wt.iter().zip(x.1) {
+        a = a.wrapping_add(x as i32 * w as i32);
+    }
+    a
+}
+
 /// Ungrouped-or-grouped conv whose patch (`kh * kw * in_c / groups`) fits `PATCH_MAX`: two
 /// output pixels at a time have their patches staged (`stage_patch`), then each output channel
 /// takes one dot product per pixel over its contiguous OHWI weight row, the weights widened
 /// once for both pixels.
-#[inline(never)]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv_forward_patch(
     g: &Conv2dGeom,
@@ -177,60 +249,354 @@ pub(super) fn conv_forward_patch(
     act_max: i8,
     output: &mut [i8],
 ) {
+    conv_forward_rows(
+        g,
+        input,
+        in_zp,
+        Rows::whole(weight),
+        bias,
+        requant,
+        out_zp,
+        act_min,
+        act_max,
+        output,
+    )
+}
+
+/// `conv_forward_patch` over weight rows from two places (see [`Rows`]).
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_forward_rows(
+    g: &Conv2dGeom,
+    input: &[i8],
+    in_zp: i32,
+    weight: Rows<'_>,
+    bias: &[i32],
+    requant: &[Requant],
+    out_zp: i32,
+    act_min: i8,
+    act_max: i8,
+    output: &mut [i8],
+) {
     let ocg = g.out_per_group();
     let l = g.kh * g.kw * g.in_per_group();
     let l4 = l & !3;
     let (n_px, oc_n) = (g.out_h() * g.out_w(), g.out_c);
     let (mut xa, mut xb) = ([0u32; PATCH_MAX / 2], [0u32; PATCH_MAX / 2]);
     let (mut ta, mut tb) = ([0i16; 3], [0i16; 3]);
+    // A pointwise layer's patch is its input pixel: staged by the word.
+    let pointwise = g.kh == 1
+        && g.kw == 1
+        && g.stride_h == 1
+        && g.stride_w == 1
+        && g.pad_top + g.pad_left + g.pad_bottom + g.pad_right == 0
+        && g.groups == 1
+        && (-128..=127).contains(&in_zp);
+    let zz = pack(in_zp as i16, in_zp as i16);
     let mut px = 0;
     while px < n_px {
         let two = px + 1 < n_px;
         for grp in 0..g.groups {
-            stage_patch(g, input, in_zp, grp, px, &mut xa, &mut ta);
-            if two {
-                stage_patch(g, input, in_zp, grp, px + 1, &mut xb, &mut tb);
-            }
-            let (xa, ta) = (&xa[..l4 / 2], &ta[..l - l4]);
-            let (xb, tb) = (&xb[..l4 / 2], &tb[..l - l4]);
-            for o in grp * ocg..(grp + 1) * ocg {
-                let (wq, wt) = weight[o * l..][..l].split_at(l4);
-                let rq = &requant[o];
+            if pointwise {
+                stage_vec(&input[px * l..][..l], zz, in_zp, &mut xa, &mut ta);
                 if two {
-                    let (mut a, mut b) = (bias[o], bias[o]);
-                    for ((w, x), y) in wq
-                        .chunks_exact(4)
-                        .zip(xa.chunks_exact(2))
-                        .zip(xb.chunks_exact(2))
-                    {
-                        let w = word(w.try_into().unwrap());
-                        let (w02, w13) = (sxtb16(w), sxtb16_ror8(w));
-                        a = smlad(x[0], w02, a);
-                        a = smlad(x[1], w13, a);
-                        b = smlad(y[0], w02, b);
-                        b = smlad(y[1], w13, b);
-                    }
-                    for ((&w, &x), &y) in wt.iter().zip(ta).zip(tb) {
-                        a = a.wrapping_add(x as i32 * w as i32);
-                        b = b.wrapping_add(y as i32 * w as i32);
-                    }
-                    output[px * oc_n + o] = requant_clamp(rq, a, out_zp, act_min, act_max);
-                    output[(px + 1) * oc_n + o] = requant_clamp(rq, b, out_zp, act_min, act_max);
-                } else {
-                    let mut a = bias[o];
-                    for (w, x) in wq.chunks_exact(4).zip(xa.chunks_exact(2)) {
-                        let w = word(w.try_into().unwrap());
-                        a = smlad(x[0], sxtb16(w), a);
-                        a = smlad(x[1], sxtb16_ror8(w), a);
-                    }
-                    for (&w, &x) in wt.iter().zip(ta) {
-                        a = a.wrapping_add(x as i32 * w as i32);
-                    }
-                    output[px * oc_n + o] = requant_clamp(rq, a, out_zp, act_min, act_max);
+                    stage_vec(&input[(px + 1) * l..][..l], zz, in_zp, &mut xb, &mut tb);
+                }
+            } else {
+                stage_patch(g, input, in_zp, grp, px, &mut xa, &mut ta);
+                if two {
+                    stage_patch(g, input, in_zp, grp, px + 1, &mut xb, &mut tb);
+                }
+            }
+            let xa = (&xa[..l4 / 2], &ta[..l - l4]);
+            let xb = (&xb[..l4 / 2], &tb[..l - l4]);
+            let n = if two { 2 * oc_n } else { oc_n };
+            let (ya, yb) = output[px * oc_n..][..n].split_at_mut(oc_n);
+            let ep = Epilogue {
+                out_zp,
+                lo: act_min,
+                hi: act_max,
+            };
+            channels(
+                weight,
+                l,
+                grp * ocg..(grp + 1) * ocg,
+                xa,
+                xb,
+                bias,
+                requant,
+                ep,
+                ya,
+                yb,
+            );
+        }
+        px += if two { 2 } else { 1 };
+    }
+}
+
+/// Output zero point and activation clamp of a layer.
+#[derive(Clone, Copy)]
+struct Epilogue {
+    out_zp: i32,
+    lo: i8,
+    hi: i8,
+}
+
+/// Output channels `os` of one staged pixel (`ya`), or two (`ya`, `yb`; `yb` empty for one):
+/// one weight row per channel, widened once for both pixels.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn channels(
+    weight: Rows<'_>,
+    l: usize,
+    os: core::ops::Range<usize>,
+    xa: (&[u32], &[i16]),
+    xb: (&[u32], &[i16]),
+    bias: &[i32],
+    requant: &[Requant],
+    ep: Epilogue,
+    ya: &mut [i8],
+    yb: &mut [i8],
+) {
+    let o0 = os.start;
+    let (bias, requant, ya) = (&bias[os.clone()], &requant[os.clone()], &mut ya[os.clone()]);
+    if yb.is_empty() {
+        for (j, ((&b, rq), y)) in bias.iter().zip(requant).zip(ya).enumerate() {
+            let a = dot1(weight.row(o0 + j, l), xa, b);
+            *y = requant_clamp(rq, a, ep.out_zp, ep.lo, ep.hi);
+        }
+    } else {
+        let yb = &mut yb[os];
+        for (j, (((&b, rq), y), z)) in bias.iter().zip(requant).zip(ya).zip(yb).enumerate() {
+            let (a, c) = dot2(weight.row(o0 + j, l), xa, xb, b, b);
+            *y = requant_clamp(rq, a, ep.out_zp, ep.lo, ep.hi);
+            *z = requant_clamp(rq, c, ep.out_zp, ep.lo, ep.hi);
+        }
+    }
+}
+
+/// Stages one pixel's input vector minus the zero point for `dot1`/`dot2`: whole quads widened
+/// by `SXTB16` (lanes `x0 x2 | x1 x3`, the weights' order) and shifted by `SSUB16`, the last
+/// `len % 4` in `tail`. Exact for an int8-range zero point (`|x - zp| <= 255`).
+#[inline(always)]
+fn stage_vec(x: &[i8], zz: u32, in_zp: i32, xs: &mut [u32; PATCH_MAX / 2], tail: &mut [i16; 3]) {
+    let l4 = x.len() & !3;
+    for (q, d) in x[..l4].chunks_exact(4).zip(xs.chunks_exact_mut(2)) {
+        let v = word(q.try_into().unwrap());
+        d[0] = ssub16(sxtb16(v), zz);
+        d[1] = ssub16(sxtb16_ror8(v), zz);
+    }
+    for (t, &v) in tail.iter_mut().zip(&x[l4..]) {
+        *t = (v as i32 - in_zp) as i16;
+    }
+}
+
+/// Pointwise conv (`ci -> co` channels over `pixels` pixels) whose output overwrites its input:
+/// two pixels' inputs are staged before either output is written. Shrinking layers walk
+/// forward, expanding ones backward, so no write lands on an input pixel still to be staged
+/// (output pixels `p, p + 1` end at `(p + 2) * co <= (p + 2) * ci`; backward, output pixel
+/// `p - 1` starts at `(p - 1) * co >= (p - 1) * ci`). Same sums as the portable loop. The caller
+/// has checked `buf` holds `pixels * max(ci, co)` bytes and `bias`/`requant` `co` entries.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pw_in_place(
+    pixels: usize,
+    ci: usize,
+    co: usize,
+    buf: &mut [i8],
+    in_zp: i32,
+    weight: Rows<'_>,
+    bias: &[i32],
+    requant: &[Requant],
+    out_zp: i32,
+    act_min: i8,
+    act_max: i8,
+) {
+    let l4 = ci & !3;
+    let zz = pack(in_zp as i16, in_zp as i16);
+    let (mut xa, mut xb) = ([0u32; PATCH_MAX / 2], [0u32; PATCH_MAX / 2]);
+    let (mut ta, mut tb) = ([0i16; 3], [0i16; 3]);
+    let mut step = 0;
+    while step < pixels {
+        let two = step + 1 < pixels;
+        let (pa, pb) = if co > ci {
+            (pixels - 1 - step, (pixels - 1 - step).wrapping_sub(1))
+        } else {
+            (step, step + 1)
+        };
+        stage_vec(&buf[pa * ci..][..ci], zz, in_zp, &mut xa, &mut ta);
+        if two {
+            stage_vec(&buf[pb * ci..][..ci], zz, in_zp, &mut xb, &mut tb);
+        }
+        let xa = (&xa[..l4 / 2], &ta[..ci - l4]);
+        let xb = (&xb[..l4 / 2], &tb[..ci - l4]);
+        let ep = Epilogue {
+            out_zp,
+            lo: act_min,
+            hi: act_max,
+        };
+        // Pixels pa and pb are neighbours: pb follows pa walking forward, precedes it backward.
+        let (ya, yb) = match (two, pb > pa) {
+            (false, _) => (&mut buf[pa * co..][..co], &mut [][..]),
+            (true, true) => buf[pa * co..][..2 * co].split_at_mut(co),
+            (true, false) => {
+                let (b, a) = buf[pb * co..][..2 * co].split_at_mut(co);
+                (a, b)
+            }
+        };
+        channels(weight, ci, 0..co, xa, xb, bias, requant, ep, ya, yb);
+        step += if two { 2 } else { 1 };
+    }
+}
+
+/// One channel `ch` of a depthwise conv over an HWC input of `g.in_c` channels, into the
+/// planar `plane` (`out_h * out_w`). Interior pixels (every tap inside the input) run over the
+/// kernel unrolled (`K x K`, weights in registers) with the zero point folded into the bias
+/// (`sum (x - zp) w = sum x w - zp sum w`, equal in wrapping int32); border pixels skip their
+/// padding taps as the portable loop does. The caller has checked `x` holds `g.input_len()`
+/// bytes, `w` the channel's `kh * kw` weights and `plane` the output pixels.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dw_plane(
+    g: &Conv2dGeom,
+    x: &[i8],
+    ch: usize,
+    in_zp: i32,
+    w: &[i8],
+    bias: i32,
+    rq: &Requant,
+    out_zp: i32,
+    act_min: i8,
+    act_max: i8,
+    plane: &mut [i8],
+) {
+    let p = DwPlane {
+        g,
+        x,
+        ch,
+        in_zp,
+        w,
+        bias,
+        rq,
+        out_zp,
+        act_min,
+        act_max,
+    };
+    match (g.kh, g.kw) {
+        (3, 3) => p.run::<3>(plane),
+        (5, 5) => p.run::<5>(plane),
+        (7, 7) => p.run::<7>(plane),
+        _ => p.run::<0>(plane),
+    }
+}
+
+struct DwPlane<'a> {
+    g: &'a Conv2dGeom,
+    x: &'a [i8],
+    ch: usize,
+    in_zp: i32,
+    w: &'a [i8],
+    bias: i32,
+    rq: &'a Requant,
+    out_zp: i32,
+    act_min: i8,
+    act_max: i8,
+}
+
+impl DwPlane<'_> {
+    /// Output pixel `(oy, ox)` tap by tap, padding skipped: the portable loop.
+    #[inline(never)]
+    fn border(&self, oy: usize, ox: usize) -> i8 {
+        let g = self.g;
+        let c = g.in_c;
+        let (iy0, ky_lo, ky_hi) = tap_range(oy, g.stride_h, g.pad_top, g.kh, g.in_h);
+        let (ix0, kx_lo, kx_hi) = tap_range(ox, g.stride_w, g.pad_left, g.kw, g.in_w);
+        let mut acc = self.bias;
+        for ky in ky_lo..ky_hi {
+            let iy = (iy0 + ky as isize) as usize;
+            for kx in kx_lo..kx_hi {
+                let ix = (ix0 + kx as isize) as usize;
+                let xv = self.x[(iy * g.in_w + ix) * c + self.ch] as i32;
+                let wv = self.w[ky * g.kw + kx] as i32;
+                acc = acc.wrapping_add((xv - self.in_zp).wrapping_mul(wv));
+            }
+        }
+        requant_clamp(self.rq, acc, self.out_zp, self.act_min, self.act_max)
+    }
+
+    /// `K` > 0: a square `K x K` kernel unrolled; `K == 0`: any kernel, taps looped.
+    #[inline(always)]
+    fn run<const K: usize>(&self, plane: &mut [i8]) {
+        let g = self.g;
+        let (c, ow, oh) = (g.in_c, g.out_w(), g.out_h());
+        let (kh, kw) = (g.kh, g.kw);
+        // Interior columns: [ox_a, ox_b).
+        let full = |o: usize, s, p, k, n| {
+            let (_, lo, hi) = tap_range(o, s, p, k, n);
+            lo == 0 && hi == k
+        };
+        let ox_a = (0..ow)
+            .find(|&ox| full(ox, g.stride_w, g.pad_left, kw, g.in_w))
+            .unwrap_or(ow);
+        let ox_b = (ox_a..ow)
+            .find(|&ox| !full(ox, g.stride_w, g.pad_left, kw, g.in_w))
+            .unwrap_or(ow);
+        let mut sw = 0i32;
+        for &v in self.w {
+            sw = sw.wrapping_add(v as i32);
+        }
+        let bz = self.bias.wrapping_sub(self.in_zp.wrapping_mul(sw));
+        let mut wk = [[0i32; 7]; 7];
+        if K > 0 {
+            for ky in 0..K {
+                for kx in 0..K {
+                    wk[ky][kx] = self.w[ky * K + kx] as i32;
                 }
             }
         }
-        px += if two { 2 } else { 1 };
+        let (row_step, col_step) = (g.in_w * c, g.stride_w * c);
+        // Every interior tap lies inside the input, so each index read below is under
+        // `input_len()` (the caller checked `x` holds that many bytes).
+        let x = &self.x[..g.input_len()];
+        for oy in 0..oh {
+            let out = &mut plane[oy * ow..][..ow];
+            let (iy0, ky_lo, ky_hi) = tap_range(oy, g.stride_h, g.pad_top, kh, g.in_h);
+            if ky_lo != 0 || ky_hi != kh || ox_a >= ox_b {
+                for (ox, o) in out.iter_mut().enumerate() {
+                    *o = self.border(oy, ox);
+                }
+                continue;
+            }
+            for ox in (0..ox_a).chain(ox_b..ow) {
+                out[ox] = self.border(oy, ox);
+            }
+            // The top-left tap of output column ox_a.
+            let ix0 = ox_a * g.stride_w - g.pad_left;
+            let mut base = (iy0 as usize * g.in_w + ix0) * c + self.ch;
+            for o in &mut out[ox_a..ox_b] {
+                let mut acc = bz;
+                if K > 0 {
+                    for (ky, wr) in wk.iter().enumerate().take(K) {
+                        let r = base + ky * row_step;
+                        for (kx, &wv) in wr.iter().enumerate().take(K) {
+                            // SAFETY: an interior tap, inside the input (see above).
+                            let xv = unsafe { *x.get_unchecked(r + kx * c) } as i32;
+                            acc = acc.wrapping_add(xv * wv);
+                        }
+                    }
+                } else {
+                    for ky in 0..kh {
+                        let r = base + ky * row_step;
+                        for kx in 0..kw {
+                            let xv = x[r + kx * c] as i32;
+                            acc = acc.wrapping_add(xv * self.w[ky * kw + kx] as i32);
+                        }
+                    }
+                }
+                *o = requant_clamp(self.rq, acc, self.out_zp, self.act_min, self.act_max);
+                base += col_step;
+            }
+        }
     }
 }
 

@@ -236,7 +236,7 @@ pub fn conv2d_forward(
     check_len("conv2d_forward: requant", g.out_c, requant.len())?;
     check_len("conv2d_forward: output", g.output_len(), output.len())?;
     check_act(act_min, act_max)?;
-    #[cfg(all(target_arch = "arm", target_feature = "dsp"))]
+    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
     if g.is_depthwise() && super::arm::dw_applies(g, in_zp) {
         super::arm::dw_forward(
             g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
@@ -252,7 +252,7 @@ pub fn conv2d_forward(
     let (icg, ocg, kw) = (g.in_per_group(), g.out_per_group(), g.kw);
     let taps = g.kh * g.kw;
     let (ow, oc_n, in_c) = (g.out_w(), g.out_c, g.in_c);
-    #[cfg(all(target_arch = "arm", target_feature = "dsp"))]
+    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
     if taps * icg <= super::arm::PATCH_MAX {
         super::arm::conv_forward_patch(
             g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,

@@ -10,8 +10,8 @@
 //! - nothing allocates and nothing panics on a bad shape: it is an `Err`.
 pub mod act;
 pub mod add;
-#[cfg(all(target_arch = "arm", target_feature = "dsp"))]
-mod arm;
+#[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+pub(crate) mod arm;
 pub mod conv;
 pub mod fc;
 pub mod loss;
