@@ -26,6 +26,13 @@ qemu() {
 echo "== kernel cost (one layer's training step)"
 qemu "$bin/kernel_cost"
 
+# Power cuts inside one QEMU run (src/bin/soak.rs, ~3 s at 0.42 M instructions per step): on the
+# built-in demo plan only; a given bundle's steps may cost 800x that (MobileNetV2 paper scheme).
+if [[ -z "${TT_MCU_BUNDLE:-}" ]]; then
+  echo "== soak: 2,000 steps, power cut during steps and checkpoint writes"
+  qemu "$bin/soak"
+fi
+
 echo "== training the bundled plan"
 
 out=$(mktemp)
