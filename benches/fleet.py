@@ -4,7 +4,9 @@ their data, and how many bytes does a round cost?
 Task: the demo model (`tt.models.demo()`, pretrained on digits 0-4, quantized as `tinytrain demo`
 does) learns digits 5-9. The target train split is dealt to 20 devices by a Dirichlet(0.3) label
 skew (most devices see one or two of the five new digits); accuracy is on the target test split.
-For each scheme, with the same epochs, learning rate and plan:
+For each scheme, with the same plan and epochs (every sample is seen R times), and each method's
+learning rate chosen on a validation split (20 % of the target train split, stratified, never the
+test split) from ``--lrs`` (and the server step of (b) from ``--server-lrs``; 1 is plain FedAvg):
 
   (a) local only:   every device trains alone for R epochs; the mean test accuracy over devices
   (b) federated:    R rounds of one local epoch, SparseFedAvg (Flower's simulation engine)
@@ -28,6 +30,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -46,25 +49,48 @@ def make_scheme(name: str, q, x, y, seed: int) -> tt.Scheme:
     raise ValueError(f"unknown scheme {name!r}")
 
 
-def local_only(plan, shards, test, rounds, lr, seed):
+def local_only(plan, shards, sets, rounds, lr, seed):
+    """Mean over devices of the accuracy on each of ``sets`` after every epoch."""
+    # Every row uses the same learning rate grid; a device with a handful of samples can trip fit's
+    # divergence alarm, and this row reports the accuracy it reaches anyway.
+    warnings.filterwarnings("ignore", "training diverged", RuntimeWarning)
     curves = []
     for i, (x, y) in enumerate(shards):
         tr = tt.Trainer(plan, lr=lr)
-        acc = [tr.evaluate(*test)]
+        acc = [[tr.evaluate(*s) for s in sets]]
         for r in range(rounds):
             tr.fit(x, y, epochs=1, seed=seed * 1009 + i + 7919 * r, verbose=False)
-            acc.append(tr.evaluate(*test))
+            acc.append([tr.evaluate(*s) for s in sets])
         curves.append(acc)
-    return np.mean(curves, axis=0).tolist()
+    return np.mean(curves, axis=0).T.tolist()  # [set][round]
 
 
-def centralized(plan, x, y, test, rounds, lr, seed):
+def centralized(plan, x, y, sets, rounds, lr, seed):
+    warnings.filterwarnings("ignore", "training diverged", RuntimeWarning)
     tr = tt.Trainer(plan, lr=lr)
-    acc = [tr.evaluate(*test)]
+    acc = [[tr.evaluate(*s) for s in sets]]
     for r in range(rounds):
         tr.fit(x, y, epochs=1, seed=seed + 7919 * r, verbose=False)
-        acc.append(tr.evaluate(*test))
-    return acc
+        acc.append([tr.evaluate(*s) for s in sets])
+    return np.asarray(acc).T.tolist()
+
+
+def federated(plan, x, y, parts, val, test, rounds, lr, server_lr, seed):
+    cfg = fleet.RunConfig(rounds=rounds, epochs=1, min_train_nodes=len(parts), min_available_nodes=len(parts),
+                          seed=seed, server_lr=server_lr)
+    hist = fleet.simulate(plan, x, y, parts, cfg, test=test, lr=lr)
+    lay = fleet.Layout(plan)
+    final = lay.apply(lay.model, hist["params"])
+    return hist, float((final.predict(val[0]) == val[1]).mean())
+
+
+def split_validation(x, y, fraction, seed):
+    """A stratified hold-out of the devices' data for choosing learning rates (never the test set)."""
+    rng = np.random.default_rng(seed + 99)
+    val = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: int(round(fraction * (y == c).sum()))]
+                          for c in np.unique(y)])
+    keep = np.setdiff1d(np.arange(len(y)), val)
+    return (x[keep], y[keep]), (x[val], y[val])
 
 
 def main() -> int:
@@ -72,7 +98,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.3)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--lrs", default="0.02,0.05", help="device learning rates tried (chosen on validation)")
+    ap.add_argument("--server-lrs", default="1,3", help="server steps tried for (b) (chosen on validation)")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--schemes", default="searched,searched@16KB,classifier,classifier-half-in")
     ap.add_argument("--plot", help="write the accuracy-per-round plot (PNG) here")
@@ -83,6 +110,9 @@ def main() -> int:
     q = tt.quantize(tt.load_onnx(tt.models.demo()), tt.datasets.digits("source", "train")[0][:256])
     x, y = tt.datasets.digits("target", "train")
     test = tt.datasets.digits("target", "test")
+    (x, y), val = split_validation(x, y, 0.2, 0)
+    lrs = [float(v) for v in args.lrs.split(",")]
+    server_lrs = [float(v) for v in args.server_lrs.split(",")]
     rows = []
     for name in args.schemes.split(","):
         scheme = make_scheme(name, q, x, y, 0)
@@ -94,15 +124,22 @@ def main() -> int:
             parts = fleet.partition(y, args.clients, f"dirichlet:{args.alpha}", seed=seed)
             shards = [(x[p], y[p]) for p in parts]
             t0 = time.perf_counter()
-            a = local_only(plan, shards, test, args.rounds, args.lr, seed)
-            c = centralized(plan, x, y, test, args.rounds, args.lr, seed)
+            # each method gets the learning rate (and server step) whose final validation accuracy is best
+            a = max((local_only(plan, shards, [val, test], args.rounds, lr, seed) + [lr] for lr in lrs),
+                    key=lambda r: r[0][-1])
+            c = max((centralized(plan, x, y, [val, test], args.rounds, lr, seed) + [lr] for lr in lrs),
+                    key=lambda r: r[0][-1])
             t1 = time.perf_counter()
-            cfg = fleet.RunConfig(rounds=args.rounds, epochs=1, min_train_nodes=args.clients,
-                                  min_available_nodes=args.clients, seed=seed)
-            hist = fleet.simulate(plan, x, y, parts, cfg, test=test, lr=args.lr)
-            per_seed.append({"local_only": a, "federated": hist["accuracy"], "centralized": c,
-                             "rejected": len(hist["rejected"]), "seconds": {"local+central": round(t1 - t0, 1),
-                                                                           "federated": round(time.perf_counter() - t1, 1)}})
+            runs = [(federated(plan, x, y, parts, val, test, args.rounds, lr, slr, seed), lr, slr)
+                    for lr in lrs for slr in server_lrs]
+            (hist, _), b_lr, b_slr = max(runs, key=lambda r: r[0][1])
+            per_seed.append({"local_only": a[1], "federated": hist["accuracy"], "centralized": c[1],
+                             "chosen": {"local_only": {"lr": a[2]}, "centralized": {"lr": c[2]},
+                                        "federated": {"lr": b_lr, "server_lr": b_slr}},
+                             "validation_final": {"local_only": a[0][-1], "centralized": c[0][-1],
+                                                  "federated": {f"lr={lr},server_lr={slr}": v for (_, v), lr, slr in runs}},
+                             "rejected": len(hist["rejected"]),
+                             "seconds": {"local+central": round(t1 - t0, 1), "federated": round(time.perf_counter() - t1, 1)}})
             wire = fleet.record_bytes(hist["params"])
         mean = {k: np.mean([s[k] for s in per_seed], axis=0).tolist() for k in ("local_only", "federated", "centralized")}
         rows.append({
@@ -117,10 +154,10 @@ def main() -> int:
         })
         if not args.json:
             r = rows[-1]
-            print(f"{name}: final accuracy (a) local {100 * r['final']['local_only']:.1f} %  (b) federated "
+            print(f"{name}: final test accuracy (a) local {100 * r['final']['local_only']:.1f} %  (b) federated "
                   f"{100 * r['final']['federated']:.1f} %  (c) centralized {100 * r['final']['centralized']:.1f} %; "
-                  f"update {layout.nbytes} B (blob {blob} B, Flower {wire} B): int8 model "
-                  f"{r['ratios']['int8_model/update']:.1f}x, fp32 model {r['ratios']['fp32_model/update']:.1f}x",
+                  f"chosen {per_seed[-1]['chosen']}; update {layout.nbytes} B (blob {blob} B, Flower {wire} B): "
+                  f"int8 model {r['ratios']['int8_model/update']:.1f}x, fp32 model {r['ratios']['fp32_model/update']:.1f}x",
                   flush=True)
     if args.plot:
         from tinytrain.plots import fleet_accuracy_plot
@@ -131,7 +168,8 @@ def main() -> int:
                                          ("centralized", "centralized")])}, args.plot,
                             title=f"{args.clients} devices, Dirichlet({args.alpha}), scheme {main_row['scheme']}")
     if args.json:
-        print(json.dumps({"clients": args.clients, "rounds": args.rounds, "alpha": args.alpha, "lr": args.lr,
+        print(json.dumps({"clients": args.clients, "rounds": args.rounds, "alpha": args.alpha, "lrs": lrs,
+                          "server_lrs": server_lrs,
                           "seeds": args.seeds, "rows": rows}))
     else:
         print("\nper round (mean over seeds), (a) local / (b) federated / (c) centralized:")

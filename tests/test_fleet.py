@@ -83,6 +83,17 @@ def test_average_is_the_sample_weighted_mean_requantized(plan, q):
         np.testing.assert_array_equal(avg[k], exact)  # a + 6 where b = a + 8: an integer mean stays exact
 
 
+def test_server_lr_extrapolates_the_mean_step(plan, q):
+    lay = fleet.Layout(plan)
+    g = lay.extract(q)
+    a = {k: np.where(np.abs(v) <= 100, v.astype(np.int64) + 4, v).astype(v.dtype) for k, v in g.items()}
+    out = lay.average([(a, 1), (a, 5)], np.random.default_rng(0), current=g, server_lr=2.5)
+    for k in g:
+        np.testing.assert_array_equal(out[k], np.clip(g[k] + 2.5 * (a[k].astype(np.int64) - g[k]), -2**31, 2**31 - 1))
+    with pytest.raises(ValueError, match="server_lr"):
+        fleet.SparseFedAvg(lay, server_lr=0.0)
+
+
 def test_requantization_is_stochastic_and_unbiased(plan):
     lay = fleet.Layout(plan)
     rng = np.random.default_rng(1)

@@ -68,7 +68,7 @@ def test_server_and_clients_over_loopback_tolerate_a_dead_and_a_malformed_client
     try:
         procs.append(_start(["server", "--plan", str(tmp_path / "plan.ttp"), "--model", str(tmp_path / "model.onnx"),
                              "--test-data", str(tmp_path / "test.npz"), "--rounds", "3", "--min-clients", "3",
-                             "--wait-clients", "5", "--round-timeout", "25", "--host", "127.0.0.1",
+                             "--wait-clients", "5", "--round-timeout", "45", "--host", "127.0.0.1",
                              "--port", str(port), "--client-app", "_fleet_bad_client:APP", "--progress", str(progress),
                              "--result", str(result), "-o", str(tmp_path / "global.onnx"), "--json"],
                             tmp_path / "server.log", env))
@@ -81,7 +81,7 @@ def test_server_and_clients_over_loopback_tolerate_a_dead_and_a_malformed_client
                             tmp_path / "bad_client.log", env))
         _wait_line(progress, 1, 240, procs)
         _kill(procs[4])  # an honest device dies: round 2 starts without its reply ever coming
-        procs[0].wait(timeout=300)
+        procs[0].wait(timeout=480)
     finally:
         for p in procs:
             _kill(p, signal.SIGTERM)

@@ -186,9 +186,12 @@ class Layout:
             out[e.key] = np.clip(r, lo, hi).astype(e.dtype)
         return out
 
-    def average(self, updates: Sequence[Tuple[Mapping[str, np.ndarray], int]],
-                rng: np.random.Generator) -> Dict[str, np.ndarray]:
-        """FedAvg: the sample-weighted mean of the dequantized updates, re-quantized."""
+    def average(self, updates: Sequence[Tuple[Mapping[str, np.ndarray], int]], rng: np.random.Generator,
+                current: Optional[Mapping[str, np.ndarray]] = None, server_lr: float = 1.0) -> Dict[str, np.ndarray]:
+        """FedAvg: the sample-weighted mean of the dequantized updates, re-quantized. With the
+        ``current`` global values, the server step is ``current + server_lr * (mean - current)``
+        (``server_lr = 1``: the mean itself; above 1: the server extrapolates the devices' mean
+        step, as FedOpt's server learning rate does)."""
         if not updates:
             raise ValueError("nothing to average")
         total = float(sum(n for _, n in updates))
@@ -196,6 +199,9 @@ class Layout:
         for params, n in updates:
             for k, v in self.dequantize(params).items():
                 mean[k] += v * (n / total)
+        if current is not None and server_lr != 1.0:
+            for k, g in self.dequantize(current).items():
+                mean[k] = g + server_lr * (mean[k] - g)
         return self.quantize(mean, rng)
 
 
@@ -341,16 +347,22 @@ class SparseFedAvg(FedAvg):
     a whole sample count >= 1); a malformed one is dropped with a logged reason (``rejected`` keeps
     ``(round, node, reason)``) and never averaged in. The others are averaged in real values
     (dequantized with the frozen scales, weighted by sample count) and re-quantized with stochastic
-    rounding. Error replies (a client that crashed or went offline) are counted in ``failed``. The
+    rounding; ``server_lr`` scales the server's step from the current global values toward that
+    mean (1: plain FedAvg). Error replies (a client that crashed or went offline) are counted in ``failed``. The
     FedAvg arguments (``fraction_train``, ``min_train_nodes``,
     ``min_available_nodes``, ...) work as in Flower; a round with too few valid updates keeps the
     global model unchanged."""
 
-    def __init__(self, layout: Layout, seed: int = 0, min_valid_updates: int = 1, **fedavg) -> None:
+    def __init__(self, layout: Layout, seed: int = 0, min_valid_updates: int = 1, server_lr: float = 1.0,
+                 **fedavg) -> None:
         super().__init__(**fedavg)
+        if not (math.isfinite(server_lr) and server_lr > 0):
+            raise ValueError(f"server_lr must be a finite number > 0, got {server_lr!r}")
         self.layout = layout
         self.rng = np.random.default_rng(seed)
         self.min_valid_updates = int(min_valid_updates)
+        self.server_lr = float(server_lr)
+        self.current: Optional[Dict[str, np.ndarray]] = None  # the global values sent this round
         self.rejected: List[Tuple[int, int, str]] = []
         self.failed: List[Tuple[int, int, str]] = []  # error replies: a client crashed or went offline
         self.accepted: Dict[int, int] = {}
@@ -360,6 +372,10 @@ class SparseFedAvg(FedAvg):
         log.warning("round %d: rejected the update of node %d: %s", server_round, node, reason)
         logging.getLogger("flwr").warning("tinytrain: round %d: rejected the update of node %d: %s",
                                           server_round, node, reason)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.current = from_record(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         good: List[Tuple[Dict[str, np.ndarray], int]] = []
@@ -381,7 +397,7 @@ class SparseFedAvg(FedAvg):
             log.warning("round %d: %d valid update(s), fewer than %d: the global model stays as it was",
                         server_round, len(good), self.min_valid_updates)
             return None, None
-        arrays = to_record(self.layout.average(good, self.rng))
+        arrays = to_record(self.layout.average(good, self.rng, self.current, self.server_lr))
         return arrays, aggregate_metricrecords(contents, self.weighted_by_key)
 
     def _read(self, content: RecordDict):
@@ -430,6 +446,7 @@ class RunConfig:
     fraction_evaluate: float = 0.0  # federated evaluation on the clients' own data (0: none)
     round_timeout: float = 3600.0
     seed: int = 0
+    server_lr: float = 1.0  # 1: plain FedAvg; see SparseFedAvg
 
 
 def run_server(grid: Grid, layout: Layout, cfg: RunConfig, test=None,
@@ -438,7 +455,7 @@ def run_server(grid: Grid, layout: Layout, cfg: RunConfig, test=None,
     """Runs ``cfg.rounds`` rounds of `SparseFedAvg` on ``grid``; returns the history: centralized
     ``accuracy`` per round (index 0: before training) when ``test=(x, y)``, client metrics, the
     accepted update counts and rejected updates with their reasons, and the final parameters."""
-    strategy = SparseFedAvg(layout, seed=cfg.seed, min_valid_updates=cfg.min_valid_updates,
+    strategy = SparseFedAvg(layout, seed=cfg.seed, min_valid_updates=cfg.min_valid_updates, server_lr=cfg.server_lr,
                             fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                             min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_available_nodes,
                             min_evaluate_nodes=cfg.min_train_nodes if cfg.fraction_evaluate > 0 else 0)
@@ -645,7 +662,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
                         fraction_train=float(rc["fraction-train"]), min_train_nodes=int(rc["min-clients"]),
                         min_available_nodes=int(rc["min-clients"]), min_valid_updates=int(rc["min-valid"]),
                         fraction_evaluate=float(rc["fraction-evaluate"]), round_timeout=float(rc["round-timeout"]),
-                        seed=int(rc["seed"]))
+                        seed=int(rc["seed"]), server_lr=float(rc["server-lr"]))
         progress = str(rc.get("progress", ""))
 
         def on_round(r: int, m: Dict[str, float]) -> None:
