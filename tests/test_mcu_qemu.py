@@ -1,14 +1,16 @@
 """The demo plan exported for the microcontroller (`Plan.export_mcu`), trained by the tt-mcu
 firmware on a Cortex-M4F under QEMU (scripts/mcu-qemu.sh), gives the Python Trainer's loss
 trajectory bit for bit and the same accuracy before and after, and the fleet update blob the
-device writes reads on the host (`tt.read_update`) as the Python Trainer's parameters. Needs Debian's Rust toolchain
-with rust-src, arm-none-eabi-ld and qemu-system-arm (scripts/install-arm-toolchain.sh)."""
+device writes reads on the host (`tt.read_update`, the Flower gateway client) as the Python
+Trainer's parameters. Needs Debian's Rust toolchain with rust-src, arm-none-eabi-ld and
+qemu-system-arm (scripts/install-arm-toolchain.sh)."""
 import os
 import re
 import shutil
 import struct
 import subprocess
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,15 +25,20 @@ EPOCHS = 2
 N = 32
 
 
-@pytest.mark.skipif(not TOOLS, reason="Cortex-M toolchain or QEMU not installed")
-def test_firmware_reproduces_the_python_trainer(tmp_path):
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    """The demo plan trained by the Python Trainer and by the firmware under QEMU on the same
+    samples: the plan, the trainer, the firmware's console output and its update blob."""
+    if not TOOLS:
+        pytest.skip("Cortex-M toolchain or QEMU not installed")
+    tmp = tmp_path_factory.mktemp("mcu")
     x, y = tt.datasets.digits("target", "train")
     xt, yt = tt.datasets.digits("target", "test")
     q = tt.load_onnx(tt.models.demo())
     if not isinstance(q, tt.QuantizedModel):
         q = tt.quantize(q, x[:64])
     plan = tt.compile(q, tt.schemes.last_layers(q, 2))
-    bundle = tmp_path / "bundle"
+    bundle = tmp / "bundle"
     m = plan.export_mcu(str(bundle), x[:N], y[:N], xt[:N], yt[:N])
     assert m["train_samples"] == N and m["arena_bytes"] == plan.memory.peak_bytes
     assert sorted(os.listdir(bundle)) == sorted(["manifest.json", "params.bin", "plan.bin", "test_x.bin",
@@ -41,36 +48,71 @@ def test_firmware_reproduces_the_python_trainer(tmp_path):
     before = int((tr.predict(xt[:N]) == yt[:N]).sum())
     losses = [tr.step(x[i], y[i]) for _ in range(EPOCHS) for i in range(N)]
     after = int((tr.predict(xt[:N]) == yt[:N]).sum())
-    crc = zlib.crc32(b"".join(struct.pack("<f", v) for v in losses))
-    assert after > before
 
-    update = tmp_path / "device.ttu"
+    update = tmp / "device.ttu"
     env = dict(os.environ, TT_MCU_BUNDLE=str(bundle), TT_MCU_EPOCHS=str(EPOCHS), TT_MCU_UPDATE_OUT=str(update))
     r = subprocess.run(["bash", "scripts/mcu-qemu.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
-    out = r.stdout
-    assert r.returncode == 0, out + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    return SimpleNamespace(plan=plan, tr=tr, xt=xt[:N], before=before, after=after, losses=losses, out=r.stdout,
+                           blob=update.read_bytes())
+
+
+def test_firmware_reproduces_the_python_trainer(device):
+    d = device
+    out = d.out
+    crc = zlib.crc32(b"".join(struct.pack("<f", v) for v in d.losses))
+    assert d.after > d.before
     got = re.search(r"loss trajectory crc32 ([0-9a-f]{8}) over (\d+) steps", out)
     assert got and int(got.group(2)) == EPOCHS * N, out
     assert int(got.group(1), 16) == crc, "firmware and Python Trainer losses differ"
-    assert re.search(rf"accuracy before: {before}/{N} ", out), out
-    assert re.search(rf"accuracy after: {after}/{N} ", out), out
+    assert re.search(rf"accuracy before: {d.before}/{N} ", out), out
+    assert re.search(rf"accuracy after: {d.after}/{N} ", out), out
     sram = int(re.search(r"memory: SRAM (\d+) B", out).group(1))
-    assert plan.memory.peak_bytes < sram <= 256 * 1024
-    assert np.isfinite(losses).all()
+    assert d.plan.memory.peak_bytes < sram <= 256 * 1024
+    assert np.isfinite(d.losses).all()
 
-    # The device's update blob, as a gateway would forward it, read on the host.
-    assert "equal to the host run's: yes" in out, out
-    assert re.search(rf"host update blob applied to a fresh trainer .*accuracy {after}/{N}", out), out
-    blob = update.read_bytes()
-    dev = tt.read_update(blob, plan)
-    host = tt.read_update(tr.export_update(), plan)
+
+def test_device_update_blob_reads_as_the_python_trainers_parameters(device):
+    """The blob the firmware writes after training, read on the host, holds the Python Trainer's
+    int8 weights and int32 biases bit for bit (the same bytes); the firmware applied the host's blob
+    and reached the trained accuracy."""
+    d = device
+    assert "equal to the host run's: yes" in d.out, d.out
+    assert re.search(rf"host update blob applied to a fresh trainer .*accuracy {d.after}/{N}", d.out), d.out
+    dev = tt.read_update(d.blob, d.plan)
+    host = tt.read_update(d.tr.export_update(), d.plan)
     assert dev.sample_count == host.sample_count == EPOCHS * N
     assert list(dev.params) == list(host.params) == ["conv_9.weight", "conv_9.bias", "fc_0.weight", "fc_0.bias"]
     for name, v in host.params.items():
         assert dev.params[name].dtype == v.dtype
         np.testing.assert_array_equal(dev.params[name], v, err_msg=name)
-    assert blob == tr.export_update()
-    fresh = tt.Trainer(plan)
-    fresh.apply_update(blob)
-    np.testing.assert_array_equal(fresh.predict(xt[:N]), tr.predict(xt[:N]))
+    assert d.blob == d.tr.export_update()
+    fresh = tt.Trainer(d.plan)
+    fresh.apply_update(d.blob)
+    np.testing.assert_array_equal(fresh.predict(d.xt), d.tr.predict(d.xt))
+
+
+def test_device_update_reaches_the_flower_client(device):
+    """A gateway forwards the device's blob unchanged to the Flower client (`GatewayClient`): what
+    the client hands to Flower equals the host trainer's parameters and sample count."""
+    pytest.importorskip("flwr")
+    from tinytrain.fleet import GatewayClient
+
+    d = device
+    sent = []
+
+    def device_fit(global_blob, config):
+        sent.append(tt.read_update(global_blob, d.plan))
+        return d.blob
+
+    gw = GatewayClient(d.plan, device_fit)
+    start = gw.get_parameters()
+    params, count, _ = gw.fit(start, {})
+    assert count == EPOCHS * N and len(sent) == 1
+    for name, v in start.items():
+        np.testing.assert_array_equal(sent[0].params[name], v)
+    host = tt.read_update(d.tr.export_update(), d.plan)
+    assert list(params) == list(host.params)
+    for name, v in host.params.items():
+        np.testing.assert_array_equal(params[name], v, err_msg=name)
