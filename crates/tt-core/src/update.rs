@@ -223,7 +223,7 @@ fn shape(pv: &PlanView<'_>) -> Result<(usize, u32)> {
     Ok((len, n))
 }
 
-fn state_slice<'s>(state: &'s [u8], at: usize, len: usize) -> Result<&'s [u8]> {
+fn state_slice(state: &[u8], at: usize, len: usize) -> Result<&[u8]> {
     state
         .get(at..at.checked_add(len).ok_or(corrupt_plan("buffers.offset"))?)
         .ok_or(corrupt_plan("buffers.offset (beyond the learned state)"))

@@ -14,6 +14,9 @@ use crate::engine::{core_err, Session};
 /// (layer index, "weight" | "bias", OHWI shape, fully connected) of one section.
 type Layout = (u16, &'static str, [usize; 4], bool);
 
+/// (plan tag, sample count, [(layout, flat values)]) of a blob.
+type Read = (u32, u32, Vec<(Layout, PyObject)>);
+
 fn layout(s: &Section) -> Layout {
     let kind = match s.kind {
         ParamKind::Weight => "weight",
@@ -41,11 +44,7 @@ fn update_layout(py: Python<'_>, plan: &[u8]) -> PyResult<(Vec<Layout>, usize)> 
 /// Checks `blob` against `plan`; returns (plan tag, sample count, [(layout, flat values)]) with
 /// int8 weights and int32 biases as numpy arrays.
 #[pyfunction]
-fn update_read(
-    py: Python<'_>,
-    plan: &[u8],
-    blob: &[u8],
-) -> PyResult<(u32, u32, Vec<(Layout, PyObject)>)> {
+fn update_read(py: Python<'_>, plan: &[u8], blob: &[u8]) -> PyResult<Read> {
     let pv = plan_view(py, plan)?;
     let v = update::read(&pv, blob).map_err(|e| core_err(py, e))?;
     let mut out = Vec::with_capacity(v.n_sections);
