@@ -12,7 +12,6 @@ mod flash;
 
 use cortex_m_rt::entry;
 use tt_mcu::checkpoint::Checkpoints;
-use tt_mcu::source::{SampleSource, SliceSource};
 use tt_mcu::trainer::{Arena, Trainer};
 
 use board::{clock_start, exit, instructions, stack_paint, stack_peak, stack_reserve};
@@ -109,17 +108,18 @@ fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
     say!("accuracy before: {before}/{N_TEST} (host {HOST_CORRECT_BEFORE}); predict {t_pred} instr/sample");
     ok &= before == HOST_CORRECT_BEFORE;
 
-    let mut src = SliceSource::new(as_i8(TRAIN_X), TRAIN_Y, INPUT_LEN)?;
-    let mut x = [0i8; INPUT_LEN];
+    // The samples are in flash: each is read where it lies (a plan that streams its input
+    // never copies the image either), so no 48 KB sample buffer sits on the stack. A sensor
+    // would fill one buffer through a `tt_mcu::source::SampleSource` instead.
+    let xs = as_i8(TRAIN_X);
     let mut step = 0usize;
     let mut mismatches = 0usize;
     let mut trajectory = tt_core::crc::Crc32::new();
     let t_train = instructions();
     for epoch in 0..EPOCHS {
         let mut sum = 0.0f32;
-        for _ in 0..N_TRAIN {
-            let label = src.next_sample(&mut x)?.unwrap_or(0);
-            let loss = t.step(&x, label)?;
+        for (x, &label) in xs.chunks_exact(INPUT_LEN).zip(TRAIN_Y).take(N_TRAIN) {
+            let loss = t.step(x, label as u32)?;
             trajectory.update(&loss.to_bits().to_le_bytes());
             if host_loss(step) != Some(loss.to_bits()) {
                 mismatches += 1;
