@@ -1956,10 +1956,10 @@ impl<'p, 'a> Executor<'p, 'a> {
                 for (p, a) in pa.iter_mut().enumerate() {
                     if bit(mask_d, p * m + c) {
                         let mut v = *a;
+                        // No test for a zero gv: its product is a zero that leaves v as it is
+                        // (v starts at +0 and never becomes -0), and the branch costs more.
                         for ((&gv, &s), &w) in go2[p * c3 + o0..][..n].iter().zip(sc).zip(st) {
-                            if gv != 0.0 {
-                                v += gv * s * w;
-                            }
+                            v += gv * s * w;
                         }
                         *a = v;
                     }

@@ -64,11 +64,27 @@ fn requant_clamp(rq: &Requant, acc: i32, out_zp: i32, lo: i8, hi: i8) -> i8 {
     if s as u32 > 30 || rq.multiplier < 0 {
         return rq.apply_clamp(acc, out_zp, lo, hi);
     }
-    let p = acc as i64 * rq.multiplier as i64;
-    let t = p - (p < 0) as i64;
-    let u = (t >> 31) as i32;
+    let (plo, phi) = smull(acc, rq.multiplier);
+    // t = p - (p < 0): add the sign word (0 or -1) across both halves.
+    let neg = phi >> 31;
+    let (tlo, carry) = plo.overflowing_add(neg as u32);
+    let thi = phi.wrapping_add(neg).wrapping_add(carry as i32);
+    let u = (thi << 1) | (tlo >> 31) as i32;
     let v = ((u >> s) + 1) >> 1;
-    v.saturating_add(out_zp).clamp(lo as i32, hi as i32) as i8
+    // max/min, not clamp: no bounds assertion in the epilogue (lo <= hi was checked).
+    v.saturating_add(out_zp).max(lo as i32).min(hi as i32) as i8
+}
+
+/// The 64-bit product `a * b` as (low word, high word): one `SMULL`.
+#[inline(always)]
+fn smull(a: i32, b: i32) -> (u32, i32) {
+    let (lo, hi): (u32, i32);
+    // SAFETY: register-only arithmetic.
+    unsafe {
+        asm!("smull {lo}, {hi}, {a}, {b}", lo = lateout(reg) lo, hi = lateout(reg) hi,
+             a = in(reg) a, b = in(reg) b, options(pure, nomem, nostack, preserves_flags))
+    };
+    (lo, hi)
 }
 
 /// `acc + a.lo * b.lo` (int16 lanes), wrapping.
@@ -182,15 +198,6 @@ pub(crate) struct Rows<'w> {
 impl<'w> Rows<'w> {
     pub(crate) fn whole(w: &'w [i8]) -> Rows<'w> {
         Rows { lo: w, hi: w, k: 0 }
-    }
-
-    #[inline(always)]
-    fn row(&self, o: usize, l: usize) -> &'w [i8] {
-        if o < self.k {
-            &self.lo[o * l..][..l]
-        } else {
-            &self.hi[o * l..][..l]
-        }
     }
 }
 
@@ -358,17 +365,42 @@ fn channels(
     ya: &mut [i8],
     yb: &mut [i8],
 ) {
-    let o0 = os.start;
+    // Rows walked, not indexed: no index arithmetic or bounds check per channel.
+    if weight.k == 0 {
+        let rows = weight.hi.chunks_exact(l).skip(os.start);
+        channel_rows(rows, xa, xb, bias, requant, ep, os, ya, yb);
+    } else {
+        let rows = weight.lo[..weight.k * l]
+            .chunks_exact(l)
+            .chain(weight.hi.chunks_exact(l).skip(weight.k))
+            .skip(os.start);
+        channel_rows(rows, xa, xb, bias, requant, ep, os, ya, yb);
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn channel_rows<'w>(
+    rows: impl Iterator<Item = &'w [i8]>,
+    xa: (&[u32], &[i16]),
+    xb: (&[u32], &[i16]),
+    bias: &[i32],
+    requant: &[Requant],
+    ep: Epilogue,
+    os: core::ops::Range<usize>,
+    ya: &mut [i8],
+    yb: &mut [i8],
+) {
     let (bias, requant, ya) = (&bias[os.clone()], &requant[os.clone()], &mut ya[os.clone()]);
     if yb.is_empty() {
-        for (j, ((&b, rq), y)) in bias.iter().zip(requant).zip(ya).enumerate() {
-            let a = dot1(weight.row(o0 + j, l), xa, b);
+        for (((w, &b), rq), y) in rows.zip(bias).zip(requant).zip(ya) {
+            let a = dot1(w, xa, b);
             *y = requant_clamp(rq, a, ep.out_zp, ep.lo, ep.hi);
         }
     } else {
         let yb = &mut yb[os];
-        for (j, (((&b, rq), y), z)) in bias.iter().zip(requant).zip(ya).zip(yb).enumerate() {
-            let (a, c) = dot2(weight.row(o0 + j, l), xa, xb, b, b);
+        for ((((w, &b), rq), y), z) in rows.zip(bias).zip(requant).zip(ya).zip(yb) {
+            let (a, c) = dot2(w, xa, xb, b, b);
             *y = requant_clamp(rq, a, ep.out_zp, ep.lo, ep.hi);
             *z = requant_clamp(rq, c, ep.out_zp, ep.lo, ep.hi);
         }
