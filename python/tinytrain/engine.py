@@ -175,7 +175,7 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         plan_bytes, params = _core.engine_compile(
             tensors, nodes, inp, out, per_node, bool(reorder), PRECISIONS[update_precision], momentum > 0,
             LOSSES[loss], int(seed) & (2**64 - 1), float(lr), float(momentum), json.dumps(meta).encode(), layout,
-            bool(stream_input), bool(accumulate))
+            bool(stream_input), bool(accumulate), q.rounding)
     except ValueError as e:
         if layout is not None and layout[0] is not None and "patch stage" in str(e):
             raise ValueError(f"patch={patch!r}: the nodes up to {patch[0]!r} are not a chain of frozen convs "

@@ -134,6 +134,8 @@ def export_qdq(q, path: Optional[str] = None) -> onnx.ModelProto:
         nodes, "tinytrain_int8",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *inp.shape])], outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tinytrain")
+    # tt.load_onnx reads it back, so a model imported from TFLite keeps TFLite's rounding
+    helper.set_model_props(model, {"tinytrain.rounding": q.rounding})
     model.ir_version = 8
     onnx.checker.check_model(model)
     if path is not None:

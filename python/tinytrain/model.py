@@ -48,6 +48,13 @@ class QuantizedModel(Graph):
 
     #: How the activation ranges were obtained: "minmax", "percentile(p)" or "imported".
     calibration: str = "minmax"
+    #: How requantization rounds, in `forward` and in every plan compiled from this model:
+    #: ``"single"`` (one rounding of the exact product, half away from zero: tinytrain's quantizer,
+    #: onnxruntime-quantized files) or ``"double"`` (TFLite's kernels: gemmlowp's double rounding in
+    #: conv, depthwise, add and global average pooling, one rounding in fc, as its FULLY_CONNECTED).
+    #: `tt.load_tflite` and tf2onnx conversions of int8 TFLite files set ``"double"``, so the model
+    #: gives the numbers the LiteRT interpreter gives, bit for bit.
+    rounding: str = "single"
 
     # ------------------------------------------------------------------ inference
     def quantize_input(self, x: np.ndarray, layout: str = "NCHW") -> np.ndarray:
@@ -111,19 +118,20 @@ class QuantizedModel(Graph):
             if n.op == "conv":
                 w = np.ascontiguousarray(n.params["weight_q"].transpose(0, 2, 3, 1), dtype=np.int8)
                 return core.conv2d_forward(ins[0], w, bias, tuple(a["stride"]), tuple(a["pads"]), int(a["groups"]),
-                                           int(t_in.zero_point), int(t_out.zero_point), req, lo, hi)
+                                           int(t_in.zero_point), int(t_out.zero_point), req, lo, hi, self.rounding)
             xin = np.ascontiguousarray(ins[0].reshape(ins[0].shape[0], -1))
             w = np.ascontiguousarray(n.params["weight_q"], dtype=np.int8)
-            y = core.fc_forward(xin, w, bias, int(t_in.zero_point), int(t_out.zero_point), req, lo, hi)
+            y = core.fc_forward(xin, w, bias, int(t_in.zero_point), int(t_out.zero_point), req, lo, hi, self.rounding)
             return y.reshape(y.shape[0], 1, 1, -1)
         if n.op == "add":
             tb = self.tensors[n.inputs[1]]
             lo, hi = act_range(a.get("act", "none"), t_out.scale, t_out.zero_point)
             return core.add_forward(ins[0], float(t_in.scale), int(t_in.zero_point), ins[1], float(tb.scale),
-                                    int(tb.zero_point), float(t_out.scale), int(t_out.zero_point), lo, hi)
+                                    int(tb.zero_point), float(t_out.scale), int(t_out.zero_point), lo, hi,
+                                    self.rounding)
         if n.op == "global_avgpool":
             y = core.global_avgpool_forward(ins[0], float(t_in.scale), int(t_in.zero_point), float(t_out.scale),
-                                            int(t_out.zero_point))
+                                            int(t_out.zero_point), self.rounding)
             return y.reshape(y.shape[0], 1, 1, -1)
         if n.op == "avgpool":
             return core.avgpool_forward(ins[0], tuple(a["kernel"]), tuple(a["stride"]), tuple(a["pads"]))
@@ -168,9 +176,10 @@ class QuantizedModel(Graph):
         tp = sum(r["params"] for r in rows)
         tm = sum(r["macs"] for r in rows)
         ti = self.tensors[self.input]
+        rounding = "double (TFLite's)" if self.rounding == "double" else self.rounding
         lines.append(f"total: {len(self.layers)} trainable layers, {tp} params ({self.weight_bytes()} bytes int8 "
                      f"weights + int32 biases), {tm / 1e6:.2f}M MACs; input {ti.shape} s={ti.scale:.3e} "
-                     f"zp={ti.zero_point}; calibration: {self.calibration}")
+                     f"zp={ti.zero_point}; calibration: {self.calibration}; rounding: {rounding}")
         if self.softmax_tail:
             lines.append("the model ends in Softmax: kept for inference (to_onnx adds it as 'probabilities'), "
                          "skipped for training (the loss is cross-entropy on the logits)")

@@ -953,7 +953,17 @@ class _Importer:
         if self.qparams:
             from .quantize import from_imported
 
-            return from_imported(g, self.qparams, self.where)
+            q = from_imported(g, self.qparams, self.where)
+            # tf2onnx quantizes nothing itself: a quantized file it wrote is an int8 TFLite model,
+            # whose numbers are those of TFLite's double rounding (tt.load_tflite on the source
+            # gives the same model). onnxruntime's quantizer writes "onnx.quantize" and its files
+            # keep single rounding, which agrees best with onnxruntime's float requantization.
+            props = {p.key: p.value for p in self.proto.metadata_props}
+            if self.proto.producer_name == "tf2onnx":
+                q.rounding = "double"
+            elif props.get("tinytrain.rounding") in ("single", "double"):  # tinytrain's own export
+                q.rounding = props["tinytrain.rounding"]
+            return q
         for n in g.nodes:
             n.attrs.pop("_wq", None)
             n.attrs.pop("_bq", None)

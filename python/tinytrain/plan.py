@@ -109,6 +109,11 @@ class Plan:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise PlanError("plan metadata is not valid JSON", "meta") from None
         self._report = rep
+        mode = getattr(model, "rounding", None)
+        if mode is not None and mode != rep["rounding"]:
+            # the trained model's forward would then give other numbers than the plan does
+            raise PlanError(f"the plan requantizes with {rep['rounding']} rounding, the model with {mode}: "
+                            f"it was not compiled from this model", "rounding")
         nodes = self.meta.get("nodes", [])
         node_name = lambda i: nodes[i] if i < len(nodes) else f"node {i}"  # noqa: E731
         timeline = [{"op": k, "node": node_name(n), "live_bytes": int(v)} for (k, n), v in zip(rep["ops"], rep["live"])]
@@ -136,6 +141,11 @@ class Plan:
     def accumulate(self) -> bool:
         """Gradient accumulation: one update per batch (``tt.compile(..., accumulate=True)``)."""
         return bool(self._report["accumulate"])
+
+    @property
+    def rounding(self) -> str:
+        """The model's requantization rounding the plan runs with: "single" or "double" (TFLite's)."""
+        return str(self._report["rounding"])
 
     @property
     def update_precision(self) -> str:

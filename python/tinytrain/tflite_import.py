@@ -710,7 +710,11 @@ class _Importer:
         if self.qparams:
             from .quantize import from_imported
 
-            return from_imported(g, self.qparams, self.where)
+            q = from_imported(g, self.qparams, self.where)
+            # TFLite's kernels requantize with gemmlowp's double rounding (fc once): keep that, so
+            # the model gives exactly the numbers the interpreter gave
+            q.rounding = "double"
+            return q
         for n in g.nodes:
             n.attrs.pop("_wq", None)
             n.attrs.pop("_bq", None)

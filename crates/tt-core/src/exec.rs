@@ -172,12 +172,16 @@ impl<'p, 'a> Executor<'p, 'a> {
             arena,
             high_water: 0,
         };
-        // Every requantization shift must be in the range `Requant::apply` is defined for.
+        // Every requantization shift must be in the range `Requant::apply` is defined for, and
+        // round as the plan says.
         for li in 0..pv.n_layers {
-            let (_, _, _, rq) = ex.frozen(&pv.layer(li)?)?;
-            if rq.iter().any(|r| !(-31..=30).contains(&r.shift)) {
+            let l = pv.layer(li)?;
+            let fc = pv.node(l.node as usize)?.kind == NODE_FC;
+            let mode = pv.globals.rounding.for_layer(fc);
+            let (_, _, _, rq) = ex.frozen(&l)?;
+            if rq.iter().any(|r| !r.is_valid(mode)) {
                 return Err(Error::CorruptPlan {
-                    field: "params (requantization shift)",
+                    field: "params (requantization shift or rounding)",
                 });
             }
         }
@@ -758,7 +762,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                 // The output overwrites input `j`, element by element.
                 let j = (arg & 1) as usize;
                 let b_t = pv.tensor(n.inputs[1] as usize)?;
-                let p = AddParams::new(in_q, qp(&b_t), out_q, amin, amax)?;
+                let p = AddParams::new(in_q, qp(&b_t), out_q, amin, amax, pv.globals.rounding)?;
                 if bufs[2] != bufs[j] || bufs[0] == bufs[1] || ni != no || b_t.numel() != no {
                     return Err(Error::CorruptPlan {
                         field: "ops (in-place add)",
@@ -1054,7 +1058,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                 }
                 NODE_ADD => {
                     let b_t = pv.tensor(n.inputs[1] as usize)?;
-                    let p = AddParams::new(in_q, qp(&b_t), out_q, amin, amax)?;
+                    let p = AddParams::new(in_q, qp(&b_t), out_q, amin, amax, pv.globals.rounding)?;
                     if bufs[0] == bufs[1] {
                         let [a, y] = self.carve_t([bufs[0], bufs[2]], [ni, no])?;
                         let a: &[i8] = view(a, "add input")?;
@@ -1079,6 +1083,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                         view(x, "pool input")?,
                         in_q,
                         out_q,
+                        pv.globals.rounding,
                         view_mut(y, "pool output")?,
                     )?;
                 }
@@ -2462,6 +2467,7 @@ mod tests {
             params,
             input: 0,
             output: 7,
+            rounding: crate::quant::Rounding::Single,
         }
     }
 
@@ -2999,6 +3005,7 @@ mod tests {
             params,
             input: 0,
             output: 8,
+            rounding: crate::quant::Rounding::Single,
         }
     }
 

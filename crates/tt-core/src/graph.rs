@@ -123,6 +123,9 @@ pub struct Graph {
     pub params: Vec<Option<LayerParams>>,
     pub input: usize,
     pub output: usize,
+    /// How every requantization of this model rounds: that of the runtime it was quantized
+    /// for (TFLite's double rounding for an imported `.tflite`), so it runs bit-exactly there.
+    pub rounding: crate::quant::Rounding,
 }
 
 /// Weight geometry of a trainable node: output channels, input channels seen by one output

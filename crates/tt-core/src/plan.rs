@@ -5,7 +5,7 @@
 //! ```text
 //! header  magic "TTPL" | version u16 | header_len u16 | body_len u32 | body_crc u32
 //!         | params_len u32 | params_crc u32 | arena_bytes u32 | state_bytes u32
-//!         | lower_bound u32 | flags u32 (version 2; 0 in version 1)
+//!         | lower_bound u32 | flags u32 (0 in version 1)
 //! body    counts: tensors, nodes, layers, buffers, ops, meta_len (u32 each)
 //!         globals: input u32, output u32, loss u8, precision u8, reorder u8, momentum u8,
 //!                  rng buffer u32, seed u64, peak op u32, lr f32, momentum f32
@@ -25,15 +25,25 @@
 //! ops, flagged `ACCUMULATE`, run only in the separate update phase). Plans without accumulation
 //! are written as version 1, so readers of version 1 keep reading them.
 //!
+//! Version 3 is version 2 plus flags bit 1: the model requantizes as TFLite's kernels do
+//! ([`Rounding::Double`]: the conv records below, and the multipliers the executor derives for
+//! add and global pooling; fc records round once, [`Rounding::for_layer`]). Only such plans are written as version 3; older plans are
+//! single-rounding plans, read as before, and older readers refuse version 3 instead of running
+//! it with the wrong rounding.
+//!
 //! The parameter blob (frozen weights: flash on the MCU) holds per layer, each part 4-aligned:
-//! OHWI int8 weights, int32 bias, f32 weight scales, then (multiplier i32, shift i32) per
-//! output channel. Its length and CRC are in the header, so a plan cannot run on the wrong blob.
+//! OHWI int8 weights, int32 bias, f32 weight scales, then a [`Requant`] record (multiplier i32,
+//! shift i16, rounding i16) per output channel, whose rounding field must agree with the
+//! header's flag. Its length and CRC are in the header, so a plan cannot run on the wrong blob.
 //!
 //! [`PlanView::parse`] checks the CRC and every id, offset and length once, without allocating;
 //! after that the executor can index records without further bounds worries (and still uses
 //! checked access, so nothing panics even if it could not).
 use crate::crc::crc32;
 use crate::ops::{MAX_DOT_LEN, MAX_POOL_LEN};
+#[cfg(doc)]
+use crate::quant::Requant;
+use crate::quant::Rounding;
 use crate::{Error, Result};
 
 // The vocabulary of training graphs lives here, beside the format that stores it, so the
@@ -341,8 +351,12 @@ pub const MAGIC: [u8; 4] = *b"TTPL";
 /// Version of plans with gradient accumulation; others are written as [`VERSION_PLAIN`].
 pub const VERSION: u16 = 2;
 pub const VERSION_PLAIN: u16 = 1;
+/// Version of plans whose model rounds as TFLite ([`FLAG_DOUBLE_ROUNDING`]).
+pub const VERSION_ROUNDING: u16 = 3;
 /// Header `flags` bit: the plan accumulates gradients over a batch.
 pub const FLAG_ACCUMULATE: u32 = 1;
+/// Header `flags` bit (version 3): requantization uses [`Rounding::Double`].
+pub const FLAG_DOUBLE_ROUNDING: u32 = 2;
 pub const HEADER_LEN: usize = 40;
 pub const COUNTS_LEN: usize = 24;
 pub const GLOBALS_LEN: usize = 36;
@@ -458,6 +472,8 @@ pub struct Globals {
     pub momentum: f32,
     /// Gradient accumulation (header flag, version 2).
     pub accumulate: bool,
+    /// How every requantization rounds (header flag, version 3).
+    pub rounding: Rounding,
 }
 
 /// A validated, zero-copy view of plan bytes.
@@ -521,11 +537,17 @@ impl<'a> PlanView<'a> {
             return Err(corrupt("magic"));
         }
         let version = rd_u16(bytes, 4, "version")?;
-        if version != VERSION && version != VERSION_PLAIN {
-            return Err(corrupt("version"));
-        }
+        let allowed = match version {
+            VERSION_PLAIN => 0,
+            VERSION => FLAG_ACCUMULATE,
+            VERSION_ROUNDING => FLAG_ACCUMULATE | FLAG_DOUBLE_ROUNDING,
+            _ => return Err(corrupt("version")),
+        };
         let flags = rd_u32(bytes, 36, "flags")?;
-        if (version == VERSION_PLAIN && flags != 0) || flags & !FLAG_ACCUMULATE != 0 {
+        // A version 3 plan exists to say "double rounding": without the flag it is malformed.
+        if flags & !allowed != 0
+            || (version == VERSION_ROUNDING && flags & FLAG_DOUBLE_ROUNDING == 0)
+        {
             return Err(corrupt("flags"));
         }
         if rd_u16(bytes, 6, "header_len")? as usize != HEADER_LEN {
@@ -592,6 +614,11 @@ impl<'a> PlanView<'a> {
             lr: rd_f32(body, g + 28, "globals.lr")?,
             momentum: rd_f32(body, g + 32, "globals.momentum")?,
             accumulate: flags & FLAG_ACCUMULATE != 0,
+            rounding: if flags & FLAG_DOUBLE_ROUNDING != 0 {
+                Rounding::Double
+            } else {
+                Rounding::Single
+            },
         };
         let view = PlanView {
             body,
@@ -965,9 +992,12 @@ mod encode {
             }
             let r_off = u32_of(blob.len(), "params too large")?;
             for &s in &p.weight_scale {
-                let r = Requant::from_scale(s_in * s as f64 / s_out)?;
+                let fc = matches!(n.kind, NodeKind::Fc { .. });
+                let r = Requant::from_scale(s_in * s as f64 / s_out)?
+                    .with_rounding(g.rounding.for_layer(fc));
                 blob.extend_from_slice(&r.multiplier.to_le_bytes());
                 blob.extend_from_slice(&r.shift.to_le_bytes());
+                blob.extend_from_slice(&r.rounding.to_le_bytes());
             }
             offs.push([w_off, b_off, s_off, r_off]);
         }
@@ -1204,7 +1234,12 @@ mod encode {
 
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.extend_from_slice(&MAGIC);
-        let version = if o.accumulate { VERSION } else { VERSION_PLAIN };
+        let double = g.rounding == Rounding::Double;
+        let version = match (double, o.accumulate) {
+            (true, _) => VERSION_ROUNDING,
+            (false, true) => VERSION,
+            (false, false) => VERSION_PLAIN,
+        };
         out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(HEADER_LEN as u16).to_le_bytes());
         for v in [
@@ -1215,7 +1250,8 @@ mod encode {
             u32_of(mp.arena_bytes, "arena too large")?,
             u32_of(mp.state_bytes, "state too large")?,
             u32_of(mp.lower_bound, "arena too large")?,
-            if o.accumulate { FLAG_ACCUMULATE } else { 0 },
+            if o.accumulate { FLAG_ACCUMULATE } else { 0 }
+                | if double { FLAG_DOUBLE_ROUNDING } else { 0 },
         ] {
             out.extend_from_slice(&v.to_le_bytes());
         }

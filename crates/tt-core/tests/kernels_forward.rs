@@ -12,7 +12,7 @@ use tt_core::ops::conv::{
 };
 use tt_core::ops::fc::{fc_accumulate, fc_forward, FcGeom};
 use tt_core::ops::pool::{avgpool_forward, global_avgpool_forward, maxpool_forward, Pool2dGeom};
-use tt_core::quant::{requantize, QParams, Requant};
+use tt_core::quant::{requantize, QParams, Requant, Rounding};
 
 fn requants(rng: &mut Seeded, n: usize) -> Vec<Requant> {
     (0..n)
@@ -119,6 +119,20 @@ proptest! {
     }
 
     #[test]
+    fn double_rounding_requant_matches_gemmlowp(acc in any::<i32>(), s in 1e-10f64..8.0) {
+        let rq = Requant::from_scale(s).unwrap().with_rounding(Rounding::Double);
+        prop_assert_eq!(rq.apply(acc) as i64, ref_requant_gemmlowp(acc as i64, rq).clamp(i32::MIN as i64, i32::MAX as i64));
+        // Two roundings: within one LSB of the exact product (where the left shift does not saturate).
+        if (acc as i64).abs() << rq.shift.max(0) < 1 << 31 {
+            let exact = acc as f64 * rq.to_f64();
+            prop_assert!((rq.apply(acc) as f64 - exact).abs() <= 1.0, "{} * {}", acc, s);
+        }
+        for (zp, lo, hi) in [(0, -128, 127), (-7, -7, 100)] {
+            prop_assert_eq!(rq.apply_clamp(acc, zp, lo, hi), ref_finish(ref_requant_gemmlowp(acc as i64, rq), zp, lo, hi));
+        }
+    }
+
+    #[test]
     fn requantize_buffer(c in 1usize..=9, px in 0usize..=5, per_tensor in any::<bool>(), seed in any::<u64>()) {
         let mut rng = Seeded(seed);
         let acc: Vec<i32> = (0..c * px).map(|_| rng.int(-100_000, 100_000)).collect();
@@ -133,7 +147,7 @@ proptest! {
     }
 
     #[test]
-    fn add_matches_reference(n in 1usize..=64, seed in any::<u64>(), relu in any::<bool>()) {
+    fn add_matches_reference(n in 1usize..=64, seed in any::<u64>(), relu in any::<bool>(), double in any::<bool>()) {
         let mut rng = Seeded(seed);
         let qa = QParams::new((0.001 + 0.2 * rng.unit()) as f32, rng.int(-128, 127)).unwrap();
         let qb = QParams::new((0.001 + 0.2 * rng.unit()) as f32, rng.int(-128, 127)).unwrap();
@@ -141,7 +155,9 @@ proptest! {
         let (lo, hi) = if relu { (qo.zero_point as i8, 127) } else { (-128, 127) };
         let a = rng.i8s(n, -128, 127);
         let b = rng.i8s(n, -128, 127);
-        let p = AddParams::new(qa, qb, qo, lo, hi).unwrap();
+        let mode = if double { Rounding::Double } else { Rounding::Single };
+        let p = AddParams::new(qa, qb, qo, lo, hi, mode).unwrap();
+        prop_assert!([p.a_mult, p.b_mult, p.out_mult].iter().all(|r| r.mode() == mode));
         let mut out = vec![0i8; n];
         add_forward(&p, &a, &b, &mut out).unwrap();
         for k in 0..n {
@@ -158,14 +174,15 @@ proptest! {
     }
 
     #[test]
-    fn global_avgpool_matches_reference(h in 1usize..=9, w in 1usize..=9, c in 1usize..=12, seed in any::<u64>()) {
+    fn global_avgpool_matches_reference(h in 1usize..=9, w in 1usize..=9, c in 1usize..=12, seed in any::<u64>(), double in any::<bool>()) {
         let mut rng = Seeded(seed);
         let x = rng.i8s(h * w * c, -128, 127);
         let qi = QParams::new((0.01 + 0.1 * rng.unit()) as f32, rng.int(-128, 127)).unwrap();
         let qo = QParams::new((0.01 + 0.1 * rng.unit()) as f32, rng.int(-128, 127)).unwrap();
         let mut out = vec![0i8; c];
-        global_avgpool_forward(h, w, c, &x, qi, qo, &mut out).unwrap();
-        let rq = Requant::from_scale(qi.scale as f64 / (qo.scale as f64 * (h * w) as f64)).unwrap();
+        let mode = if double { Rounding::Double } else { Rounding::Single };
+        global_avgpool_forward(h, w, c, &x, qi, qo, mode, &mut out).unwrap();
+        let rq = Requant::from_scale(qi.scale as f64 / (qo.scale as f64 * (h * w) as f64)).unwrap().with_rounding(mode);
         for ch in 0..c {
             let s: i64 = (0..h * w).map(|p| x[p * c + ch] as i64 - qi.zero_point as i64).sum();
             prop_assert_eq!(out[ch], ref_finish(ref_requant(s, rq), qo.zero_point, -128, 127));

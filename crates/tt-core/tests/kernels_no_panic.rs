@@ -10,7 +10,21 @@ use tt_core::ops::loss::{mse, softmax_cross_entropy};
 use tt_core::ops::pool::*;
 use tt_core::ops::{ChannelSelection, WeightShape};
 use tt_core::qas::{sgd_update_bias, sgd_update_weights, SgdConfig, UpdateState, XorShift32};
-use tt_core::quant::{requantize, QParams, Requant};
+use tt_core::quant::{requantize, QParams, Requant, Rounding};
+
+/// A requantization record from arbitrary bits, as a corrupted blob would hold: the i32 `s` is
+/// the old (shift, rounding) word, and the multiplier's low bit picks the rounding mode.
+fn wild_requant(multiplier: i32, s: i32) -> Requant {
+    Requant {
+        multiplier,
+        shift: s as i16,
+        rounding: if multiplier & 1 != 0 {
+            1
+        } else {
+            (s >> 16) as i16
+        },
+    }
+}
 
 fn dim() -> impl Strategy<Value = usize> {
     prop_oneof![8 => 0usize..=5, 1 => Just(usize::MAX), 1 => Just(usize::MAX / 3), 1 => Just(1usize << 33)]
@@ -40,7 +54,7 @@ proptest! {
         let x = vec![1i8; l[0]];
         let w = vec![1i8; l[1]];
         let b = vec![1i32; l[2]];
-        let r = vec![Requant { multiplier: rq.0, shift: rq.1 }; l[2]];
+        let r = vec![wild_requant(rq.0, rq.1); l[2]];
         let mut out = vec![0i8; l[3]];
         let res = conv2d_forward(&g, &x, 0, &w, &b, &r, 0, act.0, act.1, &mut out);
         if res.is_ok() {
@@ -94,19 +108,19 @@ proptest! {
         let _ = maxpool_forward(&pg, &x, &mut o);
         let _ = avgpool_backward(&pg, &go, &mut gi);
         let _ = maxpool_backward(&pg, &x, &go, &mut gi);
-        let _ = global_avgpool_forward(d[2], d[3], d[4], &x, q, QParams { scale: 0.1, zero_point: zp.1 }, &mut o);
+        let _ = global_avgpool_forward(d[2], d[3], d[4], &x, q, QParams { scale: 0.1, zero_point: zp.1 }, Rounding::Double, &mut o);
         let _ = global_avgpool_backward(d[2], d[3], d[4], &go, &mut gi);
 
-        let _ = requantize(&acc, d[4], &[Requant { multiplier: zp.0, shift: zp.1 }], zp.0, 5, -5, &mut o);
-        if let Ok(p) = AddParams::new(q, q, q, -128, 127) {
+        let _ = requantize(&acc, d[4], &[wild_requant(zp.0, zp.1)], zp.0, 5, -5, &mut o);
+        if let Ok(p) = AddParams::new(q, q, q, -128, 127, Rounding::Double) {
             let _ = add_forward(&p, &x, &w, &mut o);
         }
         // Corrupted parameters built field by field must not panic either.
         let wild = AddParams {
             a_zp: zp.0, b_zp: zp.1, out_zp: zp.0,
-            a_mult: Requant { multiplier: zp.1, shift: zp.0 },
-            b_mult: Requant { multiplier: zp.0, shift: zp.1 },
-            out_mult: Requant { multiplier: zp.1, shift: zp.1 },
+            a_mult: wild_requant(zp.1, zp.0),
+            b_mult: wild_requant(zp.0, zp.1),
+            out_mult: wild_requant(zp.1, zp.1),
             act_min: -128, act_max: 127,
         };
         let _ = add_forward(&wild, &x, &w, &mut o);
@@ -166,7 +180,7 @@ proptest! {
         let x = vec![fill; g.input_len()];
         let wt = vec![fill.max(-127); g.weight_len()];
         let b = vec![zp.1; out_c];
-        let r = vec![Requant { multiplier: rq.0, shift: rq.1 }; out_c];
+        let r = vec![wild_requant(rq.0, rq.1); out_c];
         let mut out = vec![0i8; g.output_len()];
         let _ = conv2d_forward(&g, &x, zp.0, &wt, &b, &r, zp.1, -128, 127, &mut out);
         let mut acc = vec![0i32; g.output_len()];
@@ -188,7 +202,7 @@ proptest! {
         let _ = fc_forward(&fg, &x[..c], zp.0, &fw, &b, &r, zp.1, -128, 127, &mut fo);
         let mut fgw = vec![0f32; c * out_c];
         let _ = fc_backward_weight(&fg, &x[..c], q, &go[..out_c.min(go.len())], sel, &mut fgw);
-        let _ = global_avgpool_forward(h, w, c, &x, q, q, &mut vec![0i8; c]);
+        let _ = global_avgpool_forward(h, w, c, &x, q, q, Rounding::Single, &mut vec![0i8; c]);
         let _ = softmax_cross_entropy(&x[..c], q, 0, &mut gi[..c]);
         let _ = mse(&x[..c], q, &go[..c.min(go.len())], &mut gi[..c.min(go.len())]);
         let shape = g.weight_shape();

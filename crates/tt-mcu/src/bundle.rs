@@ -352,5 +352,6 @@ fn demo_graph() -> Graph {
         params,
         input: 0,
         output: 6,
+        rounding: tt_core::quant::Rounding::Single,
     }
 }

@@ -15,6 +15,7 @@ use tt_core::plan::{
     TrainOp, IN_PLACE,
 };
 use tt_core::planner;
+use tt_core::quant::Rounding;
 use tt_core::sparse::{ChannelAxis, LayerUpdate, Scheme};
 use tt_core::Error;
 
@@ -64,11 +65,30 @@ fn act(v: u8) -> PyResult<Act> {
     Act::from_u8(v).ok_or_else(|| PyValueError::new_err(format!("bad activation code {v}")))
 }
 
+/// The Python spelling of a model's requantization rounding (`QuantizedModel.rounding`).
+pub(crate) fn rounding_of(name: &str) -> PyResult<Rounding> {
+    match name {
+        "single" => Ok(Rounding::Single),
+        "double" => Ok(Rounding::Double),
+        _ => Err(PyValueError::new_err(format!(
+            "rounding must be 'single' or 'double' (TFLite's), got {name:?}"
+        ))),
+    }
+}
+
+fn rounding_name(r: Rounding) -> &'static str {
+    match r {
+        Rounding::Single => "single",
+        Rounding::Double => "double",
+    }
+}
+
 fn build_graph(
     tensors: Vec<(u32, u32, u32, f32, i32)>,
     nodes: Vec<NodeDesc<'_>>,
     input: usize,
     output: usize,
+    rounding: Rounding,
 ) -> PyResult<Graph> {
     let tensors = tensors
         .into_iter()
@@ -133,12 +153,13 @@ fn build_graph(
         params,
         input,
         output,
+        rounding,
     })
 }
 
 /// Compiles a quantized graph for training. Returns (plan bytes, parameter blob).
 #[pyfunction]
-#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta, layout=None, stream_input=false, accumulate=false))]
+#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta, layout=None, stream_input=false, accumulate=false, rounding="single"))]
 #[allow(clippy::too_many_arguments)]
 fn engine_compile<'py>(
     py: Python<'py>,
@@ -158,8 +179,9 @@ fn engine_compile<'py>(
     layout: Option<(Option<(usize, usize)>, bool, bool)>,
     stream_input: bool,
     accumulate: bool,
+    rounding: &str,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-    let g = build_graph(tensors, nodes, input, output)?;
+    let g = build_graph(tensors, nodes, input, output, rounding_of(rounding)?)?;
     let scheme = Scheme {
         layers: scheme
             .into_iter()
@@ -258,6 +280,7 @@ fn plan_report<'py>(py: Python<'py>, plan: &[u8]) -> PyResult<Bound<'py, PyDict>
     d.set_item("loss", v.globals.loss as u8)?;
     d.set_item("momentum_buffers", v.globals.momentum_buffers)?;
     d.set_item("accumulate", v.globals.accumulate)?;
+    d.set_item("rounding", rounding_name(v.globals.rounding))?;
     d.set_item("lr", v.globals.lr)?;
     d.set_item("momentum", v.globals.momentum)?;
     d.set_item("seed", v.globals.seed)?;

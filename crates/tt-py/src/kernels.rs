@@ -54,10 +54,17 @@ fn to_numpy<'py, T: Element>(py: Python<'py>, shape: &[usize], v: Vec<T>) -> Py1
     Ok(a.into_pyarray(py))
 }
 
-fn requants(scales: &[f64]) -> PyResult<Vec<Requant>> {
+/// Requantization records of a conv (`fc == false`) or fc layer of a model whose rounding mode
+/// is `rounding` (the model's, not the record's: see `Rounding::for_layer`).
+fn requants(scales: &[f64], rounding: &str, fc: bool) -> PyResult<Vec<Requant>> {
+    let mode = crate::engine::rounding_of(rounding)?.for_layer(fc);
     scales
         .iter()
-        .map(|&s| Requant::from_scale(s).map_err(core_err))
+        .map(|&s| {
+            Requant::from_scale(s)
+                .map(|r| r.with_rounding(mode))
+                .map_err(core_err)
+        })
         .collect()
 }
 
@@ -95,7 +102,7 @@ fn selection(axis: &str, count: usize) -> PyResult<ChannelSelection> {
 #[pyfunction]
 fn requant_from_scale(scale: f64) -> PyResult<(i32, i32)> {
     let r = Requant::from_scale(scale).map_err(core_err)?;
-    Ok((r.multiplier, r.shift))
+    Ok((r.multiplier, r.shift as i32))
 }
 
 /// `[act_min, act_max]` of "none" / "relu" / "relu6" for an output quantization.
@@ -112,7 +119,7 @@ fn activation_range(act: &str, scale: f32, zero_point: i32) -> PyResult<(i8, i8)
 
 /// Requantizes int32 accumulators `[..., C]` with per-channel (or one) real scales.
 #[pyfunction]
-#[pyo3(signature = (acc, requant_scale, out_zp, act_min=-128, act_max=127))]
+#[pyo3(signature = (acc, requant_scale, out_zp, act_min=-128, act_max=127, rounding="single"))]
 fn requantize<'py>(
     py: Python<'py>,
     acc: PyReadonlyArrayDyn<'py, i32>,
@@ -120,12 +127,13 @@ fn requantize<'py>(
     out_zp: i32,
     act_min: i8,
     act_max: i8,
+    rounding: &str,
 ) -> Py1<'py, i8> {
     let shape = acc.shape().to_vec();
     let c = *shape
         .last()
         .ok_or_else(|| bad("requantize: scalar input".into()))?;
-    let rq = requants(&data(&requant_scale))?;
+    let rq = requants(&data(&requant_scale), rounding, false)?;
     let a = data(&acc);
     let mut out = vec![0i8; a.len()];
     if !a.is_empty() {
@@ -136,8 +144,9 @@ fn requantize<'py>(
 
 /// Int8 conv forward over a batch: x `[N,H,W,C]`, weight OHWI, bias int32 `[O]`,
 /// requant_scale float64 `[O]` (= s_in * s_w[o] / s_out). Returns int8 `[N,OH,OW,O]`.
+/// `rounding` is the model's mode (`QuantizedModel.rounding`): "single" or "double" (TFLite's).
 #[pyfunction]
-#[pyo3(signature = (x, weight, bias, stride=(1, 1), pads=(0, 0, 0, 0), groups=1, in_zp=0, out_zp=0, requant_scale=None, act_min=-128, act_max=127))]
+#[pyo3(signature = (x, weight, bias, stride=(1, 1), pads=(0, 0, 0, 0), groups=1, in_zp=0, out_zp=0, requant_scale=None, act_min=-128, act_max=127, rounding="single"))]
 #[allow(clippy::too_many_arguments)]
 fn conv2d_forward<'py>(
     py: Python<'py>,
@@ -152,6 +161,7 @@ fn conv2d_forward<'py>(
     requant_scale: Option<PyReadonlyArrayDyn<'py, f64>>,
     act_min: i8,
     act_max: i8,
+    rounding: &str,
 ) -> Py1<'py, i8> {
     let xs = dims(&x, 4, "x")?;
     let ws = dims(&weight, 4, "weight")?;
@@ -165,7 +175,7 @@ fn conv2d_forward<'py>(
         pads,
         groups,
     )?;
-    let rq = requants(&data(&rs))?;
+    let rq = requants(&data(&rs), rounding, false)?;
     let (xd, wd, bd) = (data(&x), data(&weight), data(&bias));
     let (il, ol) = (g.input_len(), g.output_len());
     let mut out = vec![0i8; xs[0] * ol];
@@ -383,9 +393,10 @@ fn conv2d_backward_bias<'py>(
     to_numpy(py, &[gs[3]], gb)
 }
 
-/// Int8 FC forward: x `[N,I]`, weight `[O,I]` -> int8 `[N,O]`.
+/// Int8 FC forward: x `[N,I]`, weight `[O,I]` -> int8 `[N,O]`. `rounding` is the model's mode;
+/// an fc layer rounds once in either (as TFLite's FULLY_CONNECTED does).
 #[pyfunction]
-#[pyo3(signature = (x, weight, bias, in_zp, out_zp, requant_scale, act_min=-128, act_max=127))]
+#[pyo3(signature = (x, weight, bias, in_zp, out_zp, requant_scale, act_min=-128, act_max=127, rounding="single"))]
 #[allow(clippy::too_many_arguments)]
 fn fc_forward<'py>(
     py: Python<'py>,
@@ -397,6 +408,7 @@ fn fc_forward<'py>(
     requant_scale: PyReadonlyArrayDyn<'py, f64>,
     act_min: i8,
     act_max: i8,
+    rounding: &str,
 ) -> Py1<'py, i8> {
     let xs = dims(&x, 2, "x")?;
     let ws = dims(&weight, 2, "weight")?;
@@ -407,7 +419,7 @@ fn fc_forward<'py>(
             xs[1], ws[1]
         )));
     }
-    let rq = requants(&data(&requant_scale))?;
+    let rq = requants(&data(&requant_scale), rounding, true)?;
     let (xd, wd, bd) = (data(&x), data(&weight), data(&bias));
     let (i, o) = (ws[1], ws[0]);
     let mut out = vec![0i8; xs[0] * o];
@@ -546,7 +558,7 @@ fn fc_backward_weight<'py>(
 
 /// Residual add of two int8 tensors (any equal shapes) with their own quantization.
 #[pyfunction]
-#[pyo3(signature = (a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, act_min=-128, act_max=127))]
+#[pyo3(signature = (a, a_scale, a_zp, b, b_scale, b_zp, out_scale, out_zp, act_min=-128, act_max=127, rounding="single"))]
 #[allow(clippy::too_many_arguments)]
 fn add_forward<'py>(
     py: Python<'py>,
@@ -560,6 +572,7 @@ fn add_forward<'py>(
     out_zp: i32,
     act_min: i8,
     act_max: i8,
+    rounding: &str,
 ) -> Py1<'py, i8> {
     if a.shape() != b.shape() {
         return Err(bad(format!(
@@ -574,6 +587,7 @@ fn add_forward<'py>(
         qparams(out_scale, out_zp)?,
         act_min,
         act_max,
+        crate::engine::rounding_of(rounding)?,
     )
     .map_err(core_err)?;
     let (ad, bd) = (data(&a), data(&b));
@@ -617,6 +631,7 @@ fn clamp_mask_backward<'py>(
 
 /// Global average pool `[N,H,W,C]` -> int8 `[N,C]`, requantized to the output quantization.
 #[pyfunction]
+#[pyo3(signature = (x, in_scale, in_zp, out_scale, out_zp, rounding="single"))]
 fn global_avgpool_forward<'py>(
     py: Python<'py>,
     x: PyReadonlyArrayDyn<'py, i8>,
@@ -624,7 +639,9 @@ fn global_avgpool_forward<'py>(
     in_zp: i32,
     out_scale: f32,
     out_zp: i32,
+    rounding: &str,
 ) -> Py1<'py, i8> {
+    let mode = crate::engine::rounding_of(rounding)?;
     let xs = dims(&x, 4, "x")?;
     let (iq, oq) = (qparams(in_scale, in_zp)?, qparams(out_scale, out_zp)?);
     let xd = data(&x);
@@ -638,6 +655,7 @@ fn global_avgpool_forward<'py>(
             &xd[n * il..(n + 1) * il],
             iq,
             oq,
+            mode,
             &mut out[n * xs[3]..(n + 1) * xs[3]],
         )
         .map_err(core_err)?;

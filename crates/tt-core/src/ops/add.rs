@@ -1,8 +1,9 @@
 //! Residual add of two int8 tensors with different quantization, TFLite style: both inputs are
 //! shifted left by 20 bits, brought to a common scale (2 * max input scale) by fixed-point
-//! multipliers < 1, summed, and requantized to the output scale.
+//! multipliers < 1, summed, and requantized to the output scale. With [`Rounding::Double`] all
+//! three multiplies round as TFLite's reference ADD does, so the result is bit-exact with it.
 use crate::error::{Error, Result};
-use crate::quant::{check_act, check_len, finish, QParams, Requant};
+use crate::quant::{check_act, check_len, finish, QParams, Requant, Rounding};
 
 /// Headroom bits for the int8 inputs (TFLite uses 20 for int8).
 pub const ADD_LEFT_SHIFT: i32 = 20;
@@ -26,6 +27,7 @@ impl AddParams {
         out: QParams,
         act_min: i8,
         act_max: i8,
+        rounding: Rounding,
     ) -> Result<AddParams> {
         for q in [a, b, out] {
             QParams::new(q.scale, q.zero_point)?;
@@ -41,11 +43,12 @@ impl AddParams {
             a_zp: a.zero_point,
             b_zp: b.zero_point,
             out_zp: out.zero_point,
-            a_mult: Requant::from_scale(a.scale as f64 / twice_max)?,
-            b_mult: Requant::from_scale(b.scale as f64 / twice_max)?,
+            a_mult: Requant::from_scale(a.scale as f64 / twice_max)?.with_rounding(rounding),
+            b_mult: Requant::from_scale(b.scale as f64 / twice_max)?.with_rounding(rounding),
             out_mult: Requant::from_scale(
                 twice_max / ((1i64 << ADD_LEFT_SHIFT) as f64 * out.scale as f64),
-            )?,
+            )?
+            .with_rounding(rounding),
             act_min,
             act_max,
         })

@@ -4,7 +4,7 @@
 //! `count_include_pad = 0`, and TFLite's behaviour). Windowed average and max pool keep the
 //! input's quantization for the output (as TFLite requires), so they work on raw int8 values.
 use crate::error::{Error, Result};
-use crate::quant::{check_len, QParams, Requant};
+use crate::quant::{check_len, QParams, Requant, Rounding};
 
 /// Geometry of a windowed pool over an HWC tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +116,10 @@ impl Pool2dGeom {
     }
 }
 
-/// `out[c] = requant(sum_p (x[p][c] - in_zp), s_in / (s_out * h * w)) + out_zp`.
+/// `out[c] = requant(sum_p (x[p][c] - in_zp), s_in / (s_out * h * w)) + out_zp`: one
+/// multiply for the mean and the rescale, which with [`Rounding::Double`] is also what TFLite's
+/// reference MEAN computes (bit-exact; measured against the LiteRT interpreter).
+#[allow(clippy::too_many_arguments)]
 pub fn global_avgpool_forward(
     h: usize,
     w: usize,
@@ -124,6 +127,7 @@ pub fn global_avgpool_forward(
     input: &[i8],
     in_q: QParams,
     out_q: QParams,
+    rounding: Rounding,
     output: &mut [i8],
 ) -> Result<()> {
     let hw = super::dims(&[h, w], "global_avgpool: size overflows")?;
@@ -137,7 +141,8 @@ pub fn global_avgpool_forward(
     check_len("global_avgpool_forward: output", c, output.len())?;
     QParams::new(in_q.scale, in_q.zero_point)?;
     QParams::new(out_q.scale, out_q.zero_point)?;
-    let rq = Requant::from_scale(in_q.scale as f64 / (out_q.scale as f64 * hw as f64))?;
+    let rq = Requant::from_scale(in_q.scale as f64 / (out_q.scale as f64 * hw as f64))?
+        .with_rounding(rounding);
     for (ch, o) in output.iter_mut().enumerate() {
         let mut acc: i32 = 0;
         for px in 0..hw {

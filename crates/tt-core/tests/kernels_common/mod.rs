@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 use proptest::prelude::*;
 use tt_core::ops::conv::Conv2dGeom;
-use tt_core::quant::Requant;
+use tt_core::quant::{Requant, Rounding};
 
 /// Deterministic data from a proptest-chosen seed (splitmix64).
 pub struct Seeded(pub u64);
@@ -34,7 +34,11 @@ impl Seeded {
 }
 
 /// `round(acc * m * 2^(shift - 31))`, half away from zero, computed exactly in i128.
+/// `round(acc * m)` as `rq`'s rounding mode defines it.
 pub fn ref_requant(acc: i64, rq: Requant) -> i64 {
+    if rq.mode() == Rounding::Double {
+        return ref_requant_gemmlowp(acc, rq);
+    }
     let num = acc as i128 * rq.multiplier as i128;
     let den = 1i128 << (31 - rq.shift);
     let r = (2 * num.abs() + den) / (2 * den);
@@ -43,6 +47,19 @@ pub fn ref_requant(acc: i64, rq: Requant) -> i64 {
     } else {
         r as i64
     }
+}
+
+/// gemmlowp's double rounding, spelled differently from tt-core: its high multiply (nudge, then
+/// truncating division) is `floor((x * m + 2^30) / 2^31)`, i.e. ties towards +inf; the shift
+/// that follows rounds ties away from zero. An int32 left shift saturates.
+pub fn ref_requant_gemmlowp(acc: i64, rq: Requant) -> i64 {
+    let shift = rq.shift as i32;
+    let x = (acc << shift.max(0)).clamp(i32::MIN as i64, i32::MAX as i64) as i128;
+    let high = (x * rq.multiplier as i128 + (1 << 30)).div_euclid(1 << 31);
+    let right = -shift.min(0);
+    let d = 1i128 << right;
+    let r = (2 * high.abs() + d) / (2 * d);
+    (if high < 0 { -r } else { r }) as i64
 }
 
 pub fn ref_finish(v: i64, out_zp: i32, lo: i8, hi: i8) -> i8 {
