@@ -6,10 +6,10 @@
 use core::arch::asm;
 
 use super::conv::{tap_range, Conv2dGeom};
-use crate::quant::{Requant, DOUBLE_ROUNDING};
+use crate::quant::Requant;
 
 /// Elements (taps x input channels per group) of one staged patch of the general path
-/// (1 KB of stack each; two are staged).
+/// (two pixels' patches are staged interleaved as int16 pairs: 2 KB of stack).
 pub(crate) const PATCH_MAX: usize = 512;
 /// Channels per pass of the depthwise path and the largest kernel it stages (864 B of weights).
 const DW_BLOCK: usize = 48;
@@ -57,12 +57,11 @@ fn smlad(a: u32, b: u32, acc: i32) -> i32 {
 /// with `t = p - (p < 0)`, and `floor(t / 2^(n-1)) = floor(t / 2^31) >> (n - 32)`, where
 /// `floor(t / 2^31)` fits an i32 because `|p| < 2^62` for a non-negative multiplier. The zero
 /// point is added saturating before the clamp, which the clamp to int8 range makes exact. Any
-/// other shift, a negative multiplier, and double rounding (a TFLite model's) take
-/// `apply_clamp` itself.
+/// other shift and a negative multiplier take `apply_clamp` itself.
 #[inline(always)]
 fn requant_clamp(rq: &Requant, acc: i32, out_zp: i32, lo: i8, hi: i8) -> i8 {
     let s = 31i32.wrapping_sub(rq.shift as i32).wrapping_sub(32);
-    if s as u32 > 30 || rq.multiplier < 0 || rq.rounding == DOUBLE_ROUNDING {
+    if s as u32 > 30 || rq.multiplier < 0 {
         return rq.apply_clamp(acc, out_zp, lo, hi);
     }
     let (plo, phi) = smull(acc, rq.multiplier);
@@ -95,6 +94,18 @@ fn smlabb(a: u32, b: u32, acc: i32) -> i32 {
     // SAFETY: as `smlad`.
     unsafe {
         asm!("smlabb {r}, {a}, {b}, {c}", r = lateout(reg) r, a = in(reg) a, b = in(reg) b,
+             c = in(reg) acc, options(pure, nomem, nostack))
+    };
+    r
+}
+
+/// `acc + a.lo * b.hi` (int16 lanes), wrapping.
+#[inline(always)]
+fn smlabt(a: u32, b: u32, acc: i32) -> i32 {
+    let r: i32;
+    // SAFETY: as `smlad`.
+    unsafe {
+        asm!("smlabt {r}, {a}, {b}, {c}", r = lateout(reg) r, a = in(reg) a, b = in(reg) b,
              c = in(reg) acc, options(pure, nomem, nostack))
     };
     r
@@ -144,7 +155,8 @@ fn stage_patch(
     in_zp: i32,
     grp: usize,
     px: usize,
-    xs: &mut [u32; PATCH_MAX / 2],
+    xs: &mut [u32; PATCH_MAX],
+    off: usize,
     tail: &mut [i16; 3],
 ) {
     let (icg, kh, kw, ow) = (g.in_per_group(), g.kh, g.kw, g.out_w());
@@ -158,8 +170,8 @@ fn stage_patch(
         if e < l4 {
             quad[e & 3] = v;
             if e & 3 == 3 {
-                xs[e / 2 - 1] = pack(quad[0], quad[2]);
-                xs[e / 2] = pack(quad[1], quad[3]);
+                xs[e - 3 + off] = pack(quad[0], quad[2]);
+                xs[e - 2 + off] = pack(quad[1], quad[3]);
             }
         } else {
             tail[e - l4] = v;
@@ -202,23 +214,29 @@ impl<'w> Rows<'w> {
     }
 }
 
+/// One or two pixels' staged patches: per quad of elements, pixel a's two words then pixel
+/// b's (`x0 x2 | x1 x3` lanes, the weights' order after `SXTB16`), so the dot product walks one
+/// array; the last `len % 4` elements of each pixel in `ta` / `tb`.
+#[derive(Clone, Copy)]
+struct Staged<'a> {
+    xs: &'a [u32],
+    ta: &'a [i16],
+    tb: &'a [i16],
+}
+
 /// `(a + x.w, b + y.w)`: one weight row against two staged patches, the weights widened once.
 #[inline(always)]
-fn dot2(w: &[i8], x: (&[u32], &[i16]), y: (&[u32], &[i16]), mut a: i32, mut b: i32) -> (i32, i32) {
-    let (wq, wt) = w.split_at(x.0.len() * 2);
-    for ((w, x), y) in wq
-        .chunks_exact(4)
-        .zip(x.0.chunks_exact(2))
-        .zip(y.0.chunks_exact(2))
-    {
+fn dot2(w: &[i8], x: Staged<'_>, mut a: i32, mut b: i32) -> (i32, i32) {
+    let (wq, wt) = w.split_at(x.xs.len());
+    for (w, x4) in wq.chunks_exact(4).zip(x.xs.chunks_exact(4)) {
         let w = word(w.try_into().unwrap());
         let (w02, w13) = (sxtb16(w), sxtb16_ror8(w));
-        a = smlad(x[0], w02, a);
-        a = smlad(x[1], w13, a);
-        b = smlad(y[0], w02, b);
-        b = smlad(y[1], w13, b);
+        a = smlad(x4[0], w02, a);
+        a = smlad(x4[1], w13, a);
+        b = smlad(x4[2], w02, b);
+        b = smlad(x4[3], w13, b);
     }
-    for ((&w, &x), &y) in wt.iter().zip(x.1).zip(y.1) {
+    for ((&w, &x), &y) in wt.iter().zip(x.ta).zip(x.tb) {
         a = a.wrapping_add(x as i32 * w as i32);
         b = b.wrapping_add(y as i32 * w as i32);
     }
@@ -227,14 +245,14 @@ fn dot2(w: &[i8], x: (&[u32], &[i16]), y: (&[u32], &[i16]), mut a: i32, mut b: i
 
 /// `a + x.w` for one staged patch.
 #[inline(always)]
-fn dot1(w: &[i8], x: (&[u32], &[i16]), mut a: i32) -> i32 {
-    let (wq, wt) = w.split_at(x.0.len() * 2);
-    for (w, x) in wq.chunks_exact(4).zip(x.0.chunks_exact(2)) {
+fn dot1(w: &[i8], x: Staged<'_>, mut a: i32) -> i32 {
+    let (wq, wt) = w.split_at(x.xs.len());
+    for (w, x4) in wq.chunks_exact(4).zip(x.xs.chunks_exact(4)) {
         let w = word(w.try_into().unwrap());
-        a = smlad(x[0], sxtb16(w), a);
-        a = smlad(x[1], sxtb16_ror8(w), a);
+        a = smlad(x4[0], sxtb16(w), a);
+        a = smlad(x4[1], sxtb16_ror8(w), a);
     }
-    for (&w, &x) in wt.iter().zip(x.1) {
+    for (&w, &x) in wt.iter().zip(x.ta) {
         a = a.wrapping_add(x as i32 * w as i32);
     }
     a
@@ -290,7 +308,7 @@ pub(crate) fn conv_forward_rows(
     let l = g.kh * g.kw * g.in_per_group();
     let l4 = l & !3;
     let (n_px, oc_n) = (g.out_h() * g.out_w(), g.out_c);
-    let (mut xa, mut xb) = ([0u32; PATCH_MAX / 2], [0u32; PATCH_MAX / 2]);
+    let mut xs = [0u32; PATCH_MAX];
     let (mut ta, mut tb) = ([0i16; 3], [0i16; 3]);
     // A pointwise layer's patch is its input pixel: staged by the word.
     let pointwise = g.kh == 1
@@ -306,18 +324,21 @@ pub(crate) fn conv_forward_rows(
         let two = px + 1 < n_px;
         for grp in 0..g.groups {
             if pointwise {
-                stage_vec(&input[px * l..][..l], zz, in_zp, &mut xa, &mut ta);
+                stage_vec(&input[px * l..][..l], zz, in_zp, &mut xs, 0, &mut ta);
                 if two {
-                    stage_vec(&input[(px + 1) * l..][..l], zz, in_zp, &mut xb, &mut tb);
+                    stage_vec(&input[(px + 1) * l..][..l], zz, in_zp, &mut xs, 2, &mut tb);
                 }
             } else {
-                stage_patch(g, input, in_zp, grp, px, &mut xa, &mut ta);
+                stage_patch(g, input, in_zp, grp, px, &mut xs, 0, &mut ta);
                 if two {
-                    stage_patch(g, input, in_zp, grp, px + 1, &mut xb, &mut tb);
+                    stage_patch(g, input, in_zp, grp, px + 1, &mut xs, 2, &mut tb);
                 }
             }
-            let xa = (&xa[..l4 / 2], &ta[..l - l4]);
-            let xb = (&xb[..l4 / 2], &tb[..l - l4]);
+            let x = Staged {
+                xs: &xs[..l4],
+                ta: &ta[..l - l4],
+                tb: &tb[..l - l4],
+            };
             let n = if two { 2 * oc_n } else { oc_n };
             let (ya, yb) = output[px * oc_n..][..n].split_at_mut(oc_n);
             let ep = Epilogue {
@@ -329,8 +350,7 @@ pub(crate) fn conv_forward_rows(
                 weight,
                 l,
                 grp * ocg..(grp + 1) * ocg,
-                xa,
-                xb,
+                x,
                 bias,
                 requant,
                 ep,
@@ -358,8 +378,7 @@ fn channels(
     weight: Rows<'_>,
     l: usize,
     os: core::ops::Range<usize>,
-    xa: (&[u32], &[i16]),
-    xb: (&[u32], &[i16]),
+    x: Staged<'_>,
     bias: &[i32],
     requant: &[Requant],
     ep: Epilogue,
@@ -369,13 +388,13 @@ fn channels(
     // Rows walked, not indexed: no index arithmetic or bounds check per channel.
     if weight.k == 0 {
         let rows = weight.hi.chunks_exact(l).skip(os.start);
-        channel_rows(rows, xa, xb, bias, requant, ep, os, ya, yb);
+        channel_rows(rows, x, bias, requant, ep, os, ya, yb);
     } else {
         let rows = weight.lo[..weight.k * l]
             .chunks_exact(l)
             .chain(weight.hi.chunks_exact(l).skip(weight.k))
             .skip(os.start);
-        channel_rows(rows, xa, xb, bias, requant, ep, os, ya, yb);
+        channel_rows(rows, x, bias, requant, ep, os, ya, yb);
     }
 }
 
@@ -383,8 +402,7 @@ fn channels(
 #[allow(clippy::too_many_arguments)]
 fn channel_rows<'w>(
     rows: impl Iterator<Item = &'w [i8]>,
-    xa: (&[u32], &[i16]),
-    xb: (&[u32], &[i16]),
+    x: Staged<'_>,
     bias: &[i32],
     requant: &[Requant],
     ep: Epilogue,
@@ -395,13 +413,13 @@ fn channel_rows<'w>(
     let (bias, requant, ya) = (&bias[os.clone()], &requant[os.clone()], &mut ya[os.clone()]);
     if yb.is_empty() {
         for (((w, &b), rq), y) in rows.zip(bias).zip(requant).zip(ya) {
-            let a = dot1(w, xa, b);
+            let a = dot1(w, x, b);
             *y = requant_clamp(rq, a, ep.out_zp, ep.lo, ep.hi);
         }
     } else {
         let yb = &mut yb[os];
         for ((((w, &b), rq), y), z) in rows.zip(bias).zip(requant).zip(ya).zip(yb) {
-            let (a, c) = dot2(w, xa, xb, b, b);
+            let (a, c) = dot2(w, x, b, b);
             *y = requant_clamp(rq, a, ep.out_zp, ep.lo, ep.hi);
             *z = requant_clamp(rq, c, ep.out_zp, ep.lo, ep.hi);
         }
@@ -412,12 +430,19 @@ fn channel_rows<'w>(
 /// by `SXTB16` (lanes `x0 x2 | x1 x3`, the weights' order) and shifted by `SSUB16`, the last
 /// `len % 4` in `tail`. Exact for an int8-range zero point (`|x - zp| <= 255`).
 #[inline(always)]
-fn stage_vec(x: &[i8], zz: u32, in_zp: i32, xs: &mut [u32; PATCH_MAX / 2], tail: &mut [i16; 3]) {
+fn stage_vec(
+    x: &[i8],
+    zz: u32,
+    in_zp: i32,
+    xs: &mut [u32; PATCH_MAX],
+    off: usize,
+    tail: &mut [i16; 3],
+) {
     let l4 = x.len() & !3;
-    for (q, d) in x[..l4].chunks_exact(4).zip(xs.chunks_exact_mut(2)) {
+    for (q, d) in x[..l4].chunks_exact(4).zip(xs.chunks_exact_mut(4)) {
         let v = word(q.try_into().unwrap());
-        d[0] = ssub16(sxtb16(v), zz);
-        d[1] = ssub16(sxtb16_ror8(v), zz);
+        d[off] = ssub16(sxtb16(v), zz);
+        d[off + 1] = ssub16(sxtb16_ror8(v), zz);
     }
     for (t, &v) in tail.iter_mut().zip(&x[l4..]) {
         *t = (v as i32 - in_zp) as i16;
@@ -447,7 +472,7 @@ pub(crate) fn pw_in_place(
 ) {
     let l4 = ci & !3;
     let zz = pack(in_zp as i16, in_zp as i16);
-    let (mut xa, mut xb) = ([0u32; PATCH_MAX / 2], [0u32; PATCH_MAX / 2]);
+    let mut xs = [0u32; PATCH_MAX];
     let (mut ta, mut tb) = ([0i16; 3], [0i16; 3]);
     let mut step = 0;
     while step < pixels {
@@ -457,12 +482,15 @@ pub(crate) fn pw_in_place(
         } else {
             (step, step + 1)
         };
-        stage_vec(&buf[pa * ci..][..ci], zz, in_zp, &mut xa, &mut ta);
+        stage_vec(&buf[pa * ci..][..ci], zz, in_zp, &mut xs, 0, &mut ta);
         if two {
-            stage_vec(&buf[pb * ci..][..ci], zz, in_zp, &mut xb, &mut tb);
+            stage_vec(&buf[pb * ci..][..ci], zz, in_zp, &mut xs, 2, &mut tb);
         }
-        let xa = (&xa[..l4 / 2], &ta[..ci - l4]);
-        let xb = (&xb[..l4 / 2], &tb[..ci - l4]);
+        let x = Staged {
+            xs: &xs[..l4],
+            ta: &ta[..ci - l4],
+            tb: &tb[..ci - l4],
+        };
         let ep = Epilogue {
             out_zp,
             lo: act_min,
@@ -477,7 +505,7 @@ pub(crate) fn pw_in_place(
                 (a, b)
             }
         };
-        channels(weight, ci, 0..co, xa, xb, bias, requant, ep, ya, yb);
+        channels(weight, ci, 0..co, x, bias, requant, ep, ya, yb);
         step += if two { 2 } else { 1 };
     }
 }
@@ -579,12 +607,13 @@ impl DwPlane<'_> {
             sw = sw.wrapping_add(v as i32);
         }
         let bz = self.bias.wrapping_sub(self.in_zp.wrapping_mul(sw));
-        let mut wk = [[0i32; 7]; 7];
+        // Taps in int16 pairs (tap 2j low, 2j + 1 high), read by SMLABB / SMLABT: half the
+        // registers, so the unrolled kernel keeps them all.
+        let mut wp = [0u32; 25];
         if K > 0 {
-            for ky in 0..K {
-                for kx in 0..K {
-                    wk[ky][kx] = self.w[ky * K + kx] as i32;
-                }
+            for (j, p) in wp.iter_mut().enumerate().take((K * K).div_ceil(2)) {
+                let hi = self.w.get(2 * j + 1).map_or(0, |&v| v as i16);
+                *p = pack(self.w[2 * j] as i16, hi);
             }
         }
         let (row_step, col_step) = (g.in_w * c, g.stride_w * c);
@@ -609,12 +638,17 @@ impl DwPlane<'_> {
             for o in &mut out[ox_a..ox_b] {
                 let mut acc = bz;
                 if K > 0 {
-                    for (ky, wr) in wk.iter().enumerate().take(K) {
+                    for ky in 0..K {
                         let r = base + ky * row_step;
-                        for (kx, &wv) in wr.iter().enumerate().take(K) {
+                        for kx in 0..K {
+                            let t = ky * K + kx;
                             // SAFETY: an interior tap, inside the input (see above).
-                            let xv = unsafe { *x.get_unchecked(r + kx * c) } as i32;
-                            acc = acc.wrapping_add(xv * wv);
+                            let xv = unsafe { *x.get_unchecked(r + kx * c) } as i32 as u32;
+                            acc = if t % 2 == 0 {
+                                smlabb(xv, wp[t / 2], acc)
+                            } else {
+                                smlabt(xv, wp[t / 2], acc)
+                            };
                         }
                     }
                 } else {
