@@ -13,6 +13,10 @@ python3 -m pip install -q -e ".[test,plot,fleet]"
 echo "== cargo test"
 cargo test --workspace --release
 
+echo "== fuzz smoke: libFuzzer on the Rust readers, 3 s each (long runs: docs/reliability.md)"
+# One sanitizer for every target: one instrumented build. Installs cargo-fuzz if missing.
+FUZZ_SECONDS=3 FUZZ_SANITIZER=address bash scripts/fuzz-smoke.sh
+
 echo "== no_std build for thumbv7em-none-eabihf (Debian toolchain)"
 bash scripts/build-thumb.sh
 
