@@ -6,7 +6,7 @@
 use core::arch::asm;
 
 use super::conv::{tap_range, Conv2dGeom};
-use crate::quant::Requant;
+use crate::quant::{Requant, DOUBLE_ROUNDING};
 
 /// Elements (taps x input channels per group) of one staged patch of the general path
 /// (two pixels' patches are staged interleaved as int16 pairs: 2 KB of stack).
@@ -57,11 +57,12 @@ fn smlad(a: u32, b: u32, acc: i32) -> i32 {
 /// with `t = p - (p < 0)`, and `floor(t / 2^(n-1)) = floor(t / 2^31) >> (n - 32)`, where
 /// `floor(t / 2^31)` fits an i32 because `|p| < 2^62` for a non-negative multiplier. The zero
 /// point is added saturating before the clamp, which the clamp to int8 range makes exact. Any
-/// other shift and a negative multiplier take `apply_clamp` itself.
+/// other shift, a negative multiplier, and double rounding (a TFLite model's) take
+/// `apply_clamp` itself.
 #[inline(always)]
 fn requant_clamp(rq: &Requant, acc: i32, out_zp: i32, lo: i8, hi: i8) -> i8 {
     let s = 31i32.wrapping_sub(rq.shift as i32).wrapping_sub(32);
-    if s as u32 > 30 || rq.multiplier < 0 {
+    if s as u32 > 30 || rq.multiplier < 0 || rq.rounding == DOUBLE_ROUNDING {
         return rq.apply_clamp(acc, out_zp, lo, hi);
     }
     let (plo, phi) = smull(acc, rq.multiplier);
