@@ -363,7 +363,16 @@ pub fn read<'b>(pv: &PlanView<'_>, blob: &'b [u8]) -> Result<UpdateView<'b>> {
         n_sections: rd_u32(blob, 20, "n_sections")? as usize,
         blob,
     };
-    v.for_each(pv, |_, _| Ok(()))?;
+    // Biases beyond the bound that keeps the forward's int32 accumulators exact are refused.
+    v.for_each(pv, |s, values| {
+        let beyond = |b: &[u8]| {
+            i32::from_le_bytes([b[0], b[1], b[2], b[3]]).unsigned_abs() > crate::ops::BIAS_LIMIT
+        };
+        if matches!(s.dtype, DType::I32) && values.chunks_exact(4).any(beyond) {
+            return Err(corrupt("section values (a bias beyond +-2^30)"));
+        }
+        Ok(())
+    })?;
     Ok(v)
 }
 

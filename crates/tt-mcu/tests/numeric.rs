@@ -207,3 +207,43 @@ fn sums_an_int32_accumulator_cannot_hold_exactly_are_refused() {
     )
     .is_ok());
 }
+
+#[test]
+fn an_update_blob_with_a_bias_beyond_the_bound_is_refused() {
+    let b = Bundle::demo();
+    let pw = words(&b.params);
+    let params = &as_bytes(&pw)[..b.params.len()];
+    let need = Trainer::arena_bytes(&b.plan).unwrap();
+    let mut ta = vec![0u32; need / 4];
+    let mut t = Trainer::new(&b.plan, params, as_bytes_mut(&mut ta)).unwrap();
+    let mut blob = vec![0u8; t.update_len().unwrap()];
+    t.write_update(7, &mut blob).unwrap();
+    // The first bias value's offset in the blob.
+    let pv = *t.plan();
+    let view = tt_core::update::read(&pv, &blob).unwrap();
+    let mut at = None;
+    view.for_each(&pv, |s, values| {
+        if at.is_none() && matches!(s.dtype, tt_core::update::DType::I32) {
+            at = Some(values.as_ptr() as usize - blob.as_ptr() as usize);
+        }
+        Ok(())
+    })
+    .unwrap();
+    let at = at.expect("the demo trains a bias");
+    for (v, ok) in [(BIAS_LIMIT as i32, true), (-(BIAS_LIMIT as i32) - 1, false)] {
+        let before = t.state().to_vec();
+        let mut bad = blob.clone();
+        bad[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        let end = bad.len() - 4;
+        let crc = crc32(&bad[..end]);
+        bad[end..].copy_from_slice(&crc.to_le_bytes());
+        match t.apply_update(&bad) {
+            Ok(n) => assert!(ok && n == 7),
+            Err(e) => {
+                assert!(!ok, "{e}");
+                assert!(e.to_string().contains("a bias beyond"), "{e}");
+                assert_eq!(t.state(), &before[..], "a refused blob changed the state");
+            }
+        }
+    }
+}
