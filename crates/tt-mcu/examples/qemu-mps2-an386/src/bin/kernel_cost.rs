@@ -67,11 +67,8 @@ static mut BUF: Buffers = Buffers {
     x: [0; H * W * C],
     w: [0; C * C],
     b: [0; C],
-    rq: [Requant {
-        multiplier: 0,
-        shift: 0,
-        rounding: 0,
-    }; C],
+    // SAFETY (both): all-zero is a valid Requant (integer fields); every entry is set before use.
+    rq: unsafe { core::mem::zeroed() },
     ws: [0.0; C],
     y: [0; H * W * C],
     y_ref: [0; H * W * C],
@@ -86,11 +83,7 @@ static mut BUF: Buffers = Buffers {
     rx: [0; RX],
     rw: [0; RW],
     rb: [0; 32],
-    rrq: [Requant {
-        multiplier: 0,
-        shift: 0,
-        rounding: 0,
-    }; 32],
+    rrq: unsafe { core::mem::zeroed() },
     ry: [0; RX],
     ry_ref: [0; RX],
 };
