@@ -20,7 +20,7 @@ use tt_core::ops::conv::{
 };
 use tt_core::ops::ChannelSelection;
 use tt_core::qas::{sgd_update_bias, sgd_update_weights, SgdConfig, UpdateState, XorShift32};
-use tt_core::quant::{QParams, Requant};
+use tt_core::quant::{QParams, Requant, Rounding};
 
 use board::{clock_start, exit, instructions, stack_paint, stack_peak, stack_reserve};
 
@@ -305,7 +305,13 @@ fn random_geometries(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_co
         }
         for o in 0..out_c {
             b.rb[o] = r(4001) as i32 - 2000;
-            b.rrq[o] = Requant::from_scale(0.0005 + 0.0001 * r(50) as f64)?;
+            // a third of the cases round as a TFLite model does (the DSP epilogue hands those on)
+            let mode = if case % 3 == 1 {
+                Rounding::Double
+            } else {
+                Rounding::Single
+            };
+            b.rrq[o] = Requant::from_scale(0.0005 + 0.0001 * r(50) as f64)?.with_rounding(mode);
         }
         let (lo, hi) = (-128 + r(20) as i8, 127 - r(20) as i8);
         let y_zp = r(41) as i32 - 20;
