@@ -14,16 +14,10 @@ import pytest
 
 import tinytrain as tt
 from tinytrain import sparse_search as search_mod
+from test_search import demo_q  # noqa: F401  (the quantized demo model, a module fixture)
 
 SETTINGS = search_mod.FineTuneSettings(epochs=1)
 RATIOS = (1.0,)
-
-
-@pytest.fixture(scope="module")
-def demo_q():
-    g = tt.load_onnx(tt.models.demo())
-    x, _ = tt.datasets.digits("source", "train")
-    return tt.quantize(g, x[:64])
 
 
 @pytest.fixture(scope="module")
