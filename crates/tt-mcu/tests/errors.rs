@@ -10,21 +10,9 @@ use tt_mcu::checkpoint::{CheckpointError, Checkpoints};
 use tt_mcu::source::SampleSource;
 use tt_mcu::trainer::{TrainError, Trainer};
 
-fn words(bytes: &[u8]) -> Vec<u32> {
-    let mut w = vec![0u32; bytes.len().div_ceil(4)];
-    as_bytes_mut(&mut w)[..bytes.len()].copy_from_slice(bytes);
-    w
-}
-
-fn as_bytes_mut(w: &mut [u32]) -> &mut [u8] {
-    // SAFETY: u8 has no alignment or validity requirements; the length covers the same bytes.
-    unsafe { core::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u8, w.len() * 4) }
-}
-
-fn as_bytes(w: &[u32]) -> &[u8] {
-    // SAFETY: as above, read-only.
-    unsafe { core::slice::from_raw_parts(w.as_ptr() as *const u8, w.len() * 4) }
-}
+#[path = "common/words.rs"]
+mod words;
+use words::{as_bytes, as_bytes_mut, words};
 
 #[test]
 fn core_errors_name_what_was_wrong() {

@@ -9,24 +9,9 @@ use tt_core::Error;
 use tt_mcu::bundle::Bundle;
 use tt_mcu::trainer::Trainer;
 
-/// Word-aligned storage for a parameter blob or an arena, as flash and SRAM give them.
-fn words(bytes: &[u8]) -> Vec<u32> {
-    let mut w = vec![0u32; bytes.len().div_ceil(4)];
-    for (i, &b) in bytes.iter().enumerate() {
-        w[i / 4] |= (b as u32) << (8 * (i % 4));
-    }
-    w
-}
-
-fn as_bytes(w: &[u32]) -> &[u8] {
-    // SAFETY: u8 has no alignment or validity requirements; the length covers the same bytes.
-    unsafe { core::slice::from_raw_parts(w.as_ptr() as *const u8, w.len() * 4) }
-}
-
-fn as_bytes_mut(w: &mut [u32]) -> &mut [u8] {
-    // SAFETY: as `as_bytes`.
-    unsafe { core::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u8, w.len() * 4) }
-}
+#[path = "common/words.rs"]
+mod words;
+use words::{as_bytes, as_bytes_mut, words};
 
 /// Every layer's current bias (trained ones from SRAM).
 fn biases(t: &mut Trainer) -> Vec<i32> {

@@ -16,6 +16,10 @@ use tt_mcu::trainer::Trainer;
 mod flash;
 use flash::{xorshift, SimError, SimFlash, Torn};
 
+#[path = "common/words.rs"]
+mod words;
+use words::{as_bytes, as_bytes_mut, words};
+
 const EVERY: usize = 500;
 const WRITE: usize = 4;
 const SECTOR: usize = 1024;
@@ -46,26 +50,10 @@ struct Outcome {
     save_ops: usize,
 }
 
-fn aligned(bytes: &[u8]) -> Vec<u32> {
-    let mut w = vec![0u32; bytes.len().div_ceil(4)];
-    as_bytes_mut(&mut w)[..bytes.len()].copy_from_slice(bytes);
-    w
-}
-
-fn as_bytes_mut(w: &mut [u32]) -> &mut [u8] {
-    // SAFETY: u8 has no alignment or validity requirements; the length covers the same bytes.
-    unsafe { core::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u8, w.len() * 4) }
-}
-
-fn as_bytes(w: &[u32]) -> &[u8] {
-    // SAFETY: as above, read-only.
-    unsafe { core::slice::from_raw_parts(w.as_ptr() as *const u8, w.len() * 4) }
-}
-
 /// Trains `total` steps (sample `i % n` at step `i`), checkpointing the state and the step count
 /// every `EVERY` steps, with power cut at each of `cuts` the first time the device reaches it.
 fn run(b: &Bundle, total: usize, cuts: &[Cut]) -> Outcome {
-    let params_w = aligned(&b.params);
+    let params_w = words(&b.params);
     let params = &as_bytes(&params_w)[..b.params.len()];
     let arena_bytes = Trainer::arena_bytes(&b.plan).unwrap();
     let n = b.input_len().unwrap();
