@@ -157,6 +157,7 @@ def test_c_abi_trains_like_the_python_trainer(lib):
         got.append(loss[0])
     assert np.array_equal(np.float32(got), np.float32(want)), "C ABI and Python Trainer differ"
     c = ffi.new("uint32_t *")
+    assert L.tt_skipped_steps(t, c) == L.TT_OK and c[0] == tr.skipped_steps == 0
     for i in range(4):
         assert L.tt_predict(t, ffi.from_buffer("int8_t[]", xq[i]), n[0], c) == L.TT_OK
         assert c[0] == tr.predict(x[i:i + 1])[0]
