@@ -338,17 +338,23 @@ def cmd_client(args: argparse.Namespace) -> int:
     if args.max_wait_time is not None:
         cmd += ["--max-wait-time", str(args.max_wait_time)]
     proc = subprocess.Popen(cmd, env=_env(home))
+    stopped = []
 
-    def forward(signum, frame):  # stop the SuperNode with this process
-        _stop(proc)
-        sys.exit(128 + signum)
+    def forward(signum, frame):
+        # Only signal the SuperNode here: the interrupted proc.wait() below holds Popen's wait
+        # lock, so waiting inside the handler would deadlock; that wait returns once it exits.
+        stopped.append(signum)
+        proc.terminate()
 
     signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait()
+        code = proc.wait()
+        return 128 + stopped[0] if stopped else code
     except KeyboardInterrupt:
         _stop(proc)
         return 130
+    finally:  # the node's Flower home holds only the installed app
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- parser
