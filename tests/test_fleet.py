@@ -89,7 +89,7 @@ def test_server_lr_extrapolates_the_mean_step(plan, q):
     a = {k: np.where(np.abs(v) <= 100, v.astype(np.int64) + 4, v).astype(v.dtype) for k, v in g.items()}
     out = lay.average([(a, 1), (a, 5)], np.random.default_rng(0), current=g, server_lr=2.5)
     for k in g:
-        np.testing.assert_array_equal(out[k], np.clip(g[k] + 2.5 * (a[k].astype(np.int64) - g[k]), -2**31, 2**31 - 1))
+        np.testing.assert_array_equal(out[k], np.clip(g[k] + 2.5 * (a[k].astype(np.int64) - g[k]), -2**30, 2**30))
     with pytest.raises(ValueError, match="server_lr"):
         fleet.SparseFedAvg(lay, server_lr=0.0)
 
@@ -105,6 +105,8 @@ def test_requantization_is_stochastic_and_unbiased(plan):
     big = {x.key: np.full(x.shape, 1e9) * x.scale for x in lay.entries}
     out = lay.quantize(big, rng)
     assert out[e.key].max() == 127 and out["fc_0.bias"].max() == 1e9  # int8 saturates, int32 holds it
+    huge = lay.quantize({x.key: np.full(x.shape, -5e9) * x.scale for x in lay.entries}, rng)
+    assert huge[e.key].min() == -127 and huge["fc_0.bias"].min() == -2**30  # the device's bias bound
 
 
 @pytest.mark.parametrize("mutate, reason", [
@@ -115,6 +117,7 @@ def test_requantization_is_stochastic_and_unbiased(plan):
     (lambda p: p.update({"fc_0.weight": np.full((10, 128), np.nan, np.float32)}), "fc_0.weight: 1280 non-finite values"),
     (lambda p: p.update({"conv_8.bias": p["conv_8.bias"].astype(np.int64)}), "conv_8.bias: dtype int64, expected int32"),
     (lambda p: p["conv_7.weight"].__setitem__((0, 0, 0, 0), -128), "conv_7.weight: int8 weight -128"),
+    (lambda p: p["conv_9.bias"].__setitem__(3, 2**30 + 1), "conv_9.bias: a bias beyond +-2^30"),
     (lambda p: p.update({"fc_0.bias": [1] * 10}), "fc_0.bias: a list, not a numpy array"),
 ])
 def test_check_names_what_is_wrong(plan, q, mutate, reason):

@@ -48,7 +48,7 @@ log = logging.getLogger("tinytrain.fleet")
 #: The MetricRecord key of the sample count, as Flower's strategies expect it.
 COUNT_KEY = "num-examples"
 _W_MAX = 127  # symmetric int8 weights: training saturates to [-127, 127]
-_I32 = np.iinfo(np.int32)
+_B_MAX = 2 ** 30  # biases: the bound tt-core keeps them in (int32 sums stay exact); devices refuse more
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,8 @@ class Layout:
                 return f"{e.key}: shape {a.shape}, expected {e.shape}"
             if e.kind == "weight" and a.size and int(a.min()) < -_W_MAX:
                 return f"{e.key}: int8 weight -128 (symmetric weights are in [-127, 127])"
+            if e.kind == "bias" and a.size and int(np.abs(a.astype(np.int64)).max()) > _B_MAX:
+                return f"{e.key}: a bias beyond +-2^30 (the bound a device keeps its biases in)"
         if count is not None:
             if isinstance(count, bool) or not isinstance(count, (int, float, np.integer, np.floating)):
                 return f"sample count {count!r} is not a number"
@@ -177,12 +179,13 @@ class Layout:
     def quantize(self, values: Mapping[str, np.ndarray], rng: np.random.Generator) -> Dict[str, np.ndarray]:
         """Real values -> int8 weights / int32 biases with the frozen scales, rounded stochastically
         (unbiased: E[round(v)] = v, so averaging never drifts toward zero the way nearest rounding
-        of many small steps does), saturating as training does."""
+        of many small steps does), saturating as training does (weights to [-127, 127], biases to
+        +-2^30)."""
         out = {}
         for e in self.entries:
             v = np.asarray(values[e.key], dtype=np.float64) / e.scale
             r = np.floor(v + rng.random(v.shape))
-            lo, hi = (-_W_MAX, _W_MAX) if e.kind == "weight" else (_I32.min, _I32.max)
+            lo, hi = (-_W_MAX, _W_MAX) if e.kind == "weight" else (-_B_MAX, _B_MAX)
             out[e.key] = np.clip(r, lo, hi).astype(e.dtype)
         return out
 
