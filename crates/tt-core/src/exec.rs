@@ -1764,8 +1764,81 @@ impl<'p, 'a> Executor<'p, 'a> {
 /// Weights per block the fused block backward stages as f32 (1 KB of stack).
 const STAGE_F32: usize = 256;
 
+/// Depthwise taps staged as f32 for the input gradient (7x7 kernels and smaller).
+const DW_STAGED_TAPS: usize = 49;
+
 fn bit(mask: &[u8], i: usize) -> bool {
     mask[i / 8] & (1 << (i % 8)) != 0
+}
+
+/// Hands the indices of `it` to `quad` four at a time and returns the last few (up to three):
+/// the fused block backward's loops then load each weight (or accumulate each row entry) once
+/// per four pixels instead of once per pixel. Every pixel's sum keeps its order, so the numbers
+/// are unchanged.
+fn quads(it: impl Iterator<Item = usize>, mut quad: impl FnMut([usize; 4])) -> ([usize; 4], usize) {
+    let mut group = [0usize; 4];
+    let mut k = 0;
+    for i in it {
+        group[k] = i;
+        k += 1;
+        if k == 4 {
+            quad(group);
+            k = 0;
+        }
+    }
+    (group, k)
+}
+
+/// Rows `qs` (distinct) of a row-major `[_, c]` matrix, entries `i0..i0 + n` of each.
+fn rows4(a: &mut [f32], c: usize, i0: usize, n: usize, qs: [usize; 4]) -> [&mut [f32]; 4] {
+    let [r0, r1, r2, r3] = a
+        .get_disjoint_mut(qs.map(|q| q * c + i0..q * c + i0 + n))
+        .expect("distinct rows inside the matrix");
+    [r0, r1, r2, r3]
+}
+
+/// pw2's input gradient of one expanded channel at four pixels, over outputs `o0..o0 + n`.
+/// No test for a zero gv: its product is a zero that leaves v as it is (v starts at +0 and never
+/// becomes -0), and the branch costs more.
+fn pw2_col_grad4(
+    go: &[f32],
+    c3: usize,
+    o0: usize,
+    ps: [usize; 4],
+    sc: &[f32],
+    st: &[f32],
+    pa: &mut [f32],
+) {
+    let n = st.len();
+    let [g0, g1, g2, g3] = ps.map(|p| &go[p * c3 + o0..][..n]);
+    let sc = &sc[..n];
+    let mut v = ps.map(|p| pa[p]);
+    for i in 0..n {
+        let (s, w) = (sc[i], st[i]);
+        v[0] += g0[i] * s * w;
+        v[1] += g1[i] * s * w;
+        v[2] += g2[i] * s * w;
+        v[3] += g3[i] * s * w;
+    }
+    for (&p, v) in ps.iter().zip(v) {
+        pa[p] = v;
+    }
+}
+
+fn pw2_col_grad1(
+    go: &[f32],
+    c3: usize,
+    o0: usize,
+    p: usize,
+    sc: &[f32],
+    st: &[f32],
+    pa: &mut [f32],
+) {
+    let mut v = pa[p];
+    for ((&gv, &s), &w) in go[p * c3 + o0..][..st.len()].iter().zip(sc).zip(st) {
+        v += gv * s * w;
+    }
+    pa[p] = v;
 }
 
 impl<'p, 'a> Executor<'p, 'a> {
@@ -1958,16 +2031,12 @@ impl<'p, 'a> Executor<'p, 'a> {
                     *s = w2.at(o0 + o, 0, c, 1, m) as f32;
                 }
                 let (st, sc) = (&stage[..n], &ws2[o0..o0 + n]);
-                for (p, a) in pa.iter_mut().enumerate() {
-                    if bit(mask_d, p * m + c) {
-                        let mut v = *a;
-                        // No test for a zero gv: its product is a zero that leaves v as it is
-                        // (v starts at +0 and never becomes -0), and the branch costs more.
-                        for ((&gv, &s), &w) in go2[p * c3 + o0..][..n].iter().zip(sc).zip(st) {
-                            v += gv * s * w;
-                        }
-                        *a = v;
-                    }
+                let go = &go2[..hw2 * c3];
+                let (tail, k) = quads((0..hw2).filter(|&p| bit(mask_d, p * m + c)), |ps| {
+                    pw2_col_grad4(go, c3, o0, ps, sc, st, pa)
+                });
+                for &p in &tail[..k] {
+                    pw2_col_grad1(go, c3, o0, p, sc, st, pa);
                 }
             }
             for &v in pa.iter() {
@@ -1994,11 +2063,20 @@ impl<'p, 'a> Executor<'p, 'a> {
                         } as f32;
                     }
                     let st = &stage[..n];
-                    for (q, &v) in pb.iter().enumerate() {
-                        if v == 0.0 {
-                            continue;
+                    let pb = &*pb;
+                    let gi = &mut gi[..hw1 * c0];
+                    let (tail, k) = quads((0..hw1).filter(|&q| pb[q] != 0.0), |qs| {
+                        let v = qs.map(|q| pb[q] * s);
+                        let [d0, d1, d2, d3] = rows4(gi, c0, i0, n, qs);
+                        for (i, &w) in st.iter().enumerate() {
+                            d0[i] += v[0] * w;
+                            d1[i] += v[1] * w;
+                            d2[i] += v[2] * w;
+                            d3[i] += v[3] * w;
                         }
-                        let v = v * s;
+                    });
+                    for &q in &tail[..k] {
+                        let v = pb[q] * s;
                         for (dv, &w) in gi[q * c0 + i0..][..n].iter_mut().zip(st) {
                             *dv += v * w;
                         }
@@ -2007,11 +2085,24 @@ impl<'p, 'a> Executor<'p, 'a> {
             }
             if trained_row {
                 row.fill(0.0);
-                for (q, &v) in pb.iter().enumerate() {
-                    if v == 0.0 {
-                        continue;
+                let pb = &*pb;
+                let x = &x[..hw1 * xc];
+                let (tail, k) = quads((0..hw1).filter(|&q| pb[q] != 0.0), |qs| {
+                    let v = qs.map(|q| pb[q] * in_scale);
+                    let [x0, x1, x2, x3] = qs.map(|q| &x[q * xc..][..cols]);
+                    // Each row entry takes the four pixels' terms in pixel order, as the
+                    // pixel-by-pixel loop adds them.
+                    for (i, r) in row.iter_mut().enumerate() {
+                        let mut a = *r;
+                        a += v[0] * (x0[i] as i32 - x_zp) as f32;
+                        a += v[1] * (x1[i] as i32 - x_zp) as f32;
+                        a += v[2] * (x2[i] as i32 - x_zp) as f32;
+                        a += v[3] * (x3[i] as i32 - x_zp) as f32;
+                        *r = a;
                     }
-                    let v = v * in_scale;
+                });
+                for &q in &tail[..k] {
+                    let v = pb[q] * in_scale;
                     let xs = &x[q * xc..][..cols];
                     for (r, &xv) in row.iter_mut().zip(xs) {
                         *r += v * (xv as i32 - x_zp) as f32;
@@ -2279,26 +2370,39 @@ fn dw_plane_forward(
 /// output gradient `go` scattered through the channel's `kh * kw` weights (dequantized by `scale`).
 /// The caller has checked the plane sizes against `g`.
 fn dw_plane_input_grad(g: &Conv2dGeom, go: &[f32], w: &[i8], scale: f32, gi: &mut [f32]) {
-    let ow = g.out_w();
+    let (ow, kh, kw) = (g.out_w(), g.kh, g.kw);
+    let (in_h, in_w) = (g.in_h as isize, g.in_w as isize);
     gi.fill(0.0);
+    // The scaled taps once per plane instead of once per pixel and tap (the same products).
+    let mut staged = [0f32; DW_STAGED_TAPS];
+    let staged = staged.get_mut(..kh * kw).map(|s| {
+        for (d, &wv) in s.iter_mut().zip(w) {
+            *d = wv as f32 * scale;
+        }
+        &*s
+    });
+    let tap = |k: usize| match staged {
+        Some(s) => s[k],
+        None => w[k] as f32 * scale,
+    };
     for oy in 0..g.out_h() {
+        let iy0 = (oy * g.stride_h) as isize - g.pad_top as isize;
+        // The taps inside the input, found once per row and pixel rather than tested per tap;
+        // they run in the same order, so every sum is unchanged.
+        let ky_lo = (-iy0).clamp(0, kh as isize) as usize;
+        let ky_hi = (in_h - iy0).clamp(ky_lo as isize, kh as isize) as usize;
         for ox in 0..ow {
             let v = go[oy * ow + ox];
             if v == 0.0 {
                 continue;
             }
-            for ky in 0..g.kh {
-                let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
-                if iy < 0 || iy >= g.in_h as isize {
-                    continue;
-                }
-                for kx in 0..g.kw {
-                    let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
-                    if ix < 0 || ix >= g.in_w as isize {
-                        continue;
-                    }
-                    gi[iy as usize * g.in_w + ix as usize] +=
-                        v * (w[ky * g.kw + kx] as f32 * scale);
+            let ix0 = (ox * g.stride_w) as isize - g.pad_left as isize;
+            let kx_lo = (-ix0).clamp(0, kw as isize) as usize;
+            let kx_hi = (in_w - ix0).clamp(kx_lo as isize, kw as isize) as usize;
+            for ky in ky_lo..ky_hi {
+                let base = (iy0 + ky as isize) * in_w + ix0;
+                for kx in kx_lo..kx_hi {
+                    gi[(base + kx as isize) as usize] += v * tap(ky * kw + kx);
                 }
             }
         }
