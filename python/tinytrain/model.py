@@ -197,3 +197,22 @@ class QuantizedModel(Graph):
         from .export_onnx import export_qdq
 
         return export_qdq(self, path)
+
+
+ROUNDINGS = ("single", "double")
+
+
+def choose_rounding(model, rounding: str, where: str):
+    """The importers' ``rounding=`` argument: ``"auto"`` keeps the rounding of the runtime the file
+    was made for (LiteRT for `.tflite` and tf2onnx files, onnxruntime otherwise); ``"single"`` or
+    ``"double"`` picks the runtime the model is checked against or deployed beside, since LiteRT and
+    onnxruntime themselves differ by a few LSB on the same int8 network."""
+    if rounding == "auto":
+        return model
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be 'auto', 'single' or 'double', got {rounding!r}")
+    if not isinstance(model, QuantizedModel):
+        raise ValueError(f"{where}: rounding={rounding!r} applies to an already-quantized file; this one is "
+                         "float (tt.quantize rounds once, as onnxruntime does)")
+    model.rounding = rounding
+    return model

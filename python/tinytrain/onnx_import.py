@@ -24,6 +24,7 @@ from onnx import numpy_helper
 
 from .errors import ModelFormatError, TinytrainError, UnsupportedOperatorError
 from .graph import Graph, Node, Tensor
+from .model import choose_rounding
 
 __all__ = ["load_onnx", "MIN_OPSET", "MAX_OPSET"]
 
@@ -997,11 +998,14 @@ _LAYOUT_OPS = {"QuantizeLinear", "DequantizeLinear", "Identity", "Transpose", "R
 _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear"}
 
 
-def load_onnx(model: Union[str, os.PathLike, onnx.ModelProto, bytes], input_shape=None):
+def load_onnx(model: Union[str, os.PathLike, onnx.ModelProto, bytes], input_shape=None, rounding: str = "auto"):
     """Import an ONNX model into tinytrain's graph IR.
 
     Returns a float `tt.Graph`, or a `tt.QuantizedModel` when the file is already quantized (QDQ or
     QOperator), keeping its scales and zero points. `input_shape=(C, H, W)` resolves a dynamic input.
+    `rounding` ("auto", "single", "double") is the quantized model's requantization rounding: "auto"
+    rounds as the runtime the file was made for (tf2onnx files of TFLite models: TFLite's "double",
+    so they equal `tt.load_tflite` of the source bit for bit; others "single", as onnxruntime).
     Raises `tt.ModelFormatError` / `tt.UnsupportedOperatorError` naming the file, node and op.
     """
     if input_shape is not None and (len(tuple(input_shape)) != 3 or min(int(d) for d in input_shape) <= 0):
@@ -1012,10 +1016,11 @@ def load_onnx(model: Union[str, os.PathLike, onnx.ModelProto, bytes], input_shap
     except Exception as exc:
         raise ModelFormatError(f"{where}: ONNX shape inference failed: {exc}") from None
     try:
-        return _Importer(inferred, where, input_shape).run()
+        imported = _Importer(inferred, where, input_shape).run()
     except TinytrainError:
         raise
     except (ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
         # a file can be valid protobuf and still describe an impossible model (initializers whose
         # shapes contradict their use, a missing attribute): never let that surface as a crash
         raise ModelFormatError(f"{where}: inconsistent model ({type(exc).__name__}: {exc})") from None
+    return choose_rounding(imported, rounding, where)

@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import ModelFormatError, TinytrainError, UnsupportedOperatorError
 from .graph import Graph, Node, Tensor
+from .model import choose_rounding
 
 __all__ = ["load_tflite", "BUILTIN_NAMES"]
 
@@ -721,7 +722,7 @@ class _Importer:
         return g
 
 
-def load_tflite(model: Union[str, os.PathLike, bytes]):
+def load_tflite(model: Union[str, os.PathLike, bytes], rounding: str = "auto"):
     """Import a ``.tflite`` flatbuffer into tinytrain's graph IR.
 
     Returns a `tt.QuantizedModel` for an int8 file (its scales, zero points, int8 weights and int32
@@ -729,6 +730,7 @@ def load_tflite(model: Union[str, os.PathLike, bytes]):
     every tinytrain model (`q.forward(x, layout="NHWC")` takes TFLite's layout). Raises
     `tt.ModelFormatError` for a malformed file and `tt.UnsupportedOperatorError` naming the builtin op
     code, the operator index and the subgraph (also as ``.builtin_code``, ``.op_index``, ``.subgraph``).
+    `rounding="auto"` rounds as TFLite's kernels do ("double"); "single" rounds as onnxruntime does.
     """
     if isinstance(model, (bytes, bytearray, memoryview)):
         data, where = bytes(model), "<bytes>"
@@ -740,10 +742,11 @@ def load_tflite(model: Union[str, os.PathLike, bytes]):
             data = f.read()
     try:
         with np.errstate(all="ignore"):
-            return _Importer(data, where).run()
+            imported = _Importer(data, where).run()
     except TinytrainError:
         raise
     except (ValueError, TypeError, IndexError, KeyError, OverflowError, MemoryError, UnicodeError) as exc:
         # a file can be well formed as a flatbuffer and still describe an impossible model (shapes that
         # contradict their data, a quantization that cannot hold); never let that surface as a crash
         raise ModelFormatError(f"{where}: inconsistent model ({type(exc).__name__}: {exc})") from None
+    return choose_rounding(imported, rounding, where)
