@@ -2039,16 +2039,16 @@ impl<'p, 'a> Executor<'p, 'a> {
                     pw2_col_grad1(go, c3, o0, p, sc, st, pa);
                 }
             }
-            for &v in pa.iter() {
-                dbg[c] += v;
-            }
+            dbg[c] = pa.iter().fold(dbg[c], |a, &v| a + v);
             dw_plane_input_grad(&gd, pa, &fwd[c * dtaps..(c + 1) * dtaps], wsd[c], pb);
+            let mut acc = b1g[c];
             for (q, v) in pb.iter_mut().enumerate() {
                 if !bit(mask_1, q * m + c) {
                     *v = 0.0;
                 }
-                b1g[c] += *v;
+                acc += *v;
             }
+            b1g[c] = acc;
             let trained_row = c < rows;
             if has_gi {
                 let s = ws1[c];
@@ -2381,6 +2381,10 @@ fn dw_plane_input_grad(g: &Conv2dGeom, go: &[f32], w: &[i8], scale: f32, gi: &mu
         }
         &*s
     });
+    let taps3: Option<[f32; 9]> = match (kh, kw, staged) {
+        (3, 3, Some(s)) => s.try_into().ok(),
+        _ => None,
+    };
     let tap = |k: usize| match staged {
         Some(s) => s[k],
         None => w[k] as f32 * scale,
@@ -2399,6 +2403,18 @@ fn dw_plane_input_grad(g: &Conv2dGeom, go: &[f32], w: &[i8], scale: f32, gi: &mu
             let ix0 = (ox * g.stride_w) as isize - g.pad_left as isize;
             let kx_lo = (-ix0).clamp(0, kw as isize) as usize;
             let kx_hi = (in_w - ix0).clamp(kx_lo as isize, kw as isize) as usize;
+            if let (Some(t), true) = (taps3, ky_hi - ky_lo == 3 && kx_hi - kx_lo == 3) {
+                // A 3x3 window wholly inside: the taps in registers, the rows unrolled.
+                let (b, w) = ((iy0 * in_w + ix0) as usize, in_w as usize);
+                let r = &mut gi[b..b + 2 * w + 3];
+                for (ky, t) in t.chunks_exact(3).enumerate() {
+                    let r = &mut r[ky * w..ky * w + 3];
+                    r[0] += v * t[0];
+                    r[1] += v * t[1];
+                    r[2] += v * t[2];
+                }
+                continue;
+            }
             for ky in ky_lo..ky_hi {
                 let base = (iy0 + ky as isize) * in_w + ix0;
                 for kx in kx_lo..kx_hi {
