@@ -25,11 +25,19 @@ pub fn clamp_mask_backward(out_q: &[i8], act_min: i8, act_max: i8, grad: &mut [f
 pub fn clamp_mask_pack(out_q: &[i8], act_min: i8, act_max: i8, bits: &mut [u8]) -> Result<()> {
     check_act(act_min, act_max)?;
     check_len("clamp_mask_pack: bits", out_q.len().div_ceil(8), bits.len())?;
-    bits.fill(0);
-    for (i, &q) in out_q.iter().enumerate() {
-        if q > act_min && q < act_max {
-            bits[i / 8] |= 1 << (i % 8);
+    // A byte built in a register per 8 elements, not a read-modify-write of memory per element.
+    let inside = |q: i8| (q > act_min && q < act_max) as u8;
+    let mut full = out_q.chunks_exact(8);
+    for (b, c) in bits.iter_mut().zip(&mut full) {
+        let mut v = 0u8;
+        for (j, &q) in c.iter().enumerate() {
+            v |= inside(q) << j;
         }
+        *b = v;
+    }
+    let tail = full.remainder();
+    if let Some(b) = bits.last_mut().filter(|_| !tail.is_empty()) {
+        *b = tail.iter().rev().fold(0, |v, &q| v << 1 | inside(q));
     }
     Ok(())
 }
@@ -41,9 +49,14 @@ pub fn clamp_mask_apply_bits(bits: &[u8], grad: &mut [f32]) -> Result<()> {
         grad.len().div_ceil(8),
         bits.len(),
     )?;
-    for (i, g) in grad.iter_mut().enumerate() {
-        if bits[i / 8] & (1 << (i % 8)) == 0 {
-            *g = 0.0;
+    for (&b, chunk) in bits.iter().zip(grad.chunks_mut(8)) {
+        if b == u8::MAX {
+            continue;
+        }
+        for (j, g) in chunk.iter_mut().enumerate() {
+            if b & (1 << j) == 0 {
+                *g = 0.0;
+            }
         }
     }
     Ok(())
@@ -66,5 +79,23 @@ mod tests {
         assert_eq!(g, g2);
         assert!(clamp_mask_backward(&q, 3, 2, &mut g).is_err());
         assert!(clamp_mask_backward(&q, -4, 10, &mut g[..5]).is_err());
+    }
+
+    #[test]
+    fn packed_masks_match_the_int8_mask_at_every_length() {
+        // Whole bytes and a partial last byte, bits set and clear at every position.
+        let q: std::vec::Vec<i8> = (0..40).map(|i| ((i * 37) % 23) as i8 - 8).collect();
+        for n in 0..q.len() {
+            let mut g = std::vec![1.0f32; n];
+            clamp_mask_backward(&q[..n], -4, 10, &mut g).unwrap();
+            let mut bits = std::vec![0xA5u8; n.div_ceil(8)];
+            clamp_mask_pack(&q[..n], -4, 10, &mut bits).unwrap();
+            let mut g2 = std::vec![1.0f32; n];
+            clamp_mask_apply_bits(&bits, &mut g2).unwrap();
+            assert_eq!(g, g2, "{n}");
+            if n % 8 != 0 {
+                assert_eq!(bits[n / 8] >> (n % 8), 0, "{n}: bits past the end");
+            }
+        }
     }
 }
