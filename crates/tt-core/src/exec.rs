@@ -1811,14 +1811,13 @@ fn pw2_col_grad4(
 ) {
     let n = st.len();
     let [g0, g1, g2, g3] = ps.map(|p| &go[p * c3 + o0..][..n]);
-    let sc = &sc[..n];
     let mut v = ps.map(|p| pa[p]);
-    for i in 0..n {
-        let (s, w) = (sc[i], st[i]);
-        v[0] += g0[i] * s * w;
-        v[1] += g1[i] * s * w;
-        v[2] += g2[i] * s * w;
-        v[3] += g3[i] * s * w;
+    let gs = g0.iter().zip(g1).zip(g2).zip(g3);
+    for ((((&a, &b), &c), &d), (&s, &w)) in gs.zip(sc.iter().zip(st)) {
+        v[0] += a * s * w;
+        v[1] += b * s * w;
+        v[2] += c * s * w;
+        v[3] += d * s * w;
     }
     for (&p, v) in ps.iter().zip(v) {
         pa[p] = v;
@@ -2068,11 +2067,12 @@ impl<'p, 'a> Executor<'p, 'a> {
                     let (tail, k) = quads((0..hw1).filter(|&q| pb[q] != 0.0), |qs| {
                         let v = qs.map(|q| pb[q] * s);
                         let [d0, d1, d2, d3] = rows4(gi, c0, i0, n, qs);
-                        for (i, &w) in st.iter().enumerate() {
-                            d0[i] += v[0] * w;
-                            d1[i] += v[1] * w;
-                            d2[i] += v[2] * w;
-                            d3[i] += v[3] * w;
+                        let rows = d0.iter_mut().zip(d1).zip(d2).zip(d3);
+                        for ((((a, b), c), d), &w) in rows.zip(st) {
+                            *a += v[0] * w;
+                            *b += v[1] * w;
+                            *c += v[2] * w;
+                            *d += v[3] * w;
                         }
                     });
                     for &q in &tail[..k] {
@@ -2092,12 +2092,13 @@ impl<'p, 'a> Executor<'p, 'a> {
                     let [x0, x1, x2, x3] = qs.map(|q| &x[q * xc..][..cols]);
                     // Each row entry takes the four pixels' terms in pixel order, as the
                     // pixel-by-pixel loop adds them.
-                    for (i, r) in row.iter_mut().enumerate() {
+                    let xs = x0.iter().zip(x1).zip(x2).zip(x3);
+                    for (r, (((&a0, &a1), &a2), &a3)) in row.iter_mut().zip(xs) {
                         let mut a = *r;
-                        a += v[0] * (x0[i] as i32 - x_zp) as f32;
-                        a += v[1] * (x1[i] as i32 - x_zp) as f32;
-                        a += v[2] * (x2[i] as i32 - x_zp) as f32;
-                        a += v[3] * (x3[i] as i32 - x_zp) as f32;
+                        a += v[0] * (a0 as i32 - x_zp) as f32;
+                        a += v[1] * (a1 as i32 - x_zp) as f32;
+                        a += v[2] * (a2 as i32 - x_zp) as f32;
+                        a += v[3] * (a3 as i32 - x_zp) as f32;
                         *r = a;
                     }
                 });
