@@ -17,11 +17,14 @@ Bytes per device per round (upload; the download is the same size): the sparse u
 and CRC), and what Flower carries (.npy per array), against the whole int8 model and fp32 FedAvg of
 the whole model.
 
-    python benches/fleet.py [--clients 20] [--rounds 10] [--alpha 0.3] [--schemes searched,...] [--json]
+    python benches/fleet.py [--clients 20] [--rounds 10] [--alpha 0.3] [--schemes searched,...]
+        [--update-budget 20x] [--json]
 
 Schemes: ``searched`` (the demo's: `tt.search` under 256 KB), ``searched@16KB`` (the search under a
 16 KB SRAM budget), ``classifier`` (the classifier's weights and bias: the smallest the search can
-give), ``classifier-half-in`` (half of the classifier's input channels and its bias).
+give without ``--update-budget``), ``classifier-half-in`` (half of the classifier's input channels and its
+bias, hand-made). ``--update-budget`` bounds the bytes of a searched scheme's update (``20x``: 20 times
+fewer than the whole int8 model), the classifier's input channels then searched too.
 """
 from __future__ import annotations
 
@@ -38,10 +41,11 @@ import tinytrain as tt
 from tinytrain import fleet
 
 
-def make_scheme(name: str, q, x, y, seed: int) -> tt.Scheme:
+def make_scheme(name: str, q, x, y, seed: int, update_budget=None) -> tt.Scheme:
     if name.startswith("searched"):
         budget = name.split("@")[1] if "@" in name else "256KB"
-        return tt.search(q, x[:320], y[:320], budget=budget, population=24, generations=12, seed=seed, epochs=1).scheme
+        return tt.search(q, x[:320], y[:320], budget=budget, population=24, generations=12, seed=seed, epochs=1,
+                         max_update_bytes=fleet.update_limit(update_budget, q.weight_bytes())).scheme
     if name == "classifier":
         return tt.Scheme(["fc_0"], {"fc_0": 1.0}, name="classifier")
     if name == "classifier-half-in":
@@ -102,6 +106,9 @@ def main() -> int:
     ap.add_argument("--server-lrs", default="1,1.5,2", help="server steps tried for (b) (chosen on validation)")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--schemes", default="searched,searched@16KB,classifier,classifier-half-in")
+    ap.add_argument("--update-budget", default=None,
+                    help="bytes an update of a searched scheme may carry: a size (800B) or NX, N times fewer "
+                         "than the whole int8 model (20x)")
     ap.add_argument("--plot", help="write the accuracy-per-round plot (PNG) here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -115,7 +122,9 @@ def main() -> int:
     server_lrs = [float(v) for v in args.server_lrs.split(",")]
     rows = []
     for name in args.schemes.split(","):
-        scheme = make_scheme(name, q, x, y, 0)
+        scheme = make_scheme(name, q, x, y, 0, args.update_budget)
+        if name.startswith("searched") and args.update_budget:
+            name = f"{name} (update <= {args.update_budget})"
         plan = tt.compile(q, scheme, budget="256KB")
         layout = fleet.Layout(plan)
         blob = len(tt.Trainer(plan).export_update(0))

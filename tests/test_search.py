@@ -85,3 +85,25 @@ def test_infeasible_budget_names_the_minimum(demo_q, target_data, tmp_path):
 def test_pareto_front_keeps_only_improvements():
     pts = [(100, 1.0), (50, 0.5), (200, 0.9), (150, 2.0), (150, 1.5)]
     assert search_mod._pareto(pts) == [(50, 0.5), (100, 1.0), (150, 2.0)]
+
+
+def test_search_respects_max_update_bytes(demo_q, target_data, tmp_path):
+    x, y = target_data
+    limit = demo_q.weight_bytes() // 20  # >= 20x fewer bytes per update than the whole int8 model
+    small = dict(SMALL, ratios=(0.25, 0.5, 1.0))
+    result = tt.search(demo_q, x, y, budget="256KB", seed=0, cache_dir=str(tmp_path), max_update_bytes=limit, **small)
+    assert 0 < result.update_bytes <= limit
+    assert all(v["update_bytes"] <= limit for v in result.verified)
+    # the whole classifier (1320 B) does not fit: the search trains a part of its input channels
+    assert result.scheme.weight_ratios["fc_0"] < 1.0 and result.scheme.channel_axis["fc_0"] == "input"
+    plan = tt.compile(demo_q, result.scheme, budget="256KB")
+    trained = tt.read_update(tt.Trainer(plan).export_update(len(x)), plan)
+    assert sum(a.nbytes for a in trained.params.values()) == result.update_bytes
+    assert result.update_bytes == search_mod.update_bytes(demo_q, result.scheme)
+    # the partial-classifier ratios were measured, and a limit below any update is refused
+    assert set(result.contributions[-1]["weight_gain"]) == {0.25, 0.5, 1.0}
+    with pytest.raises(ValueError, match="smallest update"):
+        tt.search(demo_q, x, y, budget="256KB", cache_dir=str(tmp_path), max_update_bytes=100, **small)
+    # without a limit the classifier trains whole, as before
+    plain = tt.search(demo_q, x, y, budget="256KB", seed=0, cache_dir=str(tmp_path), **small)
+    assert plain.scheme.weight_ratios["fc_0"] == 1.0 and plain.update_bytes == search_mod.update_bytes(demo_q, plain.scheme)

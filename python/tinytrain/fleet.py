@@ -575,11 +575,29 @@ def simulate(plan: Plan, x, y, parts: Sequence[np.ndarray], cfg: RunConfig, test
 
 
 # ---------------------------------------------------------------------- the demo fleet
-def demo_setup(scheme: str = "searched", budget: str = "256KB", seed: int = 0, workers: Optional[int] = None):
+def update_limit(value, model_bytes: int) -> Optional[int]:
+    """An update-size limit in bytes: ``None``, a size (``"800B"``, ``816``) or ``"<N>x"``, N times
+    fewer bytes than the whole int8 model (``model_bytes // N``)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text.endswith("x"):
+        n = float(text[:-1])
+        if not n >= 1.0:
+            raise ValueError(f"update budget {value!r}: the factor must be >= 1")
+        return int(model_bytes // n)
+    from .units import parse_bytes
+
+    return parse_bytes(value)
+
+
+def demo_setup(scheme: str = "searched", budget: str = "256KB", seed: int = 0, workers: Optional[int] = None,
+               update_budget=None):
     """The demo's task as a fleet: `tt.models.demo()` (pretrained on digits 0-4) quantized as in
     `tinytrain demo`, its sparse scheme, and the data of digits 5-9 the devices learn. ``scheme``:
-    ``"searched"`` (`tt.search` under ``budget``, as the demo does), ``full``, ``bias``,
-    ``last:K``, ``paper`` or a scheme JSON file. Returns ``(plan, (x, y), (x_test, y_test))``."""
+    ``"searched"`` (`tt.search` under ``budget``, as the demo does, and under ``update_budget``
+    bytes per update if given, see `update_limit`), ``full``, ``bias``, ``last:K``, ``paper`` or a
+    scheme JSON file. Returns ``(plan, (x, y), (x_test, y_test))``."""
     import tinytrain as tt
 
     from .engine import scheme_from_arg
@@ -589,7 +607,7 @@ def demo_setup(scheme: str = "searched", budget: str = "256KB", seed: int = 0, w
     test = tt.datasets.digits("target", "test")
     if scheme == "searched":
         s = tt.search(q, x[:320], y[:320], budget=budget, population=24, generations=12, seed=seed, workers=workers,
-                      epochs=1).scheme
+                      epochs=1, max_update_bytes=update_limit(update_budget, q.weight_bytes())).scheme
     else:
         s = scheme_from_arg(q, scheme)
     return tt.compile(q, s, budget=budget), (x, y), test

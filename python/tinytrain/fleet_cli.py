@@ -49,7 +49,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .units import format_bytes
 
     t0 = time.perf_counter()
-    plan, (x, y), test = fleet.demo_setup(args.scheme, args.budget, args.seed, args.workers)
+    plan, (x, y), test = fleet.demo_setup(args.scheme, args.budget, args.seed, args.workers, args.update_budget)
     layout = fleet.Layout(plan)
     parts = fleet.partition(y, args.clients, args.partition, seed=args.seed)
     cfg = fleet.RunConfig(rounds=args.rounds, epochs=args.epochs, fraction_train=args.fraction,
@@ -123,7 +123,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from .fileio import write_atomic
 
-    plan, (x, y), (xt, yt) = fleet.demo_setup(args.scheme, args.budget, args.seed, args.workers)
+    plan, (x, y), (xt, yt) = fleet.demo_setup(args.scheme, args.budget, args.seed, args.workers, args.update_budget)
     os.makedirs(args.out, exist_ok=True)
     files = {"model": os.path.join(args.out, "model_int8.onnx"), "plan": os.path.join(args.out, "plan.ttp"),
              "test": os.path.join(args.out, "test.npz")}
@@ -366,6 +366,9 @@ def add_cli_parser(sub) -> None:
         q.add_argument("--scheme", default="searched",
                        help="searched (tt.search under --budget, as the demo) | full | bias | last:K | paper | FILE.json")
         q.add_argument("--budget", default="256KB", help="SRAM budget of a device's training step")
+        q.add_argument("--update-budget", default=None,
+                       help="bytes one update may carry, for --scheme searched: a size (800B) or NX, N times "
+                            "fewer than the whole int8 model (20x)")
         q.add_argument("--partition", default="dirichlet:0.3", help="iid | dirichlet:ALPHA (label skew)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--workers", type=int, default=None, help="parallel fine-tunes of the scheme search")

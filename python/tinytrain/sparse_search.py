@@ -54,6 +54,8 @@ class Contributions:
     baseline_accuracy: float
     bias_gain: Dict[int, float]
     weight_gain: Dict[str, Dict[float, float]]
+    #: Set when the classifier's weights may be partially updated along this axis.
+    classifier_axis: Optional[str] = None
 
     def rows(self, costs: Dict[str, Dict[str, object]]) -> List[Dict[str, object]]:
         """Per layer, input to output: bias gain (prefix ending here), weight gain per ratio, costs."""
@@ -85,6 +87,8 @@ class SearchResult:
     evaluated: List[Tuple[int, float]] = field(repr=False, default_factory=list)
     #: The best schemes by summed contribution, each fine-tuned for real: held-out accuracy.
     verified: List[Dict[str, object]] = field(repr=False, default_factory=list)
+    #: Bytes of one update of the scheme (`update_bytes`).
+    update_bytes: int = 0
 
     def plot(self, path: str) -> str:
         """Scatter of every scheme evaluated, the Pareto front and the budget line."""
@@ -96,7 +100,7 @@ class SearchResult:
 # --------------------------------------------------------------------------- fine-tune jobs
 
 
-def _scheme(layers: Sequence[str], bias_depth: int, weights: Dict[str, float]):
+def _scheme(layers: Sequence[str], bias_depth: int, weights: Dict[str, float], axis: Optional[Dict[str, str]] = None):
     from .schemes import Scheme
 
     classifier = layers[-1]
@@ -107,7 +111,23 @@ def _scheme(layers: Sequence[str], bias_depth: int, weights: Dict[str, float]):
         if name not in bias_layers:
             bias_layers.append(name)
     ratios = {classifier: 1.0, **weights}
-    return Scheme(bias_layers=bias_layers, weight_ratios=ratios)
+    return Scheme(bias_layers=bias_layers, weight_ratios=ratios, channel_axis=axis or {})
+
+
+def update_bytes(q, scheme) -> int:
+    """Bytes of the parameters one update of ``scheme`` carries (what a fleet device sends): int8
+    weights of the updated channels and int32 biases; the update blob adds its fixed headers."""
+    total = 0
+    for name, r in scheme.resolved(q.layers).items():
+        wq = np.asarray(q.node(name).params["weight_q"])
+        if r["ratio"] > 0:
+            axis = 1 if r["axis"] == "input" else 0
+            # the engine's rule for a partial update: the first round(ratio * C) channels, at least one
+            k = max(1, min(wq.shape[axis], int(round(r["ratio"] * wq.shape[axis]))))
+            total += wq.size // wq.shape[axis] * k
+        if r["bias"]:
+            total += 4 * wq.shape[0]
+    return int(total)
 
 
 def _finetune_accuracy(job) -> float:
@@ -233,8 +253,11 @@ def contribution_analysis(
     seed: int = 0,
     workers: Optional[int] = None,
     cache_dir: Optional[str] = None,
+    classifier_axis: Optional[str] = None,
 ) -> Contributions:
-    """Measure the accuracy gain of each bias prefix and each (layer, ratio) weight update."""
+    """Measure the accuracy gain of each bias prefix and each (layer, ratio) weight update; with
+    ``classifier_axis`` ('input' or 'output') also of the classifier's weights at each ratio below 1
+    along that axis (the baseline is the whole classifier: gain 0 at ratio 1)."""
     layers = list(q.layers)
     if not layers:
         raise ValueError("the model has no trainable layer (conv or fc)")
@@ -243,6 +266,10 @@ def contribution_analysis(
         if not 0.0 < r <= 1.0:
             raise ValueError(f"channel ratio {r} is not in (0, 1]")
     key = "|".join([model_digest(q), _digest_arrays(X, Y), settings.key(), repr(ratios), str(seed)])
+    if classifier_axis is not None:
+        if classifier_axis not in ("input", "output"):
+            raise ValueError(f"classifier axis must be 'input' or 'output', got {classifier_axis!r}")
+        key += f"|classifier-{classifier_axis}"
     cache_path = os.path.join(cache_dir or default_cache_dir(), f"contrib-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json")
     cached = _load_cache(cache_path, key)
     if cached is not None:
@@ -252,6 +279,7 @@ def contribution_analysis(
             baseline_accuracy=cached["baseline"],
             bias_gain={int(k): v for k, v in cached["bias_gain"].items()},
             weight_gain={n: {float(r): g for r, g in d.items()} for n, d in cached["weight_gain"].items()},
+            classifier_axis=classifier_axis,
         )
 
     data = _split(np.asarray(X, dtype=np.float32), np.asarray(Y), settings.val_fraction, seed)
@@ -260,6 +288,8 @@ def contribution_analysis(
     configs += [("bias", k) for k in range(1, n + 1)]
     # The classifier's weights are always updated; its gain is the baseline itself.
     configs += [("weight", (name, r)) for name in layers[:-1] for r in ratios]
+    if classifier_axis is not None:
+        configs += [("weight", (layers[-1], r)) for r in ratios if r < 1.0]
     jobs = []
     for kind, arg in configs:
         if kind == "baseline":
@@ -268,13 +298,15 @@ def contribution_analysis(
             scheme = _scheme(layers, arg, {})
         else:
             name, r = arg
-            scheme = _scheme(layers, 0, {name: r})
+            scheme = _scheme(layers, 0, {name: r}, {layers[-1]: classifier_axis} if name == layers[-1] else None)
         jobs.append((q, scheme, data, settings))
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
     accs = _run_jobs(jobs, workers, "contribution analysis")
     baseline = accs[0]
     bias_gain: Dict[int, float] = {}
     weight_gain: Dict[str, Dict[float, float]] = {name: {} for name in layers[:-1]}
+    if classifier_axis is not None:
+        weight_gain[layers[-1]] = {1.0: 0.0}
     for (kind, arg), acc in zip(configs[1:], accs[1:]):
         gain = 100.0 * (acc - baseline)
         if kind == "bias":
@@ -290,37 +322,63 @@ def contribution_analysis(
             "weight_gain": {n: {repr(r): g for r, g in d.items()} for n, d in weight_gain.items()},
         },
     )
-    return Contributions(layers, ratios, baseline, bias_gain, weight_gain)
+    return Contributions(layers, ratios, baseline, bias_gain, weight_gain, classifier_axis)
 
 
 # --------------------------------------------------------------------------- evolutionary search
 
-Genome = Tuple[int, Tuple[int, ...]]  # (bias depth, ratio index + 1 per non-classifier layer; 0 = frozen)
+# (bias depth, ratio index + 1 per non-classifier layer, 0 = frozen; under an update-size limit
+# one more gene: the classifier's ratio index + 1, never 0 as the classifier always trains)
+Genome = Tuple[int, Tuple[int, ...]]
 
 
 class _Evaluator:
-    def __init__(self, q, contributions: Contributions, budget: int, reorder: bool, compile_kwargs):
+    def __init__(self, q, contributions: Contributions, budget: int, reorder: bool, compile_kwargs,
+                 max_update_bytes: Optional[int] = None):
         self.q = q
         self.c = contributions
         self.budget = budget
         self.reorder = reorder
         self.compile_kwargs = compile_kwargs
+        self.max_update_bytes = max_update_bytes
         self.peaks: Dict[Genome, int] = {}
+        self.sizes: Dict[Genome, int] = {}
+
+    @property
+    def classifier_free(self) -> bool:
+        """Whether genomes carry the classifier's ratio (else it trains whole)."""
+        return self.c.classifier_axis is not None
+
+    def _ratio(self, name: str, i: int) -> float:
+        # the classifier's last option is its whole weight matrix even when 1 is not among the ratios
+        if name == self.c.layers[-1] and i == len(self.c.ratios) + 1:
+            return 1.0
+        return self.c.ratios[i - 1]
 
     def scheme(self, g: Genome):
         k, idx = g
-        weights = {
-            name: self.c.ratios[i - 1] for name, i in zip(self.c.layers[:-1], idx) if i > 0
-        }
-        return _scheme(self.c.layers, k, weights)
+        weights = {name: self._ratio(name, i) for name, i in zip(self.c.layers, idx) if i > 0}
+        classifier = self.c.layers[-1]
+        axis = {classifier: self.c.classifier_axis} if weights.get(classifier, 1.0) < 1.0 else None
+        return _scheme(self.c.layers, k, weights, axis)
 
     def score(self, g: Genome) -> float:
         k, idx = g
         s = self.c.bias_gain.get(k, 0.0)
-        for name, i in zip(self.c.layers[:-1], idx):
+        for name, i in zip(self.c.layers, idx):
             if i > 0:
-                s += self.c.weight_gain[name][self.c.ratios[i - 1]]
+                s += self.c.weight_gain[name][self._ratio(name, i)]
         return s
+
+    def update_bytes(self, g: Genome) -> int:
+        if g not in self.sizes:
+            self.sizes[g] = update_bytes(self.q, self.scheme(g))
+        return self.sizes[g]
+
+    def feasible(self, g: Genome) -> bool:
+        if self.max_update_bytes is not None and self.update_bytes(g) > self.max_update_bytes:
+            return False
+        return self.peak(g) <= self.budget
 
     def peak(self, g: Genome) -> int:
         if g not in self.peaks:
@@ -356,21 +414,30 @@ def evolutionary_search(
     n = len(c.layers)
     n_opts = len(c.ratios) + 1
     free = n - 1
+    # the classifier's options: each ratio, and the whole matrix
+    cls_opts = len(c.ratios) + (0 if 1.0 in c.ratios else 1)
+    whole = tuple([c.ratios.index(1.0) + 1 if 1.0 in c.ratios else cls_opts]) if evaluator.classifier_free else ()
 
     def fitness(g: Genome) -> float:
-        return evaluator.score(g) if evaluator.peak(g) <= evaluator.budget else -math.inf
+        return evaluator.score(g) if evaluator.feasible(g) else -math.inf
+
+    def classifier_gene() -> Tuple[int, ...]:
+        return (int(rng.integers(1, cls_opts + 1)),) if evaluator.classifier_free else ()
 
     def random_genome(density: float) -> Genome:
         k = int(rng.integers(0, n + 1))
         idx = tuple(int(rng.integers(1, n_opts)) if rng.random() < density else 0 for _ in range(free))
-        return (k, idx)
+        return (k, idx + classifier_gene())
 
     def mutate(g: Genome) -> Genome:
         k, idx = g
         if rng.random() < 0.5:
             k = int(np.clip(k + rng.integers(-max(1, n // 4), max(1, n // 4) + 1), 0, n))
-        new = tuple(int(rng.integers(0, n_opts)) if rng.random() < mutation_rate else i for i in idx)
-        return (k, new)
+        new = tuple(int(rng.integers(0, n_opts)) if rng.random() < mutation_rate else i for i in idx[:free])
+        tail = idx[free:]
+        if tail and rng.random() < mutation_rate:
+            tail = classifier_gene()
+        return (k, new + tail)
 
     def crossover(a: Genome, b: Genome) -> Genome:
         k = a[0] if rng.random() < 0.5 else b[0]
@@ -379,8 +446,11 @@ def evolutionary_search(
     # Seeds: bias-only prefixes and last-k full updates (cheap, always in the space), then sparse
     # random schemes.
     depths = sorted(set(np.linspace(0, n, num=min(n + 1, max(2, population // 4)), dtype=int).tolist()))
-    pop: List[Genome] = [(k, (0,) * free) for k in depths]
-    pop += [(k, tuple(n_opts - 1 if i >= n - k else 0 for i in range(free))) for k in depths if k > 1]
+    pop: List[Genome] = [(k, (0,) * free + whole) for k in depths]
+    pop += [(k, tuple(n_opts - 1 if i >= n - k else 0 for i in range(free)) + whole) for k in depths if k > 1]
+    if evaluator.classifier_free:
+        # each classifier ratio alone, so that a tight update-size limit has feasible seeds
+        pop += [(k, (0,) * free + (i,)) for i in range(1, cls_opts + 1) for k in (0, 1)]
     while len(pop) < population:
         pop.append(random_genome(density=float(rng.uniform(0.02, 0.3))))
     seen: Dict[Genome, float] = {}
@@ -427,6 +497,7 @@ def search(
     reorder: bool = True,
     cache_dir: Optional[str] = None,
     verify: int = 6,
+    max_update_bytes=None,
     **compile_kwargs,
 ) -> SearchResult:
     """Find the sparse-update scheme for ``q`` that fits ``budget`` (planner peak, exact).
@@ -434,23 +505,36 @@ def search(
     Contribution analysis (cached), then an evolutionary search of the summed contribution under
     the budget; the ``verify`` best schemes by that sum are fine-tuned for real and the most
     accurate on the held-out split is returned (``verify=0`` keeps the top sum).
+
+    ``max_update_bytes`` (e.g. ``"800B"``) also bounds what one update carries (`update_bytes`: the
+    int8 weights of the trained channels and the int32 biases, what a fleet device sends per
+    round); the classifier's weights may then train on a part of their input channels too, each
+    such ratio measured by the contribution analysis like the other layers' ratios.
     """
     from .errors import MemoryBudgetError
 
     budget_bytes = parse_bytes(budget)
+    size_limit = None if max_update_bytes is None else parse_bytes(max_update_bytes)
     layers = list(q.layers)
     if not layers:
         raise ValueError("the model has no trainable layer (conv or fc)")
-    contributions_placeholder = Contributions(layers, tuple(float(r) for r in ratios), 0.0, {}, {})
-    evaluator = _Evaluator(q, contributions_placeholder, budget_bytes, reorder, compile_kwargs)
+    ratios = tuple(float(r) for r in ratios)
+    axis = None if size_limit is None else "input"
+    contributions_placeholder = Contributions(layers, ratios, 0.0, {}, {}, axis)
+    evaluator = _Evaluator(q, contributions_placeholder, budget_bytes, reorder, compile_kwargs, size_limit)
     minimum = evaluator.peak((0, (0,) * (len(layers) - 1)))
     if minimum > budget_bytes:
         raise MemoryBudgetError(
             minimum, budget_bytes,
             f"no scheme fits: even updating only the classifier needs it (short by {minimum - budget_bytes} bytes)",
         )
+    if size_limit is not None:
+        smallest = evaluator.update_bytes((0, (0,) * (len(layers) - 1) + (1 + ratios.index(min(ratios)),)))
+        if smallest > size_limit:
+            raise ValueError(f"no scheme fits max_update_bytes={size_limit}: the smallest update (the classifier's "
+                             f"bias and {min(ratios):g} of its input channels) is {smallest} bytes")
     settings = FineTuneSettings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction)
-    contrib = contribution_analysis(q, X, Y, ratios, settings, seed, workers, cache_dir)
+    contrib = contribution_analysis(q, X, Y, ratios, settings, seed, workers, cache_dir, axis)
     evaluator.c = contrib
     ranked, evaluated = evolutionary_search(evaluator, population, generations, seed)
     # Contributions are measured one update at a time and do not add up exactly (late layers
@@ -464,7 +548,8 @@ def search(
     else:
         accs = [float("nan")] * len(candidates)
     verified = [
-        {"scheme": evaluator.scheme(g), "peak_bytes": evaluator.peak(g), "score": evaluator.score(g), "accuracy": a}
+        {"scheme": evaluator.scheme(g), "peak_bytes": evaluator.peak(g), "score": evaluator.score(g), "accuracy": a,
+         "update_bytes": evaluator.update_bytes(g)}
         for g, a in zip(candidates, accs)
     ]
     best = candidates[max(range(len(candidates)), key=lambda i: (accs[i] if accs[i] == accs[i] else -1.0, -i))]
@@ -478,6 +563,7 @@ def search(
         pareto=_pareto(evaluated),
         evaluated=evaluated,
         verified=verified,
+        update_bytes=evaluator.update_bytes(best),
     )
 
 
