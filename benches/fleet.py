@@ -79,10 +79,13 @@ def centralized(plan, x, y, sets, rounds, lr, seed):
     return np.asarray(acc).T.tolist()
 
 
-def federated(plan, x, y, parts, val, test, rounds, lr, server_lr, seed):
-    cfg = fleet.RunConfig(rounds=rounds, epochs=1, min_train_nodes=len(parts), min_available_nodes=len(parts),
-                          seed=seed, server_lr=server_lr)
+def federated(plan, x, y, parts, val, test, rounds, lr, server_lr, seed, per_epoch=1):
+    """``rounds`` epochs of each device's data in ``rounds * per_epoch`` rounds; the test accuracy
+    after each epoch (every ``per_epoch``-th round)."""
+    cfg = fleet.RunConfig(rounds=rounds * per_epoch, epochs=1, rounds_per_epoch=per_epoch, min_train_nodes=len(parts),
+                          min_available_nodes=len(parts), seed=seed, server_lr=server_lr)
     hist = fleet.simulate(plan, x, y, parts, cfg, test=test, lr=lr)
+    hist["accuracy"] = hist["accuracy"][::per_epoch]
     lay = fleet.Layout(plan)
     final = lay.apply(lay.model, hist["params"])
     return hist, float((final.predict(val[0]) == val[1]).mean())
@@ -104,6 +107,9 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=0.3)
     ap.add_argument("--lrs", default="0.01,0.02,0.05", help="device learning rates tried (chosen on validation)")
     ap.add_argument("--server-lrs", default="1,1.5,2", help="server steps tried for (b) (chosen on validation)")
+    ap.add_argument("--rounds-per-epoch", type=int, default=1,
+                    help="(b) runs --rounds epochs of the devices' data in this many times more rounds, each "
+                         "round on 1/K of a device's data (same samples seen as (a) and (c))")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--schemes", default="searched,searched@16KB,classifier,classifier-half-in")
     ap.add_argument("--update-budget", default=None,
@@ -139,7 +145,7 @@ def main() -> int:
             c = max((centralized(plan, x, y, [val, test], args.rounds, lr, seed) + [lr] for lr in lrs),
                     key=lambda r: r[0][-1])
             t1 = time.perf_counter()
-            runs = [(federated(plan, x, y, parts, val, test, args.rounds, lr, slr, seed), lr, slr)
+            runs = [(federated(plan, x, y, parts, val, test, args.rounds, lr, slr, seed, args.rounds_per_epoch), lr, slr)
                     for lr in lrs for slr in server_lrs]
             (hist, _), b_lr, b_slr = max(runs, key=lambda r: r[0][1])
             per_seed.append({"local_only": a[1], "federated": hist["accuracy"], "centralized": c[1],
@@ -177,7 +183,8 @@ def main() -> int:
                                          ("centralized", "centralized")])}, args.plot,
                             title=f"{args.clients} devices, Dirichlet({args.alpha}), scheme {main_row['scheme']}")
     if args.json:
-        print(json.dumps({"clients": args.clients, "rounds": args.rounds, "alpha": args.alpha, "lrs": lrs,
+        print(json.dumps({"clients": args.clients, "rounds": args.rounds, "rounds_per_epoch": args.rounds_per_epoch,
+                          "alpha": args.alpha, "lrs": lrs,
                           "server_lrs": server_lrs,
                           "seeds": args.seeds, "rows": rows}))
     else:

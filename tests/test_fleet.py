@@ -228,6 +228,24 @@ def test_client_fit_trains_from_the_global_values(plan, q, target):
         c.set_parameters({k: v for k, v in start.items() if k != "fc_0.bias"})
 
 
+def test_rounds_per_epoch_trains_each_part_of_the_data_in_turn(plan, q, target):
+    (x, y), _ = target
+    x, y = x[:11], y[:11]
+    start = fleet.Layout(plan).extract(q)
+    c = fleet.FleetClient(plan, x, y, seed=1)
+    cfg = {"epochs": 1, "rounds-per-epoch": 2}
+    runs = [c.fit(start, {**cfg, "server-round": r}) for r in (1, 2, 3)]
+    assert [n for _, n, _ in runs] == [6, 5, 6]  # two rounds see the 11 samples once, then again
+    # round 2 trained exactly the samples round 1 left out, as a device holding only them would
+    first = set(np.random.default_rng(1).permutation(11)[:6].tolist())
+    rest = sorted(set(range(11)) - first)
+    alone, n, _ = fleet.FleetClient(plan, x[rest], y[rest], seed=1).fit(start, {"epochs": 1, "server-round": 2})
+    second, _, _ = fleet.FleetClient(plan, x, y, seed=1).fit(start, {**cfg, "server-round": 2})
+    assert n == 5 and all(np.array_equal(alone[k], second[k]) for k in alone)
+    with pytest.raises(ValueError, match="rounds-per-epoch"):
+        c.fit(start, {**cfg, "rounds-per-epoch": 0})
+
+
 def test_layout_is_the_update_blobs(plan):
     """The server's layout and the devices' update blob (tt-core) name and shape the same arrays."""
     blob = tt.Trainer(plan).export_update(0)

@@ -241,7 +241,9 @@ class FleetClient:
     ``get_parameters()`` returns the scheme's trained parameters (read from the trainer's update
     blob, `tt.read_update`); ``fit(params, config)`` loads the global values
     (`Trainer.apply_update`), trains ``config["epochs"]`` local epochs through the plan and returns
-    ``(params, samples trained on, metrics)``; ``evaluate(params, config)`` returns
+    ``(params, samples trained on, metrics)`` (with ``config["rounds-per-epoch"] = K`` above 1 a
+    round trains on the next 1/K of the device's data, shuffled once: K rounds see each sample
+    once); ``evaluate(params, config)`` returns
     ``(loss, samples, {"accuracy": ...})`` of the global values on the local data. Needs only the
     plan and the data, as a device does."""
 
@@ -269,7 +271,17 @@ class FleetClient:
         config = dict(config or {})
         self.set_parameters(params)
         rnd = int(config.get("server-round", 0))
-        hist = self.trainer.fit(self.x, self.y, epochs=int(config.get("epochs", 1)),
+        x, y = self.x, self.y
+        k = int(config.get("rounds-per-epoch", 1))
+        if k < 1:
+            raise ValueError(f"rounds-per-epoch must be >= 1, got {k}")
+        if k > 1:
+            # more, shorter rounds over the same data: each average follows a shorter local run
+            order = np.random.default_rng(self.seed).permutation(len(x))
+            parts = [p for p in np.array_split(order, k) if len(p)]
+            part = np.sort(parts[(max(rnd, 1) - 1) % len(parts)])
+            x, y = x[part], y[part]
+        hist = self.trainer.fit(x, y, epochs=int(config.get("epochs", 1)),
                                 batch_size=int(config.get("batch-size", 1)), seed=self.seed * 100_003 + rnd,
                                 verbose=False)
         update = read_update(self.trainer.export_update(), self.plan)
@@ -441,6 +453,7 @@ class RunConfig:
 
     rounds: int = 10
     epochs: int = 1  # local epochs per round
+    rounds_per_epoch: int = 1  # above 1: a round trains on 1/K of each device's data (FleetClient.fit)
     batch_size: int = 1
     fraction_train: float = 1.0
     min_train_nodes: int = 2
@@ -474,6 +487,7 @@ def run_server(grid: Grid, layout: Layout, cfg: RunConfig, test=None,
     result = strategy.start(grid=grid, initial_arrays=to_record(init), num_rounds=cfg.rounds,
                             timeout=cfg.round_timeout,
                             train_config=ConfigRecord({"epochs": cfg.epochs, "batch-size": cfg.batch_size,
+                                                       "rounds-per-epoch": cfg.rounds_per_epoch,
                                                        **(extra_config or {})}),
                             evaluate_config=ConfigRecord(dict(extra_config or {})), evaluate_fn=evaluate_fn)
     final = from_record(result.arrays) if len(result.arrays) else init

@@ -54,7 +54,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     parts = fleet.partition(y, args.clients, args.partition, seed=args.seed)
     cfg = fleet.RunConfig(rounds=args.rounds, epochs=args.epochs, fraction_train=args.fraction,
                           min_train_nodes=max(1, int(args.fraction * args.clients)),
-                          min_available_nodes=args.clients, seed=args.seed, server_lr=args.server_lr)
+                          min_available_nodes=args.clients, seed=args.seed, server_lr=args.server_lr,
+                          rounds_per_epoch=args.rounds_per_epoch)
     setup_s = time.perf_counter() - t0
     with progress_bar("federated rounds", args.rounds, enabled=not args.json) as advance:
         def on_round(r: int, m: Dict[str, float]) -> None:
@@ -378,6 +379,8 @@ def add_cli_parser(sub) -> None:
     q.add_argument("--clients", type=int, default=20)
     q.add_argument("--rounds", type=int, default=10)
     q.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    q.add_argument("--rounds-per-epoch", type=int, default=1,
+                   help="K > 1: each round trains on the next 1/K of a device's data (K rounds per epoch)")
     q.add_argument("--lr", type=float, default=None, help="device learning rate (default: the plan's)")
     q.add_argument("--fraction", type=float, default=1.0, help="fraction of the devices trained per round")
     q.add_argument("--server-lr", type=float, default=1.0, help="server step toward the devices' mean (1: FedAvg)")
