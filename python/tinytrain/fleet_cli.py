@@ -69,6 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     full_fp32 = 4 * layout.model_params()
     report = {
         "clients": args.clients, "rounds": args.rounds, "partition": args.partition, "epochs_per_round": args.epochs,
+        "rounds_per_epoch": args.rounds_per_epoch,
         "samples_per_client": [int(len(p)) for p in parts], "scheme": layout.scheme.to_dict(),
         "accuracy": hist["accuracy"], "accepted": hist["accepted"], "rejected": hist["rejected"], "failed": hist["failed"],
         "update_bytes": sparse, "update_bytes_on_the_wire": fleet.record_bytes(hist["params"]),
