@@ -3,58 +3,12 @@
 //! real checkpoints of the demo state. Usage: make_seeds OUT_DIR [plan.ttp ...]
 use std::path::PathBuf;
 
-use embedded_storage::nor_flash::{
-    ErrorType, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
-};
 use tt_mcu::bundle::Bundle;
 use tt_mcu::checkpoint::Checkpoints;
 
-#[derive(Debug)]
-struct OutOfBounds;
-
-impl NorFlashError for OutOfBounds {
-    fn kind(&self) -> NorFlashErrorKind {
-        NorFlashErrorKind::OutOfBounds
-    }
-}
-
-struct Ram(Vec<u8>);
-
-impl ErrorType for Ram {
-    type Error = OutOfBounds;
-}
-
-impl ReadNorFlash for Ram {
-    const READ_SIZE: usize = 1;
-    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), OutOfBounds> {
-        let o = offset as usize;
-        bytes.copy_from_slice(self.0.get(o..o + bytes.len()).ok_or(OutOfBounds)?);
-        Ok(())
-    }
-    fn capacity(&self) -> usize {
-        self.0.len()
-    }
-}
-
-impl NorFlash for Ram {
-    const WRITE_SIZE: usize = 4;
-    const ERASE_SIZE: usize = 256;
-    fn erase(&mut self, from: u32, to: u32) -> Result<(), OutOfBounds> {
-        self.0
-            .get_mut(from as usize..to as usize)
-            .ok_or(OutOfBounds)?
-            .fill(0xFF);
-        Ok(())
-    }
-    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), OutOfBounds> {
-        let o = offset as usize;
-        let dst = self.0.get_mut(o..o + bytes.len()).ok_or(OutOfBounds)?;
-        for (d, &b) in dst.iter_mut().zip(bytes) {
-            *d &= b;
-        }
-        Ok(())
-    }
-}
+#[path = "../fuzz_targets/ram_flash.rs"]
+mod ram_flash;
+use ram_flash::Ram;
 
 fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);

@@ -2,63 +2,13 @@
 //! valid checkpoint or none, never panic; a `save` then must read back exactly what was saved.
 //! Input: tag u32 | payload length u16 | flash image (two 1 KB slots, padded with erased bytes).
 #![no_main]
-use embedded_storage::nor_flash::{
-    ErrorType, NorFlash, NorFlashError, NorFlashErrorKind, ReadNorFlash,
-};
 use libfuzzer_sys::fuzz_target;
 use tt_mcu::checkpoint::Checkpoints;
 
-const SECTOR: usize = 256;
+mod ram_flash;
+use ram_flash::Ram;
+
 const SLOT: u32 = 1024;
-
-#[derive(Debug)]
-struct OutOfBounds;
-
-impl NorFlashError for OutOfBounds {
-    fn kind(&self) -> NorFlashErrorKind {
-        NorFlashErrorKind::OutOfBounds
-    }
-}
-
-struct Ram(Vec<u8>);
-
-impl ErrorType for Ram {
-    type Error = OutOfBounds;
-}
-
-impl ReadNorFlash for Ram {
-    const READ_SIZE: usize = 1;
-    fn read(&mut self, offset: u32, bytes: &mut [u8]) -> Result<(), OutOfBounds> {
-        let o = offset as usize;
-        let src = self.0.get(o..o + bytes.len()).ok_or(OutOfBounds)?;
-        bytes.copy_from_slice(src);
-        Ok(())
-    }
-    fn capacity(&self) -> usize {
-        self.0.len()
-    }
-}
-
-impl NorFlash for Ram {
-    const WRITE_SIZE: usize = 4;
-    const ERASE_SIZE: usize = SECTOR;
-    fn erase(&mut self, from: u32, to: u32) -> Result<(), OutOfBounds> {
-        self.0
-            .get_mut(from as usize..to as usize)
-            .ok_or(OutOfBounds)?
-            .fill(0xFF);
-        Ok(())
-    }
-    fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), OutOfBounds> {
-        let o = offset as usize;
-        let dst = self.0.get_mut(o..o + bytes.len()).ok_or(OutOfBounds)?;
-        // NOR programming only clears bits.
-        for (d, &b) in dst.iter_mut().zip(bytes) {
-            *d &= b;
-        }
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 6 {
