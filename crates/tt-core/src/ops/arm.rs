@@ -51,41 +51,188 @@ fn smlad(a: u32, b: u32, acc: i32) -> i32 {
     r
 }
 
-/// `Requant::apply_clamp` for the multipliers below 1/2 that `Requant::from_scale` produces for
-/// every layer scale under 1/2 (right shift `n` of 32..=62), single rounding. Same value with
-/// 32-bit shifts only: `round(p / 2^n)` half away from zero is `floor((t / 2^(n-1) + 1) / 2)`
-/// with `t = p - (p < 0)`, and `floor(t / 2^(n-1)) = floor(t / 2^31) >> (n - 32)`, where
-/// `floor(t / 2^31)` fits an i32 because `|p| < 2^62` for a non-negative multiplier. The zero
-/// point is added saturating before the clamp, which the clamp to int8 range makes exact. Any
-/// other shift, a negative multiplier, and double rounding (a TFLite model's) take
-/// `apply_clamp` itself.
-#[inline(always)]
-fn requant_clamp(rq: &Requant, acc: i32, out_zp: i32, lo: i8, hi: i8) -> i8 {
-    let s = 31i32.wrapping_sub(rq.shift as i32).wrapping_sub(32);
-    if s as u32 > 30 || rq.multiplier < 0 || rq.rounding == DOUBLE_ROUNDING {
-        return rq.apply_clamp(acc, out_zp, lo, hi);
-    }
-    let (plo, phi) = smull(acc, rq.multiplier);
-    // t = p - (p < 0): add the sign word (0 or -1) across both halves.
-    let neg = phi >> 31;
-    let (tlo, carry) = plo.overflowing_add(neg as u32);
-    let thi = phi.wrapping_add(neg).wrapping_add(carry as i32);
-    let u = (thi << 1) | (tlo >> 31) as i32;
-    let v = ((u >> s) + 1) >> 1;
-    // max/min, not clamp: no bounds assertion in the epilogue (lo <= hi was checked).
-    v.saturating_add(out_zp).max(lo as i32).min(hi as i32) as i8
+/// How a layer's int32 sums become its int8 outputs: `Requant::apply_clamp` (single rounding,
+/// half away from zero, then `+ out_zp` and the clamp), checked once per layer by
+/// [`Mode::of`] so the per-output epilogue carries no tests. `prep` turns a channel's record
+/// into what `out` needs, once per channel and pixel group rather than per output.
+trait Out: Copy {
+    type Ch: Copy;
+    fn prep(self, rq: &Requant) -> Self::Ch;
+    fn out(self, ch: Self::Ch, acc: i32) -> i8;
 }
 
-/// The 64-bit product `a * b` as (low word, high word): one `SMULL`.
+/// Any record (double rounding, shifts outside the fast range): `apply_clamp` itself.
+#[derive(Clone, Copy)]
+struct Generic {
+    zp: i32,
+    lo: i8,
+    hi: i8,
+}
+
+impl Out for Generic {
+    type Ch = Requant;
+    #[inline(always)]
+    fn prep(self, rq: &Requant) -> Requant {
+        *rq
+    }
+    #[inline(always)]
+    fn out(self, rq: Requant, acc: i32) -> i8 {
+        rq.apply_clamp(acc, self.zp, self.lo, self.hi)
+    }
+}
+
+/// A record of the form `Requant::from_scale` gives every scale under 1/2 (right shift
+/// `n = 32 + s`, `s` in 0..=30, non-negative multiplier), single rounding, prepared so one
+/// `SMLAL` does the rounding: `round(p / 2^n)` half away from zero is
+/// `floor((p + 2^(n-1) - [acc < 0]) / 2^n)` for `p = acc * m` (`m >= 0`: `p < 0` only if
+/// `acc < 0`, and `acc < 0` with `p == 0` floors to 0 either way), and the floor of a 64-bit
+/// value over `2^(32+s)` is its high word shifted right by `s`. The accumulator starts at the
+/// 64-bit constant `2^(n-1) - [acc < 0]` (`rlo`, `rhi` plus the sign word); `|p| < 2^62`, so
+/// nothing overflows and the high word is exact.
+#[derive(Clone, Copy)]
+struct Fast {
+    m: i32,
+    rlo: u32,
+    rhi: i32,
+    s: u32,
+}
+
+impl Fast {
+    #[inline(always)]
+    fn new(rq: &Requant) -> Fast {
+        // In 0..=30 for every record `Mode::of` lets through.
+        let s = (-1i32).wrapping_sub(rq.shift as i32) as u32;
+        Fast {
+            m: rq.multiplier,
+            rlo: ((s == 0) as u32) << 31,
+            rhi: (1u32.wrapping_shl(s) >> 1) as i32,
+            s,
+        }
+    }
+
+    /// `round(acc * real)`, before the zero point.
+    #[inline(always)]
+    fn apply(self, acc: i32) -> i32 {
+        let sgn = acc >> 31;
+        let (lo, carry) = self.rlo.overflowing_add(sgn as u32);
+        let hi = self.rhi.wrapping_add(sgn).wrapping_add(carry as i32);
+        smlal(lo, hi, acc, self.m) >> self.s
+    }
+
+    /// Whether `rq` takes this path (else the layer takes [`Generic`]).
+    fn applies(rq: &Requant) -> bool {
+        let s = (-1i32).wrapping_sub(rq.shift as i32);
+        (0..=30).contains(&s) && rq.multiplier >= 0 && rq.rounding != DOUBLE_ROUNDING
+    }
+}
+
+/// [`Fast`] records and the whole int8 range as the clamp: one `SSAT`.
+#[derive(Clone, Copy)]
+struct Sat {
+    zp: i32,
+}
+
+impl Out for Sat {
+    type Ch = Fast;
+    #[inline(always)]
+    fn prep(self, rq: &Requant) -> Fast {
+        Fast::new(rq)
+    }
+    #[inline(always)]
+    fn out(self, f: Fast, acc: i32) -> i8 {
+        // `qadd` is `saturating_add`; beyond the int32 range the int8 clamp decides alike.
+        ssat8(qadd(f.apply(acc), self.zp)) as i8
+    }
+}
+
+/// [`Fast`] records and a narrower clamp (an activation's).
+#[derive(Clone, Copy)]
+struct Clamp {
+    zp: i32,
+    lo: i8,
+    hi: i8,
+}
+
+impl Out for Clamp {
+    type Ch = Fast;
+    #[inline(always)]
+    fn prep(self, rq: &Requant) -> Fast {
+        Fast::new(rq)
+    }
+    #[inline(always)]
+    fn out(self, f: Fast, acc: i32) -> i8 {
+        // max/min, not clamp: no bounds assertion in the epilogue (lo <= hi was checked).
+        qadd(f.apply(acc), self.zp)
+            .max(self.lo as i32)
+            .min(self.hi as i32) as i8
+    }
+}
+
+/// The epilogue a layer takes: [`Sat`] or [`Clamp`] when every channel's record is [`Fast`],
+/// else [`Generic`].
+enum Mode {
+    Sat(Sat),
+    Clamp(Clamp),
+    Generic(Generic),
+}
+
+impl Mode {
+    fn of(requant: &[Requant], zp: i32, lo: i8, hi: i8) -> Mode {
+        if !requant.iter().all(Fast::applies) {
+            Mode::Generic(Generic { zp, lo, hi })
+        } else if (lo, hi) == (i8::MIN, i8::MAX) {
+            Mode::Sat(Sat { zp })
+        } else {
+            Mode::Clamp(Clamp { zp, lo, hi })
+        }
+    }
+}
+
+/// Runs `$body` with `$e` bound to the layer's epilogue, one monomorphic copy per kind.
+macro_rules! with_out {
+    ($mode:expr, $e:ident => $body:expr) => {
+        match $mode {
+            Mode::Sat($e) => $body,
+            Mode::Clamp($e) => $body,
+            Mode::Generic($e) => $body,
+        }
+    };
+}
+
+/// `(hi:lo) + a * b` as a 64-bit sum, its high word: one `SMLAL`.
 #[inline(always)]
-fn smull(a: i32, b: i32) -> (u32, i32) {
-    let (lo, hi): (u32, i32);
+fn smlal(lo: u32, hi: i32, a: i32, b: i32) -> i32 {
+    let mut hi = hi;
     // SAFETY: register-only arithmetic.
     unsafe {
-        asm!("smull {lo}, {hi}, {a}, {b}", lo = lateout(reg) lo, hi = lateout(reg) hi,
+        asm!("smlal {lo}, {hi}, {a}, {b}", lo = inout(reg) lo => _, hi = inout(reg) hi,
              a = in(reg) a, b = in(reg) b, options(pure, nomem, nostack, preserves_flags))
     };
-    (lo, hi)
+    hi
+}
+
+/// `a + b` saturated to int32: one `QADD` (it may set the sticky Q flag, which nothing reads).
+#[inline(always)]
+fn qadd(a: i32, b: i32) -> i32 {
+    let r: i32;
+    // SAFETY: register-only arithmetic.
+    unsafe {
+        asm!("qadd {r}, {a}, {b}", r = lateout(reg) r, a = in(reg) a, b = in(reg) b,
+             options(pure, nomem, nostack))
+    };
+    r
+}
+
+/// `x` saturated to the int8 range: one `SSAT`.
+#[inline(always)]
+fn ssat8(x: i32) -> i32 {
+    let r: i32;
+    // SAFETY: register-only arithmetic; it may set the sticky Q flag, which nothing reads.
+    unsafe {
+        asm!("ssat {r}, #8, {x}", r = lateout(reg) r, x = in(reg) x,
+             options(pure, nomem, nostack))
+    };
+    r
 }
 
 /// `acc + a.lo * b.lo` (int16 lanes), wrapping.
@@ -305,6 +452,22 @@ pub(crate) fn conv_forward_rows(
     act_max: i8,
     output: &mut [i8],
 ) {
+    let mode = Mode::of(requant, out_zp, act_min, act_max);
+    with_out!(mode, e => conv_rows(g, input, in_zp, weight, bias, requant, e, output))
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn conv_rows<E: Out>(
+    g: &Conv2dGeom,
+    input: &[i8],
+    in_zp: i32,
+    weight: Rows<'_>,
+    bias: &[i32],
+    requant: &[Requant],
+    e: E,
+    output: &mut [i8],
+) {
     let ocg = g.out_per_group();
     let l = g.kh * g.kw * g.in_per_group();
     let l4 = l & !3;
@@ -342,11 +505,6 @@ pub(crate) fn conv_forward_rows(
             };
             let n = if two { 2 * oc_n } else { oc_n };
             let (ya, yb) = output[px * oc_n..][..n].split_at_mut(oc_n);
-            let ep = Epilogue {
-                out_zp,
-                lo: act_min,
-                hi: act_max,
-            };
             channels(
                 weight,
                 l,
@@ -354,7 +512,7 @@ pub(crate) fn conv_forward_rows(
                 x,
                 bias,
                 requant,
-                ep,
+                e,
                 ya,
                 yb,
             );
@@ -363,50 +521,42 @@ pub(crate) fn conv_forward_rows(
     }
 }
 
-/// Output zero point and activation clamp of a layer.
-#[derive(Clone, Copy)]
-struct Epilogue {
-    out_zp: i32,
-    lo: i8,
-    hi: i8,
-}
-
 /// Output channels `os` of one staged pixel (`ya`), or two (`ya`, `yb`; `yb` empty for one):
 /// one weight row per channel, widened once for both pixels.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn channels(
+fn channels<E: Out>(
     weight: Rows<'_>,
     l: usize,
     os: core::ops::Range<usize>,
     x: Staged<'_>,
     bias: &[i32],
     requant: &[Requant],
-    ep: Epilogue,
+    e: E,
     ya: &mut [i8],
     yb: &mut [i8],
 ) {
     // Rows walked, not indexed: no index arithmetic or bounds check per channel.
     if weight.k == 0 {
         let rows = weight.hi.chunks_exact(l).skip(os.start);
-        channel_rows(rows, x, bias, requant, ep, os, ya, yb);
+        channel_rows(rows, x, bias, requant, e, os, ya, yb);
     } else {
         let rows = weight.lo[..weight.k * l]
             .chunks_exact(l)
             .chain(weight.hi.chunks_exact(l).skip(weight.k))
             .skip(os.start);
-        channel_rows(rows, x, bias, requant, ep, os, ya, yb);
+        channel_rows(rows, x, bias, requant, e, os, ya, yb);
     }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn channel_rows<'w>(
+fn channel_rows<'w, E: Out>(
     rows: impl Iterator<Item = &'w [i8]>,
     x: Staged<'_>,
     bias: &[i32],
     requant: &[Requant],
-    ep: Epilogue,
+    e: E,
     os: core::ops::Range<usize>,
     ya: &mut [i8],
     yb: &mut [i8],
@@ -415,14 +565,15 @@ fn channel_rows<'w>(
     if yb.is_empty() {
         for (((w, &b), rq), y) in rows.zip(bias).zip(requant).zip(ya) {
             let a = dot1(w, x, b);
-            *y = requant_clamp(rq, a, ep.out_zp, ep.lo, ep.hi);
+            *y = e.out(e.prep(rq), a);
         }
     } else {
         let yb = &mut yb[os];
         for ((((w, &b), rq), y), z) in rows.zip(bias).zip(requant).zip(ya).zip(yb) {
             let (a, c) = dot2(w, x, b, b);
-            *y = requant_clamp(rq, a, ep.out_zp, ep.lo, ep.hi);
-            *z = requant_clamp(rq, c, ep.out_zp, ep.lo, ep.hi);
+            let ch = e.prep(rq);
+            *y = e.out(ch, a);
+            *z = e.out(ch, c);
         }
     }
 }
@@ -471,6 +622,23 @@ pub(crate) fn pw_in_place(
     act_min: i8,
     act_max: i8,
 ) {
+    let mode = Mode::of(requant, out_zp, act_min, act_max);
+    with_out!(mode, e => pw_in_place_with(pixels, ci, co, buf, in_zp, weight, bias, requant, e))
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pw_in_place_with<E: Out>(
+    pixels: usize,
+    ci: usize,
+    co: usize,
+    buf: &mut [i8],
+    in_zp: i32,
+    weight: Rows<'_>,
+    bias: &[i32],
+    requant: &[Requant],
+    e: E,
+) {
     let l4 = ci & !3;
     let zz = pack(in_zp as i16, in_zp as i16);
     let mut xs = [0u32; PATCH_MAX];
@@ -492,11 +660,6 @@ pub(crate) fn pw_in_place(
             ta: &ta[..ci - l4],
             tb: &tb[..ci - l4],
         };
-        let ep = Epilogue {
-            out_zp,
-            lo: act_min,
-            hi: act_max,
-        };
         // Pixels pa and pb are neighbours: pb follows pa walking forward, precedes it backward.
         let (ya, yb) = match (two, pb > pa) {
             (false, _) => (&mut buf[pa * co..][..co], &mut [][..]),
@@ -506,7 +669,7 @@ pub(crate) fn pw_in_place(
                 (a, b)
             }
         };
-        channels(weight, ci, 0..co, x, bias, requant, ep, ya, yb);
+        channels(weight, ci, 0..co, x, bias, requant, e, ya, yb);
         step += if two { 2 } else { 1 };
     }
 }
@@ -532,40 +695,39 @@ pub(crate) fn dw_plane(
     act_max: i8,
     plane: &mut [i8],
 ) {
-    let p = DwPlane {
-        g,
-        x,
-        ch,
-        in_zp,
-        w,
-        bias,
-        rq,
-        out_zp,
-        act_min,
-        act_max,
-    };
-    match (g.kh, g.kw) {
-        (3, 3) => p.run::<3>(plane),
-        (5, 5) => p.run::<5>(plane),
-        (7, 7) => p.run::<7>(plane),
-        _ => p.run::<0>(plane),
-    }
+    let mode = Mode::of(core::slice::from_ref(rq), out_zp, act_min, act_max);
+    with_out!(mode, e => {
+        let p = DwPlane {
+            g,
+            x,
+            ch,
+            in_zp,
+            w,
+            bias,
+            e,
+            rq: e.prep(rq),
+        };
+        match (g.kh, g.kw) {
+            (3, 3) => p.run::<3>(plane),
+            (5, 5) => p.run::<5>(plane),
+            (7, 7) => p.run::<7>(plane),
+            _ => p.run::<0>(plane),
+        }
+    })
 }
 
-struct DwPlane<'a> {
+struct DwPlane<'a, E: Out> {
     g: &'a Conv2dGeom,
     x: &'a [i8],
     ch: usize,
     in_zp: i32,
     w: &'a [i8],
     bias: i32,
-    rq: &'a Requant,
-    out_zp: i32,
-    act_min: i8,
-    act_max: i8,
+    e: E,
+    rq: E::Ch,
 }
 
-impl DwPlane<'_> {
+impl<E: Out> DwPlane<'_, E> {
     /// Output pixel `(oy, ox)` tap by tap, padding skipped: the portable loop.
     #[inline(never)]
     fn border(&self, oy: usize, ox: usize) -> i8 {
@@ -583,7 +745,7 @@ impl DwPlane<'_> {
                 acc = acc.wrapping_add((xv - self.in_zp).wrapping_mul(wv));
             }
         }
-        requant_clamp(self.rq, acc, self.out_zp, self.act_min, self.act_max)
+        self.e.out(self.rq, acc)
     }
 
     /// `K` > 0: a square `K x K` kernel unrolled; `K == 0`: any kernel, taps looped.
@@ -661,7 +823,7 @@ impl DwPlane<'_> {
                         }
                     }
                 }
-                *o = requant_clamp(self.rq, acc, self.out_zp, self.act_min, self.act_max);
+                *o = self.e.out(self.rq, acc);
                 base += col_step;
             }
         }
@@ -693,12 +855,30 @@ pub(super) fn dw_forward(
     act_max: i8,
     output: &mut [i8],
 ) {
+    let mode = Mode::of(requant, out_zp, act_min, act_max);
+    with_out!(mode, e => dw_forward_with(g, input, in_zp, weight, bias, requant, e, output))
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dw_forward_with<E: Out>(
+    g: &Conv2dGeom,
+    input: &[i8],
+    in_zp: i32,
+    weight: &[i8],
+    bias: &[i32],
+    requant: &[Requant],
+    e: E,
+    output: &mut [i8],
+) {
     let (c, kh, kw, ow) = (g.in_c, g.kh, g.kw, g.out_w());
     let taps = kh * kw;
     let zp_row = [in_zp as i8; DW_BLOCK];
     // Per quad of channels, per tap: (w0 | w2), (w1 | w3).
     let mut wq = [0u32; DW_MAX_TAPS * DW_BLOCK / 2];
     let mut bz = [0i32; DW_BLOCK];
+    // The block's epilogue records, prepared once per layer instead of once per pixel.
+    let mut rp = [e.prep(&Requant::default()); DW_BLOCK];
     let mut c0 = 0;
     while c0 < c {
         let n = (c - c0).min(DW_BLOCK);
@@ -709,6 +889,7 @@ pub(super) fn dw_forward(
                 sum = sum.wrapping_add(v as i32);
             }
             bz[j] = bias[c0 + j].wrapping_sub(in_zp.wrapping_mul(sum));
+            rp[j] = e.prep(&requant[c0 + j]);
         }
         for q in 0..n / 4 {
             let w = |j: usize, t: usize| weight[(c0 + 4 * q + j) * taps + t] as i16;
@@ -734,23 +915,23 @@ pub(super) fn dw_forward(
                 for (q, ((o, b), rq)) in out
                     .chunks_exact_mut(4)
                     .zip(bz[..n].chunks_exact(4))
-                    .zip(requant[c0..c0 + n].chunks_exact(4))
+                    .zip(rp[..n].chunks_exact(4))
                     .enumerate()
                 {
                     let (mut a0, mut a1, mut a2, mut a3) = (b[0], b[1], b[2], b[3]);
                     let w = &wq[q * DW_MAX_TAPS * 2..][..taps * 2];
                     for (s, w) in src.iter().zip(w.chunks_exact(2)) {
                         let x = word(s[4 * q..4 * q + 4].try_into().unwrap());
-                        let (e, od) = (sxtb16(x), sxtb16_ror8(x));
-                        a0 = smlabb(e, w[0], a0);
-                        a2 = smlatt(e, w[0], a2);
+                        let (ev, od) = (sxtb16(x), sxtb16_ror8(x));
+                        a0 = smlabb(ev, w[0], a0);
+                        a2 = smlatt(ev, w[0], a2);
                         a1 = smlabb(od, w[1], a1);
                         a3 = smlatt(od, w[1], a3);
                     }
-                    o[0] = requant_clamp(&rq[0], a0, out_zp, act_min, act_max);
-                    o[1] = requant_clamp(&rq[1], a1, out_zp, act_min, act_max);
-                    o[2] = requant_clamp(&rq[2], a2, out_zp, act_min, act_max);
-                    o[3] = requant_clamp(&rq[3], a3, out_zp, act_min, act_max);
+                    o[0] = e.out(rq[0], a0);
+                    o[1] = e.out(rq[1], a1);
+                    o[2] = e.out(rq[2], a2);
+                    o[3] = e.out(rq[3], a3);
                 }
             }
         }

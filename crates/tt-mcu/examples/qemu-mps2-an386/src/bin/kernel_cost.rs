@@ -303,17 +303,31 @@ fn random_geometries(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_co
         for v in b.rw[..g.weight_len()].iter_mut() {
             *v = (r(255) as i32 - 127) as i8;
         }
+        // Scale families of the epilogue's cases: typical layer scales, exact powers of two
+        // (ties at every other sum), [1/4, 1/2) (its shortest shift) and >= 1/2 (records it
+        // hands to the generic path, as it does a third of the cases rounding as TFLite does).
+        let family = r(4);
         for o in 0..out_c {
             b.rb[o] = r(4001) as i32 - 2000;
-            // a third of the cases round as a TFLite model does (the DSP epilogue hands those on)
             let mode = if case % 3 == 1 {
                 Rounding::Double
             } else {
                 Rounding::Single
             };
-            b.rrq[o] = Requant::from_scale(0.0005 + 0.0001 * r(50) as f64)?.with_rounding(mode);
+            let scale = match family {
+                0 => 0.0005 + 0.0001 * r(50) as f64,
+                1 => 1.0 / (1u32 << (1 + r(20))) as f64,
+                2 => 0.25 + r(1000) as f64 / 4000.0,
+                _ => 0.5 + r(1000) as f64 / 1000.0,
+            };
+            b.rrq[o] = Requant::from_scale(scale)?.with_rounding(mode);
         }
-        let (lo, hi) = (-128 + r(20) as i8, 127 - r(20) as i8);
+        // Every fifth case clamps to the whole int8 range (the epilogue's SSAT-only form).
+        let (lo, hi) = if case % 5 == 0 {
+            (i8::MIN, i8::MAX)
+        } else {
+            (-128 + r(20) as i8, 127 - r(20) as i8)
+        };
         let y_zp = r(41) as i32 - 20;
         let n = g.output_len();
         let (w, bias, rq) = (&b.rw[..g.weight_len()], &b.rb[..out_c], &b.rrq[..out_c]);
