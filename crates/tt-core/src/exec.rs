@@ -29,9 +29,10 @@
 //! to `step` / `predict`, which may live anywhere (a camera frame buffer, flash).
 use crate::crc::crc32;
 use crate::ops::act::{clamp_mask_apply_bits, clamp_mask_pack};
-use crate::ops::add::AddParams;
+use crate::ops::add::{AddParams, AddTerms};
 use crate::ops::conv::{
-    conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight, conv2d_forward, Conv2dGeom,
+    conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight,
+    conv2d_depthwise_in_place_plane, conv2d_forward, Conv2dGeom,
 };
 use crate::ops::fc::{fc_backward_bias, fc_backward_input, fc_backward_weight, fc_forward, FcGeom};
 use crate::ops::loss::{mse, softmax_cross_entropy};
@@ -772,11 +773,12 @@ impl<'p, 'a> Executor<'p, 'a> {
                 let [o, y] = self.carve_t([other, bufs[2]], [no, no])?;
                 let o: &[i8] = view(o, "add input")?;
                 let y: &mut [i8] = view_mut(y, "add output")?;
+                let t = AddTerms::new(&p);
                 for (d, &v) in y.iter_mut().zip(o) {
                     *d = if j == 1 {
-                        p.apply(v, *d)
+                        t.apply(&p, v, *d)
                     } else {
-                        p.apply(*d, v)
+                        t.apply(&p, *d, v)
                     };
                 }
             }
@@ -811,7 +813,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                 let buf: &mut [i8] = view_mut(buf, "in-place activation")?;
                 let plane: &mut [i8] = view_mut(plane, "in-place scratch")?;
                 if g.is_depthwise() {
-                    dw_forward_in_place(
+                    conv2d_depthwise_in_place_plane(
                         &g,
                         buf,
                         in_q.zero_point,
@@ -2275,96 +2277,6 @@ fn pw_forward_in_place(
         buf[p * co..][..co].copy_from_slice(px);
     }
     Ok(())
-}
-
-/// Depthwise conv whose output overwrites its input, one channel at a time: channel `c` of the
-/// output only needs channel `c` of the input, which is dead once its plane is computed.
-#[allow(clippy::too_many_arguments)]
-fn dw_forward_in_place(
-    g: &Conv2dGeom,
-    buf: &mut [i8],
-    in_zp: i32,
-    w: &[i8],
-    bias: &[i32],
-    rq: &[Requant],
-    out_zp: i32,
-    amin: i8,
-    amax: i8,
-    plane: &mut [i8],
-) -> Result<()> {
-    g.validate()?;
-    let (c, taps, ow) = (g.in_c, g.kh * g.kw, g.out_w());
-    let opix = g.out_h() * ow;
-    if buf.len() < g.input_len()
-        || buf.len() < g.output_len()
-        || w.len() != c * taps
-        || bias.len() != c
-        || rq.len() != c
-        || plane.len() != opix
-    {
-        return Err(Error::ShapeMismatch {
-            what: "executor: in-place depthwise buffers",
-            expected: g.input_len(),
-            actual: buf.len(),
-        });
-    }
-    for ch in 0..c {
-        let wc = &w[ch * taps..][..taps];
-        #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
-        crate::ops::arm::dw_plane(
-            g, buf, ch, in_zp, wc, bias[ch], &rq[ch], out_zp, amin, amax, plane,
-        );
-        #[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
-        dw_plane_forward(
-            g, buf, ch, in_zp, wc, bias[ch], &rq[ch], out_zp, amin, amax, plane,
-        );
-        for (p, &v) in plane.iter().enumerate() {
-            buf[p * c + ch] = v;
-        }
-    }
-    Ok(())
-}
-
-/// Channel `ch` of a depthwise conv over the HWC `buf` into the planar `plane`, tap by tap
-/// (the portable loop, and the oracle of the DSP build's `arm::dw_plane`). Sizes were checked
-/// by the caller.
-#[allow(clippy::too_many_arguments)]
-#[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
-fn dw_plane_forward(
-    g: &Conv2dGeom,
-    buf: &[i8],
-    ch: usize,
-    in_zp: i32,
-    w: &[i8],
-    bias: i32,
-    rq: &Requant,
-    out_zp: i32,
-    amin: i8,
-    amax: i8,
-    plane: &mut [i8],
-) {
-    let (c, ow) = (g.in_c, g.out_w());
-    for oy in 0..g.out_h() {
-        for ox in 0..ow {
-            let mut acc = bias;
-            for ky in 0..g.kh {
-                let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
-                if iy < 0 || iy >= g.in_h as isize {
-                    continue;
-                }
-                for kx in 0..g.kw {
-                    let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
-                    if ix < 0 || ix >= g.in_w as isize {
-                        continue;
-                    }
-                    let xv = buf[(iy as usize * g.in_w + ix as usize) * c + ch] as i32;
-                    let wv = w[ky * g.kw + kx] as i32;
-                    acc = acc.wrapping_add((xv - in_zp).wrapping_mul(wv));
-                }
-            }
-            plane[oy * ow + ox] = rq.apply_clamp(acc, out_zp, amin, amax);
-        }
-    }
 }
 
 /// Input gradient of one depthwise channel on planar (H x W) buffers: `gi` is overwritten with the

@@ -5,10 +5,10 @@ mod kernels_common;
 
 use kernels_common::*;
 use proptest::prelude::*;
-use tt_core::ops::add::{add_forward, AddParams};
+use tt_core::ops::add::{add_forward, AddParams, AddTerms};
 use tt_core::ops::conv::{
-    conv2d_accumulate, conv2d_depthwise_in_place, conv2d_forward, depthwise_in_place_scratch_len,
-    Conv2dGeom,
+    conv2d_accumulate, conv2d_depthwise_in_place, conv2d_depthwise_in_place_plane, conv2d_forward,
+    depthwise_in_place_scratch_len, Conv2dGeom,
 };
 use tt_core::ops::fc::{fc_accumulate, fc_forward, FcGeom};
 use tt_core::ops::pool::{avgpool_forward, global_avgpool_forward, maxpool_forward, Pool2dGeom};
@@ -64,6 +64,12 @@ proptest! {
             // Refused before writing anything.
             Err(_) => prop_assert_eq!(&buf, &x),
         }
+        // The executor's form: one output plane of scratch, any geometry.
+        let mut buf = x.clone();
+        buf.resize(g.input_len().max(g.output_len()), 0);
+        let mut plane = vec![0i8; g.out_h() * g.out_w()];
+        conv2d_depthwise_in_place_plane(&g, &mut buf, in_zp, &w, &bias, &rq, 4, -128, 127, &mut plane).unwrap();
+        prop_assert_eq!(&buf[..g.output_len()], &want[..]);
     }
 
     #[test]
@@ -267,6 +273,36 @@ fn conv_forward_fallback_paths() {
                 ref_finish(ref_requant(a, rq[i % g.out_c]), -3, -128, 127),
                 "{g:?}"
             );
+        }
+    }
+}
+
+/// The add's per-input term tables give `AddParams::apply` for every pair of int8 inputs, in
+/// both rounding modes and with and without a ReLU clamp.
+#[test]
+fn add_terms_equal_apply_on_every_input_pair() {
+    let mut rng = Seeded(7);
+    for case in 0..8 {
+        let q = |rng: &mut Seeded, s: f64| {
+            QParams::new((0.001 + s * rng.unit()) as f32, rng.int(-128, 127)).unwrap()
+        };
+        let (qa, qb, qo) = (q(&mut rng, 0.2), q(&mut rng, 0.2), q(&mut rng, 0.3));
+        let (lo, hi) = if case % 2 == 0 {
+            (qo.zero_point as i8, 127)
+        } else {
+            (-128, 127)
+        };
+        let mode = if case % 4 < 2 {
+            Rounding::Single
+        } else {
+            Rounding::Double
+        };
+        let p = AddParams::new(qa, qb, qo, lo, hi, mode).unwrap();
+        let t = AddTerms::new(&p);
+        for a in i8::MIN..=i8::MAX {
+            for b in i8::MIN..=i8::MAX {
+                assert_eq!(t.apply(&p, a, b), p.apply(a, b), "{p:?} a {a} b {b}");
+            }
         }
     }
 }

@@ -66,6 +66,8 @@ proptest! {
         let mut buf = vec![0i8; l[0]];
         let mut scratch = vec![0i8; l[5]];
         let _ = conv2d_depthwise_in_place(&g, &mut buf, 0, &w, &b, &r, 0, act.0, act.1, &mut scratch);
+        let mut plane = vec![0i8; l[4]];
+        let _ = conv2d_depthwise_in_place_plane(&g, &mut buf, 0, &w, &b, &r, 0, act.0, act.1, &mut plane);
         let go = vec![0.5f32; l[4]];
         let mut gi = vec![0f32; l[0]];
         let _ = conv2d_backward_input(&g, &go, &w, &vec![0.1; l[2]], &mut gi);
@@ -195,6 +197,8 @@ proptest! {
         let mut buf = x.clone();
         let mut scratch = vec![0i8; depthwise_in_place_scratch_len(&g)];
         let _ = conv2d_depthwise_in_place(&g, &mut buf, zp.0, &wt, &b, &r, zp.1, -128, 127, &mut scratch);
+        let mut plane = vec![0i8; g.out_h() * g.out_w()];
+        let _ = conv2d_depthwise_in_place_plane(&g, &mut buf, zp.0, &wt, &b, &r, zp.1, -128, 127, &mut plane);
 
         let fg = FcGeom::new(c, out_c).unwrap();
         let mut fo = vec![0i8; out_c];

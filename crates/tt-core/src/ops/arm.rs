@@ -830,10 +830,10 @@ impl<E: Out> DwPlane<'_, E> {
     }
 }
 
-/// Whether `dw_forward` takes a depthwise geometry: kernels up to 3x3, channels in fours,
+/// Whether `dw_forward` takes a depthwise geometry: kernels up to 7x7, channels in fours,
 /// an int8-range input zero point.
 pub(super) fn dw_applies(g: &Conv2dGeom, in_zp: i32) -> bool {
-    g.kh * g.kw <= DW_MAX_TAPS && g.in_c % 4 == 0 && (-128..=127).contains(&in_zp)
+    g.kh * g.kw <= DW_TAPS && g.in_c % 4 == 0 && (-128..=127).contains(&in_zp)
 }
 
 /// Depthwise forward: per output pixel, four channels at a time keep their accumulators in
@@ -871,70 +871,307 @@ fn dw_forward_with<E: Out>(
     e: E,
     output: &mut [i8],
 ) {
-    let (c, kh, kw, ow) = (g.in_c, g.kh, g.kw, g.out_w());
-    let taps = kh * kw;
-    let zp_row = [in_zp as i8; DW_BLOCK];
-    // Per quad of channels, per tap: (w0 | w2), (w1 | w3).
-    let mut wq = [0u32; DW_MAX_TAPS * DW_BLOCK / 2];
-    let mut bz = [0i32; DW_BLOCK];
-    // The block's epilogue records, prepared once per layer instead of once per pixel.
-    let mut rp = [e.prep(&Requant::default()); DW_BLOCK];
+    let (c, ow) = (g.in_c, g.out_w());
+    let cb = DW_BLOCK.min(DW_STAGE / (g.kh * g.kw)) & !3;
+    let mut blk = DwBlock::new(g, e, in_zp);
     let mut c0 = 0;
     while c0 < c {
-        let n = (c - c0).min(DW_BLOCK);
+        let n = (c - c0).min(cb);
+        blk.stage(weight, bias, requant, c0, n);
+        for oy in 0..g.out_h() {
+            for ox in 0..ow {
+                let out = &mut output[(oy * ow + ox) * c + c0..][..n];
+                blk.pixel(input, oy, ox, out);
+            }
+        }
+        c0 += n;
+    }
+}
+
+/// Largest kernel the depthwise paths take (7x7) and the int8 taps x channels one block
+/// stages (the weights: `DW_STAGE / 2` words: 48 channels of 3x3, 16 of 5x5, 8 of 7x7).
+const DW_TAPS: usize = 49;
+const DW_STAGE: usize = DW_MAX_TAPS * DW_BLOCK;
+
+/// Raster index of the last output pixel that may read input pixel `p`, the pixel output `p`
+/// overwrites in place (an upper bound: the row and column of the last window starting at or
+/// before it). The caller has checked the output is not empty.
+#[inline(always)]
+fn dw_last_reader(g: &Conv2dGeom, p: usize) -> usize {
+    let (iy, ix) = (p / g.in_w, p % g.in_w);
+    let r = ((iy + g.pad_top) / g.stride_h).min(g.out_h() - 1);
+    let x = ((ix + g.pad_left) / g.stride_w).min(g.out_w() - 1);
+    r * g.out_w() + x
+}
+
+/// Output pixels computed but not yet written back, at most, in `dw_in_place`'s order: output
+/// pixel `q` is written back once the pixel about to be computed comes after its last reader.
+fn dw_pending(g: &Conv2dGeom) -> usize {
+    let (mut head, mut most) = (0, 0);
+    for idx in 0..g.out_h() * g.out_w() {
+        while head < idx && dw_last_reader(g, head) < idx {
+            head += 1;
+        }
+        most = most.max(idx + 1 - head);
+    }
+    most
+}
+
+/// `dst = src` by 4-byte words (both lengths multiples of 4), in `LDR`/`STR` pairs the
+/// compiler cannot fold back into a `memcpy` call (a call per pixel costs more than the copy).
+#[inline(always)]
+fn copy_words(dst: &mut [i8], src: &[i8]) {
+    for (d, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(4)) {
+        // SAFETY: both chunks are 4 valid bytes; thumbv7em loads and stores words unaligned.
+        unsafe {
+            asm!("ldr {t}, [{s}]", "str {t}, [{d}]", t = out(reg) _, s = in(reg) s.as_ptr(),
+                 d = in(reg) d.as_mut_ptr(), options(nostack, preserves_flags))
+        };
+    }
+}
+
+/// Depthwise conv whose output overwrites its HWC input `buf`, a block of channels at a time:
+/// per output pixel, four channels keep their accumulators in registers over all taps (as
+/// `dw_forward`), and each output pixel's block waits in `ring` until the last pixel reading
+/// the input it overwrites is computed. Needs channels in fours, kernels up to 7x7, an
+/// int8-range input zero point and a ring holding four channels of `dw_pending` pixels;
+/// returns false, having written nothing, otherwise. Padding taps read the zero point (they
+/// contribute exactly zero, the zero point being folded into the bias). The caller has checked
+/// `buf` holds `g.input_len()` and `g.output_len()` bytes, `weight` `in_c * kh * kw`, and
+/// `bias`/`requant` `in_c` entries.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dw_in_place(
+    g: &Conv2dGeom,
+    buf: &mut [i8],
+    in_zp: i32,
+    weight: &[i8],
+    bias: &[i32],
+    requant: &[Requant],
+    out_zp: i32,
+    act_min: i8,
+    act_max: i8,
+    ring: &mut [i8],
+) -> bool {
+    let (c, taps) = (g.in_c, g.kh * g.kw);
+    if c % 4 != 0
+        || taps == 0
+        || taps > DW_TAPS
+        || !(-128..=127).contains(&in_zp)
+        || g.out_h() * g.out_w() == 0
+    {
+        return false;
+    }
+    let by_ring = ring.len() / dw_pending(g);
+    let cb = c.min(DW_BLOCK).min(DW_STAGE / taps).min(by_ring) & !3;
+    if cb == 0 {
+        return false;
+    }
+    let mode = Mode::of(requant, out_zp, act_min, act_max);
+    with_out!(mode, e => dw_in_place_with(g, buf, in_zp, weight, bias, requant, e, ring, cb));
+    true
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dw_in_place_with<E: Out>(
+    g: &Conv2dGeom,
+    buf: &mut [i8],
+    in_zp: i32,
+    weight: &[i8],
+    bias: &[i32],
+    requant: &[Requant],
+    e: E,
+    ring: &mut [i8],
+    cb: usize,
+) {
+    let (c, ow, opix) = (g.in_c, g.out_w(), g.out_h() * g.out_w());
+    let cap = ring.len() / cb;
+    let mut blk = DwBlock::new(g, e, in_zp);
+    let mut c0 = 0;
+    while c0 < c {
+        let n = (c - c0).min(cb);
+        blk.stage(weight, bias, requant, c0, n);
+        // Output pixels [head, idx) wait in the ring; `due` is the first pixel index at which
+        // pixel `head` may be written back.
+        let mut head = 0;
+        let mut due = dw_last_reader(g, 0) + 1;
+        for idx in 0..opix {
+            while head < idx && due <= idx {
+                let s = &ring[(head % cap) * cb..][..n];
+                copy_words(&mut buf[head * c + c0..][..n], s);
+                head += 1;
+                due = dw_last_reader(g, head.min(opix - 1)) + 1;
+            }
+            let out = &mut ring[(idx % cap) * cb..][..n];
+            blk.pixel(&buf[..g.input_len()], idx / ow, idx % ow, out);
+        }
+        while head < opix {
+            let s = &ring[(head % cap) * cb..][..n];
+            copy_words(&mut buf[head * c + c0..][..n], s);
+            head += 1;
+        }
+        c0 += n;
+    }
+}
+
+/// A depthwise layer's channel block `c0..c0 + n` (`n` in fours) staged for [`DwBlock::pixel`]:
+/// weights per quad and tap as `(w0 | w2), (w1 | w3)` (the lanes `SXTB16` gives the inputs),
+/// biases with the zero point folded in (`sum (x - zp) w = sum x w - zp sum w`), prepared
+/// epilogue records; and the tap offsets of an interior pixel.
+struct DwBlock<'g, E: Out> {
+    g: &'g Conv2dGeom,
+    e: E,
+    in_zp: i32,
+    taps: usize,
+    c0: usize,
+    n: usize,
+    // Interior columns [ox_a, ox_b): every tap inside the input's width.
+    ox_a: usize,
+    ox_b: usize,
+    offs: [usize; DW_TAPS],
+    wq: [u32; DW_STAGE / 2],
+    bz: [i32; DW_BLOCK],
+    rp: [E::Ch; DW_BLOCK],
+    // A border pixel's taps gathered (`n` bytes each, padding as the zero point, which then
+    // contributes exactly zero) and their offsets.
+    patch: [i8; DW_STAGE],
+    poffs: [usize; DW_TAPS],
+}
+
+impl<'g, E: Out> DwBlock<'g, E> {
+    /// The caller has checked `taps <= DW_TAPS` and an int8-range `in_zp`.
+    #[inline(always)]
+    fn new(g: &'g Conv2dGeom, e: E, in_zp: i32) -> Self {
+        let (kw, taps) = (g.kw, g.kh * g.kw);
+        let full = |ox| {
+            let (_, lo, hi) = tap_range(ox, g.stride_w, g.pad_left, kw, g.in_w);
+            lo == 0 && hi == kw
+        };
+        let ox_a = (0..g.out_w()).find(|&ox| full(ox)).unwrap_or(g.out_w());
+        let ox_b = (ox_a..g.out_w()).find(|&ox| !full(ox)).unwrap_or(g.out_w());
+        let mut offs = [0usize; DW_TAPS];
+        for (t, o) in offs.iter_mut().enumerate().take(taps) {
+            *o = ((t / kw) * g.in_w + t % kw) * g.in_c;
+        }
+        DwBlock {
+            g,
+            e,
+            in_zp,
+            taps,
+            c0: 0,
+            n: 0,
+            ox_a,
+            ox_b,
+            offs,
+            wq: [0; DW_STAGE / 2],
+            bz: [0; DW_BLOCK],
+            rp: [e.prep(&Requant::default()); DW_BLOCK],
+            patch: [0; DW_STAGE],
+            poffs: [0; DW_TAPS],
+        }
+    }
+
+    /// Stages channels `c0..c0 + n` (`n` in fours, `n * taps <= DW_STAGE`, `n <= DW_BLOCK`).
+    #[inline(always)]
+    fn stage(&mut self, weight: &[i8], bias: &[i32], requant: &[Requant], c0: usize, n: usize) {
+        let taps = self.taps;
+        (self.c0, self.n) = (c0, n);
         for j in 0..n {
             let w = &weight[(c0 + j) * taps..][..taps];
             let mut sum = 0i32;
             for &v in w {
                 sum = sum.wrapping_add(v as i32);
             }
-            bz[j] = bias[c0 + j].wrapping_sub(in_zp.wrapping_mul(sum));
-            rp[j] = e.prep(&requant[c0 + j]);
+            self.bz[j] = bias[c0 + j].wrapping_sub(self.in_zp.wrapping_mul(sum));
+            self.rp[j] = self.e.prep(&requant[c0 + j]);
         }
         for q in 0..n / 4 {
             let w = |j: usize, t: usize| weight[(c0 + 4 * q + j) * taps + t] as i16;
             for t in 0..taps {
-                wq[(q * DW_MAX_TAPS + t) * 2] = pack(w(0, t), w(2, t));
-                wq[(q * DW_MAX_TAPS + t) * 2 + 1] = pack(w(1, t), w(3, t));
+                self.wq[(q * taps + t) * 2] = pack(w(0, t), w(2, t));
+                self.wq[(q * taps + t) * 2 + 1] = pack(w(1, t), w(3, t));
             }
         }
-        for oy in 0..g.out_h() {
-            let (iy0, ky_lo, ky_hi) = tap_range(oy, g.stride_h, g.pad_top, kh, g.in_h);
-            for ox in 0..ow {
+        for (t, o) in self.poffs.iter_mut().enumerate().take(taps) {
+            *o = t * n;
+        }
+    }
+
+    /// Output pixel `(oy, ox)` of the staged block from the HWC input `x` into `out` (`n`).
+    #[inline(always)]
+    fn pixel(&mut self, x: &[i8], oy: usize, ox: usize, out: &mut [i8]) {
+        let g = self.g;
+        let (kh, kw, c, c0, n, taps) = (g.kh, g.kw, g.in_c, self.c0, self.n, self.taps);
+        let (iy0, ky_lo, ky_hi) = tap_range(oy, g.stride_h, g.pad_top, kh, g.in_h);
+        let (src, base, off): (&[i8], usize, &[usize]) =
+            if ky_lo == 0 && ky_hi == kh && ox >= self.ox_a && ox < self.ox_b {
+                let ix0 = ox * g.stride_w - g.pad_left;
+                let base = (iy0 as usize * g.in_w + ix0) * c + c0;
+                (x, base, &self.offs[..taps])
+            } else {
                 let (ix0, kx_lo, kx_hi) = tap_range(ox, g.stride_w, g.pad_left, kw, g.in_w);
-                let mut src: [&[i8]; DW_MAX_TAPS] = [&zp_row[..n]; DW_MAX_TAPS];
+                let zp4 = [self.in_zp as i8; 4];
+                for v in self.patch[..taps * n].chunks_exact_mut(4) {
+                    copy_words(v, &zp4);
+                }
                 for ky in ky_lo..ky_hi {
                     let iy = (iy0 + ky as isize) as usize;
                     for kx in kx_lo..kx_hi {
                         let ix = (ix0 + kx as isize) as usize;
-                        src[ky * kw + kx] = &input[(iy * g.in_w + ix) * c + c0..][..n];
+                        copy_words(
+                            &mut self.patch[(ky * kw + kx) * n..][..n],
+                            &x[(iy * g.in_w + ix) * c + c0..][..n],
+                        );
                     }
                 }
-                let src = &src[..taps];
-                let out = &mut output[(oy * ow + ox) * c + c0..][..n];
-                for (q, ((o, b), rq)) in out
-                    .chunks_exact_mut(4)
-                    .zip(bz[..n].chunks_exact(4))
-                    .zip(rp[..n].chunks_exact(4))
-                    .enumerate()
-                {
-                    let (mut a0, mut a1, mut a2, mut a3) = (b[0], b[1], b[2], b[3]);
-                    let w = &wq[q * DW_MAX_TAPS * 2..][..taps * 2];
-                    for (s, w) in src.iter().zip(w.chunks_exact(2)) {
-                        let x = word(s[4 * q..4 * q + 4].try_into().unwrap());
-                        let (ev, od) = (sxtb16(x), sxtb16_ror8(x));
-                        a0 = smlabb(ev, w[0], a0);
-                        a2 = smlatt(ev, w[0], a2);
-                        a1 = smlabb(od, w[1], a1);
-                        a3 = smlatt(od, w[1], a3);
-                    }
-                    o[0] = e.out(rq[0], a0);
-                    o[1] = e.out(rq[1], a1);
-                    o[2] = e.out(rq[2], a2);
-                    o[3] = e.out(rq[3], a3);
-                }
-            }
+                (&self.patch[..taps * n], 0, &self.poffs[..taps])
+            };
+        // Every tap's `n` bytes lie inside `win`: the offsets grow with the tap.
+        let win = &src[base..base + off[taps - 1] + n];
+        let wq = &self.wq[..n / 4 * taps * 2];
+        dw_quads(win, off, wq, &self.bz[..n], &self.rp[..n], self.e, out);
+    }
+}
+
+/// One output pixel of a channel block: per quad of channels, the taps at `win[off[t]..]`
+/// against the staged weights (`wq`: per quad, per tap, `(w0 | w2), (w1 | w3)`), from the
+/// zero-point-folded biases `bz`, through the epilogue into `out`.
+#[inline(always)]
+fn dw_quads<E: Out>(
+    win: &[i8],
+    off: &[usize],
+    wq: &[u32],
+    bz: &[i32],
+    rp: &[E::Ch],
+    e: E,
+    out: &mut [i8],
+) {
+    let taps = off.len();
+    for (q, ((o, b), rq)) in out
+        .chunks_exact_mut(4)
+        .zip(bz.chunks_exact(4))
+        .zip(rp.chunks_exact(4))
+        .enumerate()
+    {
+        let (mut a0, mut a1, mut a2, mut a3) = (b[0], b[1], b[2], b[3]);
+        let w = &wq[q * taps * 2..][..taps * 2];
+        for (&o, w) in off.iter().zip(w.chunks_exact(2)) {
+            // SAFETY: o + 4q + 3 <= off[taps - 1] + n - 1 < win.len() (the caller sized `win`
+            // so; o is at most the last offset and 4q + 4 <= n = out.len()).
+            let x = unsafe {
+                let p = win.as_ptr().add(o + 4 * q) as *const [i8; 4];
+                word(&*p)
+            };
+            let (ev, od) = (sxtb16(x), sxtb16_ror8(x));
+            a0 = smlabb(ev, w[0], a0);
+            a2 = smlatt(ev, w[0], a2);
+            a1 = smlabb(od, w[1], a1);
+            a3 = smlatt(od, w[1], a3);
         }
-        c0 += n;
+        o[0] = e.out(rq[0], a0);
+        o[1] = e.out(rq[1], a1);
+        o[2] = e.out(rq[2], a2);
+        o[3] = e.out(rq[3], a3);
     }
 }

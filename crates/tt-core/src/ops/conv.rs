@@ -896,3 +896,108 @@ pub fn conv2d_depthwise_in_place(
     }
     Ok(())
 }
+
+/// Depthwise conv whose output overwrites its input (`buf`, HWC) with only `plane`
+/// (`out_h * out_w` bytes) of scratch, the executor's in-place depthwise: channel `c` of the
+/// output only needs channel `c` of the input, which is dead once its plane is computed, so
+/// the portable path (the oracle) goes one channel at a time; the Arm DSP build takes four
+/// channels at a time wherever the plane holds their pending pixels (`arm::dw_in_place`).
+/// Output bit-identical to `conv2d_forward`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_depthwise_in_place_plane(
+    g: &Conv2dGeom,
+    buf: &mut [i8],
+    in_zp: i32,
+    w: &[i8],
+    bias: &[i32],
+    rq: &[Requant],
+    out_zp: i32,
+    amin: i8,
+    amax: i8,
+    plane: &mut [i8],
+) -> Result<()> {
+    g.validate()?;
+    if !g.is_depthwise() {
+        return Err(Error::InvalidParameter {
+            what: "conv2d_depthwise_in_place_plane: needs groups == in_c == out_c",
+        });
+    }
+    check_act(amin, amax)?;
+    let (c, taps, ow) = (g.in_c, g.kh * g.kw, g.out_w());
+    let opix = g.out_h() * ow;
+    if buf.len() < g.input_len()
+        || buf.len() < g.output_len()
+        || w.len() != c * taps
+        || bias.len() != c
+        || rq.len() != c
+        || plane.len() != opix
+    {
+        return Err(Error::ShapeMismatch {
+            what: "conv2d_depthwise_in_place_plane: buffers",
+            expected: g.input_len(),
+            actual: buf.len(),
+        });
+    }
+    // Four channels at a time where the plane holds their pending rows; else one at a time.
+    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+    if super::arm::dw_in_place(g, buf, in_zp, w, bias, rq, out_zp, amin, amax, plane) {
+        return Ok(());
+    }
+    for ch in 0..c {
+        let wc = &w[ch * taps..][..taps];
+        #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+        super::arm::dw_plane(
+            g, buf, ch, in_zp, wc, bias[ch], &rq[ch], out_zp, amin, amax, plane,
+        );
+        #[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
+        dw_plane_forward(
+            g, buf, ch, in_zp, wc, bias[ch], &rq[ch], out_zp, amin, amax, plane,
+        );
+        for (p, &v) in plane.iter().enumerate() {
+            buf[p * c + ch] = v;
+        }
+    }
+    Ok(())
+}
+
+/// Channel `ch` of a depthwise conv over the HWC `buf` into the planar `plane`, tap by tap
+/// (the portable loop, and the oracle of the DSP build's `arm::dw_plane`). Sizes were checked
+/// by the caller.
+#[allow(clippy::too_many_arguments)]
+#[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
+fn dw_plane_forward(
+    g: &Conv2dGeom,
+    buf: &[i8],
+    ch: usize,
+    in_zp: i32,
+    w: &[i8],
+    bias: i32,
+    rq: &Requant,
+    out_zp: i32,
+    amin: i8,
+    amax: i8,
+    plane: &mut [i8],
+) {
+    let (c, ow) = (g.in_c, g.out_w());
+    for oy in 0..g.out_h() {
+        for ox in 0..ow {
+            let mut acc = bias;
+            for ky in 0..g.kh {
+                let iy = (oy * g.stride_h + ky) as isize - g.pad_top as isize;
+                if iy < 0 || iy >= g.in_h as isize {
+                    continue;
+                }
+                for kx in 0..g.kw {
+                    let ix = (ox * g.stride_w + kx) as isize - g.pad_left as isize;
+                    if ix < 0 || ix >= g.in_w as isize {
+                        continue;
+                    }
+                    let xv = buf[(iy as usize * g.in_w + ix as usize) * c + ch] as i32;
+                    let wv = w[ky * g.kw + kx] as i32;
+                    acc = acc.wrapping_add((xv - in_zp).wrapping_mul(wv));
+                }
+            }
+            plane[oy * ow + ox] = rq.apply_clamp(acc, out_zp, amin, amax);
+        }
+    }
+}

@@ -16,7 +16,8 @@ mod board;
 use cortex_m_rt::entry;
 use tt_core::ops::act::clamp_mask_backward;
 use tt_core::ops::conv::{
-    conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight, conv2d_forward, Conv2dGeom,
+    conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight,
+    conv2d_depthwise_in_place_plane, conv2d_forward, Conv2dGeom,
 };
 use tt_core::ops::ChannelSelection;
 use tt_core::qas::{sgd_update_bias, sgd_update_weights, SgdConfig, UpdateState, XorShift32};
@@ -264,7 +265,7 @@ fn random_geometries(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_co
     let mut r = |n: u32| rng.next_u32() % n;
     let mut checked = 0;
     for case in 0..200 {
-        let k = 1 + r(3) as usize;
+        let k = [1, 2, 3, 1, 2, 3, 5, 7][r(8) as usize];
         let (kh, kw) = if r(4) == 0 {
             (k, 1 + r(3) as usize)
         } else {
@@ -499,7 +500,75 @@ fn run() -> Result<(), tt_core::Error> {
     other_layers(b, &mut rng)?;
     let n = random_geometries(b, &mut rng)?;
     say!("forward kernels equal the plain reference on {n} random geometries");
+    let n = random_in_place_depthwise(b, &mut rng)?;
+    say!("in-place depthwise equals the plain reference on {n} random geometries");
     Ok(())
+}
+
+/// The executor's in-place depthwise (output over its input, one output plane of scratch) on
+/// random geometries: channels in fours (the four-channel path, whose pending pixels must fit
+/// the plane) or not, kernels 1x1 to 7x7, strides 1-2, paddings, zero points in and outside
+/// int8 range, the epilogue's scale families. Output must equal the plain reference.
+fn random_in_place_depthwise(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_core::Error> {
+    let mut r = |n: u32| rng.next_u32() % n;
+    let mut checked = 0;
+    for case in 0..200 {
+        let c = if r(4) == 0 {
+            1 + r(32) as usize
+        } else {
+            4 * (1 + r(8) as usize)
+        };
+        let k = [1, 3, 3, 3, 5, 7][r(6) as usize];
+        let (in_h, in_w) = (1 + r(10) as usize, 1 + r(10) as usize);
+        let (sh, sw) = (1 + r(2) as usize, 1 + r(2) as usize);
+        let p = [r(k as u32) as usize, r(k as u32) as usize, r(k as u32) as usize, r(k as u32) as usize];
+        let Ok(g) = Conv2dGeom::new(in_h, in_w, c, c, k, k, sh, sw, p[0], p[1], p[2], p[3], c)
+        else {
+            continue;
+        };
+        let len = g.input_len().max(g.output_len());
+        let opix = g.out_h() * g.out_w();
+        if len > RX || opix == 0 || opix > b.dy.len() {
+            continue;
+        }
+        let x_zp = if case % 10 == 9 { 200 } else { r(256) as i32 - 128 };
+        for v in b.rx[..g.input_len()].iter_mut() {
+            *v = r(256) as i8;
+        }
+        for v in b.rw[..g.weight_len()].iter_mut() {
+            *v = (r(255) as i32 - 127) as i8;
+        }
+        let family = r(3);
+        for o in 0..c {
+            b.rb[o] = r(4001) as i32 - 2000;
+            let scale = match family {
+                0 => 0.001 + 0.001 * r(50) as f64,
+                1 => 1.0 / (1u32 << (1 + r(20))) as f64,
+                _ => 0.25 + r(1000) as f64 / 4000.0,
+            };
+            b.rrq[o] = Requant::from_scale(scale)?;
+        }
+        let (lo, hi) = if case % 2 == 0 {
+            (i8::MIN, i8::MAX)
+        } else {
+            (-128 + r(20) as i8, 127 - r(20) as i8)
+        };
+        let y_zp = r(41) as i32 - 20;
+        let (w, bias, rq) = (&b.rw[..g.weight_len()], &b.rb[..c], &b.rrq[..c]);
+        let n = g.output_len();
+        reference_conv(&g, &b.rx[..g.input_len()], x_zp, w, bias, rq, y_zp, lo, hi, &mut b.ry_ref[..n]);
+        b.ry[..g.input_len()].copy_from_slice(&b.rx[..g.input_len()]);
+        let plane = &mut b.dy[..opix];
+        conv2d_depthwise_in_place_plane(&g, &mut b.ry[..len], x_zp, w, bias, rq, y_zp, lo, hi, plane)?;
+        if b.ry[..n] != b.ry_ref[..n] {
+            say!("mismatch: {g:?} x_zp {x_zp}");
+            return Err(tt_core::Error::InvalidParameter {
+                what: "in-place depthwise differs from the plain reference on a random geometry",
+            });
+        }
+        checked += 1;
+    }
+    Ok(checked)
 }
 
 #[entry]
