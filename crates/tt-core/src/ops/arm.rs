@@ -892,6 +892,9 @@ fn dw_forward_with<E: Out>(
 /// stages (the weights: `DW_STAGE / 2` words: 48 channels of 3x3, 16 of 5x5, 8 of 7x7).
 const DW_TAPS: usize = 49;
 const DW_STAGE: usize = DW_MAX_TAPS * DW_BLOCK;
+/// Stack bytes `dw_in_place` may hold pending output pixels in: 48 channels of a 3x3 layer's
+/// pending pixels (a row and two) up to 40 pixels wide.
+const DW_RING: usize = 2048;
 
 /// Raster index of the last output pixel that may read input pixel `p`, the pixel output `p`
 /// overwrites in place (an upper bound: the row and column of the last window starting at or
@@ -932,9 +935,10 @@ fn copy_words(dst: &mut [i8], src: &[i8]) {
 
 /// Depthwise conv whose output overwrites its HWC input `buf`, a block of channels at a time:
 /// per output pixel, four channels keep their accumulators in registers over all taps (as
-/// `dw_forward`), and each output pixel's block waits in `ring` until the last pixel reading
-/// the input it overwrites is computed. Needs channels in fours, kernels up to 7x7, an
-/// int8-range input zero point and a ring holding four channels of `dw_pending` pixels;
+/// `dw_forward`), and each output pixel's block waits in a ring (`ring`, or `DW_RING` bytes of
+/// stack if more) until the last pixel reading the input it overwrites is computed. Needs
+/// channels in fours, kernels up to 7x7, an int8-range input zero point and a ring holding
+/// four channels of `dw_pending` pixels;
 /// returns false, having written nothing, otherwise. Padding taps read the zero point (they
 /// contribute exactly zero, the zero point being folded into the bias). The caller has checked
 /// `buf` holds `g.input_len()` and `g.output_len()` bytes, `weight` `in_c * kh * kw`, and
@@ -962,6 +966,14 @@ pub(crate) fn dw_in_place(
     {
         return false;
     }
+    // The plane the plan gives, or a ring on the stack where that holds more of the block's
+    // pending pixels (a small plane limits the block to four channels or none).
+    let mut own = [0i8; DW_RING];
+    let ring: &mut [i8] = if ring.len() >= DW_RING {
+        ring
+    } else {
+        &mut own
+    };
     let by_ring = ring.len() / dw_pending(g);
     let cb = c.min(DW_BLOCK).min(DW_STAGE / taps).min(by_ring) & !3;
     if cb == 0 {
@@ -1033,10 +1045,10 @@ struct DwBlock<'g, E: Out> {
     wq: [u32; DW_STAGE / 2],
     bz: [i32; DW_BLOCK],
     rp: [E::Ch; DW_BLOCK],
-    // A border pixel's taps gathered (`n` bytes each, padding as the zero point, which then
-    // contributes exactly zero) and their offsets.
-    patch: [i8; DW_STAGE],
-    poffs: [usize; DW_TAPS],
+    // What a padding tap reads: the zero point, which then contributes exactly zero.
+    zp_row: [i8; DW_BLOCK],
+    // The current pixel's taps.
+    ptrs: [*const i8; DW_TAPS],
 }
 
 impl<'g, E: Out> DwBlock<'g, E> {
@@ -1067,8 +1079,8 @@ impl<'g, E: Out> DwBlock<'g, E> {
             wq: [0; DW_STAGE / 2],
             bz: [0; DW_BLOCK],
             rp: [e.prep(&Requant::default()); DW_BLOCK],
-            patch: [0; DW_STAGE],
-            poffs: [0; DW_TAPS],
+            zp_row: [in_zp as i8; DW_BLOCK],
+            ptrs: [core::ptr::null(); DW_TAPS],
         }
     }
 
@@ -1093,9 +1105,6 @@ impl<'g, E: Out> DwBlock<'g, E> {
                 self.wq[(q * taps + t) * 2 + 1] = pack(w(1, t), w(3, t));
             }
         }
-        for (t, o) in self.poffs.iter_mut().enumerate().take(taps) {
-            *o = t * n;
-        }
     }
 
     /// Output pixel `(oy, ox)` of the staged block from the HWC input `x` into `out` (`n`).
@@ -1104,50 +1113,45 @@ impl<'g, E: Out> DwBlock<'g, E> {
         let g = self.g;
         let (kh, kw, c, c0, n, taps) = (g.kh, g.kw, g.in_c, self.c0, self.n, self.taps);
         let (iy0, ky_lo, ky_hi) = tap_range(oy, g.stride_h, g.pad_top, kh, g.in_h);
-        let (src, base, off): (&[i8], usize, &[usize]) =
-            if ky_lo == 0 && ky_hi == kh && ox >= self.ox_a && ox < self.ox_b {
-                let ix0 = ox * g.stride_w - g.pad_left;
-                let base = (iy0 as usize * g.in_w + ix0) * c + c0;
-                (x, base, &self.offs[..taps])
-            } else {
-                let (ix0, kx_lo, kx_hi) = tap_range(ox, g.stride_w, g.pad_left, kw, g.in_w);
-                let zp4 = [self.in_zp as i8; 4];
-                for v in self.patch[..taps * n].chunks_exact_mut(4) {
-                    copy_words(v, &zp4);
+        let ptrs = &mut self.ptrs[..taps];
+        if ky_lo == 0 && ky_hi == kh && ox >= self.ox_a && ox < self.ox_b {
+            let ix0 = ox * g.stride_w - g.pad_left;
+            let base = (iy0 as usize * g.in_w + ix0) * c + c0;
+            // One bounds check for the window: the offsets grow with the tap.
+            let win = &x[base..base + self.offs[taps - 1] + n];
+            for (p, &o) in ptrs.iter_mut().zip(&self.offs) {
+                *p = win[o..].as_ptr();
+            }
+        } else {
+            let (ix0, kx_lo, kx_hi) = tap_range(ox, g.stride_w, g.pad_left, kw, g.in_w);
+            ptrs.fill(self.zp_row.as_ptr());
+            for ky in ky_lo..ky_hi {
+                let iy = (iy0 + ky as isize) as usize;
+                for kx in kx_lo..kx_hi {
+                    let ix = (ix0 + kx as isize) as usize;
+                    ptrs[ky * kw + kx] = x[(iy * g.in_w + ix) * c + c0..][..n].as_ptr();
                 }
-                for ky in ky_lo..ky_hi {
-                    let iy = (iy0 + ky as isize) as usize;
-                    for kx in kx_lo..kx_hi {
-                        let ix = (ix0 + kx as isize) as usize;
-                        copy_words(
-                            &mut self.patch[(ky * kw + kx) * n..][..n],
-                            &x[(iy * g.in_w + ix) * c + c0..][..n],
-                        );
-                    }
-                }
-                (&self.patch[..taps * n], 0, &self.poffs[..taps])
-            };
-        // Every tap's `n` bytes lie inside `win`: the offsets grow with the tap.
-        let win = &src[base..base + off[taps - 1] + n];
+            }
+        }
         let wq = &self.wq[..n / 4 * taps * 2];
-        dw_quads(win, off, wq, &self.bz[..n], &self.rp[..n], self.e, out);
+        dw_quads(ptrs, wq, &self.bz[..n], &self.rp[..n], self.e, out);
     }
 }
 
-/// One output pixel of a channel block: per quad of channels, the taps at `win[off[t]..]`
-/// against the staged weights (`wq`: per quad, per tap, `(w0 | w2), (w1 | w3)`), from the
-/// zero-point-folded biases `bz`, through the epilogue into `out`.
+/// One output pixel of a channel block: per quad of channels, the taps at `taps[t]` (each
+/// pointing at `out.len()` readable bytes) against the staged weights (`wq`: per quad, per
+/// tap, `(w0 | w2), (w1 | w3)`), from the zero-point-folded biases `bz`, through the epilogue
+/// into `out`.
 #[inline(always)]
 fn dw_quads<E: Out>(
-    win: &[i8],
-    off: &[usize],
+    taps: &[*const i8],
     wq: &[u32],
     bz: &[i32],
     rp: &[E::Ch],
     e: E,
     out: &mut [i8],
 ) {
-    let taps = off.len();
+    let nt = taps.len();
     for (q, ((o, b), rq)) in out
         .chunks_exact_mut(4)
         .zip(bz.chunks_exact(4))
@@ -1155,14 +1159,11 @@ fn dw_quads<E: Out>(
         .enumerate()
     {
         let (mut a0, mut a1, mut a2, mut a3) = (b[0], b[1], b[2], b[3]);
-        let w = &wq[q * taps * 2..][..taps * 2];
-        for (&o, w) in off.iter().zip(w.chunks_exact(2)) {
-            // SAFETY: o + 4q + 3 <= off[taps - 1] + n - 1 < win.len() (the caller sized `win`
-            // so; o is at most the last offset and 4q + 4 <= n = out.len()).
-            let x = unsafe {
-                let p = win.as_ptr().add(o + 4 * q) as *const [i8; 4];
-                word(&*p)
-            };
+        let w = &wq[q * nt * 2..][..nt * 2];
+        for (&p, w) in taps.iter().zip(w.chunks_exact(2)) {
+            // SAFETY: p points at out.len() readable bytes (`DwBlock::pixel` takes each from a
+            // bounds-checked slice that long) and 4q + 4 <= out.len().
+            let x = unsafe { word(&*(p.add(4 * q) as *const [i8; 4])) };
             let (ev, od) = (sxtb16(x), sxtb16_ror8(x));
             a0 = smlabb(ev, w[0], a0);
             a2 = smlatt(ev, w[0], a2);

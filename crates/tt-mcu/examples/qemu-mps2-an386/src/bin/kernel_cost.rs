@@ -568,7 +568,26 @@ fn random_in_place_depthwise(b: &mut Buffers, rng: &mut XorShift32) -> Result<u3
         }
         checked += 1;
     }
-    Ok(checked)
+    // A map large enough that the plane itself (48 x 48 pixels) holds the pending pixels.
+    let g = Conv2dGeom::new(48, 48, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 8)?;
+    let (li, opix) = (g.input_len(), g.out_h() * g.out_w());
+    for v in b.dx[..li].iter_mut() {
+        *v = r(256) as i8;
+    }
+    for o in 0..8 {
+        b.rb[o] = r(4001) as i32 - 2000;
+        b.rrq[o] = Requant::from_scale(0.001 + 0.001 * r(50) as f64)?;
+    }
+    let (w, bias, rq) = (&b.rw[..g.weight_len()], &b.rb[..8], &b.rrq[..8]);
+    reference_conv(&g, &b.dx[..li], -3, w, bias, rq, 5, -128, 127, &mut b.dy_ref[..li]);
+    b.dy[..li].copy_from_slice(&b.dx[..li]);
+    conv2d_depthwise_in_place_plane(&g, &mut b.dy[..li], -3, w, bias, rq, 5, -128, 127, &mut b.y[..opix])?;
+    if b.dy[..li] != b.dy_ref[..li] {
+        return Err(tt_core::Error::InvalidParameter {
+            what: "in-place depthwise differs from the plain reference on a 48x48 map",
+        });
+    }
+    Ok(checked + 1)
 }
 
 #[entry]
