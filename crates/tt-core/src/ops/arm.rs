@@ -39,18 +39,6 @@ fn sxtb16_ror8(x: u32) -> u32 {
     r
 }
 
-/// `acc + a.lo * b.lo + a.hi * b.hi` (int16 lanes), wrapping like the portable `wrapping_add`.
-#[inline(always)]
-fn smlad(a: u32, b: u32, acc: i32) -> i32 {
-    let r: i32;
-    // SAFETY: register-only arithmetic; it may set the sticky Q flag, which nothing reads.
-    unsafe {
-        asm!("smlad {r}, {a}, {b}, {c}", r = lateout(reg) r, a = in(reg) a, b = in(reg) b,
-             c = in(reg) acc, options(pure, nomem, nostack))
-    };
-    r
-}
-
 /// How a layer's int32 sums become its int8 outputs: `Requant::apply_clamp` (single rounding,
 /// half away from zero, then `+ out_zp` and the clamp), checked once per layer by
 /// [`Mode::of`] so the per-output epilogue carries no tests. `prep` turns a channel's record
@@ -293,17 +281,22 @@ fn pack(lo: i16, hi: i16) -> u32 {
     lo as u16 as u32 | (hi as u16 as u32) << 16
 }
 
+/// Words one group of staged pixels takes: four pixels' patches of up to `PATCH_MAX` elements.
+const STAGED_WORDS: usize = 2 * PATCH_MAX;
+
 /// Stages output pixel `px`'s patch of group `grp` minus the zero point (padding taps as zeros,
 /// which is what they contribute), whole quads in the lane order `SXTB16` gives the weights
-/// (`x0 x2 | x1 x3`), the last `l % 4` elements in `tail`. Same int16 truncation of `x - zp` as
-/// the portable path.
+/// (`x0 x2 | x1 x3`) at words `off, off + 1` of each `stride`-word quad of `xs`, the last `l % 4`
+/// elements in `tail`. Same int16 truncation of `x - zp` as the portable path.
+#[allow(clippy::too_many_arguments)]
 fn stage_patch(
     g: &Conv2dGeom,
     input: &[i8],
     in_zp: i32,
     grp: usize,
     px: usize,
-    xs: &mut [u32; PATCH_MAX],
+    xs: &mut [u32],
+    stride: usize,
     off: usize,
     tail: &mut [i16; 3],
 ) {
@@ -318,8 +311,9 @@ fn stage_patch(
         if e < l4 {
             quad[e & 3] = v;
             if e & 3 == 3 {
-                xs[e - 3 + off] = pack(quad[0], quad[2]);
-                xs[e - 2 + off] = pack(quad[1], quad[3]);
+                let at = (e >> 2) * stride + off;
+                xs[at] = pack(quad[0], quad[2]);
+                xs[at + 1] = pack(quad[1], quad[3]);
             }
         } else {
             tail[e - l4] = v;
@@ -345,6 +339,30 @@ fn stage_patch(
     }
 }
 
+/// Stages one pixel's input vector minus the zero point as `stage_patch` does (words `off,
+/// off + 1` of each `stride`-word quad): whole quads widened by `SXTB16` and shifted by `SSUB16`,
+/// the last `len % 4` in `tail`. Exact for an int8-range zero point (`|x - zp| <= 255`).
+#[inline(always)]
+fn stage_vec(
+    x: &[i8],
+    zz: u32,
+    in_zp: i32,
+    xs: &mut [u32],
+    stride: usize,
+    off: usize,
+    tail: &mut [i16; 3],
+) {
+    let l4 = x.len() & !3;
+    for (q, d) in x[..l4].chunks_exact(4).zip(xs.chunks_exact_mut(stride)) {
+        let v = word(q.try_into().unwrap());
+        d[off] = ssub16(sxtb16(v), zz);
+        d[off + 1] = ssub16(sxtb16_ror8(v), zz);
+    }
+    for (t, &v) in tail.iter_mut().zip(&x[l4..]) {
+        *t = (v as i32 - in_zp) as i16;
+    }
+}
+
 /// Weight rows of a conv (OHWI, `l` int8 each): rows below `k` from `lo`, the others from
 /// `hi`. A layer whose first `k` output channels are trained keeps those rows compact in SRAM
 /// (`lo`) while the frozen tensor stays whole in flash (`hi`); an untrained layer has `k == 0`.
@@ -362,54 +380,111 @@ impl<'w> Rows<'w> {
     }
 }
 
-/// One or two pixels' staged patches: per quad of elements, pixel a's two words then pixel
-/// b's (`x0 x2 | x1 x3` lanes, the weights' order after `SXTB16`), so the dot product walks one
-/// array; the last `len % 4` elements of each pixel in `ta` / `tb`.
+/// `P` pixels' staged patches: per quad of elements, pixel 0's two words, then pixel 1's, ...
+/// (`x0 x2 | x1 x3` lanes, the weights' order after `SXTB16`; `2 * P` words a quad), so the dot
+/// product walks one array; the last `len % 4` elements of pixel `k` in `t[k]`.
 #[derive(Clone, Copy)]
-struct Staged<'a> {
+struct Staged<'a, const P: usize> {
     xs: &'a [u32],
-    ta: &'a [i16],
-    tb: &'a [i16],
+    t: [&'a [i16]; P],
 }
 
-/// `(a + x.w, b + y.w)`: one weight row against two staged patches, the weights widened once.
+/// `acc[k] + x_k . w`: one weight row against `P` staged patches, the weights widened once.
+/// The quads run in assembly (`dot_quads`): the compiler spills accumulators in this loop.
 #[inline(always)]
-fn dot2(w: &[i8], x: Staged<'_>, mut a: i32, mut b: i32) -> (i32, i32) {
-    let (wq, wt) = w.split_at(x.xs.len());
-    for (w, x4) in wq.chunks_exact(4).zip(x.xs.chunks_exact(4)) {
-        let w = word(w.try_into().unwrap());
-        let (w02, w13) = (sxtb16(w), sxtb16_ror8(w));
-        a = smlad(x4[0], w02, a);
-        a = smlad(x4[1], w13, a);
-        b = smlad(x4[2], w02, b);
-        b = smlad(x4[3], w13, b);
+fn dot<const P: usize>(w: &[i8], x: Staged<'_, P>, mut acc: [i32; P]) -> [i32; P] {
+    let (wq, wt) = w.split_at(x.xs.len() / P * 2);
+    dot_quads(wq, x.xs, &mut acc);
+    for (a, t) in acc.iter_mut().zip(x.t) {
+        for (&w, &v) in wt.iter().zip(t) {
+            *a = a.wrapping_add(v as i32 * w as i32);
+        }
     }
-    for ((&w, &x), &y) in wt.iter().zip(x.ta).zip(x.tb) {
-        a = a.wrapping_add(x as i32 * w as i32);
-        b = b.wrapping_add(y as i32 * w as i32);
-    }
-    (a, b)
+    acc
 }
 
-/// `a + x.w` for one staged patch.
+/// The whole quads of `dot`: per quad one weight word (`LDR`, widened by two `SXTB16`), then
+/// per pixel its two staged words (`LDRD`) into two `SMLAD`s: 17 instructions for 16 MACs at
+/// four pixels. Sums as the portable loop's (wrapping), in `dot`'s order.
 #[inline(always)]
-fn dot1(w: &[i8], x: Staged<'_>, mut a: i32) -> i32 {
-    let (wq, wt) = w.split_at(x.xs.len());
-    for (w, x4) in wq.chunks_exact(4).zip(x.xs.chunks_exact(4)) {
-        let w = word(w.try_into().unwrap());
-        a = smlad(x4[0], sxtb16(w), a);
-        a = smlad(x4[1], sxtb16_ror8(w), a);
+fn dot_quads(wq: &[i8], xs: &[u32], acc: &mut [i32]) {
+    let (n, p) = (wq.len() / 4, acc.len());
+    if n == 0 || xs.len() < n * 2 * p {
+        return;
     }
-    for (&w, &x) in wt.iter().zip(x.ta) {
-        a = a.wrapping_add(x as i32 * w as i32);
+    let (pw, px) = (wq.as_ptr(), xs.as_ptr());
+    // SAFETY: each loop reads n words from pw (wq holds 4n bytes; thumbv7em loads words
+    // unaligned) and 2p words a quad from px (xs holds 2pn words, word-aligned for LDRD),
+    // stopping at px + 2pn words; registers only otherwise.
+    unsafe {
+        let end = px.add(n * 2 * p);
+        match acc {
+            [a, b, c, d] => asm!(
+                "2:",
+                "ldr {w}, [{pw}], #4",
+                "sxtb16 {v}, {w}, ror #8",
+                "sxtb16 {w}, {w}",
+                "ldrd {x0}, {x1}, [{px}], #8",
+                "smlad {a}, {x0}, {w}, {a}",
+                "smlad {a}, {x1}, {v}, {a}",
+                "ldrd {x0}, {x1}, [{px}], #8",
+                "smlad {b}, {x0}, {w}, {b}",
+                "smlad {b}, {x1}, {v}, {b}",
+                "ldrd {x0}, {x1}, [{px}], #8",
+                "smlad {c}, {x0}, {w}, {c}",
+                "smlad {c}, {x1}, {v}, {c}",
+                "ldrd {x0}, {x1}, [{px}], #8",
+                "smlad {d}, {x0}, {w}, {d}",
+                "smlad {d}, {x1}, {v}, {d}",
+                "cmp {px}, {end}",
+                "bne 2b",
+                w = out(reg) _, v = out(reg) _, x0 = out(reg) _, x1 = out(reg) _,
+                a = inout(reg) *a, b = inout(reg) *b, c = inout(reg) *c, d = inout(reg) *d,
+                pw = inout(reg) pw => _, px = inout(reg) px => _, end = in(reg) end,
+                options(nostack, readonly)
+            ),
+            [a, b] => asm!(
+                "2:",
+                "ldr {w}, [{pw}], #4",
+                "sxtb16 {v}, {w}, ror #8",
+                "sxtb16 {w}, {w}",
+                "ldrd {x0}, {x1}, [{px}], #8",
+                "smlad {a}, {x0}, {w}, {a}",
+                "smlad {a}, {x1}, {v}, {a}",
+                "ldrd {x0}, {x1}, [{px}], #8",
+                "smlad {b}, {x0}, {w}, {b}",
+                "smlad {b}, {x1}, {v}, {b}",
+                "cmp {px}, {end}",
+                "bne 2b",
+                w = out(reg) _, v = out(reg) _, x0 = out(reg) _, x1 = out(reg) _,
+                a = inout(reg) *a, b = inout(reg) *b,
+                pw = inout(reg) pw => _, px = inout(reg) px => _, end = in(reg) end,
+                options(nostack, readonly)
+            ),
+            [a] => asm!(
+                "2:",
+                "ldr {w}, [{pw}], #4",
+                "sxtb16 {v}, {w}, ror #8",
+                "sxtb16 {w}, {w}",
+                "ldrd {x0}, {x1}, [{px}], #8",
+                "smlad {a}, {x0}, {w}, {a}",
+                "smlad {a}, {x1}, {v}, {a}",
+                "cmp {px}, {end}",
+                "bne 2b",
+                w = out(reg) _, v = out(reg) _, x0 = out(reg) _, x1 = out(reg) _,
+                a = inout(reg) *a,
+                pw = inout(reg) pw => _, px = inout(reg) px => _, end = in(reg) end,
+                options(nostack, readonly)
+            ),
+            _ => {}
+        }
     }
-    a
 }
 
-/// Ungrouped-or-grouped conv whose patch (`kh * kw * in_c / groups`) fits `PATCH_MAX`: two
-/// output pixels at a time have their patches staged (`stage_patch`), then each output channel
-/// takes one dot product per pixel over its contiguous OHWI weight row, the weights widened
-/// once for both pixels.
+/// Ungrouped-or-grouped conv whose patch (`kh * kw * in_c / groups`) fits `PATCH_MAX`: four
+/// output pixels at a time (then two, one) have their patches staged (`stage_patch`), then
+/// each output channel takes one dot product per pixel over its contiguous OHWI weight row,
+/// the weights widened once for all of them.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv_forward_patch(
     g: &Conv2dGeom,
@@ -468,12 +543,44 @@ fn conv_rows<E: Out>(
     e: E,
     output: &mut [i8],
 ) {
+    let n_px = g.out_h() * g.out_w();
+    let mut xs = [0u32; STAGED_WORDS];
+    let mut px = 0;
+    while px < n_px {
+        px += match n_px - px {
+            1 => conv_pixels::<1, E>(
+                g, input, in_zp, weight, bias, requant, e, &mut xs, px, output,
+            ),
+            2 | 3 => conv_pixels::<2, E>(
+                g, input, in_zp, weight, bias, requant, e, &mut xs, px, output,
+            ),
+            _ => conv_pixels::<4, E>(
+                g, input, in_zp, weight, bias, requant, e, &mut xs, px, output,
+            ),
+        };
+    }
+}
+
+/// Output pixels `px..px + P` of `conv_rows`, every group; returns `P`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn conv_pixels<const P: usize, E: Out>(
+    g: &Conv2dGeom,
+    input: &[i8],
+    in_zp: i32,
+    weight: Rows<'_>,
+    bias: &[i32],
+    requant: &[Requant],
+    e: E,
+    xs: &mut [u32; STAGED_WORDS],
+    px: usize,
+    output: &mut [i8],
+) -> usize {
     let ocg = g.out_per_group();
     let l = g.kh * g.kw * g.in_per_group();
     let l4 = l & !3;
-    let (n_px, oc_n) = (g.out_h() * g.out_w(), g.out_c);
-    let mut xs = [0u32; PATCH_MAX];
-    let (mut ta, mut tb) = ([0i16; 3], [0i16; 3]);
+    let oc_n = g.out_c;
+    let mut t = [[0i16; 3]; P];
     // A pointwise layer's patch is its input pixel: staged by the word.
     let pointwise = g.kh == 1
         && g.kw == 1
@@ -483,129 +590,93 @@ fn conv_rows<E: Out>(
         && g.groups == 1
         && (-128..=127).contains(&in_zp);
     let zz = pack(in_zp as i16, in_zp as i16);
-    let mut px = 0;
-    while px < n_px {
-        let two = px + 1 < n_px;
-        for grp in 0..g.groups {
+    for grp in 0..g.groups {
+        for (k, tk) in t.iter_mut().enumerate() {
             if pointwise {
-                stage_vec(&input[px * l..][..l], zz, in_zp, &mut xs, 0, &mut ta);
-                if two {
-                    stage_vec(&input[(px + 1) * l..][..l], zz, in_zp, &mut xs, 2, &mut tb);
-                }
+                let x = &input[(px + k) * l..][..l];
+                stage_vec(x, zz, in_zp, &mut xs[..], 2 * P, 2 * k, tk);
             } else {
-                stage_patch(g, input, in_zp, grp, px, &mut xs, 0, &mut ta);
-                if two {
-                    stage_patch(g, input, in_zp, grp, px + 1, &mut xs, 2, &mut tb);
-                }
+                stage_patch(g, input, in_zp, grp, px + k, &mut xs[..], 2 * P, 2 * k, tk);
             }
-            let x = Staged {
-                xs: &xs[..l4],
-                ta: &ta[..l - l4],
-                tb: &tb[..l - l4],
-            };
-            let n = if two { 2 * oc_n } else { oc_n };
-            let (ya, yb) = output[px * oc_n..][..n].split_at_mut(oc_n);
-            channels(
-                weight,
-                l,
-                grp * ocg..(grp + 1) * ocg,
-                x,
-                bias,
-                requant,
-                e,
-                ya,
-                yb,
-            );
         }
-        px += if two { 2 } else { 1 };
+        let x = Staged::<P> {
+            xs: &xs[..l4 / 2 * P],
+            t: core::array::from_fn(|k| &t[k][..l - l4]),
+        };
+        let ys = output[px * oc_n..][..P * oc_n].chunks_exact_mut(oc_n);
+        channels(
+            weight,
+            l,
+            grp * ocg..(grp + 1) * ocg,
+            x,
+            bias,
+            requant,
+            e,
+            ys,
+        );
     }
+    P
 }
 
-/// Output channels `os` of one staged pixel (`ya`), or two (`ya`, `yb`; `yb` empty for one):
-/// one weight row per channel, widened once for both pixels.
+/// Output channels `os` of `P` staged pixels (`ys`, one output pixel each): one weight row per
+/// channel, widened once for all of them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn channels<E: Out>(
+fn channels<'y, const P: usize, E: Out>(
     weight: Rows<'_>,
     l: usize,
     os: core::ops::Range<usize>,
-    x: Staged<'_>,
+    x: Staged<'_, P>,
     bias: &[i32],
     requant: &[Requant],
     e: E,
-    ya: &mut [i8],
-    yb: &mut [i8],
+    ys: impl Iterator<Item = &'y mut [i8]>,
 ) {
+    let mut it = ys.map(|y| &mut y[os.clone()]);
+    let mut ys: [&mut [i8]; P] = core::array::from_fn(|_| it.next().unwrap_or_default());
+    let (bias, requant) = (&bias[os.clone()], &requant[os.clone()]);
     // Rows walked, not indexed: no index arithmetic or bounds check per channel.
     if weight.k == 0 {
         let rows = weight.hi.chunks_exact(l).skip(os.start);
-        channel_rows(rows, x, bias, requant, e, os, ya, yb);
+        channel_rows(rows, x, bias, requant, e, &mut ys);
     } else {
         let rows = weight.lo[..weight.k * l]
             .chunks_exact(l)
             .chain(weight.hi.chunks_exact(l).skip(weight.k))
             .skip(os.start);
-        channel_rows(rows, x, bias, requant, e, os, ya, yb);
+        channel_rows(rows, x, bias, requant, e, &mut ys);
     }
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn channel_rows<'w, E: Out>(
+fn channel_rows<'w, const P: usize, E: Out>(
     rows: impl Iterator<Item = &'w [i8]>,
-    x: Staged<'_>,
+    x: Staged<'_, P>,
     bias: &[i32],
     requant: &[Requant],
     e: E,
-    os: core::ops::Range<usize>,
-    ya: &mut [i8],
-    yb: &mut [i8],
+    ys: &mut [&mut [i8]; P],
 ) {
-    let (bias, requant, ya) = (&bias[os.clone()], &requant[os.clone()], &mut ya[os.clone()]);
-    if yb.is_empty() {
-        for (((w, &b), rq), y) in rows.zip(bias).zip(requant).zip(ya) {
-            let a = dot1(w, x, b);
-            *y = e.out(e.prep(rq), a);
-        }
-    } else {
-        let yb = &mut yb[os];
-        for ((((w, &b), rq), y), z) in rows.zip(bias).zip(requant).zip(ya).zip(yb) {
-            let (a, c) = dot2(w, x, b, b);
-            let ch = e.prep(rq);
-            *y = e.out(ch, a);
-            *z = e.out(ch, c);
-        }
+    // Never taken (every output slice is `os` long, as `bias` and `requant` are): it lets the
+    // stores below go without bounds checks.
+    let n = bias.len().min(requant.len());
+    if ys.iter().any(|y| y.len() < n) {
+        return;
     }
-}
-
-/// Stages one pixel's input vector minus the zero point for `dot1`/`dot2`: whole quads widened
-/// by `SXTB16` (lanes `x0 x2 | x1 x3`, the weights' order) and shifted by `SSUB16`, the last
-/// `len % 4` in `tail`. Exact for an int8-range zero point (`|x - zp| <= 255`).
-#[inline(always)]
-fn stage_vec(
-    x: &[i8],
-    zz: u32,
-    in_zp: i32,
-    xs: &mut [u32; PATCH_MAX],
-    off: usize,
-    tail: &mut [i16; 3],
-) {
-    let l4 = x.len() & !3;
-    for (q, d) in x[..l4].chunks_exact(4).zip(xs.chunks_exact_mut(4)) {
-        let v = word(q.try_into().unwrap());
-        d[off] = ssub16(sxtb16(v), zz);
-        d[off + 1] = ssub16(sxtb16_ror8(v), zz);
-    }
-    for (t, &v) in tail.iter_mut().zip(&x[l4..]) {
-        *t = (v as i32 - in_zp) as i16;
+    for (j, ((w, &b), rq)) in rows.zip(bias).zip(requant).enumerate() {
+        let acc = dot(w, x, [b; P]);
+        let ch = e.prep(rq);
+        for (y, a) in ys.iter_mut().zip(acc) {
+            y[j] = e.out(ch, a);
+        }
     }
 }
 
 /// Pointwise conv (`ci -> co` channels over `pixels` pixels) whose output overwrites its input:
-/// two pixels' inputs are staged before either output is written. Shrinking layers walk
-/// forward, expanding ones backward, so no write lands on an input pixel still to be staged
-/// (output pixels `p, p + 1` end at `(p + 2) * co <= (p + 2) * ci`; backward, output pixel
-/// `p - 1` starts at `(p - 1) * co >= (p - 1) * ci`). Same sums as the portable loop. The caller
+/// up to four neighbouring pixels' inputs are staged before any of their outputs is written.
+/// Shrinking layers walk forward, expanding ones backward, so no write lands on an input pixel
+/// still to be staged (output pixels `p..p + k` end at `(p + k) * co <= (p + k) * ci`;
+/// backward, output pixel `p` starts at `p * co >= p * ci`). Same sums as the portable loop. The caller
 /// has checked `buf` holds `pixels * max(ci, co)` bytes and `bias`/`requant` `co` entries.
 #[inline(never)]
 #[allow(clippy::too_many_arguments)]
@@ -639,41 +710,62 @@ fn pw_in_place_with<E: Out>(
     requant: &[Requant],
     e: E,
 ) {
-    let l4 = ci & !3;
-    let zz = pack(in_zp as i16, in_zp as i16);
-    let mut xs = [0u32; PATCH_MAX];
-    let (mut ta, mut tb) = ([0i16; 3], [0i16; 3]);
+    let mut xs = [0u32; STAGED_WORDS];
     let mut step = 0;
     while step < pixels {
-        let two = step + 1 < pixels;
-        let (pa, pb) = if co > ci {
-            (pixels - 1 - step, (pixels - 1 - step).wrapping_sub(1))
-        } else {
-            (step, step + 1)
+        let p = match pixels - step {
+            1 => 1,
+            2 | 3 => 2,
+            _ => 4,
         };
-        stage_vec(&buf[pa * ci..][..ci], zz, in_zp, &mut xs, 0, &mut ta);
-        if two {
-            stage_vec(&buf[pb * ci..][..ci], zz, in_zp, &mut xs, 2, &mut tb);
+        // The pixels [base, base + p): the next ones walking forward, or backward from the end.
+        let base = if co > ci { pixels - step - p } else { step };
+        let (b, x) = (base, &mut xs);
+        match p {
+            1 => pw_pixels::<1, E>(ci, co, buf, b, in_zp, weight, bias, requant, e, x),
+            2 => pw_pixels::<2, E>(ci, co, buf, b, in_zp, weight, bias, requant, e, x),
+            _ => pw_pixels::<4, E>(ci, co, buf, b, in_zp, weight, bias, requant, e, x),
         }
-        let x = Staged {
-            xs: &xs[..l4],
-            ta: &ta[..ci - l4],
-            tb: &tb[..ci - l4],
-        };
-        // Pixels pa and pb are neighbours: pb follows pa walking forward, precedes it backward.
-        let (ya, yb) = match (two, pb > pa) {
-            (false, _) => (&mut buf[pa * co..][..co], &mut [][..]),
-            (true, true) => buf[pa * co..][..2 * co].split_at_mut(co),
-            (true, false) => {
-                let (b, a) = buf[pb * co..][..2 * co].split_at_mut(co);
-                (a, b)
-            }
-        };
-        channels(weight, ci, 0..co, x, bias, requant, e, ya, yb);
-        step += if two { 2 } else { 1 };
+        step += p;
     }
 }
 
+/// Pixels `base..base + P` of `pw_in_place_with`: all staged, then all written.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn pw_pixels<const P: usize, E: Out>(
+    ci: usize,
+    co: usize,
+    buf: &mut [i8],
+    base: usize,
+    in_zp: i32,
+    weight: Rows<'_>,
+    bias: &[i32],
+    requant: &[Requant],
+    e: E,
+    xs: &mut [u32; STAGED_WORDS],
+) {
+    let l4 = ci & !3;
+    let zz = pack(in_zp as i16, in_zp as i16);
+    let mut t = [[0i16; 3]; P];
+    for (k, tk) in t.iter_mut().enumerate() {
+        stage_vec(
+            &buf[(base + k) * ci..][..ci],
+            zz,
+            in_zp,
+            &mut xs[..],
+            2 * P,
+            2 * k,
+            tk,
+        );
+    }
+    let x = Staged::<P> {
+        xs: &xs[..l4 / 2 * P],
+        t: core::array::from_fn(|k| &t[k][..ci - l4]),
+    };
+    let ys = buf[base * co..][..P * co].chunks_exact_mut(co);
+    channels(weight, ci, 0..co, x, bias, requant, e, ys);
+}
 /// One channel `ch` of a depthwise conv over an HWC input of `g.in_c` channels, into the
 /// planar `plane` (`out_h * out_w`). Interior pixels (every tap inside the input) run over the
 /// kernel unrolled (`K x K`, weights in registers) with the zero point folded into the bias
