@@ -635,17 +635,13 @@ fn channels<'y, const P: usize, E: Out>(
     let mut it = ys.map(|y| &mut y[os.clone()]);
     let mut ys: [&mut [i8]; P] = core::array::from_fn(|_| it.next().unwrap_or_default());
     let (bias, requant) = (&bias[os.clone()], &requant[os.clone()]);
-    // Rows walked, not indexed: no index arithmetic or bounds check per channel.
-    if weight.k == 0 {
-        let rows = weight.hi.chunks_exact(l).skip(os.start);
-        channel_rows(rows, x, bias, requant, e, &mut ys);
-    } else {
-        let rows = weight.lo[..weight.k * l]
-            .chunks_exact(l)
-            .chain(weight.hi.chunks_exact(l).skip(weight.k))
-            .skip(os.start);
-        channel_rows(rows, x, bias, requant, e, &mut ys);
-    }
+    // Rows walked, not indexed: no index arithmetic or bounds check per channel. One chain
+    // for both kinds of layer (`lo` is empty when `k == 0`): one copy of the loop in flash.
+    let rows = weight.lo[..weight.k * l]
+        .chunks_exact(l)
+        .chain(weight.hi.chunks_exact(l).skip(weight.k))
+        .skip(os.start);
+    channel_rows(rows, x, bias, requant, e, &mut ys);
 }
 
 #[inline(always)]
@@ -787,25 +783,29 @@ pub(crate) fn dw_plane(
     act_max: i8,
     plane: &mut [i8],
 ) {
-    let mode = Mode::of(core::slice::from_ref(rq), out_zp, act_min, act_max);
-    with_out!(mode, e => {
-        let p = DwPlane {
-            g,
-            x,
-            ch,
-            in_zp,
-            w,
-            bias,
-            e,
-            rq: e.prep(rq),
-        };
-        match (g.kh, g.kw) {
-            (3, 3) => p.run::<3>(plane),
-            (5, 5) => p.run::<5>(plane),
-            (7, 7) => p.run::<7>(plane),
-            _ => p.run::<0>(plane),
-        }
-    })
+    // The rare fallback of in-place depthwise (channels not in fours, a zero point outside
+    // int8): the generic epilogue only, which keeps its four kernel sizes small in flash.
+    let e = Generic {
+        zp: out_zp,
+        lo: act_min,
+        hi: act_max,
+    };
+    let p = DwPlane {
+        g,
+        x,
+        ch,
+        in_zp,
+        w,
+        bias,
+        e,
+        rq: e.prep(rq),
+    };
+    match (g.kh, g.kw) {
+        (3, 3) => p.run::<3>(plane),
+        (5, 5) => p.run::<5>(plane),
+        (7, 7) => p.run::<7>(plane),
+        _ => p.run::<0>(plane),
+    }
 }
 
 struct DwPlane<'a, E: Out> {
