@@ -47,6 +47,8 @@ trait Out: Copy {
     type Ch: Copy;
     fn prep(self, rq: &Requant) -> Self::Ch;
     fn out(self, ch: Self::Ch, acc: i32) -> i8;
+    /// The same epilogue in its generic form (for paths too rare to copy per kind in flash).
+    fn generic(self) -> Generic;
 }
 
 /// Any record (double rounding, shifts outside the fast range): `apply_clamp` itself.
@@ -66,6 +68,9 @@ impl Out for Generic {
     #[inline(always)]
     fn out(self, rq: Requant, acc: i32) -> i8 {
         rq.apply_clamp(acc, self.zp, self.lo, self.hi)
+    }
+    fn generic(self) -> Generic {
+        self
     }
 }
 
@@ -131,6 +136,13 @@ impl Out for Sat {
         // `qadd` is `saturating_add`; beyond the int32 range the int8 clamp decides alike.
         ssat8(qadd(f.apply(acc), self.zp)) as i8
     }
+    fn generic(self) -> Generic {
+        Generic {
+            zp: self.zp,
+            lo: i8::MIN,
+            hi: i8::MAX,
+        }
+    }
 }
 
 /// [`Fast`] records and a narrower clamp (an activation's).
@@ -153,6 +165,13 @@ impl Out for Clamp {
         qadd(f.apply(acc), self.zp)
             .max(self.lo as i32)
             .min(self.hi as i32) as i8
+    }
+    fn generic(self) -> Generic {
+        Generic {
+            zp: self.zp,
+            lo: self.lo,
+            hi: self.hi,
+        }
     }
 }
 
@@ -548,9 +567,12 @@ fn conv_rows<E: Out>(
     let mut px = 0;
     while px < n_px {
         px += match n_px - px {
-            1 => conv_pixels::<1, E>(
-                g, input, in_zp, weight, bias, requant, e, &mut xs, px, output,
-            ),
+            1 => {
+                let e = e.generic();
+                conv_last_pixel(
+                    g, input, in_zp, weight, bias, requant, e, &mut xs, px, output,
+                )
+            }
             2 | 3 => conv_pixels::<2, E>(
                 g, input, in_zp, weight, bias, requant, e, &mut xs, px, output,
             ),
@@ -559,6 +581,24 @@ fn conv_rows<E: Out>(
             ),
         };
     }
+}
+
+/// A layer's last pixel when their number is odd: one copy in flash for every epilogue kind.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn conv_last_pixel(
+    g: &Conv2dGeom,
+    input: &[i8],
+    in_zp: i32,
+    weight: Rows<'_>,
+    bias: &[i32],
+    requant: &[Requant],
+    e: Generic,
+    xs: &mut [u32; STAGED_WORDS],
+    px: usize,
+    output: &mut [i8],
+) -> usize {
+    conv_pixels::<1, Generic>(g, input, in_zp, weight, bias, requant, e, xs, px, output)
 }
 
 /// Output pixels `px..px + P` of `conv_rows`, every group; returns `P`.
@@ -635,13 +675,17 @@ fn channels<'y, const P: usize, E: Out>(
     let mut it = ys.map(|y| &mut y[os.clone()]);
     let mut ys: [&mut [i8]; P] = core::array::from_fn(|_| it.next().unwrap_or_default());
     let (bias, requant) = (&bias[os.clone()], &requant[os.clone()]);
-    // Rows walked, not indexed: no index arithmetic or bounds check per channel. One chain
-    // for both kinds of layer (`lo` is empty when `k == 0`): one copy of the loop in flash.
-    let rows = weight.lo[..weight.k * l]
-        .chunks_exact(l)
-        .chain(weight.hi.chunks_exact(l).skip(weight.k))
-        .skip(os.start);
-    channel_rows(rows, x, bias, requant, e, &mut ys);
+    // Rows walked, not indexed: no index arithmetic or bounds check per channel.
+    if weight.k == 0 {
+        let rows = weight.hi.chunks_exact(l).skip(os.start);
+        channel_rows(rows, x, bias, requant, e, &mut ys);
+    } else {
+        let rows = weight.lo[..weight.k * l]
+            .chunks_exact(l)
+            .chain(weight.hi.chunks_exact(l).skip(weight.k))
+            .skip(os.start);
+        channel_rows(rows, x, bias, requant, e, &mut ys);
+    }
 }
 
 #[inline(always)]
@@ -718,12 +762,30 @@ fn pw_in_place_with<E: Out>(
         let base = if co > ci { pixels - step - p } else { step };
         let (b, x) = (base, &mut xs);
         match p {
-            1 => pw_pixels::<1, E>(ci, co, buf, b, in_zp, weight, bias, requant, e, x),
+            1 => pw_last_pixel(ci, co, buf, b, in_zp, weight, bias, requant, e.generic(), x),
             2 => pw_pixels::<2, E>(ci, co, buf, b, in_zp, weight, bias, requant, e, x),
             _ => pw_pixels::<4, E>(ci, co, buf, b, in_zp, weight, bias, requant, e, x),
         }
         step += p;
     }
+}
+
+/// The last pixel of an odd number: one copy in flash for every epilogue kind.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn pw_last_pixel(
+    ci: usize,
+    co: usize,
+    buf: &mut [i8],
+    base: usize,
+    in_zp: i32,
+    weight: Rows<'_>,
+    bias: &[i32],
+    requant: &[Requant],
+    e: Generic,
+    xs: &mut [u32; STAGED_WORDS],
+) {
+    pw_pixels::<1, Generic>(ci, co, buf, base, in_zp, weight, bias, requant, e, xs)
 }
 
 /// Pixels `base..base + P` of `pw_in_place_with`: all staged, then all written.
