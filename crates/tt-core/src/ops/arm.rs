@@ -303,10 +303,19 @@ fn pack(lo: i16, hi: i16) -> u32 {
 /// Words one group of staged pixels takes: four pixels' patches of up to `PATCH_MAX` elements.
 const STAGED_WORDS: usize = 2 * PATCH_MAX;
 
+/// Scratch of `conv_rows`: up to four pixels' staged words and one patch's bytes.
+struct Stage {
+    xs: [u32; STAGED_WORDS],
+    pb: [i8; PATCH_MAX],
+}
+
 /// Stages output pixel `px`'s patch of group `grp` minus the zero point (padding taps as zeros,
 /// which is what they contribute), whole quads in the lane order `SXTB16` gives the weights
 /// (`x0 x2 | x1 x3`) at words `off, off + 1` of each `stride`-word quad of `xs`, the last `l % 4`
 /// elements in `tail`. Same int16 truncation of `x - zp` as the portable path.
+/// With an int8-range zero point the patch is first gathered as bytes into `pb` (padding as
+/// the zero point, a kernel row inside the input in one copy) and widened by the word
+/// (`stage_vec`); otherwise element by element.
 #[allow(clippy::too_many_arguments)]
 fn stage_patch(
     g: &Conv2dGeom,
@@ -314,6 +323,7 @@ fn stage_patch(
     in_zp: i32,
     grp: usize,
     px: usize,
+    pb: &mut [i8; PATCH_MAX],
     xs: &mut [u32],
     stride: usize,
     off: usize,
@@ -324,6 +334,32 @@ fn stage_patch(
     let (oy, ox) = (px / ow, px % ow);
     let (iy0, ky_lo, ky_hi) = tap_range(oy, g.stride_h, g.pad_top, kh, g.in_h);
     let (ix0, kx_lo, kx_hi) = tap_range(ox, g.stride_w, g.pad_left, kw, g.in_w);
+    if (-128..=127).contains(&in_zp) {
+        let (zb, row, c0) = (in_zp as i8, kw * icg, grp * icg);
+        let whole_row = g.groups == 1 && kx_lo == 0 && kx_hi == kw;
+        for (ky, dst) in pb[..kh * row].chunks_exact_mut(row).enumerate() {
+            if ky < ky_lo || ky >= ky_hi {
+                fill_bytes(dst, zb);
+                continue;
+            }
+            let at = ((iy0 + ky as isize) as usize * g.in_w) as isize + ix0;
+            if whole_row {
+                copy_bytes(dst, &input[at as usize * g.in_c..][..row]);
+                continue;
+            }
+            for (kx, d) in dst.chunks_exact_mut(icg).enumerate() {
+                if kx >= kx_lo && kx < kx_hi {
+                    let ix = (at + kx as isize) as usize;
+                    copy_bytes(d, &input[ix * g.in_c + c0..][..icg]);
+                } else {
+                    fill_bytes(d, zb);
+                }
+            }
+        }
+        let zz = pack(in_zp as i16, in_zp as i16);
+        stage_vec(&pb[..kh * row], zz, in_zp, xs, stride, off, tail);
+        return;
+    }
     let mut quad = [0i16; 4];
     let mut e = 0usize;
     let mut push = |v: i16| {
@@ -563,21 +599,24 @@ fn conv_rows<E: Out>(
     output: &mut [i8],
 ) {
     let n_px = g.out_h() * g.out_w();
-    let mut xs = [0u32; STAGED_WORDS];
+    let mut st = Stage {
+        xs: [0; STAGED_WORDS],
+        pb: [0; PATCH_MAX],
+    };
     let mut px = 0;
     while px < n_px {
         px += match n_px - px {
             1 => {
                 let e = e.generic();
                 conv_last_pixel(
-                    g, input, in_zp, weight, bias, requant, e, &mut xs, px, output,
+                    g, input, in_zp, weight, bias, requant, e, &mut st, px, output,
                 )
             }
             2 | 3 => conv_pixels::<2, E>(
-                g, input, in_zp, weight, bias, requant, e, &mut xs, px, output,
+                g, input, in_zp, weight, bias, requant, e, &mut st, px, output,
             ),
             _ => conv_pixels::<4, E>(
-                g, input, in_zp, weight, bias, requant, e, &mut xs, px, output,
+                g, input, in_zp, weight, bias, requant, e, &mut st, px, output,
             ),
         };
     }
@@ -594,11 +633,11 @@ fn conv_last_pixel(
     bias: &[i32],
     requant: &[Requant],
     e: Generic,
-    xs: &mut [u32; STAGED_WORDS],
+    st: &mut Stage,
     px: usize,
     output: &mut [i8],
 ) -> usize {
-    conv_pixels::<1, Generic>(g, input, in_zp, weight, bias, requant, e, xs, px, output)
+    conv_pixels::<1, Generic>(g, input, in_zp, weight, bias, requant, e, st, px, output)
 }
 
 /// Output pixels `px..px + P` of `conv_rows`, every group; returns `P`.
@@ -612,7 +651,7 @@ fn conv_pixels<const P: usize, E: Out>(
     bias: &[i32],
     requant: &[Requant],
     e: E,
-    xs: &mut [u32; STAGED_WORDS],
+    st: &mut Stage,
     px: usize,
     output: &mut [i8],
 ) -> usize {
@@ -634,13 +673,14 @@ fn conv_pixels<const P: usize, E: Out>(
         for (k, tk) in t.iter_mut().enumerate() {
             if pointwise {
                 let x = &input[(px + k) * l..][..l];
-                stage_vec(x, zz, in_zp, &mut xs[..], 2 * P, 2 * k, tk);
+                stage_vec(x, zz, in_zp, &mut st.xs[..], 2 * P, 2 * k, tk);
             } else {
-                stage_patch(g, input, in_zp, grp, px + k, &mut xs[..], 2 * P, 2 * k, tk);
+                let (pb, xs) = (&mut st.pb, &mut st.xs[..]);
+                stage_patch(g, input, in_zp, grp, px + k, pb, xs, 2 * P, 2 * k, tk);
             }
         }
         let x = Staged::<P> {
-            xs: &xs[..l4 / 2 * P],
+            xs: &st.xs[..l4 / 2 * P],
             t: core::array::from_fn(|k| &t[k][..l - l4]),
         };
         let ys = output[px * oc_n..][..P * oc_n].chunks_exact_mut(oc_n);
@@ -1072,6 +1112,32 @@ fn dw_pending(g: &Conv2dGeom) -> usize {
         most = most.max(idx + 1 - head);
     }
     most
+}
+
+/// `dst = src` for any length: `copy_words`, then the last `len % 4` bytes one by one (volatile,
+/// so no `memcpy` call replaces the loop).
+#[inline(always)]
+fn copy_bytes(dst: &mut [i8], src: &[i8]) {
+    let n4 = dst.len() & !3;
+    copy_words(&mut dst[..n4], &src[..n4]);
+    for (d, s) in dst[n4..].iter_mut().zip(&src[n4..]) {
+        // SAFETY: both references are valid bytes.
+        unsafe { core::ptr::write_volatile(d, *s) };
+    }
+}
+
+/// `dst.fill(v)` as `copy_bytes` copies.
+#[inline(always)]
+fn fill_bytes(dst: &mut [i8], v: i8) {
+    let w = [v; 4];
+    let n4 = dst.len() & !3;
+    for d in dst[..n4].chunks_exact_mut(4) {
+        copy_words(d, &w);
+    }
+    for d in dst[n4..].iter_mut() {
+        // SAFETY: a valid byte.
+        unsafe { core::ptr::write_volatile(d, v) };
+    }
 }
 
 /// `dst = src` by 4-byte words (both lengths multiples of 4), in `LDR`/`STR` pairs the
