@@ -737,8 +737,8 @@ fn channel_rows<'w, const P: usize, E: Out>(
     e: E,
     ys: &mut [&mut [i8]; P],
 ) {
-    // Never taken (every output slice is `os` long, as `bias` and `requant` are): it lets the
-    // stores below go without bounds checks.
+    // Never taken (every output slice is `os` long, as `bias` and `requant` are): it is what
+    // makes the unchecked stores below sound.
     let n = bias.len().min(requant.len());
     if ys.iter().any(|y| y.len() < n) {
         return;
@@ -747,7 +747,8 @@ fn channel_rows<'w, const P: usize, E: Out>(
         let acc = dot(w, x, [b; P]);
         let ch = e.prep(rq);
         for (y, a) in ys.iter_mut().zip(acc) {
-            y[j] = e.out(ch, a);
+            // SAFETY: j < n <= y.len() (checked above).
+            unsafe { *y.get_unchecked_mut(j) = e.out(ch, a) };
         }
     }
 }
