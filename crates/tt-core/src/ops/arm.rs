@@ -109,7 +109,7 @@ impl Fast {
         let sgn = acc >> 31;
         let (lo, carry) = self.rlo.overflowing_add(sgn as u32);
         let hi = self.rhi.wrapping_add(sgn).wrapping_add(carry as i32);
-        smlal(lo, hi, acc, self.m) >> self.s
+        asr(smlal(lo, hi, acc, self.m), self.s)
     }
 
     /// Whether `rq` takes this path (else the layer takes [`Generic`]).
@@ -216,6 +216,19 @@ fn smlal(lo: u32, hi: i32, a: i32, b: i32) -> i32 {
              a = in(reg) a, b = in(reg) b, options(pure, nomem, nostack, preserves_flags))
     };
     hi
+}
+
+/// `x >> s` (arithmetic) for `s` in 0..=31: one `ASR` by register (`>>` on a `u32` amount
+/// would mask it with an extra `AND` first).
+#[inline(always)]
+fn asr(x: i32, s: u32) -> i32 {
+    let r: i32;
+    // SAFETY: register-only arithmetic.
+    unsafe {
+        asm!("asr {r}, {x}, {s}", r = lateout(reg) r, x = in(reg) x, s = in(reg) s,
+             options(pure, nomem, nostack, preserves_flags))
+    };
+    r
 }
 
 /// `a + b` saturated to int32: one `QADD` (it may set the sticky Q flag, which nothing reads).
@@ -1373,14 +1386,14 @@ fn dw_quads<E: Out>(
     out: &mut [i8],
 ) {
     let nt = taps.len();
-    for (q, ((o, b), rq)) in out
+    for (q, (((o, b), rq), w)) in out
         .chunks_exact_mut(4)
         .zip(bz.chunks_exact(4))
         .zip(rp.chunks_exact(4))
+        .zip(wq.chunks_exact(nt * 2))
         .enumerate()
     {
         let (mut a0, mut a1, mut a2, mut a3) = (b[0], b[1], b[2], b[3]);
-        let w = &wq[q * nt * 2..][..nt * 2];
         for (&p, w) in taps.iter().zip(w.chunks_exact(2)) {
             // SAFETY: p points at out.len() readable bytes (`DwBlock::pixel` takes each from a
             // bounds-checked slice that long) and 4q + 4 <= out.len().
