@@ -8,9 +8,10 @@ use core::arch::asm;
 use super::conv::{tap_range, Conv2dGeom};
 use crate::quant::{Requant, DOUBLE_ROUNDING};
 
-/// Elements (taps x input channels per group) of one staged patch of the general path
-/// (two pixels' patches are staged interleaved as int16 pairs: 2 KB of stack).
-pub(crate) const PATCH_MAX: usize = 512;
+/// Elements (taps x input channels per group) of one staged patch of the general path: pixels
+/// are staged interleaved as int16 pairs, four at a time up to half of this, else two
+/// (`STAGED_WORDS`, 4 KB of stack).
+pub(crate) const PATCH_MAX: usize = 1024;
 /// Channels per pass of the depthwise path and the largest kernel it stages (864 B of weights).
 const DW_BLOCK: usize = 48;
 const DW_MAX_TAPS: usize = 9;
@@ -313,8 +314,9 @@ fn pack(lo: i16, hi: i16) -> u32 {
     lo as u16 as u32 | (hi as u16 as u32) << 16
 }
 
-/// Words one group of staged pixels takes: four pixels' patches of up to `PATCH_MAX` elements.
-const STAGED_WORDS: usize = 2 * PATCH_MAX;
+/// Words one group of staged pixels takes: four pixels' patches of up to `PATCH_MAX / 2`
+/// elements, or two of up to `PATCH_MAX`.
+const STAGED_WORDS: usize = PATCH_MAX;
 
 /// Scratch of `conv_rows`: up to four pixels' staged words and one patch's bytes.
 struct Stage {
@@ -616,6 +618,8 @@ fn conv_rows<E: Out>(
         xs: [0; STAGED_WORDS],
         pb: [0; PATCH_MAX],
     };
+    // Four pixels where their patches fit the staging buffer, else two.
+    let four = 2 * (g.kh * g.kw * g.in_per_group()) <= STAGED_WORDS;
     let mut px = 0;
     while px < n_px {
         px += match n_px - px {
@@ -625,7 +629,7 @@ fn conv_rows<E: Out>(
                     g, input, in_zp, weight, bias, requant, e, &mut st, px, output,
                 )
             }
-            2 | 3 => conv_pixels::<2, E>(
+            k if k < 4 || !four => conv_pixels::<2, E>(
                 g, input, in_zp, weight, bias, requant, e, &mut st, px, output,
             ),
             _ => conv_pixels::<4, E>(
@@ -809,7 +813,7 @@ fn pw_in_place_with<E: Out>(
     while step < pixels {
         let p = match pixels - step {
             1 => 1,
-            2 | 3 => 2,
+            k if k < 4 || 2 * ci > STAGED_WORDS => 2,
             _ => 4,
         };
         // The pixels [base, base + p): the next ones walking forward, or backward from the end.
