@@ -53,7 +53,7 @@ def make_scheme(name: str, q, x, y, seed: int, update_budget=None) -> tt.Scheme:
     raise ValueError(f"unknown scheme {name!r}")
 
 
-def local_only(plan, shards, sets, rounds, lr, seed):
+def local_only(plan, shards, sets, rounds, lr, seed, decay="none"):
     """Mean over devices of the accuracy on each of ``sets`` after every epoch."""
     # Every row uses the same learning rate grid; a device with a handful of samples can trip fit's
     # divergence alarm, and this row reports the accuracy it reaches anyway.
@@ -63,27 +63,29 @@ def local_only(plan, shards, sets, rounds, lr, seed):
         tr = tt.Trainer(plan, lr=lr)
         acc = [[tr.evaluate(*s) for s in sets]]
         for r in range(rounds):
+            tr.lr = lr * fleet.lr_scale(decay, r, rounds)
             tr.fit(x, y, epochs=1, seed=seed * 1009 + i + 7919 * r, verbose=False)
             acc.append([tr.evaluate(*s) for s in sets])
         curves.append(acc)
     return np.mean(curves, axis=0).T.tolist()  # [set][round]
 
 
-def centralized(plan, x, y, sets, rounds, lr, seed):
+def centralized(plan, x, y, sets, rounds, lr, seed, decay="none"):
     warnings.filterwarnings("ignore", "training diverged", RuntimeWarning)
     tr = tt.Trainer(plan, lr=lr)
     acc = [[tr.evaluate(*s) for s in sets]]
     for r in range(rounds):
+        tr.lr = lr * fleet.lr_scale(decay, r, rounds)
         tr.fit(x, y, epochs=1, seed=seed + 7919 * r, verbose=False)
         acc.append([tr.evaluate(*s) for s in sets])
     return np.asarray(acc).T.tolist()
 
 
-def federated(plan, x, y, parts, val, test, rounds, lr, server_lr, seed, per_epoch=1):
+def federated(plan, x, y, parts, val, test, rounds, lr, server_lr, seed, per_epoch=1, decay="none"):
     """``rounds`` epochs of each device's data in ``rounds * per_epoch`` rounds; the test accuracy
     after each epoch (every ``per_epoch``-th round)."""
     cfg = fleet.RunConfig(rounds=rounds * per_epoch, epochs=1, rounds_per_epoch=per_epoch, min_train_nodes=len(parts),
-                          min_available_nodes=len(parts), seed=seed, server_lr=server_lr)
+                          min_available_nodes=len(parts), seed=seed, server_lr=server_lr, lr_decay=decay)
     hist = fleet.simulate(plan, x, y, parts, cfg, test=test, lr=lr)
     hist["accuracy"] = hist["accuracy"][::per_epoch]
     lay = fleet.Layout(plan)
@@ -110,6 +112,8 @@ def main() -> int:
     ap.add_argument("--rounds-per-epoch", type=int, default=1,
                     help="(b) runs --rounds epochs of the devices' data in this many times more rounds, each "
                          "round on 1/K of a device's data (same samples seen as (a) and (c))")
+    ap.add_argument("--lr-decay", choices=fleet.LR_DECAYS, default="none",
+                    help="learning-rate schedule over the epochs, the same for (a), (b) and (c)")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--schemes", default="searched,searched@16KB,classifier,classifier-half-in")
     ap.add_argument("--update-budget", default=None,
@@ -140,12 +144,13 @@ def main() -> int:
             shards = [(x[p], y[p]) for p in parts]
             t0 = time.perf_counter()
             # each method gets the learning rate (and server step) whose final validation accuracy is best
-            a = max((local_only(plan, shards, [val, test], args.rounds, lr, seed) + [lr] for lr in lrs),
+            a = max((local_only(plan, shards, [val, test], args.rounds, lr, seed, args.lr_decay) + [lr] for lr in lrs),
                     key=lambda r: r[0][-1])
-            c = max((centralized(plan, x, y, [val, test], args.rounds, lr, seed) + [lr] for lr in lrs),
+            c = max((centralized(plan, x, y, [val, test], args.rounds, lr, seed, args.lr_decay) + [lr] for lr in lrs),
                     key=lambda r: r[0][-1])
             t1 = time.perf_counter()
-            runs = [(federated(plan, x, y, parts, val, test, args.rounds, lr, slr, seed, args.rounds_per_epoch), lr, slr)
+            runs = [(federated(plan, x, y, parts, val, test, args.rounds, lr, slr, seed, args.rounds_per_epoch,
+                               args.lr_decay), lr, slr)
                     for lr in lrs for slr in server_lrs]
             (hist, _), b_lr, b_slr = max(runs, key=lambda r: r[0][1])
             per_seed.append({"local_only": a[1], "federated": hist["accuracy"], "centralized": c[1],
@@ -174,6 +179,14 @@ def main() -> int:
                   f"chosen {per_seed[-1]['chosen']}; update {layout.nbytes} B (blob {blob} B, Flower {wire} B): "
                   f"int8 model {r['ratios']['int8_model/update']:.1f}x, fp32 model {r['ratios']['fp32_model/update']:.1f}x",
                   flush=True)
+            if args.seeds > 1:
+                fin = {k: 100 * np.array([s[k][-1] for s in per_seed]) for k in ("local_only", "federated", "centralized")}
+                gap = fin["centralized"] - fin["federated"]
+                print("  per seed (a) / (b) / (c): " + ", ".join(
+                    f"{a:.1f} / {b:.1f} / {c:.1f}" for a, b, c in zip(*fin.values())) +
+                    "; mean +- std " + ", ".join(f"{v.mean():.1f} +- {v.std():.1f}" for v in fin.values()) +
+                    f"; (c) - (b) {gap.mean():.1f} +- {gap.std():.1f} points (min {gap.min():.1f}, max {gap.max():.1f})",
+                    flush=True)
     if args.plot:
         from tinytrain.plots import fleet_accuracy_plot
 
@@ -184,6 +197,7 @@ def main() -> int:
                             title=f"{args.clients} devices, Dirichlet({args.alpha}), scheme {main_row['scheme']}")
     if args.json:
         print(json.dumps({"clients": args.clients, "rounds": args.rounds, "rounds_per_epoch": args.rounds_per_epoch,
+                          "lr_decay": args.lr_decay,
                           "alpha": args.alpha, "lrs": lrs,
                           "server_lrs": server_lrs,
                           "seeds": args.seeds, "rows": rows}))

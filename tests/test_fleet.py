@@ -246,6 +246,62 @@ def test_rounds_per_epoch_trains_each_part_of_the_data_in_turn(plan, q, target):
         c.fit(start, {**cfg, "rounds-per-epoch": 0})
 
 
+def test_lr_scale_decays_linearly_over_the_epochs_of_data():
+    assert [fleet.lr_scale("linear", e, 4) for e in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert fleet.lr_scale("none", 3, 4) == 1.0
+    # 20 rounds of half an epoch: the schedule of 10 epochs, one step every two rounds
+    cfg = fleet.RunConfig(rounds=20, rounds_per_epoch=2, lr_decay="linear")
+    assert [cfg.lr_scale(r) for r in (1, 2, 3, 19, 20)] == pytest.approx([1.0, 1.0, 0.9, 0.1, 0.1])
+    assert fleet.RunConfig(rounds=5).lr_scale(5) == 1.0
+    with pytest.raises(ValueError, match="lr decay"):
+        fleet.lr_scale("cosine", 0, 4)
+    with pytest.raises(ValueError, match="epoch 4"):
+        fleet.lr_scale("linear", 4, 4)
+
+
+def test_client_fit_scales_its_learning_rate_for_the_round(plan, q, target):
+    (x, y), _ = target
+    start = fleet.Layout(plan).extract(q)
+    cfg = {"epochs": 1, "server-round": 1}
+    half, _, _ = fleet.FleetClient(plan, x[:20], y[:20], lr=0.1, seed=3).fit(start, {**cfg, "lr-scale": 0.5})
+    want, _, _ = fleet.FleetClient(plan, x[:20], y[:20], lr=0.05, seed=3).fit(start, cfg)
+    full, _, _ = fleet.FleetClient(plan, x[:20], y[:20], lr=0.1, seed=3).fit(start, cfg)
+    assert all(np.array_equal(half[k], want[k]) for k in want)
+    assert any(not np.array_equal(half[k], full[k]) for k in full)
+    c = fleet.FleetClient(plan, x[:20], y[:20], lr=0.1, seed=3)
+    still, _, _ = c.fit(start, {**cfg, "lr-scale": 0.0})
+    assert all(np.array_equal(still[k], start[k]) for k in start)  # a zero rate moves nothing
+    again, _, _ = c.fit(start, cfg)  # the scale is the round's only: the next round is back at the base rate
+    assert c.trainer.lr == pytest.approx(0.1) and any(not np.array_equal(again[k], start[k]) for k in start)
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="lr-scale"):
+            c.fit(start, {**cfg, "lr-scale": bad})
+
+
+class _Grid:
+    """The part of a Flower Grid a strategy's configure_train reads: the connected nodes."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def test_strategy_sends_each_rounds_learning_rate_scale(plan, q, server_task):
+    lay = fleet.Layout(plan)
+    cfg = fleet.RunConfig(rounds=4, lr_decay="linear")
+    strat = fleet.SparseFedAvg(lay, lr_scale=cfg.lr_scale)
+    arrays = fleet.to_record(lay.extract(q))
+    for rnd, want in ((1, 1.0), (2, 0.75), (4, 0.25)):
+        msgs = list(strat.configure_train(rnd, arrays, flwr.app.ConfigRecord({"epochs": 1}), _Grid([5, 6])))
+        assert sorted(m.metadata.dst_node_id for m in msgs) == [5, 6]
+        for m in msgs:
+            assert m.content["config"]["lr-scale"] == want and m.content["config"]["epochs"] == 1
+    plain = list(fleet.SparseFedAvg(lay).configure_train(2, arrays, flwr.app.ConfigRecord({"epochs": 1}), _Grid([5, 6])))
+    assert "lr-scale" not in plain[0].content["config"]  # no schedule: the devices keep their own rate
+
+
 def test_layout_is_the_update_blobs(plan):
     """The server's layout and the devices' update blob (tt-core) name and shape the same arrays."""
     blob = tt.Trainer(plan).export_update(0)
@@ -286,7 +342,8 @@ def test_gateway_client_passes_a_devices_blob_on_unchanged(plan, target):
 def test_fleet_cli_simulate_learns_with_flowers_simulation_engine(tmp_path):
     """4 simulated devices (Dirichlet 0.3), 3 rounds, through Flower's simulation engine (Ray)."""
     r = subprocess.run([sys.executable, "-m", "tinytrain.cli", "fleet", "simulate", "--clients", "4", "--rounds", "3",
-                        "--scheme", "last:2", "--partition", "dirichlet:0.3", "--out", str(tmp_path), "--json"],
+                        "--scheme", "last:2", "--partition", "dirichlet:0.3", "--lr-decay", "linear",
+                        "--out", str(tmp_path), "--json"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(r.stdout.strip().splitlines()[-1])
@@ -294,6 +351,7 @@ def test_fleet_cli_simulate_learns_with_flowers_simulation_engine(tmp_path):
     assert len(acc) == 4 and acc[0] < 0.05  # the demo model has never seen digits 5-9
     assert max(acc[1:]) > 0.5
     assert rep["accepted"] == {"1": 4, "2": 4, "3": 4} and rep["rejected"] == []
+    assert rep["lr_decay"] == "linear"
     assert rep["update_bytes"] == 4096 + 4 * 128 + 1280 + 4 * 10  # conv_9 and fc_0: int8 weights, int32 biases
     assert rep["int8_model_over_update"] == pytest.approx(rep["full_int8_model_bytes"] / rep["update_bytes"])
     assert (tmp_path / "fleet.json").exists()

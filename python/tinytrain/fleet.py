@@ -41,7 +41,7 @@ from .trainer import Trainer
 from .update import Update, read_update
 
 __all__ = ["Layout", "FleetClient", "GatewayClient", "SparseFedAvg", "RunConfig", "client_app", "server_app", "run_server", "partition",
-           "simulate", "demo_setup", "plan_tag", "SERVER_APP", "CLIENT_APP"]
+           "simulate", "demo_setup", "plan_tag", "lr_scale", "LR_DECAYS", "SERVER_APP", "CLIENT_APP"]
 
 log = logging.getLogger("tinytrain.fleet")
 
@@ -208,6 +208,22 @@ class Layout:
         return self.quantize(mean, rng)
 
 
+#: Learning-rate schedules over a run (`lr_scale`).
+LR_DECAYS = ("none", "linear")
+
+
+def lr_scale(decay: str, epoch: int, epochs: int) -> float:
+    """The learning-rate multiplier of ``epoch`` (0-based) of ``epochs``: ``"none"`` 1; ``"linear"``
+    ``1 - epoch / epochs`` (1 in the first epoch, ``1 / epochs`` in the last). Counted in epochs of
+    the data, so a federation and a centralized run seeing each sample as often get the same schedule;
+    a fleet sends it to its devices each round (``"lr-scale"`` in the train config)."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"lr decay must be one of {LR_DECAYS}, got {decay!r}")
+    if epochs < 1 or not 0 <= epoch < epochs:
+        raise ValueError(f"epoch {epoch} is not in [0, {epochs})")
+    return 1.0 if decay == "none" else 1.0 - epoch / epochs
+
+
 def _channels(ratio: float, total: int) -> int:
     # the engine's rule for a partial update: the first round(ratio * C) channels, at least one
     return max(1, min(total, int(round(ratio * total))))
@@ -243,7 +259,8 @@ class FleetClient:
     (`Trainer.apply_update`), trains ``config["epochs"]`` local epochs through the plan and returns
     ``(params, samples trained on, metrics)`` (with ``config["rounds-per-epoch"] = K`` above 1 a
     round trains on the next 1/K of the device's data, shuffled once: K rounds see each sample
-    once); ``evaluate(params, config)`` returns
+    once; ``config["lr-scale"]`` multiplies the device's learning rate for the round, the server's
+    schedule); ``evaluate(params, config)`` returns
     ``(loss, samples, {"accuracy": ...})`` of the global values on the local data. Needs only the
     plan and the data, as a device does."""
 
@@ -257,6 +274,7 @@ class FleetClient:
             raise ValueError("a fleet client needs at least one local sample")
         self.seed = int(seed)
         self.trainer = Trainer(plan, lr=lr)
+        self.lr = self.trainer.lr  # the base rate the server's per-round "lr-scale" multiplies
 
     def get_parameters(self) -> Dict[str, np.ndarray]:
         return read_update(self.trainer.export_update(0), self.plan).params
@@ -275,6 +293,10 @@ class FleetClient:
         k = int(config.get("rounds-per-epoch", 1))
         if k < 1:
             raise ValueError(f"rounds-per-epoch must be >= 1, got {k}")
+        scale = float(config.get("lr-scale", 1.0))
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"lr-scale must be a finite number >= 0, got {scale!r}")
+        self.trainer.lr = self.lr * scale
         if k > 1:
             # more, shorter rounds over the same data: each average follows a shorter local run
             order = np.random.default_rng(self.seed).permutation(len(x))
@@ -363,13 +385,14 @@ class SparseFedAvg(FedAvg):
     ``(round, node, reason)``) and never averaged in. The others are averaged in real values
     (dequantized with the frozen scales, weighted by sample count) and re-quantized with stochastic
     rounding; ``server_lr`` scales the server's step from the current global values toward that
-    mean (1: plain FedAvg). Error replies (a client that crashed or went offline) are counted in ``failed``. The
+    mean (1: plain FedAvg). ``lr_scale(server_round)`` (optional) is the devices' learning-rate
+    multiplier of each round, sent in the train config as ``"lr-scale"``. Error replies (a client that crashed or went offline) are counted in ``failed``. The
     FedAvg arguments (``fraction_train``, ``min_train_nodes``,
     ``min_available_nodes``, ...) work as in Flower; a round with too few valid updates keeps the
     global model unchanged."""
 
     def __init__(self, layout: Layout, seed: int = 0, min_valid_updates: int = 1, server_lr: float = 1.0,
-                 **fedavg) -> None:
+                 lr_scale: Optional[Callable[[int], float]] = None, **fedavg) -> None:
         super().__init__(**fedavg)
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise ValueError(f"server_lr must be a finite number > 0, got {server_lr!r}")
@@ -377,6 +400,7 @@ class SparseFedAvg(FedAvg):
         self.rng = np.random.default_rng(seed)
         self.min_valid_updates = int(min_valid_updates)
         self.server_lr = float(server_lr)
+        self.lr_scale = lr_scale
         self.current: Optional[Dict[str, np.ndarray]] = None  # the global values sent this round
         self.rejected: List[Tuple[int, int, str]] = []
         self.failed: List[Tuple[int, int, str]] = []  # error replies: a client crashed or went offline
@@ -390,6 +414,8 @@ class SparseFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self.current = from_record(arrays)
+        if self.lr_scale is not None:
+            config = ConfigRecord({**dict(config), "lr-scale": float(self.lr_scale(server_round))})
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
@@ -463,6 +489,13 @@ class RunConfig:
     round_timeout: float = 3600.0
     seed: int = 0
     server_lr: float = 1.0  # 1: plain FedAvg; see SparseFedAvg
+    lr_decay: str = "none"  # the devices' learning-rate schedule over the run's epochs of data (lr_scale)
+
+    def lr_scale(self, server_round: int) -> float:
+        """The devices' learning-rate multiplier in round ``server_round`` (1-based): `lr_scale` of
+        the epoch of data the round belongs to (``rounds_per_epoch`` rounds make one epoch)."""
+        k = max(1, self.rounds_per_epoch)
+        return lr_scale(self.lr_decay, (max(server_round, 1) - 1) // k, -(-self.rounds // k))
 
 
 def run_server(grid: Grid, layout: Layout, cfg: RunConfig, test=None,
@@ -471,7 +504,9 @@ def run_server(grid: Grid, layout: Layout, cfg: RunConfig, test=None,
     """Runs ``cfg.rounds`` rounds of `SparseFedAvg` on ``grid``; returns the history: centralized
     ``accuracy`` per round (index 0: before training) when ``test=(x, y)``, client metrics, the
     accepted update counts and rejected updates with their reasons, and the final parameters."""
+    cfg.lr_scale(1)  # an unknown schedule fails here, before any round
     strategy = SparseFedAvg(layout, seed=cfg.seed, min_valid_updates=cfg.min_valid_updates, server_lr=cfg.server_lr,
+                            lr_scale=cfg.lr_scale if cfg.lr_decay != "none" else None,
                             fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                             min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_available_nodes,
                             min_evaluate_nodes=cfg.min_train_nodes if cfg.fraction_evaluate > 0 else 0)
@@ -697,7 +732,8 @@ def _deployed_main(grid: Grid, context: Context) -> None:
                         fraction_train=float(rc["fraction-train"]), min_train_nodes=int(rc["min-clients"]),
                         min_available_nodes=int(rc["min-clients"]), min_valid_updates=int(rc["min-valid"]),
                         fraction_evaluate=float(rc["fraction-evaluate"]), round_timeout=float(rc["round-timeout"]),
-                        seed=int(rc["seed"]), server_lr=float(rc["server-lr"]))
+                        seed=int(rc["seed"]), server_lr=float(rc["server-lr"]),
+                        lr_decay=str(rc.get("lr-decay", "none")))
         progress = str(rc.get("progress", ""))
 
         def on_round(r: int, m: Dict[str, float]) -> None:

@@ -55,7 +55,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = fleet.RunConfig(rounds=args.rounds, epochs=args.epochs, fraction_train=args.fraction,
                           min_train_nodes=max(1, int(args.fraction * args.clients)),
                           min_available_nodes=args.clients, seed=args.seed, server_lr=args.server_lr,
-                          rounds_per_epoch=args.rounds_per_epoch)
+                          rounds_per_epoch=args.rounds_per_epoch, lr_decay=args.lr_decay)
     setup_s = time.perf_counter() - t0
     with progress_bar("federated rounds", args.rounds, enabled=not args.json) as advance:
         def on_round(r: int, m: Dict[str, float]) -> None:
@@ -69,7 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     full_fp32 = 4 * layout.model_params()
     report = {
         "clients": args.clients, "rounds": args.rounds, "partition": args.partition, "epochs_per_round": args.epochs,
-        "rounds_per_epoch": args.rounds_per_epoch,
+        "rounds_per_epoch": args.rounds_per_epoch, "lr": args.lr, "lr_decay": args.lr_decay, "server_lr": args.server_lr,
         "samples_per_client": [int(len(p)) for p in parts], "scheme": layout.scheme.to_dict(),
         "accuracy": hist["accuracy"], "accepted": hist["accepted"], "rejected": hist["rejected"], "failed": hist["failed"],
         "update_bytes": sparse, "update_bytes_on_the_wire": fleet.record_bytes(hist["params"]),
@@ -227,7 +227,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         "rounds": args.rounds, "epochs": args.epochs, "batch-size": 1, "fraction-train": args.fraction,
         "min-clients": args.min_clients, "wait-clients": args.wait_clients or args.min_clients,
         "min-valid": args.min_valid, "fraction-evaluate": args.fraction_evaluate, "round-timeout": args.round_timeout,
-        "seed": args.seed, "server-lr": args.server_lr, "out": out, "progress": progress,
+        "seed": args.seed, "server-lr": args.server_lr, "lr-decay": args.lr_decay, "out": out, "progress": progress,
         "output": os.path.abspath(args.output) if args.output else "",
     }
     for k in ("plan", "model"):
@@ -385,6 +385,8 @@ def add_cli_parser(sub) -> None:
     q.add_argument("--lr", type=float, default=None, help="device learning rate (default: the plan's)")
     q.add_argument("--fraction", type=float, default=1.0, help="fraction of the devices trained per round")
     q.add_argument("--server-lr", type=float, default=1.0, help="server step toward the devices' mean (1: FedAvg)")
+    q.add_argument("--lr-decay", choices=("none", "linear"), default="none",
+                   help="the devices' learning-rate schedule: linear decays it over the run's epochs of data")
     q.add_argument("--out", default="tinytrain-fleet", help="folder for the plot and the JSON report")
     q.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     demo_options(q)
@@ -408,6 +410,8 @@ def add_cli_parser(sub) -> None:
     q.add_argument("--min-valid", type=int, default=1, help="valid updates a round needs to change the global model")
     q.add_argument("--fraction", type=float, default=1.0, help="fraction of the connected clients trained per round")
     q.add_argument("--server-lr", type=float, default=1.0, help="server step toward the devices' mean (1: FedAvg)")
+    q.add_argument("--lr-decay", choices=("none", "linear"), default="none",
+                   help="the devices' learning-rate schedule: linear decays it over the run's epochs of data")
     q.add_argument("--fraction-evaluate", type=float, default=0.0, help="fraction evaluating on their own data per round")
     q.add_argument("--round-timeout", type=float, default=600.0,
                    help="seconds a round waits for replies; a silent (dead) client is left out after it")
