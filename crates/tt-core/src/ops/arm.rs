@@ -1355,19 +1355,28 @@ impl<'g, E: Out> DwBlock<'g, E> {
         if ky_lo == 0 && ky_hi == kh && ox >= self.ox_a && ox < self.ox_b {
             let ix0 = ox * g.stride_w - g.pad_left;
             let base = (iy0 as usize * g.in_w + ix0) * c + c0;
-            // One bounds check for the window: the offsets grow with the tap.
+            // One bounds check for the window: the offsets grow with the tap, and the window
+            // ends `n` bytes after the last.
             let win = &x[base..base + self.offs[taps - 1] + n];
             for (p, &o) in ptrs.iter_mut().zip(&self.offs) {
-                *p = win[o..].as_ptr();
+                *p = win.as_ptr().wrapping_add(o);
             }
         } else {
             let (ix0, kx_lo, kx_hi) = tap_range(ox, g.stride_w, g.pad_left, kw, g.in_w);
             ptrs.fill(self.zp_row.as_ptr());
-            for ky in ky_lo..ky_hi {
-                let iy = (iy0 + ky as isize) as usize;
-                for kx in kx_lo..kx_hi {
-                    let ix = (ix0 + kx as isize) as usize;
-                    ptrs[ky * kw + kx] = x[(iy * g.in_w + ix) * c + c0..][..n].as_ptr();
+            if ky_lo < ky_hi && kx_lo < kx_hi {
+                let at = |ky: usize, kx: usize| {
+                    ((iy0 + ky as isize) as usize * g.in_w + (ix0 + kx as isize) as usize) * c + c0
+                };
+                // The inside taps lie from the first to the last: one bounds check for all.
+                let first = at(ky_lo, kx_lo);
+                let win = &x[first..at(ky_hi - 1, kx_hi - 1) + n];
+                for ky in ky_lo..ky_hi {
+                    let r = (ky - ky_lo) * g.in_w * c;
+                    let row = &mut ptrs[ky * kw + kx_lo..ky * kw + kx_hi];
+                    for (j, p) in row.iter_mut().enumerate() {
+                        *p = win.as_ptr().wrapping_add(r + j * c);
+                    }
                 }
             }
         }
@@ -1399,8 +1408,9 @@ fn dw_quads<E: Out>(
     {
         let (mut a0, mut a1, mut a2, mut a3) = (b[0], b[1], b[2], b[3]);
         for (&p, w) in taps.iter().zip(w.chunks_exact(2)) {
-            // SAFETY: p points at out.len() readable bytes (`DwBlock::pixel` takes each from a
-            // bounds-checked slice that long) and 4q + 4 <= out.len().
+            // SAFETY: p points at out.len() readable bytes (`DwBlock::pixel` takes each inside a
+            // bounds-checked window ending that many bytes past its last tap, or the zero-point
+            // row) and 4q + 4 <= out.len().
             let x = unsafe { word(&*(p.add(4 * q) as *const [i8; 4])) };
             let (ev, od) = (sxtb16(x), sxtb16_ror8(x));
             a0 = smlabb(ev, w[0], a0);
