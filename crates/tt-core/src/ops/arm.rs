@@ -12,7 +12,8 @@ use crate::quant::{Requant, DOUBLE_ROUNDING};
 /// are staged interleaved as int16 pairs, four at a time up to half of this, else two
 /// (`STAGED_WORDS`, 4 KB of stack).
 pub(crate) const PATCH_MAX: usize = 1024;
-/// Channels per pass of the depthwise path and the largest kernel it stages (864 B of weights).
+/// Channels per pass of the depthwise paths, and the kernel that many channels may have
+/// (`DW_STAGE`: 864 B of staged weights; larger kernels take fewer channels a pass).
 const DW_BLOCK: usize = 48;
 const DW_MAX_TAPS: usize = 9;
 
