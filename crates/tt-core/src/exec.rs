@@ -1413,6 +1413,46 @@ impl Weights<'_> {
         }
     }
 
+    /// Column `i` of a 1x1 layer's weights (`[out_c, icg]`) for outputs `o0..o0 + out.len()`,
+    /// as f32: the fused block backward stages pw2's columns this way, one strided walk per
+    /// source instead of a lookup per weight (the same values as `at`). Lengths were checked by
+    /// `check`.
+    fn column_f32(&self, i: usize, icg: usize, o0: usize, out: &mut [f32]) {
+        let walk = |w: &[i8], stride: usize, o0: usize, out: &mut [f32]| {
+            for (d, &v) in out
+                .iter_mut()
+                .zip(w[o0 * stride + i..].iter().step_by(stride))
+            {
+                *d = v as f32;
+            }
+        };
+        match *self {
+            Weights::Whole(w) => walk(w, icg, o0, out),
+            Weights::Split {
+                flash,
+                sram,
+                axis,
+                k,
+            } => {
+                if axis == 0 {
+                    // Outputs below k are trained (SRAM), the rest frozen (flash).
+                    let s = k.clamp(o0, o0 + out.len()) - o0;
+                    let (lo, hi) = out.split_at_mut(s);
+                    if !lo.is_empty() {
+                        walk(sram, icg, o0, lo);
+                    }
+                    if !hi.is_empty() {
+                        walk(flash, icg, o0 + s, hi);
+                    }
+                } else if axis == 1 && i < k {
+                    walk(sram, k, o0, out);
+                } else {
+                    walk(flash, icg, o0, out);
+                }
+            }
+        }
+    }
+
     /// The rows the DSP conv paths read: whole weights, or trained output channels below
     /// `k` (input-channel splits take the portable loops), for a patch that fits their staging
     /// and an int8-range zero point (so their int16 `x - zp` is the portable int32 one).
@@ -2028,9 +2068,7 @@ impl<'p, 'a> Executor<'p, 'a> {
             pa.fill(0.0);
             for o0 in (0..c3).step_by(STAGE_F32) {
                 let n = (c3 - o0).min(STAGE_F32);
-                for (o, s) in stage[..n].iter_mut().enumerate() {
-                    *s = w2.at(o0 + o, 0, c, 1, m) as f32;
-                }
+                w2.column_f32(c, m, o0, &mut stage[..n]);
                 let (st, sc) = (&stage[..n], &ws2[o0..o0 + n]);
                 let go = &go2[..hw2 * c3];
                 let (tail, k) = quads((0..hw2).filter(|&p| bit(mask_d, p * m + c)), |ps| {
@@ -2396,6 +2434,37 @@ mod tests {
         }
         fn i8(&mut self, lim: i32) -> i8 {
             ((self.next() % (2 * lim as u32 + 1)) as i32 - lim) as i8
+        }
+    }
+
+    #[test]
+    fn weight_columns_are_the_weights_at_each_output() {
+        let mut r = Lcg(7);
+        for _ in 0..300 {
+            let out_c = 1 + r.next() as usize % 40;
+            let icg = 1 + r.next() as usize % 40;
+            let axis = (r.next() % 3) as u8;
+            let k = r.next() as usize % (out_c.max(icg) + 2);
+            let flash: Vec<i8> = (0..out_c * icg).map(|_| r.i8(127)).collect();
+            let n_sram = if axis == 0 { k * icg } else { out_c * k };
+            let sram: Vec<i8> = (0..n_sram).map(|_| r.i8(127)).collect();
+            let w = match r.next() % 2 {
+                0 => Weights::Whole(&flash),
+                _ => Weights::Split {
+                    flash: &flash,
+                    sram: &sram,
+                    axis,
+                    k,
+                },
+            };
+            let i = r.next() as usize % icg;
+            let o0 = r.next() as usize % out_c;
+            let n = 1 + r.next() as usize % (out_c - o0);
+            let mut got = std::vec![f32::NAN; n];
+            w.column_f32(i, icg, o0, &mut got);
+            for (o, &v) in got.iter().enumerate() {
+                assert_eq!(v, w.at(o0 + o, 0, i, 1, icg) as f32);
+            }
         }
     }
 
