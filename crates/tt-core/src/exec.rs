@@ -774,12 +774,15 @@ impl<'p, 'a> Executor<'p, 'a> {
                 let o: &[i8] = view(o, "add input")?;
                 let y: &mut [i8] = view_mut(y, "add output")?;
                 let t = AddTerms::new(&p);
-                for (d, &v) in y.iter_mut().zip(o) {
-                    *d = if j == 1 {
-                        t.apply(&p, v, *d)
-                    } else {
-                        t.apply(&p, *d, v)
-                    };
+                // The operand order chosen once per tensor, not per element.
+                if j == 1 {
+                    for (d, &v) in y.iter_mut().zip(o) {
+                        *d = t.apply(&p, v, *d);
+                    }
+                } else {
+                    for (d, &v) in y.iter_mut().zip(o) {
+                        *d = t.apply(&p, *d, v);
+                    }
                 }
             }
             OpKind::Forward if arg & IN_PLACE != 0 => {
@@ -2465,6 +2468,46 @@ mod tests {
             for (o, &v) in got.iter().enumerate() {
                 assert_eq!(v, w.at(o0 + o, 0, i, 1, icg) as f32);
             }
+        }
+    }
+
+    #[test]
+    fn depthwise_plane_input_gradient_is_the_per_tap_scatter() {
+        let mut r = Lcg(11);
+        for _ in 0..400 {
+            let k: usize = [1, 3, 5, 7, 9][r.next() as usize % 5];
+            let (s, p) = (1 + r.next() as usize % 2, r.next() as usize % k.div_ceil(2));
+            let (ih, iw) = (k + r.next() as usize % 12, k + r.next() as usize % 12);
+            let g = Conv2dGeom::new(ih, iw, 1, 1, k, k, s, s, p, p, p, p, 1).unwrap();
+            let go: Vec<f32> = (0..g.out_h() * g.out_w())
+                .map(|_| match r.next() % 4 {
+                    0 => 0.0,
+                    _ => r.i8(100) as f32 * 0.37,
+                })
+                .collect();
+            let w: Vec<i8> = (0..k * k).map(|_| r.i8(127)).collect();
+            let scale = 0.013;
+            let mut got = std::vec![f32::NAN; ih * iw];
+            dw_plane_input_grad(&g, &go, &w, scale, &mut got);
+            let mut want = std::vec![0f32; ih * iw];
+            for oy in 0..g.out_h() {
+                for ox in 0..g.out_w() {
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * s + ky) as isize - p as isize;
+                            let ix = (ox * s + kx) as isize - p as isize;
+                            if (0..ih as isize).contains(&iy) && (0..iw as isize).contains(&ix) {
+                                let t = w[ky * k + kx] as f32 * scale;
+                                want[iy as usize * iw + ix as usize] += go[oy * g.out_w() + ox] * t;
+                            }
+                        }
+                    }
+                }
+            }
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 

@@ -88,8 +88,10 @@ impl AddTerms {
         t
     }
 
-    /// `p.apply(a, b)` for the `p` these terms were built from.
-    #[inline]
+    /// `p.apply(a, b)` for the `p` these terms were built from. Always inlined: it is the whole
+    /// body of the residual adds' element loops, where a call per element cost 0.9 M instructions
+    /// of MCUNet-5FPS's forward on the Cortex-M4.
+    #[inline(always)]
     pub fn apply(&self, p: &AddParams, a: i8, b: i8) -> i8 {
         let (sa, sb) = (self.a[a as u8 as usize], self.b[b as u8 as usize]);
         finish(
