@@ -85,7 +85,7 @@ def _quantized(model):
 def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder: bool = True,
             update_precision: str = "stochastic", loss: str = "cross_entropy", lr: float = 0.05,
             momentum: float = 0.0, seed: int = 0, patch="auto", in_place=None,
-            stream_input: bool = False, accumulate: bool = False) -> Plan:
+            stream_input: bool = False, accumulate: bool = False, optimize: str = "memory") -> Plan:
     """Compile training of `model` under `scheme` into a `Plan`.
 
     - ``budget``: SRAM budget ("256KB", bytes, or None for no limit); a plan whose peak exceeds it
@@ -105,7 +105,16 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
       and their output gradient (backward). ``patch=None`` runs whole tensors;
       ``patch=("conv_5", 4)`` runs the nodes up to ``conv_5`` on a 4x4 grid; ``in_place`` fixes
       the in-place choice (``True``: depthwise and expanding pointwise convs; ``"all"``: also
-      shrinking pointwise convs and adds). The layout changes memory, never the numbers.
+      shrinking pointwise convs and adds). The layout changes memory and work, never the numbers.
+    - ``optimize``: what the layout search minimizes. ``"memory"`` (default): the smallest peak.
+      ``"compute"``: spare SRAM bought back as speed: among the layouts whose peak fits
+      ``budget`` (any peak when ``budget`` is None), the one executing the fewest forward MACs
+      (a patch stage's recomputed halos count; the smaller peak among equals). A fine patch grid
+      over the high-resolution first layers gives the smallest peak and recomputes the most; a
+      coarser grid, a shorter stage or whole tensors cost more SRAM and less time. Both figures are
+      in ``plan.memory`` (``peak_bytes``; ``executed_macs`` against ``model_macs``). When no layout
+      fits the budget, the smallest peak is compiled and `MemoryBudgetError` raised as usual.
+      Only with ``patch="auto"`` and ``in_place=None`` (a fixed layout has nothing to choose).
     - ``stream_input``: the input sample is not copied into the SRAM arena; the patch stage reads
       its regions from where the caller keeps the sample (on the MCU: a camera frame buffer or
       flash). Needs a patch stage; saves the input's bytes (48 KB at 3x128x128).
@@ -130,6 +139,8 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     budget_bytes = None if budget is None else parse_bytes(budget)
+    if optimize not in ("memory", "compute"):
+        raise ValueError(f"optimize must be 'memory' or 'compute', got {optimize!r}")
     layers = list(q.layers)
     resolved = scheme.resolved(layers)
     per_node = []
@@ -170,12 +181,15 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
             stage = (names.index(last), grid)
         if in_place not in (None, True, False, "all"):
             raise ValueError(f"in_place must be True, False or 'all', got {in_place!r}")
+        if optimize != "memory":
+            raise ValueError(f"optimize={optimize!r} chooses among layouts: give patch='auto' and in_place=None "
+                             "(patch / in_place fix the layout)")
         layout = (stage, in_place is None or bool(in_place), in_place == "all")
     try:
         plan_bytes, params = _core.engine_compile(
             tensors, nodes, inp, out, per_node, bool(reorder), PRECISIONS[update_precision], momentum > 0,
             LOSSES[loss], int(seed) & (2**64 - 1), float(lr), float(momentum), json.dumps(meta).encode(), layout,
-            bool(stream_input), bool(accumulate), q.rounding)
+            bool(stream_input), bool(accumulate), q.rounding, optimize, budget_bytes)
     except ValueError as e:
         if layout is not None and layout[0] is not None and "patch stage" in str(e):
             raise ValueError(f"patch={patch!r}: the nodes up to {patch[0]!r} are not a chain of frozen convs "
@@ -220,6 +234,8 @@ def add_cli_options(p) -> None:
     p.add_argument("--calib", help="calibration data for a float model (.npz with X, or .npy)")
     p.add_argument("--stream-input", action="store_true",
                    help="the patch stage reads the input sample from outside the SRAM arena")
+    p.add_argument("--optimize", choices=["memory", "compute"], default="memory",
+                   help="layout: the smallest peak, or the fewest executed MACs whose peak fits --budget")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -228,8 +244,16 @@ def _cli_plan(args, budget_check: bool) -> Tuple[object, Plan]:
 
     q = load_model(args.model, args.calib)
     s = scheme_from_arg(q, args.scheme)
-    plan = compile(q, s, budget=None, reorder=not args.no_reorder, update_precision=args.precision, loss=args.loss,
-                   stream_input=args.stream_input)
+    kw = dict(reorder=not args.no_reorder, update_precision=args.precision, loss=args.loss,
+              stream_input=args.stream_input)
+    plan = None
+    if args.optimize == "compute":
+        try:
+            plan = compile(q, s, budget=args.budget, optimize="compute", **kw)
+        except MemoryBudgetError:
+            pass  # nothing fits: the smallest peak, compiled below, is reported and refused
+    if plan is None:
+        plan = compile(q, s, budget=None, **kw)
     if args.budget is not None:
         plan.memory.budget_bytes = parse_bytes(args.budget)
     if budget_check and plan.memory.fits is False:

@@ -33,7 +33,9 @@ class MemoryReport:
     accumulated_gradients (the fp32 per-batch accumulators of an ``accumulate=True`` plan, 0 otherwise)
     and fragmentation (packing overhead above the lower bound); ``flash_bytes`` is what stays in
     flash (frozen weights, scales, the plan). ``lower_bound_bytes`` is the most bytes live at once:
-    no placement can do better.
+    no placement can do better. The layout's work is ``extra["layout"]``'s ``executed_macs``
+    (forward conv/fc MACs per sample as the plan runs them, a patch stage's recomputed halos
+    included) against ``model_macs`` (each output once); also ``executed_macs`` / ``model_macs``.
     """
 
     peak_bytes: int
@@ -49,6 +51,14 @@ class MemoryReport:
     @property
     def fits(self) -> Optional[bool]:
         return None if self.budget_bytes is None else self.peak_bytes <= self.budget_bytes
+
+    @property
+    def executed_macs(self) -> Optional[int]:
+        return (self.extra.get("layout") or {}).get("executed_macs")
+
+    @property
+    def model_macs(self) -> Optional[int]:
+        return (self.extra.get("layout") or {}).get("model_macs")
 
     @property
     def packing_efficiency(self) -> float:
@@ -73,6 +83,10 @@ class MemoryReport:
             lines.append("input            streamed into the patch stage (not in SRAM)")
         if lay.get("in_place_ops"):
             lines.append(f"in place         {lay['in_place_ops']} depthwise ops (forward / gradient)")
+        if lay.get("model_macs"):
+            extra = lay["executed_macs"] - lay["model_macs"]
+            lines.append(f"forward MACs     {lay['executed_macs'] / 1e6:.2f} M executed"
+                         + (f" ({extra / 1e6:.2f} M of them recomputed patch halos)" if extra else ""))
         for k, v in self.breakdown.items():
             lines.append(f"  {k:<24}{kb(v)}")
         lines.append(f"flash (frozen)   {kb(self.flash_bytes)}")
@@ -120,7 +134,8 @@ class Plan:
         peak = timeline[rep["peak_op"]] if timeline else {"op": "-", "node": "-"}
         patch = rep["patch"]
         layout = {"patch": None if patch is None else {"last": node_name(patch[0]), "grid": patch[1]},
-                  "in_place_ops": int(rep["in_place_ops"]), "stream_input": bool(rep["stream_input"])}
+                  "in_place_ops": int(rep["in_place_ops"]), "stream_input": bool(rep["stream_input"]),
+                  "model_macs": int(rep["model_macs"]), "executed_macs": int(rep["executed_macs"])}
         self.memory = MemoryReport(
             peak_bytes=int(rep["arena_bytes"]), lower_bound_bytes=int(rep["lower_bound"]),
             state_bytes=int(rep["state_bytes"]), breakdown={k: int(v) for k, v in rep["breakdown"].items()},

@@ -42,8 +42,8 @@ use crate::ops::pool::{
 };
 use crate::ops::{save_input_channels, ChannelSelection, WeightShape, BIAS_LIMIT};
 use crate::plan::{
-    patch_bounds, patch_ranges, Axis1, BufKind, LossKind, OpKind, Precision, ACCUMULATE, IN_PLACE,
-    MAX_PATCH_CHAIN, NONE,
+    patch_bounds, patch_ranges, BufKind, LossKind, OpKind, Precision, ACCUMULATE, IN_PLACE,
+    MAX_PATCH_CHAIN, MAX_PATCH_GRID, NONE,
 };
 use crate::plan::{
     LayerRec, NodeRec, PlanView, TensorRec, NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP,
@@ -1658,35 +1658,12 @@ impl<'p, 'a> Executor<'p, 'a> {
         let last = (arg & 0xFFFF) as usize;
         let grid = (arg >> 16) as usize;
         let bad = |field| Error::CorruptPlan { field };
-        if first != 0 || last >= MAX_PATCH_CHAIN || grid == 0 || grid > 256 {
+        if first != 0 || grid == 0 || grid > MAX_PATCH_GRID {
             return Err(bad("ops.arg (patch stage)"));
         }
         let pv = self.plan;
         let params = self.params;
-        let mut rows = [Axis1::default(); MAX_PATCH_CHAIN];
-        let mut cols = rows;
-        let mut t = pv.globals.input;
-        for j in first..=last {
-            let n = pv.node(j)?;
-            if n.kind != NODE_CONV || n.inputs[0] != t {
-                return Err(bad("ops (patch stage is not a conv chain)"));
-            }
-            let ti = pv.tensor(t as usize)?;
-            let w = n.win;
-            rows[j] = Axis1 {
-                k: w[0] as usize,
-                s: w[2] as usize,
-                p: w[4] as usize,
-                n: ti.h as usize,
-            };
-            cols[j] = Axis1 {
-                k: w[1] as usize,
-                s: w[3] as usize,
-                p: w[5] as usize,
-                n: ti.w as usize,
-            };
-            t = n.output;
-        }
+        let (rows, cols, t) = pv.patch_chain(last)?;
         let in_t = pv.tensor(pv.globals.input as usize)?;
         let out_t = pv.tensor(t as usize)?;
         let [src, dst, a, b] = self.carve_t(bufs, [in_t.numel(), out_t.numel(), ALL, ALL])?;
@@ -3154,6 +3131,30 @@ mod tests {
         }
     }
 
+    /// Only the chain graph's classifier bias trains: the forward pass sets the peak.
+    fn classifier_bias(g: &Graph) -> Scheme {
+        scheme(g, |i| LayerUpdate {
+            bias: i == 7,
+            weight_ratio: 0.0,
+            axis: ChannelAxis::Output,
+        })
+    }
+
+    /// pw2 and pw4 of the chain graph train: the pw2 -> dw3 -> pw4 block runs fused.
+    fn block_scheme(g: &Graph) -> Scheme {
+        scheme(g, |i| LayerUpdate {
+            bias: i >= 2,
+            weight_ratio: if i == 2 {
+                0.5
+            } else if i == 4 {
+                0.25
+            } else {
+                0.0
+            },
+            axis: ChannelAxis::Output,
+        })
+    }
+
     fn run_layout(
         g: &Graph,
         s: &Scheme,
@@ -3206,17 +3207,7 @@ mod tests {
                 axis: ChannelAxis::Output,
             }),
             // pw2 trained too: the pw2 -> dw3 -> pw4 block runs fused.
-            scheme(&g, |i| LayerUpdate {
-                bias: i >= 2,
-                weight_ratio: if i == 2 {
-                    0.5
-                } else if i == 4 {
-                    0.25
-                } else {
-                    0.0
-                },
-                axis: ChannelAxis::Output,
-            }),
+            block_scheme(&g),
             scheme(&g, |i| LayerUpdate {
                 bias: i >= 2,
                 weight_ratio: if i == 2 || i == 4 { 0.5 } else { 0.0 },
@@ -3352,11 +3343,7 @@ mod tests {
         }
         let st = settings(true, Precision::FpMaster, false);
         // When only the classifier trains, the forward pass sets the peak: patches cut it.
-        let fc_only = scheme(&g, |i| LayerUpdate {
-            bias: i == 7,
-            weight_ratio: 0.0,
-            axis: ChannelAxis::Output,
-        });
+        let fc_only = classifier_bias(&g);
         let whole = run_layout(&g, &fc_only, &st, &Layout::default(), &x, 1)
             .unwrap()
             .3;
@@ -3376,6 +3363,212 @@ mod tests {
         .unwrap();
         assert!(patched.3 < whole, "{} vs {whole}", patched.3);
         assert_eq!(patched.2, patched.3);
+    }
+
+    /// Forward MACs of the chain graph run with a patch stage `0..=last` on a `grid` x `grid`
+    /// grid, counted the slow way: every patch's output rows (columns) walked back through each
+    /// window one row at a time, each node computing the span of rows the next one reads.
+    fn brute_patch_macs(g: &Graph, last: usize, grid: usize) -> u64 {
+        let per_px = |j: usize| g.params[j].as_ref().map_or(0, |p| p.weight.len()) as u64;
+        let span = |vertical: bool, o0: usize, o1: usize| -> Vec<usize> {
+            // Rows (or columns) of each chain node's output this patch computes.
+            let mut counts = std::vec![0usize; last + 1];
+            let (mut lo, mut hi) = (o0, o1);
+            for j in (0..=last).rev() {
+                counts[j] = hi - lo;
+                let NodeKind::Conv { win, .. } = g.nodes[j].kind else {
+                    unreachable!()
+                };
+                let t = g.tensors[g.nodes[j].inputs[0]];
+                let (k, s, p, n) = if vertical {
+                    (win.kh, win.sh, win.pt, t.h as u16)
+                } else {
+                    (win.kw, win.sw, win.pl, t.w as u16)
+                };
+                let mut need = std::collections::BTreeSet::new();
+                for o in lo..hi {
+                    for tap in 0..k {
+                        let i = (o * s as usize + tap as usize) as isize - p as isize;
+                        if (0..n as isize).contains(&i) {
+                            need.insert(i as usize);
+                        }
+                    }
+                }
+                lo = *need.first().unwrap();
+                hi = *need.last().unwrap() + 1;
+            }
+            counts
+        };
+        let out = g.tensors[g.nodes[last].output];
+        let mut total = 0u64;
+        for py in 0..grid {
+            let (y0, y1) = patch_bounds(out.h as usize, grid, py);
+            for px in 0..grid {
+                let (x0, x1) = patch_bounds(out.w as usize, grid, px);
+                if y1 <= y0 || x1 <= x0 {
+                    continue;
+                }
+                let (rows, cols) = (span(true, y0, y1), span(false, x0, x1));
+                for j in 0..=last {
+                    total += per_px(j) * (rows[j] * cols[j]) as u64;
+                }
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn plans_report_executed_macs_with_recomputed_halos() {
+        use crate::autodiff::Layout;
+        let g = chain_graph();
+        let model: u64 = g
+            .nodes
+            .iter()
+            .zip(&g.params)
+            .map(|(n, p)| {
+                let w = p.as_ref().map_or(0, |p| p.weight.len()) as u64;
+                let o = g.tensors[n.output];
+                match n.kind {
+                    NodeKind::Conv { .. } => w * o.h as u64 * o.w as u64,
+                    _ => w,
+                }
+            })
+            .sum();
+        let fc_only = classifier_bias(&g);
+        let st = settings(true, Precision::StochasticRounding, false);
+        let macs = |l: &Layout| {
+            let tg = crate::autodiff::build_with(&g, &fc_only, &st.options, l).unwrap();
+            let mp = crate::planner::plan(&tg.buffers, &tg.ops);
+            let (plan, _) = crate::plan::encode(&g, &tg, &mp, &st, b"").unwrap();
+            PlanView::parse(&plan).unwrap().forward_macs().unwrap()
+        };
+        let whole = macs(&Layout::default());
+        assert_eq!(whole.model, model);
+        assert_eq!(whole.executed, model);
+        let mut recomputing = 0;
+        for last in crate::autodiff::patch_candidates(&g, &fc_only).unwrap() {
+            // Up to one output pixel per patch (the stage's outputs are 6x6 or 12x12).
+            for grid in 1..=6 {
+                let m = macs(&Layout {
+                    patch: Some((last, grid)),
+                    in_place: true,
+                    ..Default::default()
+                });
+                assert_eq!(m.model, model);
+                let stage: u64 = (0..=last)
+                    .map(|j| {
+                        let o = g.tensors[g.nodes[j].output];
+                        g.params[j].as_ref().unwrap().weight.len() as u64 * o.h as u64 * o.w as u64
+                    })
+                    .sum();
+                let want = model - stage + brute_patch_macs(&g, last, grid);
+                assert_eq!(m.executed, want, "patch up to {last} on {grid}x{grid}");
+                if grid == 1 || last == 0 {
+                    assert_eq!(m.executed, model);
+                } else if m.executed > model {
+                    recomputing += 1;
+                }
+            }
+        }
+        // Every multi-conv stage on a real grid recomputes halos (the chain has 3x3 and 5x5 windows).
+        assert_eq!(recomputing, 4 * 5);
+    }
+
+    #[test]
+    fn compute_objective_buys_fewer_macs_with_spare_memory() {
+        use crate::autodiff::Layout;
+        use crate::plan::{compile_with, Objective, PATCH_GRIDS};
+        let g = chain_graph();
+        let mut rx = Lcg(3);
+        let x: Vec<i8> = (0..3 * 144).map(|_| rx.i8(120)).collect();
+        let schemes = [classifier_bias(&g), block_scheme(&g)];
+        let st = settings(true, Precision::StochasticRounding, false);
+        let executed = |plan: &[u8]| {
+            PlanView::parse(plan)
+                .unwrap()
+                .forward_macs()
+                .unwrap()
+                .executed
+        };
+        let run = |c: &crate::plan::Compiled| {
+            let mut o = Owned::new(c);
+            let mut ex = o.ex();
+            ex.init().unwrap();
+            let logits = ex.forward(&x).unwrap().to_vec();
+            let losses: Vec<u32> = (0..4)
+                .map(|_| ex.step(&x, Target::Class(1)).unwrap().to_bits())
+                .collect();
+            (logits, losses, ex.high_water())
+        };
+        let mut fewer = 0;
+        for sch in &schemes {
+            let small = compile(&g, sch, &st, b"").unwrap();
+            let base = run(&small);
+            // Every in-place layout the search tries, with its peak and work.
+            let mut tried = std::vec![];
+            for shrink_in_place in [false, true] {
+                let mut patches = std::vec![None];
+                for last in crate::autodiff::patch_candidates(&g, sch).unwrap() {
+                    patches.extend(PATCH_GRIDS.map(|grid| Some((last, grid))));
+                }
+                for patch in patches {
+                    let l = Layout {
+                        patch,
+                        in_place: true,
+                        shrink_in_place,
+                        ..Default::default()
+                    };
+                    let Ok(tg) = crate::autodiff::build_with(&g, sch, &st.options, &l) else {
+                        continue;
+                    };
+                    let mp = crate::planner::plan(&tg.buffers, &tg.ops);
+                    let (plan, _) = crate::plan::encode(&g, &tg, &mp, &st, b"").unwrap();
+                    tried.push((mp.arena_bytes, executed(&plan)));
+                }
+            }
+            let mut budgets: Vec<usize> = tried.iter().map(|t| t.0).collect();
+            budgets.push(usize::MAX);
+            for budget in budgets {
+                let c = compile_with(
+                    &g,
+                    sch,
+                    &st,
+                    b"",
+                    None,
+                    false,
+                    Objective::Compute { budget },
+                )
+                .unwrap();
+                let fitting = tried.iter().filter(|t| t.0 <= budget);
+                assert_eq!(
+                    executed(&c.plan),
+                    fitting.map(|t| t.1).min().unwrap(),
+                    "budget {budget}"
+                );
+                assert!(c.memory.arena_bytes <= budget);
+                assert!(executed(&c.plan) <= executed(&small.plan));
+                if executed(&c.plan) < executed(&small.plan) {
+                    fewer += 1;
+                }
+                let (logits, losses, hw) = run(&c);
+                assert_eq!(logits, base.0);
+                assert_eq!(losses, base.1);
+                assert_eq!(hw, c.memory.arena_bytes);
+            }
+            // Nothing fits: the smallest peak, as the memory objective compiles it.
+            let none = compile_with(
+                &g,
+                sch,
+                &st,
+                b"",
+                None,
+                false,
+                Objective::Compute { budget: 1 },
+            )
+            .unwrap();
+            assert_eq!(none.plan, small.plan);
+        }
+        assert!(fewer >= 2, "{fewer}");
     }
 
     proptest::proptest! {
@@ -3410,7 +3603,7 @@ mod tests {
             // Patch stage, in-place ops and the fused block backward behind a re-sealed CRC.
             use crate::autodiff::Layout;
             let g = chain_graph();
-            let sch = scheme(&g, |i| LayerUpdate { bias: i >= 2, weight_ratio: if i == 2 { 0.5 } else if i == 4 { 0.25 } else { 0.0 }, axis: ChannelAxis::Output });
+            let sch = block_scheme(&g);
             let st = settings(true, Precision::StochasticRounding, false);
             let layout = Layout { patch: Some((1, 3)), in_place: true, shrink_in_place: true, stream_input: stream, ..Default::default() };
             let tg = crate::autodiff::build_with(&g, &sch, &st.options, &layout).unwrap();

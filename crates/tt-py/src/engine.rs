@@ -11,8 +11,8 @@ use tt_core::autodiff::Layout;
 use tt_core::exec::{Executor, Target};
 use tt_core::graph::{Act, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
 use tt_core::plan::{
-    compile_with, Buffer, CompileOptions, LossKind, OpKind, PlanSettings, PlanView, Precision,
-    TrainOp, IN_PLACE,
+    compile_with, Buffer, CompileOptions, LossKind, Objective, OpKind, PlanSettings, PlanView,
+    Precision, TrainOp, IN_PLACE,
 };
 use tt_core::planner;
 use tt_core::quant::Rounding;
@@ -159,7 +159,7 @@ fn build_graph(
 
 /// Compiles a quantized graph for training. Returns (plan bytes, parameter blob).
 #[pyfunction]
-#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta, layout=None, stream_input=false, accumulate=false, rounding="single"))]
+#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta, layout=None, stream_input=false, accumulate=false, rounding="single", optimize="memory", budget=None))]
 #[allow(clippy::too_many_arguments)]
 fn engine_compile<'py>(
     py: Python<'py>,
@@ -180,7 +180,20 @@ fn engine_compile<'py>(
     stream_input: bool,
     accumulate: bool,
     rounding: &str,
+    optimize: &str,
+    budget: Option<usize>,
 ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let objective = match optimize {
+        "memory" => Objective::Memory,
+        "compute" => Objective::Compute {
+            budget: budget.unwrap_or(usize::MAX),
+        },
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "optimize must be 'memory' or 'compute', got {other:?}"
+            )))
+        }
+    };
     let g = build_graph(tensors, nodes, input, output, rounding_of(rounding)?)?;
     let scheme = Scheme {
         layers: scheme
@@ -214,7 +227,7 @@ fn engine_compile<'py>(
                 out_of_place: [0; 4],
                 stream_input,
             });
-            compile_with(&g, &scheme, &settings, meta, fixed, stream_input)
+            compile_with(&g, &scheme, &settings, meta, fixed, stream_input, objective)
         })
         .map_err(|e| core_err(py, e))?;
     Ok((PyBytes::new(py, &c.plan), PyBytes::new(py, &c.params)))
@@ -299,6 +312,9 @@ fn plan_report<'py>(py: Python<'py>, plan: &[u8]) -> PyResult<Bound<'py, PyDict>
     d.set_item("patch", patch)?;
     d.set_item("in_place_ops", in_place)?;
     d.set_item("stream_input", streamed)?;
+    let macs = v.forward_macs().map_err(|e| core_err(py, e))?;
+    d.set_item("model_macs", macs.model)?;
+    d.set_item("executed_macs", macs.executed)?;
     Ok(d)
 }
 
