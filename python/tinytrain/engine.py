@@ -108,13 +108,15 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
       shrinking pointwise convs and adds). The layout changes memory and work, never the numbers.
     - ``optimize``: what the layout search minimizes. ``"memory"`` (default): the smallest peak.
       ``"compute"``: spare SRAM bought back as speed: among the layouts whose peak fits
-      ``budget`` (any peak when ``budget`` is None), the one executing the fewest forward MACs
-      (a patch stage's recomputed halos count; the smaller peak among equals). A fine patch grid
-      over the high-resolution first layers gives the smallest peak and recomputes the most; a
-      coarser grid, a shorter stage or whole tensors cost more SRAM and less time. Both figures are
-      in ``plan.memory`` (``peak_bytes``; ``executed_macs`` against ``model_macs``). When no layout
-      fits the budget, the smallest peak is compiled and `MemoryBudgetError` raised as usual.
-      Only with ``patch="auto"`` and ``in_place=None`` (a fixed layout has nothing to choose).
+      ``budget`` (any peak when ``budget`` is None), the one executing the fewest forward MACs (a
+      patch stage's recomputed halos count), with inverted-residual blocks' backward fused and,
+      among equals, the forward out of place (both measured faster on a Cortex-M4), then the
+      smaller peak. A fine patch grid over the high-resolution first layers gives the smallest
+      peak and recomputes the most; a coarser grid, a shorter stage or whole tensors cost more
+      SRAM and less time. Both figures are in ``plan.memory`` (``peak_bytes``; ``executed_macs``
+      against ``model_macs``). When no layout fits the budget, the smallest peak found is
+      compiled and `MemoryBudgetError` raised as usual. Only with ``patch="auto"`` and
+      ``in_place=None`` (a fixed layout has nothing to choose).
     - ``stream_input``: the input sample is not copied into the SRAM arena; the patch stage reads
       its regions from where the caller keeps the sample (on the MCU: a camera frame buffer or
       flash). Needs a patch stage; saves the input's bytes (48 KB at 3x128x128).

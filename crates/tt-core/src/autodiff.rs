@@ -98,6 +98,9 @@ pub struct Layout {
     /// The input sample is not copied into the arena: the patch stage reads its regions from
     /// where the caller keeps it (a camera frame buffer, flash). Needs a patch stage.
     pub stream_input: bool,
+    /// Inverted-residual tails run their backward fused (channel by channel) without `in_place`
+    /// (which implies it): the forward then runs out of place.
+    pub fuse_blocks: bool,
 }
 
 impl Layout {
@@ -525,7 +528,8 @@ pub fn build_with(
         }
         // An inverted-residual tail pw1 -> depthwise -> pw2 (this node) runs backward channel by
         // channel of the expanded tensor: its fp32 gradients never exist whole.
-        let block = if opt.reorder && !opt.accumulate && layout.in_place && is_pointwise(g, i) {
+        let fuse = layout.in_place || layout.fuse_blocks;
+        let block = if opt.reorder && !opt.accumulate && fuse && is_pointwise(g, i) {
             let t2 = n.inputs[0];
             g.producer(t2)
                 .filter(|&d| {

@@ -226,6 +226,7 @@ fn engine_compile<'py>(
                 shrink_in_place,
                 out_of_place: [0; 4],
                 stream_input,
+                fuse_blocks: false,
             });
             compile_with(&g, &scheme, &settings, meta, fixed, stream_input, objective)
         })
