@@ -2346,11 +2346,51 @@ fn dw_plane_input_grad(g: &Conv2dGeom, go: &[f32], w: &[i8], scale: f32, gi: &mu
                 }
                 continue;
             }
+            if let Some(s) = staged {
+                // Each tap row inside the input at once, unrolled: small planes (4x4 under a
+                // 7x7 kernel) clip every window, and the per-tap loop was mostly overhead. A tap
+                // of one pixel touches its own input, so any order within the pixel gives the
+                // same sums.
+                let n = kx_hi - kx_lo;
+                for ky in ky_lo..ky_hi {
+                    let base = ((iy0 + ky as isize) * in_w + ix0) as usize + kx_lo;
+                    let k0 = ky * kw + kx_lo;
+                    tap_row(&mut gi[base..base + n], &s[k0..k0 + n], v);
+                }
+                continue;
+            }
             for ky in ky_lo..ky_hi {
                 let base = (iy0 + ky as isize) * in_w + ix0;
                 for kx in kx_lo..kx_hi {
                     gi[(base + kx as isize) as usize] += v * tap(ky * kw + kx);
                 }
+            }
+        }
+    }
+}
+
+/// `d += v * t`, entry by entry (`d` and `t` of one length): unrolled for the rows of kernels
+/// up to 7 wide.
+#[inline(always)]
+fn tap_row(d: &mut [f32], t: &[f32], v: f32) {
+    fn n<const N: usize>(d: &mut [f32], t: &[f32], v: f32) {
+        if let (Ok(d), Ok(t)) = (<&mut [f32; N]>::try_from(d), <&[f32; N]>::try_from(t)) {
+            for (d, &t) in d.iter_mut().zip(t) {
+                *d += v * t;
+            }
+        }
+    }
+    match d.len() {
+        1 => n::<1>(d, t, v),
+        2 => n::<2>(d, t, v),
+        3 => n::<3>(d, t, v),
+        4 => n::<4>(d, t, v),
+        5 => n::<5>(d, t, v),
+        6 => n::<6>(d, t, v),
+        7 => n::<7>(d, t, v),
+        _ => {
+            for (d, &t) in d.iter_mut().zip(t) {
+                *d += v * t;
             }
         }
     }
