@@ -368,7 +368,15 @@ pub fn sgd_update_bias(
             });
         }
     }
+    // f64 is software floating point on the M4F (~800 instructions a bias): a zero gradient
+    // without momentum leaves an in-range bias as it is (`b - lr * 0 = b`, rounded back to b),
+    // so it is not computed.
+    let moving = momentum.is_some() && cfg.momentum != 0.0;
+    let limit = crate::ops::BIAS_LIMIT as i64;
     for (o, &gr) in grad_b.iter().enumerate() {
+        if gr == 0.0 && !moving && (bias[o] as i64).abs() <= limit {
+            continue;
+        }
         let s = weight_scale[o] as f64 * input_scale as f64;
         let mut g = if cfg.qas {
             gr as f64 / s
@@ -382,11 +390,93 @@ pub fn sgd_update_bias(
             }
         }
         let nb = bias[o] as f64 - cfg.lr as f64 * g;
-        let r = if nb >= 0.0 { nb + 0.5 } else { nb - 0.5 };
-        // Saturating at the bound that keeps the forward's int32 accumulators exact; NaN is
-        // excluded above.
-        let limit = crate::ops::BIAS_LIMIT as f64;
-        bias[o] = r.clamp(-limit, limit) as i32;
+        // Half away from zero, then saturating at the bound that keeps the forward's int32
+        // accumulators exact (NaN is excluded above), with integer tests instead of f64
+        // comparisons: -0.0 rounds to 0 either way, and truncating before the clamp gives the
+        // clamp's result, the bound being an integer.
+        let r = if nb.is_sign_negative() {
+            nb - 0.5
+        } else {
+            nb + 0.5
+        };
+        bias[o] = (r as i64).clamp(-limit, limit) as i32;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The update as first written (all in f64, f64 clamp): the fast paths must give its bits.
+    fn reference(
+        bias: i32,
+        ws: f32,
+        is: f32,
+        gr: f32,
+        cfg: &SgdConfig,
+        v: Option<&mut f32>,
+    ) -> i32 {
+        let s = ws as f64 * is as f64;
+        let mut g = if cfg.qas {
+            gr as f64 / s
+        } else {
+            gr as f64 * s
+        };
+        if let Some(v) = v {
+            if cfg.momentum != 0.0 {
+                *v = cfg.momentum * *v + g as f32;
+                g = *v as f64;
+            }
+        }
+        let nb = bias as f64 - cfg.lr as f64 * g;
+        let r = if nb >= 0.0 { nb + 0.5 } else { nb - 0.5 };
+        let limit = crate::ops::BIAS_LIMIT as f64;
+        r.clamp(-limit, limit) as i32
+    }
+
+    #[test]
+    fn bias_update_equals_the_f64_formula() {
+        let mut x = XorShift32::new(9);
+        let mut pick = |n: u32| x.next_u32() % n;
+        let lim = crate::ops::BIAS_LIMIT as i32;
+        for _ in 0..20_000 {
+            let bias = match pick(5) {
+                0 => 0,
+                1 => lim - pick(3) as i32 + 1,
+                2 => -lim + pick(3) as i32 - 1,
+                3 => i32::MIN + pick(1000) as i32,
+                _ => pick(20_001) as i32 - 10_000,
+            };
+            let gr = match pick(4) {
+                0 => 0.0,
+                1 => -0.0,
+                2 => (pick(2001) as f32 - 1000.0) * 1e-3,
+                _ => {
+                    f32::from_bits(pick(u32::MAX) & 0x7f7f_ffff)
+                        * if pick(2) == 0 { 1.0 } else { -1.0 }
+                }
+            };
+            let ws = [1e-30, 1e-4, 0.02, 3.0][pick(4) as usize];
+            let cfg = SgdConfig {
+                lr: [0.0, 0.05, 1e6][pick(3) as usize],
+                momentum: [0.0, 0.9][pick(2) as usize],
+                qas: pick(2) == 0,
+            };
+            let with_m = pick(2) == 0;
+            let v0 = (pick(201) as f32 - 100.0) * 0.01;
+            let (mut va, mut vb) = (v0, v0);
+            let want = reference(bias, ws, 0.5, gr, &cfg, with_m.then_some(&mut va));
+            let mut b = [bias];
+            let mut vs = [vb];
+            let mom = if with_m { Some(&mut vs[..]) } else { None };
+            sgd_update_bias(&mut b, &[ws], 0.5, &[gr], &cfg, mom).unwrap();
+            vb = vs[0];
+            assert_eq!(
+                b[0], want,
+                "bias {bias} grad {gr} scale {ws} {cfg:?} momentum {with_m}"
+            );
+            assert_eq!(va.to_bits(), vb.to_bits());
+        }
+    }
 }
