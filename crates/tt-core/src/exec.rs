@@ -29,7 +29,7 @@
 //! to `step` / `predict`, which may live anywhere (a camera frame buffer, flash).
 use crate::crc::crc32;
 use crate::ops::act::{clamp_mask_apply_bits, clamp_mask_pack};
-use crate::ops::add::{AddParams, AddTerms};
+use crate::ops::add::{requant_each, AddParams, AddTerms};
 use crate::ops::conv::{
     conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight,
     conv2d_depthwise_in_place_plane, conv2d_forward, Conv2dGeom,
@@ -776,13 +776,9 @@ impl<'p, 'a> Executor<'p, 'a> {
                 let t = AddTerms::new(&p);
                 // The operand order chosen once per tensor, not per element.
                 if j == 1 {
-                    for (d, &v) in y.iter_mut().zip(o) {
-                        *d = t.apply(&p, v, *d);
-                    }
+                    requant_each(&p, y, |i, d| t.a(o[i]).wrapping_add(t.b(d)));
                 } else {
-                    for (d, &v) in y.iter_mut().zip(o) {
-                        *d = t.apply(&p, *d, v);
-                    }
+                    requant_each(&p, y, |i, d| t.a(d).wrapping_add(t.b(o[i])));
                 }
             }
             OpKind::Forward if arg & IN_PLACE != 0 => {

@@ -88,18 +88,43 @@ impl AddTerms {
         t
     }
 
-    /// `p.apply(a, b)` for the `p` these terms were built from. Always inlined: it is the whole
-    /// body of the residual adds' element loops, where a call per element cost 0.9 M instructions
-    /// of MCUNet-5FPS's forward on the Cortex-M4.
+    /// `p.apply(a, b)` for the `p` these terms were built from.
     #[inline(always)]
     pub fn apply(&self, p: &AddParams, a: i8, b: i8) -> i8 {
-        let (sa, sb) = (self.a[a as u8 as usize], self.b[b as u8 as usize]);
-        finish(
-            p.out_mult.apply(sa.wrapping_add(sb)),
-            p.out_zp,
-            p.act_min,
-            p.act_max,
-        )
+        out(p, self.a(a).wrapping_add(self.b(b)))
+    }
+
+    /// Input a's scaled term at value `v`.
+    #[inline(always)]
+    pub fn a(&self, v: i8) -> i32 {
+        self.a[v as u8 as usize]
+    }
+
+    /// Input b's scaled term at value `v`.
+    #[inline(always)]
+    pub fn b(&self, v: i8) -> i32 {
+        self.b[v as u8 as usize]
+    }
+}
+
+/// The add's output for a sum of the two scaled terms.
+#[inline(always)]
+fn out(p: &AddParams, sum: i32) -> i8 {
+    finish(p.out_mult.apply(sum), p.out_zp, p.act_min, p.act_max)
+}
+
+/// `out[i]` = the add's output for the sum of terms `sum(i, out[i])` (the current byte, for an
+/// add writing over an input). Always inlined into the residual adds' element loops (a call per
+/// element cost 0.9 M instructions of MCUNet-5FPS's forward on the Cortex-M4); on the DSP build
+/// through the convs' epilogue chosen once per tensor (one `SMLAL` rounding, `SSAT`) instead of
+/// 64-bit shifts and clamps per element, the same numbers.
+#[inline(always)]
+pub fn requant_each(p: &AddParams, o: &mut [i8], mut sum: impl FnMut(usize, i8) -> i32) {
+    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+    super::arm::requant_each(&p.out_mult, p.out_zp, p.act_min, p.act_max, o, sum);
+    #[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
+    for (i, d) in o.iter_mut().enumerate() {
+        *d = out(p, sum(i, *d));
     }
 }
 
@@ -113,9 +138,7 @@ pub fn add_forward(p: &AddParams, a: &[i8], b: &[i8], output: &mut [i8]) -> Resu
         });
     }
     let t = AddTerms::new(p);
-    for ((o, &x), &y) in output.iter_mut().zip(a).zip(b) {
-        *o = t.apply(p, x, y);
-    }
+    requant_each(p, output, |i, _| t.a(a[i]).wrapping_add(t.b(b[i])));
     Ok(())
 }
 

@@ -208,6 +208,26 @@ macro_rules! with_out {
     };
 }
 
+/// `out[i]` = `rq`'s requantization of `sum(i, out[i])` plus `zp`, clamped to `[lo, hi]`
+/// (`apply_clamp`), through one epilogue chosen for `rq`: the residual adds' output stage.
+#[inline(always)]
+pub(crate) fn requant_each(
+    rq: &Requant,
+    zp: i32,
+    lo: i8,
+    hi: i8,
+    out: &mut [i8],
+    mut sum: impl FnMut(usize, i8) -> i32,
+) {
+    let mode = Mode::of(core::slice::from_ref(rq), zp, lo, hi);
+    with_out!(mode, e => {
+        let ch = e.prep(rq);
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = e.out(ch, sum(i, *o));
+        }
+    })
+}
+
 /// `(hi:lo) + a * b` as a 64-bit sum, its high word: one `SMLAL`.
 #[inline(always)]
 fn smlal(lo: u32, hi: i32, a: i32, b: i32) -> i32 {
