@@ -15,6 +15,7 @@ mod board;
 
 use cortex_m_rt::entry;
 use tt_core::ops::act::clamp_mask_backward;
+use tt_core::ops::add::{add_forward, AddParams};
 use tt_core::ops::conv::{
     conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight,
     conv2d_depthwise_in_place_plane, conv2d_forward, Conv2dGeom,
@@ -502,7 +503,46 @@ fn run() -> Result<(), tt_core::Error> {
     say!("forward kernels equal the plain reference on {n} random geometries");
     let n = random_in_place_depthwise(b, &mut rng)?;
     say!("in-place depthwise equals the plain reference on {n} random geometries");
+    let n = random_adds(b, &mut rng)?;
+    say!("residual adds equal the plain reference on {n} random quantizations");
     Ok(())
+}
+
+/// Residual adds (`add_forward`, whose requantization takes the convs' DSP epilogue) against
+/// `AddParams::apply` element by element (the portable fixed-point path): random scales and
+/// zero points, both rounding modes, whole-range and narrowed clamps.
+fn random_adds(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_core::Error> {
+    let mut r = |n: u32| rng.next_u32() % n;
+    let n = RX;
+    for case in 0..100 {
+        let mut q = || {
+            let scale = [0.001 + 0.001 * r(100) as f32, 1.0 / (1u32 << r(12)) as f32][r(2) as usize];
+            QParams::new(scale, r(256) as i32 - 128)
+        };
+        let (qa, qb, qo) = (q()?, q()?, q()?);
+        let (lo, hi) = if case % 2 == 0 {
+            (i8::MIN, i8::MAX)
+        } else {
+            (-128 + r(20) as i8, 127 - r(20) as i8)
+        };
+        let rounding = if case % 3 == 0 { Rounding::Double } else { Rounding::Single };
+        let p = AddParams::new(qa, qb, qo, lo, hi, rounding)?;
+        for v in b.rx[..n].iter_mut().chain(b.ry_ref[..n].iter_mut()) {
+            *v = r(256) as i8;
+        }
+        add_forward(&p, &b.rx[..n], &b.ry_ref[..n], &mut b.ry[..n])?;
+        let same = b.ry[..n]
+            .iter()
+            .zip(b.rx[..n].iter().zip(&b.ry_ref[..n]))
+            .all(|(&y, (&x, &z))| y == p.apply(x, z));
+        if !same {
+            say!("mismatch: {p:?}");
+            return Err(tt_core::Error::InvalidParameter {
+                what: "residual add differs from the plain reference",
+            });
+        }
+    }
+    Ok(100)
 }
 
 /// The executor's in-place depthwise (output over its input, one output plane of scratch) on
