@@ -516,7 +516,8 @@ fn random_adds(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_core::Er
     let n = RX;
     for case in 0..100 {
         let mut q = || {
-            let scale = [0.001 + 0.001 * r(100) as f32, 1.0 / (1u32 << r(12)) as f32][r(2) as usize];
+            let scale =
+                [0.001 + 0.001 * r(100) as f32, 1.0 / (1u32 << r(12)) as f32][r(2) as usize];
             QParams::new(scale, r(256) as i32 - 128)
         };
         let (qa, qb, qo) = (q()?, q()?, q()?);
@@ -525,7 +526,11 @@ fn random_adds(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_core::Er
         } else {
             (-128 + r(20) as i8, 127 - r(20) as i8)
         };
-        let rounding = if case % 3 == 0 { Rounding::Double } else { Rounding::Single };
+        let rounding = if case % 3 == 0 {
+            Rounding::Double
+        } else {
+            Rounding::Single
+        };
         let p = AddParams::new(qa, qb, qo, lo, hi, rounding)?;
         for v in b.rx[..n].iter_mut().chain(b.ry_ref[..n].iter_mut()) {
             *v = r(256) as i8;
