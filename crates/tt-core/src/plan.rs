@@ -1266,8 +1266,14 @@ mod encode {
             let macs = match objective {
                 Objective::Memory => 0,
                 Objective::Compute { .. } => {
-                    let (plan, _) = encode(g, &training, &memory, settings, meta)?;
-                    PlanView::parse(&plan)?.forward_macs()?.executed
+                    let work = encode(g, &training, &memory, settings, meta)
+                        .and_then(|(p, _)| PlanView::parse(&p).and_then(|v| v.forward_macs()));
+                    // A layout that does not encode is not a candidate (as one that does not
+                    // build); the chosen one is encoded again below.
+                    let Ok(work) = work else {
+                        continue;
+                    };
+                    work.executed
                 }
             };
             let key = objective.key(layout, memory.arena_bytes, macs);
