@@ -13,9 +13,12 @@ export RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc
 export CARGO_TARGET_THUMBV7EM_NONE_EABIHF_LINKER=arm-none-eabi-ld
 # One target dir for every firmware example, so `core` (build-std) is compiled once.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_MCU:-$PWD/target/thumb-examples}"
-# TT_MCU_FEATURES=portable builds the plain reference firmware (no DSP kernels).
+# TT_MCU_FEATURES=portable builds the plain reference firmware (no DSP kernels). The soak runs
+# on the built-in demo plan only (below), so a given bundle does not build it: its reference
+# trajectory beside a full-size arena need not fit.
 /usr/bin/cargo build -q -Z build-std=core --target thumbv7em-none-eabihf --release \
-  --manifest-path "$ex/Cargo.toml" ${TT_MCU_FEATURES:+--features "$TT_MCU_FEATURES"}
+  --manifest-path "$ex/Cargo.toml" ${TT_MCU_FEATURES:+--features "$TT_MCU_FEATURES"} \
+  ${TT_MCU_BUNDLE:+--bin tt-mcu-qemu-mps2-an386 --bin kernel_cost}
 bin="$CARGO_TARGET_DIR/thumbv7em-none-eabihf/release"
 elf="$bin/tt-mcu-qemu-mps2-an386"
 qemu() {
