@@ -2349,7 +2349,8 @@ fn dw_plane_input_grad(g: &Conv2dGeom, go: &[f32], w: &[i8], scale: f32, gi: &mu
                 // same sums.
                 let n = kx_hi - kx_lo;
                 for ky in ky_lo..ky_hi {
-                    let base = ((iy0 + ky as isize) * in_w + ix0) as usize + kx_lo;
+                    // In isize until the sum: a clipped window's ix0 is negative.
+                    let base = ((iy0 + ky as isize) * in_w + ix0 + kx_lo as isize) as usize;
                     let k0 = ky * kw + kx_lo;
                     tap_row(&mut gi[base..base + n], &s[k0..k0 + n], v);
                 }

@@ -994,7 +994,8 @@ fn dw_plane_forward(
                     }
                     let xv = buf[(iy as usize * g.in_w + ix as usize) * c + ch] as i32;
                     let wv = w[ky * g.kw + kx] as i32;
-                    acc = acc.wrapping_add((xv - in_zp).wrapping_mul(wv));
+                    // Wrapping as the other paths: a zero point is external data.
+                    acc = acc.wrapping_add(xv.wrapping_sub(in_zp).wrapping_mul(wv));
                 }
             }
             plane[oy * ow + ox] = rq.apply_clamp(acc, out_zp, amin, amax);
