@@ -47,6 +47,9 @@ fn sxtb16_ror8(x: u32) -> u32 {
 /// into what `out` needs, once per channel and pixel group rather than per output.
 trait Out: Copy {
     type Ch: Copy;
+    /// Whether paths copy themselves per kernel size for this epilogue (not for the rare
+    /// generic records: the flash those copies take is scarce).
+    const COPIES: bool = true;
     fn prep(self, rq: &Requant) -> Self::Ch;
     fn out(self, ch: Self::Ch, acc: i32) -> i8;
     /// The same epilogue in its generic form (for paths too rare to copy per kind in flash).
@@ -63,6 +66,7 @@ struct Generic {
 
 impl Out for Generic {
     type Ch = Requant;
+    const COPIES: bool = false;
     #[inline(always)]
     fn prep(self, rq: &Requant) -> Requant {
         *rq
@@ -296,18 +300,6 @@ fn smlabt(a: u32, b: u32, acc: i32) -> i32 {
     // SAFETY: as `smlad`.
     unsafe {
         asm!("smlabt {r}, {a}, {b}, {c}", r = lateout(reg) r, a = in(reg) a, b = in(reg) b,
-             c = in(reg) acc, options(pure, nomem, nostack))
-    };
-    r
-}
-
-/// `acc + a.hi * b.hi` (int16 lanes), wrapping.
-#[inline(always)]
-fn smlatt(a: u32, b: u32, acc: i32) -> i32 {
-    let r: i32;
-    // SAFETY: as `smlad`.
-    unsafe {
-        asm!("smlatt {r}, {a}, {b}, {c}", r = lateout(reg) r, a = in(reg) a, b = in(reg) b,
              c = in(reg) acc, options(pure, nomem, nostack))
     };
     r
@@ -1104,20 +1096,35 @@ fn dw_forward_with<E: Out>(
     e: E,
     output: &mut [i8],
 ) {
-    let (c, ow) = (g.in_c, g.out_w());
+    let c = g.in_c;
     let cb = DW_BLOCK.min(DW_STAGE / (g.kh * g.kw)) & !3;
     let mut blk = DwBlock::new(g, e, in_zp);
     let mut c0 = 0;
     while c0 < c {
         let n = (c - c0).min(cb);
         blk.stage(weight, bias, requant, c0, n);
-        for oy in 0..g.out_h() {
-            for ox in 0..ow {
-                let out = &mut output[(oy * ow + ox) * c + c0..][..n];
-                blk.pixel(input, oy, ox, out);
-            }
+        // 3x3 kernels (nearly every depthwise layer) take a copy with the tap count a constant,
+        // so the tap loops unroll: no counter and no pointer steps per tap. Only here: the
+        // in-place path is rarer, and a copy there costs flash MCUNet's firmware does not have.
+        if E::COPIES && blk.taps == 9 {
+            dw_pixels::<9, E>(&mut blk, input, output);
+        } else {
+            dw_pixels::<0, E>(&mut blk, input, output);
         }
         c0 += n;
+    }
+}
+
+/// Every output pixel of `blk`'s staged channel block (`DwBlock::pixel::<K>`).
+#[inline(always)]
+fn dw_pixels<const K: usize, E: Out>(blk: &mut DwBlock<'_, E>, input: &[i8], output: &mut [i8]) {
+    let (g, c0, n) = (blk.g, blk.c0, blk.n);
+    let (c, ow) = (g.in_c, g.out_w());
+    for oy in 0..g.out_h() {
+        for ox in 0..ow {
+            let out = &mut output[(oy * ow + ox) * c + c0..][..n];
+            blk.pixel::<K>(input, oy, ox, out);
+        }
     }
 }
 
@@ -1275,7 +1282,7 @@ fn dw_in_place_with<E: Out>(
                 due = dw_last_reader(g, head.min(opix - 1)) + 1;
             }
             let out = &mut ring[(idx % cap) * cb..][..n];
-            blk.pixel(&buf[..g.input_len()], idx / ow, idx % ow, out);
+            blk.pixel::<0>(&buf[..g.input_len()], idx / ow, idx % ow, out);
         }
         while head < opix {
             let s = &ring[(head % cap) * cb..][..n];
@@ -1366,11 +1373,13 @@ impl<'g, E: Out> DwBlock<'g, E> {
         }
     }
 
-    /// Output pixel `(oy, ox)` of the staged block from the HWC input `x` into `out` (`n`).
+    /// Output pixel `(oy, ox)` of the staged block from the HWC input `x` into `out` (`n`), for
+    /// `K` taps (the layer's count), or any count if `K == 0`.
     #[inline(always)]
-    fn pixel(&mut self, x: &[i8], oy: usize, ox: usize, out: &mut [i8]) {
+    fn pixel<const K: usize>(&mut self, x: &[i8], oy: usize, ox: usize, out: &mut [i8]) {
         let g = self.g;
-        let (kh, kw, c, c0, n, taps) = (g.kh, g.kw, g.in_c, self.c0, self.n, self.taps);
+        let taps = if K == 0 { self.taps } else { K };
+        let (kh, kw, c, c0, n) = (g.kh, g.kw, g.in_c, self.c0, self.n);
         let (iy0, ky_lo, ky_hi) = tap_range(oy, g.stride_h, g.pad_top, kh, g.in_h);
         let ptrs = &mut self.ptrs[..taps];
         if ky_lo == 0 && ky_hi == kh && ox >= self.ox_a && ox < self.ox_b {
@@ -1402,7 +1411,7 @@ impl<'g, E: Out> DwBlock<'g, E> {
             }
         }
         let wq = &self.wq[..n / 4 * taps * 2];
-        dw_quads(ptrs, wq, &self.bz[..n], &self.rp[..n], self.e, out);
+        dw_quads::<K, E>(ptrs, wq, &self.bz[..n], &self.rp[..n], self.e, out);
     }
 }
 
@@ -1410,8 +1419,9 @@ impl<'g, E: Out> DwBlock<'g, E> {
 /// pointing at `out.len()` readable bytes) against the staged weights (`wq`: per quad, per
 /// tap, `(w0 | w2), (w1 | w3)`), from the zero-point-folded biases `bz`, through the epilogue
 /// into `out`.
+/// `dw_quads` for `K` taps (`K == taps.len()`), or any count if `K == 0`.
 #[inline(always)]
-fn dw_quads<E: Out>(
+fn dw_quads<const K: usize, E: Out>(
     taps: &[*const i8],
     wq: &[u32],
     bz: &[i32],
@@ -1419,7 +1429,8 @@ fn dw_quads<E: Out>(
     e: E,
     out: &mut [i8],
 ) {
-    let nt = taps.len();
+    let nt = if K == 0 { taps.len() } else { K };
+    let taps = &taps[..nt];
     for (q, (((o, b), rq), w)) in out
         .chunks_exact_mut(4)
         .zip(bz.chunks_exact(4))
@@ -1433,11 +1444,25 @@ fn dw_quads<E: Out>(
             // bounds-checked window ending that many bytes past its last tap, or the zero-point
             // row) and 4q + 4 <= out.len().
             let x = unsafe { word(&*(p.add(4 * q) as *const [i8; 4])) };
-            let (ev, od) = (sxtb16(x), sxtb16_ror8(x));
-            a0 = smlabb(ev, w[0], a0);
-            a2 = smlatt(ev, w[0], a2);
-            a1 = smlabb(od, w[1], a1);
-            a3 = smlatt(od, w[1], a3);
+            // One block per tap: as separate pure instructions an unrolled tap loop gets
+            // reordered accumulator by accumulator, which spills the widened inputs.
+            // SAFETY: register-only arithmetic (DSP extension); `ev`/`od` are outputs written
+            // before `x` is last read, so they take registers other than `x`'s.
+            unsafe {
+                asm!(
+                    "sxtb16 {ev}, {x}",
+                    "sxtb16 {od}, {x}, ror #8",
+                    "smlabb {a0}, {ev}, {w0}, {a0}",
+                    "smlatt {a2}, {ev}, {w0}, {a2}",
+                    "smlabb {a1}, {od}, {w1}, {a1}",
+                    "smlatt {a3}, {od}, {w1}, {a3}",
+                    x = in(reg) x, w0 = in(reg) w[0], w1 = in(reg) w[1],
+                    ev = out(reg) _, od = out(reg) _,
+                    a0 = inout(reg) a0, a1 = inout(reg) a1, a2 = inout(reg) a2,
+                    a3 = inout(reg) a3,
+                    options(pure, nomem, nostack, preserves_flags)
+                )
+            };
         }
         o[0] = e.out(rq[0], a0);
         o[1] = e.out(rq[1], a1);

@@ -39,6 +39,9 @@ const FL_OC: usize = 16;
 /// Largest random geometry of the equality check.
 const RX: usize = 8 * 8 * 32;
 const RW: usize = 32 * 9 * 32;
+/// Output channels of a random geometry, at most: depthwise ones take more than one channel
+/// block of the DSP path (48).
+const RC: usize = 64;
 
 struct Buffers {
     x: [i8; H * W * C],
@@ -58,8 +61,8 @@ struct Buffers {
     fx: [i8; FL_H * FL_H * 3],
     rx: [i8; RX],
     rw: [i8; RW],
-    rb: [i32; 32],
-    rrq: [Requant; 32],
+    rb: [i32; RC],
+    rrq: [Requant; RC],
     ry: [i8; RX],
     ry_ref: [i8; RX],
 }
@@ -84,7 +87,7 @@ static mut BUF: Buffers = Buffers {
     fx: [0; FL_H * FL_H * 3],
     rx: [0; RX],
     rw: [0; RW],
-    rb: [0; 32],
+    rb: [0; RC],
     rrq: unsafe { core::mem::zeroed() },
     ry: [0; RX],
     ry_ref: [0; RX],
@@ -261,8 +264,14 @@ fn other_layers(b: &mut Buffers, rng: &mut XorShift32) -> Result<(), tt_core::Er
 }
 
 /// Random geometries (pointwise, grouped, general and depthwise, odd channel counts, paddings,
-/// strides, wide zero points): the kernels must equal the plain reference exactly.
-fn random_geometries(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_core::Error> {
+/// strides, wide zero points): the kernels must equal the plain reference exactly. With `dw3`,
+/// depthwise 3x3 only, channels in fours up to two blocks (the DSP path's own copy for 3x3,
+/// which the mixed draw reaches a few times at most).
+fn random_geometries(
+    b: &mut Buffers,
+    rng: &mut XorShift32,
+    dw3: bool,
+) -> Result<u32, tt_core::Error> {
     let mut r = |n: u32| rng.next_u32() % n;
     let mut checked = 0;
     for case in 0..200 {
@@ -284,7 +293,16 @@ fn random_geometries(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_co
             }
             _ => (1 + r(32) as usize, 1 + r(32) as usize, 1),
         };
+        let (kh, kw) = if dw3 { (3, 3) } else { (kh, kw) };
         let (in_h, in_w) = (kh + r(6) as usize, kw + r(6) as usize);
+        let (in_c, out_c, groups) = if dw3 {
+            // Up to RC channels, fewer where the output (up to two pixels wider and taller
+            // than the input) would not fit RX.
+            let c = (4 * (1 + r(RC as u32 / 4)) as usize).min(RX / ((in_h + 2) * (in_w + 2)) & !3);
+            (c, c, c)
+        } else {
+            (in_c, out_c, groups)
+        };
         let (sh, sw) = (1 + r(2) as usize, 1 + r(2) as usize);
         let pads = [r(kh as u32) as usize, r(kw as u32) as usize];
         let pads2 = [r(kh as u32) as usize, r(kw as u32) as usize];
@@ -499,8 +517,10 @@ fn run() -> Result<(), tt_core::Error> {
         s.1
     );
     other_layers(b, &mut rng)?;
-    let n = random_geometries(b, &mut rng)?;
+    let n = random_geometries(b, &mut rng, false)?;
     say!("forward kernels equal the plain reference on {n} random geometries");
+    let n = random_geometries(b, &mut rng, true)?;
+    say!("depthwise 3x3 forward equals the plain reference on {n} random geometries");
     let n = random_in_place_depthwise(b, &mut rng)?;
     say!("in-place depthwise equals the plain reference on {n} random geometries");
     let n = random_adds(b, &mut rng)?;
