@@ -1121,9 +1121,19 @@ fn dw_pixels<const K: usize, E: Out>(blk: &mut DwBlock<'_, E>, input: &[i8], out
     let (g, c0, n) = (blk.g, blk.c0, blk.n);
     let (c, ow) = (g.in_c, g.out_w());
     for oy in 0..g.out_h() {
-        for ox in 0..ow {
-            let out = &mut output[(oy * ow + ox) * c + c0..][..n];
-            blk.pixel::<K>(input, oy, ox, out);
+        let (iy0, ky_lo, ky_hi) = tap_range(oy, g.stride_h, g.pad_top, g.kh, g.in_h);
+        // Only the copies for a kernel size run interior pixels apart: flash.
+        let (a, b) = if K != 0 && ky_lo == 0 && ky_hi == g.kh && blk.ox_a < blk.ox_b {
+            (blk.ox_a, blk.ox_b)
+        } else {
+            (ow, ow)
+        };
+        let row = &mut output[oy * ow * c..][..ow * c];
+        for ox in (0..a).chain(b..ow) {
+            blk.pixel::<K>(input, oy, ox, &mut row[ox * c + c0..][..n]);
+        }
+        if a < b {
+            blk.interior::<K>(input, iy0 as usize, a, b, row);
         }
     }
 }
@@ -1411,18 +1421,48 @@ impl<'g, E: Out> DwBlock<'g, E> {
             }
         }
         let wq = &self.wq[..n / 4 * taps * 2];
-        dw_quads::<K, E>(ptrs, wq, &self.bz[..n], &self.rp[..n], self.e, out);
+        let taps = ptrs.iter().copied();
+        dw_quads::<K, E>(taps, wq, &self.bz[..n], &self.rp[..n], self.e, out);
+    }
+
+    /// Output pixels `(oy, a..b)` of the staged block, all of their taps inside the input
+    /// (`ox_a <= a < b <= ox_b`, a row whose windows are inside vertically, starting at input
+    /// row `iy0`), into the output row `out` (`out_w * in_c`): one bounds check for the run, and
+    /// each tap at the pixel's first plus the layer's offset, so no tap pointers per pixel.
+    #[inline(always)]
+    fn interior<const K: usize>(
+        &mut self,
+        x: &[i8],
+        iy0: usize,
+        a: usize,
+        b: usize,
+        out: &mut [i8],
+    ) {
+        let g = self.g;
+        let taps = if K == 0 { self.taps } else { K };
+        let (c, c0, n, step) = (g.in_c, self.c0, self.n, g.stride_w * g.in_c);
+        let base = (iy0 * g.in_w + a * g.stride_w - g.pad_left) * c + c0;
+        // The windows move right by `step`; the last one ends `n` bytes after its last tap.
+        let win = &x[base..base + (b - 1 - a) * step + self.offs[taps - 1] + n];
+        let offs = &self.offs[..taps];
+        let wq = &self.wq[..n / 4 * taps * 2];
+        for (i, o) in out[a * c + c0..].chunks_mut(c).take(b - a).enumerate() {
+            let p = win.as_ptr().wrapping_add(i * step);
+            let (bz, rp) = (&self.bz[..n], &self.rp[..n]);
+            let taps = offs.iter().map(|&d| p.wrapping_add(d));
+            dw_quads::<K, E>(taps, wq, bz, rp, self.e, &mut o[..n]);
+        }
     }
 }
 
-/// One output pixel of a channel block: per quad of channels, the taps at `taps[t]` (each
+/// One output pixel of a channel block: per quad of channels, the `nt` taps at `tap(t)` (each
 /// pointing at `out.len()` readable bytes) against the staged weights (`wq`: per quad, per
 /// tap, `(w0 | w2), (w1 | w3)`), from the zero-point-folded biases `bz`, through the epilogue
-/// into `out`.
-/// `dw_quads` for `K` taps (`K == taps.len()`), or any count if `K == 0`.
+/// into `out`; `K` taps, or as many as `taps` yields if `K` is 0.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn dw_quads<const K: usize, E: Out>(
-    taps: &[*const i8],
+    taps: impl ExactSizeIterator<Item = *const i8> + Clone,
     wq: &[u32],
     bz: &[i32],
     rp: &[E::Ch],
@@ -1430,7 +1470,6 @@ fn dw_quads<const K: usize, E: Out>(
     out: &mut [i8],
 ) {
     let nt = if K == 0 { taps.len() } else { K };
-    let taps = &taps[..nt];
     for (q, (((o, b), rq), w)) in out
         .chunks_exact_mut(4)
         .zip(bz.chunks_exact(4))
@@ -1439,10 +1478,11 @@ fn dw_quads<const K: usize, E: Out>(
         .enumerate()
     {
         let (mut a0, mut a1, mut a2, mut a3) = (b[0], b[1], b[2], b[3]);
-        for (&p, w) in taps.iter().zip(w.chunks_exact(2)) {
-            // SAFETY: p points at out.len() readable bytes (`DwBlock::pixel` takes each inside a
-            // bounds-checked window ending that many bytes past its last tap, or the zero-point
-            // row) and 4q + 4 <= out.len().
+        for (p, w) in taps.clone().zip(w.chunks_exact(2)) {
+            // SAFETY: p points at out.len() readable bytes (`DwBlock::pixel` takes each
+            // inside a bounds-checked window ending that many bytes past its last tap, or the
+            // zero-point row; `DwBlock::interior` one window for a run of pixels, ending that
+            // many bytes past the last pixel's last tap) and 4q + 4 <= out.len().
             let x = unsafe { word(&*(p.add(4 * q) as *const [i8; 4])) };
             // One block per tap: as separate pure instructions an unrolled tap loop gets
             // reordered accumulator by accumulator, which spills the widened inputs.
