@@ -136,6 +136,8 @@ def main() -> int:
     ap.add_argument("--lr-decay", choices=fleet.LR_DECAYS, default="none",
                     help="learning-rate schedule over the epochs, the same for (a), (b) and (c)")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds --first-seed .. --first-seed + --seeds - 1: more seeds later, in a separate run")
     ap.add_argument("--schemes", default="searched,searched@16KB,classifier,classifier-half-in")
     ap.add_argument("--update-budget", default=None,
                     help="bytes an update of a searched scheme may carry: a size (800B) or NX, N times fewer "
@@ -161,7 +163,7 @@ def main() -> int:
         layout = fleet.Layout(plan)
         blob = len(tt.Trainer(plan).export_update(0))
         per_seed = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             parts = fleet.partition(y, args.clients, f"dirichlet:{args.alpha}", seed=seed)
             shards = [(x[p], y[p]) for p in parts]
             t0 = time.perf_counter()
@@ -223,7 +225,7 @@ def main() -> int:
                           "lr_decay": args.lr_decay,
                           "alpha": args.alpha, "lrs": lrs, "federated_lrs": fed_lrs,
                           "server_lrs": server_lrs,
-                          "seeds": args.seeds, "rows": rows}))
+                          "seeds": args.seeds, "first_seed": args.first_seed, "rows": rows}))
     else:
         print("\nper round (mean over seeds), (a) local / (b) federated / (c) centralized:")
         for r in rows:
