@@ -1418,11 +1418,10 @@ impl Weights<'_> {
     /// `check`.
     fn column_f32(&self, i: usize, icg: usize, o0: usize, out: &mut [f32]) {
         let walk = |w: &[i8], stride: usize, o0: usize, out: &mut [f32]| {
-            for (d, &v) in out
-                .iter_mut()
-                .zip(w[o0 * stride + i..].iter().step_by(stride))
-            {
-                *d = v as f32;
+            // A chunk per output, its first entry: a pointer step per weight, where `step_by`
+            // recomputed an index and its bound each time.
+            for (d, ch) in out.iter_mut().zip(w[o0 * stride + i..].chunks(stride)) {
+                *d = ch[0] as f32;
             }
         };
         match *self {
