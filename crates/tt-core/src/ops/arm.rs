@@ -101,10 +101,13 @@ impl Fast {
     fn new(rq: &Requant) -> Fast {
         // In 0..=30 for every record `Mode::of` lets through.
         let s = (-1i32).wrapping_sub(rq.shift as i32) as u32;
+        // `2^(n-1)` split in words from one shift: its low word is `2^31` only when `s` is 0,
+        // which `2^s << 31` gives without a compare (per row of a pointwise layer, that counts).
+        let p = 1u32.wrapping_shl(s);
         Fast {
             m: rq.multiplier,
-            rlo: ((s == 0) as u32) << 31,
-            rhi: (1u32.wrapping_shl(s) >> 1) as i32,
+            rlo: p << 31,
+            rhi: (p >> 1) as i32,
             s,
         }
     }
