@@ -2034,6 +2034,14 @@ impl<'p, 'a> Executor<'p, 'a> {
         let dtaps = gd.kh * gd.kw;
         let in_scale = t0.scale;
         let x_zp = t0.zero_point;
+        // `x - zp` as f32 for every int8 `x`, once per block: the weight rows' loop loads each
+        // term instead of converting it (`SUB`, `VMOV`, `VCVT` per entry and pixel); the same
+        // values, wrapping as the release build's subtraction.
+        let mut xf = [0f32; 256];
+        for (u, d) in xf.iter_mut().enumerate() {
+            *d = (u as u8 as i8 as i32).wrapping_sub(x_zp) as f32;
+        }
+        let xf = &xf;
         let mut result = Ok(());
         // One weight column (pw2) or row (pw1) of channel c as f32, staged in blocks so the
         // inner loops are plain multiply-adds; sums keep their order, so the numbers do not
@@ -2110,10 +2118,10 @@ impl<'p, 'a> Executor<'p, 'a> {
                     let xs = x0.iter().zip(x1).zip(x2).zip(x3);
                     for (r, (((&a0, &a1), &a2), &a3)) in row.iter_mut().zip(xs) {
                         let mut a = *r;
-                        a += v[0] * (a0 as i32 - x_zp) as f32;
-                        a += v[1] * (a1 as i32 - x_zp) as f32;
-                        a += v[2] * (a2 as i32 - x_zp) as f32;
-                        a += v[3] * (a3 as i32 - x_zp) as f32;
+                        a += v[0] * xf[a0 as u8 as usize];
+                        a += v[1] * xf[a1 as u8 as usize];
+                        a += v[2] * xf[a2 as u8 as usize];
+                        a += v[3] * xf[a3 as u8 as usize];
                         *r = a;
                     }
                 });
@@ -2121,7 +2129,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                     let v = pb[q] * in_scale;
                     let xs = &x[q * xc..][..cols];
                     for (r, &xv) in row.iter_mut().zip(xs) {
-                        *r += v * (xv as i32 - x_zp) as f32;
+                        *r += v * xf[xv as u8 as usize];
                     }
                 }
                 let mslice = if with_m {
