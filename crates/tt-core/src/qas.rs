@@ -377,6 +377,12 @@ pub fn sgd_update_bias(
         if gr == 0.0 && !moving && (bias[o] as i64).abs() <= limit {
             continue;
         }
+        if !moving {
+            if let Some(step) = bias_step_f32(gr, weight_scale[o] * input_scale, cfg) {
+                bias[o] = (bias[o] as i64 + step).clamp(-limit, limit) as i32;
+                continue;
+            }
+        }
         let s = weight_scale[o] as f64 * input_scale as f64;
         let mut g = if cfg.qas {
             gr as f64 / s
@@ -402,6 +408,38 @@ pub fn sgd_update_bias(
         bias[o] = (r as i64).clamp(-limit, limit) as i32;
     }
     Ok(())
+}
+
+/// The integer the f64 formula adds to a bias (`-lr * g` rounded to nearest), decided in f32
+/// when that is provably the same: f32 is one instruction per operation on the M4F, f64 a
+/// software routine. The f32 step is within `|t| 2^-21.9` of the exact value (three roundings of
+/// normal numbers), the f64 formula's within `|t| 2^-51 + 2^-20` (its rounding of `bias - lr g`
+/// and of `± 0.5` near |nb| < 2^32); when `t` is farther than the sum of both from any
+/// half-integer, both round to the same integer, ties and the sign-dependent direction included.
+/// `None` (near a half, huge steps, subnormal scales) leaves the bias to the f64 formula.
+fn bias_step_f32(gr: f32, scale: f32, cfg: &SgdConfig) -> Option<i64> {
+    if !(scale >= f32::MIN_POSITIVE) {
+        return None;
+    }
+    let g = if cfg.qas { gr / scale } else { gr * scale };
+    let t = -(cfg.lr * g);
+    if !(t.abs() < (1u32 << 22) as f32) {
+        return None;
+    }
+    let whole = t as i32;
+    let frac = t - whole as f32;
+    let margin = t.abs() * (1.0 / (1u32 << 20) as f32) + 1.0 / (1u32 << 18) as f32;
+    if (frac.abs() - 0.5).abs() <= margin {
+        return None;
+    }
+    let carry = if frac > 0.5 {
+        1
+    } else if frac < -0.5 {
+        -1
+    } else {
+        0
+    };
+    Some(whole as i64 + carry)
 }
 
 #[cfg(test)]
@@ -433,6 +471,47 @@ mod tests {
         let r = if nb >= 0.0 { nb + 0.5 } else { nb - 0.5 };
         let limit = crate::ops::BIAS_LIMIT as f64;
         r.clamp(-limit, limit) as i32
+    }
+
+    /// Steps built to land within a few f32 ulps of a half-integer, where the f32 decision is
+    /// closest to going wrong: both the f32 path and its fallback must give the formula's bits.
+    #[test]
+    fn bias_steps_near_half_integers_equal_the_f64_formula() {
+        let mut x = XorShift32::new(21);
+        let mut unit = || x.next_u32() as f64 / u32::MAX as f64;
+        let (mut decided, mut fell_back) = (0, 0);
+        for i in 0..50_000 {
+            let cfg = SgdConfig {
+                lr: [0.05, 0.3, 1.0, 7.5][i % 4],
+                momentum: 0.0,
+                qas: i % 3 != 0,
+            };
+            let (ws, is) = ((1e-4 + unit() * 0.1) as f32, (1e-3 + unit()) as f32);
+            let half = (unit() * 2000.0).floor() - 1000.0 + 0.5;
+            let target = half * (1.0 + (unit() - 0.5) * 1e-5);
+            let s = ws as f64 * is as f64;
+            let gr = if cfg.qas {
+                -target / cfg.lr as f64 * s
+            } else {
+                -target / cfg.lr as f64 / s
+            } as f32;
+            let bias = (unit() * 2e6) as i32 - 1_000_000;
+            match bias_step_f32(gr, ws * is, &cfg) {
+                Some(_) => decided += 1,
+                None => fell_back += 1,
+            }
+            let mut b = [bias];
+            sgd_update_bias(&mut b, &[ws], is, &[gr], &cfg, None).unwrap();
+            assert_eq!(
+                b[0],
+                reference(bias, ws, is, gr, &cfg, None),
+                "bias {bias} grad {gr} scales {ws} {is} {cfg:?}"
+            );
+        }
+        assert!(
+            decided > 10_000 && fell_back > 1_000,
+            "decided {decided}, fell back {fell_back}"
+        );
     }
 
     #[test]
