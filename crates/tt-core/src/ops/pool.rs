@@ -83,6 +83,11 @@ impl Pool2dGeom {
             _ => return invalid("pool: kernel larger than padded input"),
         }
         super::dims(&[self.in_h, self.in_w, self.c], "pool: size overflows")?;
+        // Padding can make the output larger than the input.
+        super::dims(
+            &[self.out_h(), self.out_w(), self.c],
+            "pool: output size overflows",
+        )?;
         Ok(())
     }
 
