@@ -258,6 +258,30 @@ pub fn sgd_update_weights(
         UpdateState::StochasticRounding(_) => {}
     }
     let mut state = state;
+    let moving = momentum.is_some() && cfg.momentum != 0.0;
+    if let (UpdateState::StochasticRounding(rng), false) = (&mut state, moving) {
+        // The on-device setting, in for_each_selected's order with no per-weight dispatch on
+        // the precision or momentum (the same arithmetic, so the same bits).
+        let (cols, taps, per_group) = (sel.cols(shape), shape.taps, shape.in_per_group);
+        let mut grads = grad_w.iter();
+        for (o, &ws) in weight_scale.iter().enumerate().take(sel.rows(shape)) {
+            for t in 0..taps {
+                let base = (o * taps + t) * per_group;
+                let row = weight
+                    .get_mut(base..base + cols)
+                    .ok_or(Error::ShapeMismatch {
+                        what: "sgd_update_weights: weight row",
+                        expected: base + cols,
+                        actual: shape.len(),
+                    })?;
+                for (w, &gr) in row.iter_mut().zip(grads.by_ref()) {
+                    let delta = -cfg.lr * update_grad(gr, ws, cfg.qas);
+                    *w = stochastic_round(*w, delta, rng);
+                }
+            }
+        }
+        return Ok(());
+    }
     let mut k = 0;
     shape.for_each_selected(&sel, |i, o| {
         let mut g = update_grad(grad_w[k], weight_scale[o], cfg.qas);
@@ -285,11 +309,19 @@ pub fn sgd_update_weights(
 fn stochastic_round(w: i8, delta: f32, rng: &mut XorShift32) -> i8 {
     // The random draw happens for every weight, so the generator state after a step depends
     // only on how many weights were updated (host and MCU stay in lockstep).
+    // No clamp of `t` to [-128, 128] before rounding, and the sum clamped as an integer: beyond
+    // that range either way ends at the ±127 clamp, and NaN rounds to 0 either way
+    // (`stochastic_round_reference` in the tests is the clamped f32 form).
     let u = rng.next_unit();
-    let t = (w as f32 + delta).clamp(-128.0, 128.0);
-    let fl = floor(t);
-    let up = if u < t - fl { 1.0 } else { 0.0 };
-    (fl + up).clamp(-127.0, 127.0) as i8
+    let t = w as f32 + delta;
+    let mut whole = t as i32;
+    let mut fl = whole as f32;
+    if fl > t {
+        whole = whole.saturating_sub(1);
+        fl -= 1.0;
+    }
+    let up = (u < t - fl) as i32;
+    whole.saturating_add(up).clamp(-127, 127) as i8
 }
 
 /// `w * 256 + r` is the weight in 1/256 LSB; `r` in `[-128, 127]` keeps `w` its rounding.
@@ -444,7 +476,9 @@ fn bias_step_f32(gr: f32, scale: f32, cfg: &SgdConfig) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
+    use std::vec::Vec;
 
     /// The update as first written (all in f64, f64 clamp): the fast paths must give its bits.
     fn reference(
@@ -471,6 +505,111 @@ mod tests {
         let r = if nb >= 0.0 { nb + 0.5 } else { nb - 0.5 };
         let limit = crate::ops::BIAS_LIMIT as f64;
         r.clamp(-limit, limit) as i32
+    }
+
+    /// The stochastic rounding as first written: `t` clamped to [-128, 128] in f32, floor, draw,
+    /// clamp to ±127 in f32.
+    fn stochastic_round_reference(w: i8, delta: f32, rng: &mut XorShift32) -> i8 {
+        let u = rng.next_unit();
+        let t = (w as f32 + delta).clamp(-128.0, 128.0);
+        let fl = floor(t);
+        let up = if u < t - fl { 1.0 } else { 0.0 };
+        (fl + up).clamp(-127.0, 127.0) as i8
+    }
+
+    #[test]
+    fn stochastic_rounding_equals_the_clamped_f32_form() {
+        let mut x = XorShift32::new(5);
+        let (mut a, mut b) = (XorShift32::new(77), XorShift32::new(77));
+        let specials = [
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            0.0,
+            -0.0,
+            127.5,
+            -127.5,
+            128.0,
+            -129.0,
+            255.0,
+            -255.0,
+            1e10,
+            -1e10,
+            3e9,
+            -3e9,
+        ];
+        for i in 0..200_000 {
+            let w = x.next_u32() as u8 as i8;
+            let delta = match i % 4 {
+                0 => specials[(x.next_u32() % specials.len() as u32) as usize],
+                1 => (x.next_u32() % 4001) as f32 / 8.0 - 250.0,
+                2 => (x.next_u32() as i32) as f32 * 1e-9,
+                _ => f32::from_bits(x.next_u32()),
+            };
+            let (want, got) = (
+                stochastic_round_reference(w, delta, &mut a),
+                stochastic_round(w, delta, &mut b),
+            );
+            assert_eq!(got, want, "w {w} delta {delta}");
+        }
+        assert_eq!(a.state, b.state);
+    }
+
+    /// The whole update against a per-weight walk with the reference rounding, on random shapes,
+    /// selections on either axis, QAS on and off.
+    #[test]
+    fn weight_update_equals_the_per_weight_reference() {
+        let mut x = XorShift32::new(13);
+        let mut pick = |n: usize| x.next_u32() as usize % n;
+        for case in 0..300 {
+            let shape = WeightShape {
+                out_c: 1 + pick(9),
+                taps: [1, 9, 25][pick(3)],
+                in_per_group: 1 + pick(7),
+                groups: 1,
+            };
+            let sel = if pick(2) == 0 {
+                ChannelSelection::output(pick(shape.out_c + 1))
+            } else {
+                ChannelSelection::input(pick(shape.in_per_group + 1))
+            };
+            let n = sel.selected_len(&shape);
+            let weight: Vec<i8> = (0..shape.len()).map(|_| pick(256) as u8 as i8).collect();
+            let scales: Vec<f32> = (0..shape.out_c)
+                .map(|_| [1e-3, 0.02, 0.5][pick(3)])
+                .collect();
+            let grad: Vec<f32> = (0..n)
+                .map(|_| (pick(20_001) as f32 - 10_000.0) * 1e-4)
+                .collect();
+            let cfg = SgdConfig {
+                lr: [0.01, 0.5, 1e4][pick(3)],
+                momentum: 0.0,
+                qas: case % 2 == 0,
+            };
+            let mut want = weight.clone();
+            let mut ra = XorShift32::new(case + 1);
+            let mut k = 0;
+            shape.for_each_selected(&sel, |i, o| {
+                let delta = -cfg.lr * update_grad(grad[k], scales[o], cfg.qas);
+                want[i] = stochastic_round_reference(want[i], delta, &mut ra);
+                k += 1;
+            });
+            let mut got = weight.clone();
+            let mut rb = XorShift32::new(case + 1);
+            sgd_update_weights(
+                &mut got,
+                &shape,
+                &scales,
+                sel,
+                &grad,
+                &cfg,
+                None,
+                UpdateState::StochasticRounding(&mut rb),
+            )
+            .unwrap();
+            assert_eq!(got, want, "case {case}: {shape:?} {sel:?} {cfg:?}");
+            assert_eq!(ra.state, rb.state);
+        }
     }
 
     /// Steps built to land within a few f32 ulps of a half-integer, where the f32 decision is
