@@ -119,12 +119,15 @@ fn out(p: &AddParams, sum: i32) -> i8 {
 /// through the convs' epilogue chosen once per tensor (one `SMLAL` rounding, `SSAT`) instead of
 /// 64-bit shifts and clamps per element, the same numbers.
 #[inline(always)]
-pub fn requant_each(p: &AddParams, o: &mut [i8], mut sum: impl FnMut(usize, i8) -> i32) {
+pub fn requant_each(p: &AddParams, o: &mut [i8], sum: impl FnMut(usize, i8) -> i32) {
     #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
     super::arm::requant_each(&p.out_mult, p.out_zp, p.act_min, p.act_max, o, sum);
     #[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
-    for (i, d) in o.iter_mut().enumerate() {
-        *d = out(p, sum(i, *d));
+    {
+        let mut sum = sum;
+        for (i, d) in o.iter_mut().enumerate() {
+            *d = out(p, sum(i, *d));
+        }
     }
 }
 
