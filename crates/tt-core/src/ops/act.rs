@@ -27,15 +27,21 @@ pub fn clamp_mask_pack(out_q: &[i8], act_min: i8, act_max: i8, bits: &mut [u8]) 
     check_len("clamp_mask_pack: bits", out_q.len().div_ceil(8), bits.len())?;
     // A byte built in a register per 8 elements, not a read-modify-write of memory per element.
     let inside = |q: i8| (q > act_min && q < act_max) as u8;
-    let mut full = out_q.chunks_exact(8);
-    for (b, c) in bits.iter_mut().zip(&mut full) {
-        let mut v = 0u8;
-        for (j, &q) in c.iter().enumerate() {
-            v |= inside(q) << j;
-        }
-        *b = v;
-    }
+    let full = out_q.chunks_exact(8);
     let tail = full.remainder();
+    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+    let packed = super::arm::clamp_mask_bytes(out_q, act_min, act_max, bits);
+    #[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
+    let packed = false;
+    if !packed {
+        for (b, c) in bits.iter_mut().zip(full) {
+            let mut v = 0u8;
+            for (j, &q) in c.iter().enumerate() {
+                v |= inside(q) << j;
+            }
+            *b = v;
+        }
+    }
     if let Some(b) = bits.last_mut().filter(|_| !tail.is_empty()) {
         *b = tail.iter().rev().fold(0, |v, &q| v << 1 | inside(q));
     }

@@ -14,7 +14,7 @@
 mod board;
 
 use cortex_m_rt::entry;
-use tt_core::ops::act::clamp_mask_backward;
+use tt_core::ops::act::{clamp_mask_backward, clamp_mask_pack};
 use tt_core::ops::add::{add_forward, AddParams};
 use tt_core::ops::conv::{
     conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight,
@@ -525,7 +525,42 @@ fn run() -> Result<(), tt_core::Error> {
     say!("in-place depthwise equals the plain reference on {n} random geometries");
     let n = random_adds(b, &mut rng)?;
     say!("residual adds equal the plain reference on {n} random quantizations");
+    let n = random_masks(b, &mut rng)?;
+    say!("packed activation masks equal the plain reference on {n} random tensors");
     Ok(())
+}
+
+/// `clamp_mask_pack` (four lanes a comparison on the DSP build) on random lengths (full bytes and
+/// tails), values and bounds, the int8 range's edges included: every bit as `lo < q < hi` says.
+fn random_masks(b: &mut Buffers, rng: &mut XorShift32) -> Result<u32, tt_core::Error> {
+    let mut r = |n: u32| rng.next_u32() % n;
+    let mut bits = [0u8; RX / 8];
+    for case in 0..200 {
+        let n = 1 + r(RX as u32) as usize;
+        let edges = [i8::MIN, i8::MIN + 1, 0, i8::MAX - 1, i8::MAX];
+        let (a, c) = if case % 4 == 0 {
+            (edges[r(5) as usize], edges[r(5) as usize])
+        } else {
+            (r(256) as u8 as i8, r(256) as u8 as i8)
+        };
+        let (lo, hi) = (a.min(c), a.max(c));
+        for v in b.rx[..n].iter_mut() {
+            *v = if r(4) == 0 { [lo, hi][r(2) as usize] } else { r(256) as u8 as i8 };
+        }
+        let used = &mut bits[..n.div_ceil(8)];
+        clamp_mask_pack(&b.rx[..n], lo, hi, used)?;
+        let same = b.rx[..n]
+            .iter()
+            .enumerate()
+            .all(|(i, &q)| (used[i / 8] >> (i % 8) & 1 == 1) == (q > lo && q < hi));
+        if !same {
+            say!("mismatch: {n} outputs, bounds {lo} {hi}");
+            return Err(tt_core::Error::InvalidParameter {
+                what: "packed activation mask differs from the plain reference",
+            });
+        }
+    }
+    Ok(200)
 }
 
 /// Residual adds (`add_forward`, whose requantization takes the convs' DSP epilogue) against
