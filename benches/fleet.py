@@ -10,13 +10,15 @@ test split) from ``--lrs`` (for (b) from ``--federated-lrs`` if given, and the s
 ``--server-lrs``; 1 is plain FedAvg):
 
   (a) local only:   every device trains alone for R epochs; the mean test accuracy over devices
-  (b) federated:    R rounds of one local epoch, SparseFedAvg (Flower's simulation engine)
+  (b) federated:    R rounds of one local epoch, SparseFedAvg (Flower's simulation engine); with
+                    ``--method scaffold`` FedAvg with SCAFFOLD's drift correction
   (c) centralized:  one device trains on the union of the data for R epochs
 
-Bytes per device per round (upload; the download is the same size): the sparse update's parameters
-(int8 weights of the trained channels + int32 biases), its update blob (plus header, section headers
-and CRC), and what Flower carries (.npy per array), against the whole int8 model and fp32 FedAvg of
-the whole model.
+Bytes per device per round: the upload (the sparse update's parameters: int8 weights of the trained
+channels + int32 biases; its update blob with header, section headers and CRC; what Flower carries,
+.npy per array) and the download (the global parameters, plus with SCAFFOLD the control variate:
+int8 values and a float32 scale per parameter), against the whole int8 model and fp32 FedAvg of the
+whole model, each direction and both together.
 
     python benches/fleet.py [--clients 20] [--rounds 10] [--alpha 0.3] [--schemes searched,...]
         [--update-budget 20x] [--json]
@@ -98,11 +100,11 @@ def chosen_run(run, lrs, val, test):
     return curves + [best]
 
 
-def federated(plan, x, y, parts, val, test, rounds, lr, server_lr, seed, per_epoch=1, decay="none"):
+def federated(plan, x, y, parts, val, test, rounds, lr, server_lr, seed, per_epoch=1, decay="none", method="fedavg"):
     """``rounds`` epochs of each device's data in ``rounds * per_epoch`` rounds; the test accuracy
     after each epoch (every ``per_epoch``-th round)."""
     cfg = fleet.RunConfig(rounds=rounds * per_epoch, epochs=1, rounds_per_epoch=per_epoch, min_train_nodes=len(parts),
-                          min_available_nodes=len(parts), seed=seed, server_lr=server_lr, lr_decay=decay)
+                          min_available_nodes=len(parts), seed=seed, server_lr=server_lr, lr_decay=decay, method=method)
     hist = fleet.simulate(plan, x, y, parts, cfg, test=test, lr=lr)
     hist["per_round"] = hist["accuracy"]
     hist["accuracy"] = hist["accuracy"][::per_epoch]
@@ -135,6 +137,9 @@ def main() -> int:
                          "round on 1/K of a device's data (same samples seen as (a) and (c))")
     ap.add_argument("--lr-decay", choices=fleet.LR_DECAYS, default="none",
                     help="learning-rate schedule over the epochs, the same for (a), (b) and (c)")
+    ap.add_argument("--method", choices=fleet.METHODS, default="fedavg",
+                    help="(b)'s method: plain FedAvg, or with SCAFFOLD's drift correction (the download carries the "
+                         "control variate too)")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--first-seed", type=int, default=0,
                     help="seeds --first-seed .. --first-seed + --seeds - 1: more seeds later, in a separate run")
@@ -174,7 +179,7 @@ def main() -> int:
                            lrs, val, test)
             t1 = time.perf_counter()
             runs = [(federated(plan, x, y, parts, val, test, args.rounds, lr, slr, seed, args.rounds_per_epoch,
-                               args.lr_decay), lr, slr)
+                               args.lr_decay, args.method), lr, slr)
                     for lr in fed_lrs for slr in server_lrs]
             (hist, _), b_lr, b_slr = max(runs, key=lambda r: r[0][1])
             per_seed.append({"local_only": a[1], "federated": hist["accuracy"], "centralized": c[1],
@@ -187,14 +192,21 @@ def main() -> int:
                              "seconds": {"local+central": round(t1 - t0, 1), "federated": round(time.perf_counter() - t1, 1)}})
             wire = fleet.record_bytes(hist["params"])
         mean = {k: np.mean([s[k] for s in per_seed], axis=0).tolist() for k in ("local_only", "federated", "centralized")}
+        control = ({k: np.zeros(v.shape) for k, v in hist["params"].items()} if args.method == "scaffold" else {})
+        down = layout.nbytes + sum(v.size + 4 for v in control.values())  # int8 values + a float32 scale each
+        down_wire = wire + (fleet.record_bytes(fleet.from_record(fleet.control_to_record(control))) if control else 0)
         rows.append({
             "scheme": name, "definition": scheme.to_dict(), "peak_sram_bytes": plan.memory.peak_bytes,
             "accuracy": mean, "final": {k: v[-1] for k, v in mean.items()},
+            "method": args.method,
             "bytes": {"update_params": layout.nbytes, "update_blob": blob, "flower_wire": wire,
+                      "download": down, "download_flower_wire": down_wire,
                       "int8_model": layout.model_bytes(), "fp32_model": 4 * layout.model_params()},
             "ratios": {"int8_model/update": layout.model_bytes() / layout.nbytes,
                        "fp32_model/update": 4 * layout.model_params() / layout.nbytes,
-                       "int8_model/update_blob": layout.model_bytes() / blob},
+                       "int8_model/update_blob": layout.model_bytes() / blob,
+                       "int8_model/download": layout.model_bytes() / down,
+                       "int8_model_both_ways/update_and_download": 2 * layout.model_bytes() / (layout.nbytes + down)},
             "seeds": per_seed,
         })
         if not args.json:
@@ -202,7 +214,9 @@ def main() -> int:
             print(f"{name}: final test accuracy (a) local {100 * r['final']['local_only']:.1f} %  (b) federated "
                   f"{100 * r['final']['federated']:.1f} %  (c) centralized {100 * r['final']['centralized']:.1f} %; "
                   f"chosen {per_seed[-1]['chosen']}; update {layout.nbytes} B (blob {blob} B, Flower {wire} B): "
-                  f"int8 model {r['ratios']['int8_model/update']:.1f}x, fp32 model {r['ratios']['fp32_model/update']:.1f}x",
+                  f"int8 model {r['ratios']['int8_model/update']:.1f}x, fp32 model {r['ratios']['fp32_model/update']:.1f}x; "
+                  f"(b) {args.method}: download {down} B ({r['ratios']['int8_model/download']:.1f}x), both ways "
+                  f"{r['ratios']['int8_model_both_ways/update_and_download']:.1f}x fewer than int8 FedAvg",
                   flush=True)
             if args.seeds > 1:
                 fin = {k: 100 * np.array([s[k][-1] for s in per_seed]) for k in ("local_only", "federated", "centralized")}
@@ -222,7 +236,7 @@ def main() -> int:
                             title=f"{args.clients} devices, Dirichlet({args.alpha}), scheme {main_row['scheme']}")
     if args.json:
         print(json.dumps({"clients": args.clients, "rounds": args.rounds, "rounds_per_epoch": args.rounds_per_epoch,
-                          "lr_decay": args.lr_decay,
+                          "lr_decay": args.lr_decay, "method": args.method,
                           "alpha": args.alpha, "lrs": lrs, "federated_lrs": fed_lrs,
                           "server_lrs": server_lrs,
                           "seeds": args.seeds, "first_seed": args.first_seed, "rows": rows}))

@@ -5,6 +5,10 @@ a round it sends only the parameters its scheme updates -- the int8 weights of t
 and the int32 biases -- plus its sample count. The server averages them (`SparseFedAvg`: FedAvg
 over the dequantized updates, re-quantized with the plan's frozen scales by stochastic rounding,
 as training rounds) and sends the new global values back. Raw data never leaves a device.
+With ``method="scaffold"`` the server also sends SCAFFOLD's control variate (Karimireddy et al.,
+ICML 2020: the devices' mean gradient, int8 with one scale per parameter) and every device
+corrects each local step by ``c - c_i`` (`Trainer.correction`), so label-skewed devices stop
+pulling the model toward their own classes; what a device sends is unchanged.
 
 Everything runs on Flower's Message API: `client_app` builds the `ClientApp`, `server_app` the
 `ServerApp`; `simulate` runs a whole federation on this machine with Flower's simulation engine
@@ -39,9 +43,10 @@ from .plan import Plan
 from .schemes import Scheme
 from .trainer import Trainer
 from .update import Update, read_update
+from .update import _layout as _update_layout
 
 __all__ = ["Layout", "FleetClient", "GatewayClient", "SparseFedAvg", "RunConfig", "client_app", "server_app", "run_server", "partition",
-           "simulate", "demo_setup", "plan_tag", "lr_scale", "LR_DECAYS", "SERVER_APP", "CLIENT_APP"]
+           "simulate", "demo_setup", "plan_tag", "lr_scale", "LR_DECAYS", "METHODS", "SERVER_APP", "CLIENT_APP"]
 
 log = logging.getLogger("tinytrain.fleet")
 
@@ -49,6 +54,12 @@ log = logging.getLogger("tinytrain.fleet")
 COUNT_KEY = "num-examples"
 _W_MAX = 127  # symmetric int8 weights: training saturates to [-127, 127]
 _B_MAX = 2 ** 30  # biases: the bound tt-core keeps them in (int32 sums stay exact); devices refuse more
+#: How a fleet learns: plain FedAvg, or FedAvg with SCAFFOLD's drift correction.
+METHODS = ("fedavg", "scaffold")
+#: The train message's ArrayRecord of the global control variate (SCAFFOLD).
+CONTROL_KEY = "control"
+#: A device's own control variate between rounds, in its Flower node state.
+_STATE_KEY = "tinytrain-control"
 
 
 @dataclass(frozen=True)
@@ -250,6 +261,38 @@ def record_bytes(params: Mapping[str, np.ndarray]) -> int:
     return sum(len(a.data) for a in to_record(params).values())
 
 
+def control_to_record(control: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """The control variate as it travels to the devices: per parameter its values as int8
+    (``<name>``) and one float32 scale (``<name>:scale``, the largest magnitude / 127)."""
+    out = {}
+    for k, v in control.items():
+        v = np.asarray(v, dtype=np.float64)
+        scale = float(np.max(np.abs(v))) / 127.0 if v.size else 0.0
+        q = np.zeros(v.shape, np.int8) if scale == 0.0 else np.clip(np.round(v / scale), -127, 127).astype(np.int8)
+        out[k] = q
+        out[k + ":scale"] = np.array([scale], dtype=np.float32)
+    return to_record(out)
+
+
+def control_from_record(record: ArrayRecord, plan: Plan) -> Dict[str, np.ndarray]:
+    """The control variate (float64, LSB units per step) a `control_to_record` record carries;
+    ValueError naming what does not fit the parameters ``plan`` trains."""
+    arrays = from_record(record)
+    want = {p.name: p.shape for p in _update_layout(plan)[0]}
+    names = {k for k in arrays if not k.endswith(":scale")}
+    if names != set(want):
+        raise ValueError(f"control variate for {sorted(names)}, the plan trains {sorted(want)}")
+    out = {}
+    for k, shape in want.items():
+        q, scale = arrays[k], arrays.get(k + ":scale")
+        if q.dtype != np.int8 or q.shape != shape:
+            raise ValueError(f"control variate {k}: {q.dtype} {q.shape}, expected int8 {shape}")
+        if scale is None or scale.shape != (1,) or not np.isfinite(scale).all() or float(scale[0]) < 0:
+            raise ValueError(f"control variate {k}: no finite scale >= 0")
+        out[k] = q.astype(np.float64) * float(scale[0])
+    return out
+
+
 # ---------------------------------------------------------------------- client
 class FleetClient:
     """A device of the fleet: a `Trainer` on ``plan`` and the device's data ``(x, y)``.
@@ -262,7 +305,13 @@ class FleetClient:
     once; ``config["lr-scale"]`` multiplies the device's learning rate for the round, the server's
     schedule); ``evaluate(params, config)`` returns
     ``(loss, samples, {"accuracy": ...})`` of the global values on the local data. Needs only the
-    plan and the data, as a device does."""
+    plan and the data, as a device does.
+
+    SCAFFOLD: ``fit(params, config, control=c)`` with the server's control variate ``c`` trains
+    with the correction ``c - c_i`` on every step (`Trainer.correction`), then sets its own
+    ``control`` ``c_i`` to its mean gradient over the round's ``K`` steps at rate ``lr``
+    (``c_i - c + (global - local) / (K lr)``, LSB units) and adds ``lr`` and ``steps`` to the
+    metrics, which the server's `SparseFedAvg` needs to update ``c``."""
 
     def __init__(self, plan: Plan, x, y, lr: Optional[float] = None, seed: int = 0) -> None:
         self.plan = plan
@@ -275,6 +324,7 @@ class FleetClient:
         self.seed = int(seed)
         self.trainer = Trainer(plan, lr=lr)
         self.lr = self.trainer.lr  # the base rate the server's per-round "lr-scale" multiplies
+        self.control: Optional[Dict[str, np.ndarray]] = None  # SCAFFOLD's c_i (None: zeros)
 
     def get_parameters(self) -> Dict[str, np.ndarray]:
         return read_update(self.trainer.export_update(0), self.plan).params
@@ -285,9 +335,15 @@ class FleetClient:
         except UpdateError as exc:
             raise ValueError(f"global parameters do not fit the plan: {exc}") from None
 
-    def fit(self, params: Mapping[str, np.ndarray], config: Optional[Mapping[str, object]] = None):
+    def fit(self, params: Mapping[str, np.ndarray], config: Optional[Mapping[str, object]] = None,
+            control: Optional[Mapping[str, np.ndarray]] = None):
         config = dict(config or {})
         self.set_parameters(params)
+        own = None
+        if control is not None:
+            own = self.control or {k: np.zeros(np.shape(v)) for k, v in params.items()}
+            self.trainer.correction = {k: np.asarray(control[k], dtype=np.float64) - own[k] for k in params}
+        steps_before = self.trainer.steps_done - self.trainer.skipped_steps
         rnd = int(config.get("server-round", 0))
         x, y = self.x, self.y
         k = int(config.get("rounds-per-epoch", 1))
@@ -303,11 +359,23 @@ class FleetClient:
             parts = [p for p in np.array_split(order, k) if len(p)]
             part = np.sort(parts[(max(rnd, 1) - 1) % len(parts)])
             x, y = x[part], y[part]
-        hist = self.trainer.fit(x, y, epochs=int(config.get("epochs", 1)),
-                                batch_size=int(config.get("batch-size", 1)), seed=self.seed * 100_003 + rnd,
-                                verbose=False)
+        try:
+            hist = self.trainer.fit(x, y, epochs=int(config.get("epochs", 1)),
+                                    batch_size=int(config.get("batch-size", 1)), seed=self.seed * 100_003 + rnd,
+                                    verbose=False)
+        finally:
+            self.trainer.correction = None
         update = read_update(self.trainer.export_update(), self.plan)
         metrics = {"train-loss": float(hist["loss"][-1]), "skipped-steps": int(self.trainer.skipped_steps)}
+        if own is not None:
+            steps = self.trainer.steps_done - self.trainer.skipped_steps - steps_before
+            lr = float(self.trainer.lr)
+            if steps > 0 and lr > 0:
+                # the round's mean gradient: its steps moved the values by -lr * (g + c - c_i) each
+                self.control = {k: own[k] - control[k] + (np.asarray(params[k], dtype=np.float64)
+                                                          - update.params[k].astype(np.float64)) / (steps * lr)
+                                for k in params}
+            metrics.update({"lr": lr, "steps": int(steps)})
         if hist.get("accuracy") and np.isfinite(hist["accuracy"][-1]):
             metrics["train-accuracy"] = float(hist["accuracy"][-1])
         return update.params, update.sample_count, metrics
@@ -337,7 +405,11 @@ class GatewayClient:
     def get_parameters(self) -> Dict[str, np.ndarray]:
         return read_update(Trainer(self.plan).export_update(0), self.plan).params
 
-    def fit(self, params: Mapping[str, np.ndarray], config: Optional[Mapping[str, object]] = None):
+    def fit(self, params: Mapping[str, np.ndarray], config: Optional[Mapping[str, object]] = None,
+            control: Optional[Mapping[str, np.ndarray]] = None):
+        if control is not None:
+            raise ValueError("a gateway forwards update blobs only: its devices cannot apply SCAFFOLD's correction "
+                             "(run the server with --method fedavg)")
         blob = self.device_fit(Update(self.plan, params, 0).to_bytes(), dict(config or {}))
         update = read_update(blob, self.plan)
         return update.params, update.sample_count, {}
@@ -355,6 +427,22 @@ def _reply(msg: Message, params: Optional[Mapping[str, np.ndarray]], count: int,
     return Message(content=content, reply_to=msg)
 
 
+def _train(client: "FleetClient | GatewayClient", msg: Message, context: Context) -> Message:
+    """A train message: plain, or with SCAFFOLD's control variate, the device's own ``c_i`` kept
+    between rounds in the node's Flower state."""
+    params = from_record(msg.content["arrays"])
+    config = dict(msg.content["config"])
+    if CONTROL_KEY not in msg.content.array_records:
+        return _reply(msg, *client.fit(params, config))
+    control = control_from_record(msg.content.array_records[CONTROL_KEY], client.plan)
+    if isinstance(client, FleetClient) and _STATE_KEY in context.state.array_records:
+        client.control = from_record(context.state.array_records[_STATE_KEY])
+    out = client.fit(params, config, control=control)
+    if isinstance(client, FleetClient) and client.control is not None:
+        context.state[_STATE_KEY] = to_record(client.control)
+    return _reply(msg, *out)
+
+
 def client_app(make_client: Callable[[Context], "FleetClient | GatewayClient"]) -> ClientApp:
     """A Flower `ClientApp` whose train/evaluate messages run a `FleetClient` (or a
     `GatewayClient`); ``make_client``
@@ -363,9 +451,7 @@ def client_app(make_client: Callable[[Context], "FleetClient | GatewayClient"]) 
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        client = make_client(context)
-        params, n, metrics = client.fit(from_record(msg.content["arrays"]), dict(msg.content["config"]))
-        return _reply(msg, params, n, metrics)
+        return _train(make_client(context), msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -389,11 +475,23 @@ class SparseFedAvg(FedAvg):
     multiplier of each round, sent in the train config as ``"lr-scale"``. Error replies (a client that crashed or went offline) are counted in ``failed``. The
     FedAvg arguments (``fraction_train``, ``min_train_nodes``,
     ``min_available_nodes``, ...) work as in Flower; a round with too few valid updates keeps the
-    global model unchanged."""
+    global model unchanged.
+
+    ``method="scaffold"``: every train message also carries the control variate ``c``
+    (`control_to_record`, int8 with one scale per parameter: the download grows by the update's
+    size, the upload does not); after a round ``c`` moves by the sum of the round's ``c_i`` changes
+    over the ``N`` connected devices, which the server computes from what each sends anyway (its parameters
+    against the global ones, and its ``lr`` and ``steps``; an update without them is rejected),
+    so ``c`` stays the devices' mean ``c_i`` without their sending it."""
 
     def __init__(self, layout: Layout, seed: int = 0, min_valid_updates: int = 1, server_lr: float = 1.0,
-                 lr_scale: Optional[Callable[[int], float]] = None, **fedavg) -> None:
+                 lr_scale: Optional[Callable[[int], float]] = None, method: str = "fedavg", **fedavg) -> None:
         super().__init__(**fedavg)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self.control: Dict[str, np.ndarray] = {e.key: np.zeros(e.shape) for e in layout.entries}
+        self.fleet_size = 0  # devices connected when the current round was sent
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise ValueError(f"server_lr must be a finite number > 0, got {server_lr!r}")
         self.layout = layout
@@ -416,10 +514,19 @@ class SparseFedAvg(FedAvg):
         self.current = from_record(arrays)
         if self.lr_scale is not None:
             config = ConfigRecord({**dict(config), "lr-scale": float(self.lr_scale(server_round))})
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.fleet_size = len(list(grid.get_node_ids()))
+        if self.method == "scaffold":
+            record = control_to_record(self.control)
+            # the devices get c on the int8 grid: the server keeps exactly that value
+            self.control = control_from_record(record, self.layout.plan)
+            for m in messages:
+                m.content[CONTROL_KEY] = record
+        return messages
 
     def aggregate_train(self, server_round: int, replies) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         good: List[Tuple[Dict[str, np.ndarray], int]] = []
+        moves: List[Dict[str, np.ndarray]] = []  # SCAFFOLD: each device's change of c_i
         contents = []
         for msg in replies:
             node = int(msg.metadata.src_node_id)
@@ -428,9 +535,14 @@ class SparseFedAvg(FedAvg):
                 log.warning("round %d: node %d sent no update: %s", server_round, node, msg.error.reason)
                 continue
             reason, params, count = self._read(msg.content)
+            move = None
+            if not reason and self.method == "scaffold":
+                reason, move = self._control_move(msg.content, params)
             if reason:
                 self._reject(server_round, node, reason)
                 continue
+            if move is not None:
+                moves.append(move)
             good.append((params, int(count)))
             contents.append(msg.content)
         self.accepted[server_round] = len(good)
@@ -439,7 +551,24 @@ class SparseFedAvg(FedAvg):
                         server_round, len(good), self.min_valid_updates)
             return None, None
         arrays = to_record(self.layout.average(good, self.rng, self.current, self.server_lr))
+        for move in moves:  # c += (1/N) sum of the c_i changes: c stays the mean c_i of all N devices
+            for k, v in move.items():
+                self.control[k] = self.control[k] + v / max(self.fleet_size, len(good))
         return arrays, aggregate_metricrecords(contents, self.weighted_by_key)
+
+    def _control_move(self, content: RecordDict, params: Mapping[str, np.ndarray]):
+        """``(reason, move)``: the change of a device's ``c_i`` in this round (None when it made no
+        step), or why its reply cannot be used."""
+        metrics = next(iter(content.metric_records.values()))
+        lr, steps = metrics.get("lr"), metrics.get("steps")
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            return f"no learning rate 'lr' >= 0 in the metrics (SCAFFOLD needs it), got {lr!r}", None
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            return f"no step count 'steps' >= 0 in the metrics (SCAFFOLD needs it), got {steps!r}", None
+        if steps == 0 or lr == 0:
+            return None, None
+        return None, {k: -self.control[k] + (self.current[k].astype(np.float64) - params[k].astype(np.float64))
+                      / (steps * lr) for k in self.control}
 
     def _read(self, content: RecordDict):
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
@@ -490,6 +619,7 @@ class RunConfig:
     seed: int = 0
     server_lr: float = 1.0  # 1: plain FedAvg; see SparseFedAvg
     lr_decay: str = "none"  # the devices' learning-rate schedule over the run's epochs of data (lr_scale)
+    method: str = "fedavg"  # or "scaffold" (see SparseFedAvg)
 
     def lr_scale(self, server_round: int) -> float:
         """The devices' learning-rate multiplier in round ``server_round`` (1-based): `lr_scale` of
@@ -506,7 +636,7 @@ def run_server(grid: Grid, layout: Layout, cfg: RunConfig, test=None,
     accepted update counts and rejected updates with their reasons, and the final parameters."""
     cfg.lr_scale(1)  # an unknown schedule fails here, before any round
     strategy = SparseFedAvg(layout, seed=cfg.seed, min_valid_updates=cfg.min_valid_updates, server_lr=cfg.server_lr,
-                            lr_scale=cfg.lr_scale if cfg.lr_decay != "none" else None,
+                            lr_scale=cfg.lr_scale if cfg.lr_decay != "none" else None, method=cfg.method,
                             fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                             min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_available_nodes,
                             min_evaluate_nodes=cfg.min_train_nodes if cfg.fraction_evaluate > 0 else 0)
@@ -703,9 +833,7 @@ CLIENT_APP = ClientApp()
 
 @CLIENT_APP.train()
 def _deployed_train(msg: Message, context: Context) -> Message:
-    client = _checked_client(context, msg)
-    params, n, metrics = client.fit(from_record(msg.content["arrays"]), dict(msg.content["config"]))
-    return _reply(msg, params, n, metrics)
+    return _train(_checked_client(context, msg), msg, context)
 
 
 @CLIENT_APP.evaluate()
@@ -733,7 +861,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
                         min_available_nodes=int(rc["min-clients"]), min_valid_updates=int(rc["min-valid"]),
                         fraction_evaluate=float(rc["fraction-evaluate"]), round_timeout=float(rc["round-timeout"]),
                         seed=int(rc["seed"]), server_lr=float(rc["server-lr"]),
-                        lr_decay=str(rc.get("lr-decay", "none")))
+                        lr_decay=str(rc.get("lr-decay", "none")), method=str(rc.get("method", "fedavg")))
         progress = str(rc.get("progress", ""))
 
         def on_round(r: int, m: Dict[str, float]) -> None:

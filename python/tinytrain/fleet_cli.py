@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -55,7 +56,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = fleet.RunConfig(rounds=args.rounds, epochs=args.epochs, fraction_train=args.fraction,
                           min_train_nodes=max(1, int(args.fraction * args.clients)),
                           min_available_nodes=args.clients, seed=args.seed, server_lr=args.server_lr,
-                          rounds_per_epoch=args.rounds_per_epoch, lr_decay=args.lr_decay)
+                          rounds_per_epoch=args.rounds_per_epoch, lr_decay=args.lr_decay, method=args.method)
     setup_s = time.perf_counter() - t0
     with progress_bar("federated rounds", args.rounds, enabled=not args.json) as advance:
         def on_round(r: int, m: Dict[str, float]) -> None:
@@ -65,16 +66,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         hist = fleet.simulate(plan, x, y, parts, cfg, test=test, lr=args.lr, on_round=on_round, verbose=args.verbose)
     wall = time.perf_counter() - t0 - setup_s
     sparse = layout.nbytes
+    # the download: the global parameters, and with SCAFFOLD the control variate (int8 + a float32 scale each)
+    download = sparse + (sum(math.prod(e.shape) + 4 for e in layout.entries) if args.method == "scaffold" else 0)
     full_int8 = layout.model_bytes()
     full_fp32 = 4 * layout.model_params()
     report = {
         "clients": args.clients, "rounds": args.rounds, "partition": args.partition, "epochs_per_round": args.epochs,
         "rounds_per_epoch": args.rounds_per_epoch, "lr": args.lr, "lr_decay": args.lr_decay, "server_lr": args.server_lr,
+        "method": args.method,
         "samples_per_client": [int(len(p)) for p in parts], "scheme": layout.scheme.to_dict(),
         "accuracy": hist["accuracy"], "accepted": hist["accepted"], "rejected": hist["rejected"], "failed": hist["failed"],
         "update_bytes": sparse, "update_bytes_on_the_wire": fleet.record_bytes(hist["params"]),
         "full_int8_model_bytes": full_int8, "full_fp32_model_bytes": full_fp32,
         "int8_model_over_update": full_int8 / sparse, "fp32_model_over_update": full_fp32 / sparse,
+        "download_bytes": download, "int8_model_over_download": full_int8 / download,
         "peak_sram_bytes": plan.memory.peak_bytes, "seconds": {"setup": round(setup_s, 2), "federation": round(wall, 2)},
     }
     if args.out:
@@ -82,7 +87,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         try:
             from .plots import fleet_accuracy_plot
 
-            report["plot"] = fleet_accuracy_plot({f"{args.clients} devices, sparse int8 FedAvg": hist["accuracy"]},
+            label = "sparse int8 FedAvg" + (" + SCAFFOLD" if args.method == "scaffold" else "")
+            report["plot"] = fleet_accuracy_plot({f"{args.clients} devices, {label}": hist["accuracy"]},
                                                  os.path.join(args.out, "fleet_accuracy.png"))
         except ImportError as exc:
             report["plot"] = f"skipped: {exc}"
@@ -107,6 +113,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for k, v in [
         ("update per device per round", f"{format_bytes(sparse)} ({len(layout.entries)} arrays: int8 weights of "
                                         f"the updated channels, int32 biases)"),
+        ("download per device per round", f"{format_bytes(download)} ({full_int8 / download:.1f}x fewer than the "
+                                          f"whole int8 model" + (", with the control variate)" if args.method == "scaffold"
+                                                                  else ")")),
         ("whole int8 model", f"{format_bytes(full_int8)} ({full_int8 / sparse:.1f}x the update)"),
         ("fp32 FedAvg of the whole model", f"{format_bytes(full_fp32)} ({full_fp32 / sparse:.1f}x the update)"),
         ("peak SRAM of a device's training step", format_bytes(plan.memory.peak_bytes)),
@@ -227,7 +236,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         "rounds": args.rounds, "epochs": args.epochs, "batch-size": 1, "fraction-train": args.fraction,
         "min-clients": args.min_clients, "wait-clients": args.wait_clients or args.min_clients,
         "min-valid": args.min_valid, "fraction-evaluate": args.fraction_evaluate, "round-timeout": args.round_timeout,
-        "seed": args.seed, "server-lr": args.server_lr, "lr-decay": args.lr_decay, "out": out, "progress": progress,
+        "seed": args.seed, "server-lr": args.server_lr, "lr-decay": args.lr_decay, "method": args.method,
+        "out": out, "progress": progress,
         "output": os.path.abspath(args.output) if args.output else "",
     }
     for k in ("plan", "model"):
@@ -387,6 +397,9 @@ def add_cli_parser(sub) -> None:
     q.add_argument("--server-lr", type=float, default=1.0, help="server step toward the devices' mean (1: FedAvg)")
     q.add_argument("--lr-decay", choices=("none", "linear"), default="none",
                    help="the devices' learning-rate schedule: linear decays it over the run's epochs of data")
+    q.add_argument("--method", choices=("fedavg", "scaffold"), default="fedavg",
+                   help="fedavg, or scaffold: FedAvg with SCAFFOLD's drift correction (the server also sends its "
+                        "control variate, int8: the download doubles, the upload does not change)")
     q.add_argument("--out", default="tinytrain-fleet", help="folder for the plot and the JSON report")
     q.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     demo_options(q)
@@ -412,6 +425,9 @@ def add_cli_parser(sub) -> None:
     q.add_argument("--server-lr", type=float, default=1.0, help="server step toward the devices' mean (1: FedAvg)")
     q.add_argument("--lr-decay", choices=("none", "linear"), default="none",
                    help="the devices' learning-rate schedule: linear decays it over the run's epochs of data")
+    q.add_argument("--method", choices=("fedavg", "scaffold"), default="fedavg",
+                   help="fedavg, or scaffold: FedAvg with SCAFFOLD's drift correction (the server also sends its "
+                        "control variate, int8: the download doubles, the upload does not change)")
     q.add_argument("--fraction-evaluate", type=float, default=0.0, help="fraction evaluating on their own data per round")
     q.add_argument("--round-timeout", type=float, default=600.0,
                    help="seconds a round waits for replies; a silent (dead) client is left out after it")

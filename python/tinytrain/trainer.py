@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -56,6 +56,7 @@ class Trainer:
         self._s.lr = float(lr)
         self._s.momentum = float(momentum)
         self._s.qas = bool(qas)
+        self._correction: Optional[Dict[str, np.ndarray]] = None
         self.skipped_steps = 0
         self.steps_done = 0  # updates attempted: one per sample, or one per batch with accumulation
         self._samples_since_sync = 0  # samples whose update was applied, for export_update
@@ -76,6 +77,41 @@ class Trainer:
     @property
     def momentum(self) -> float:
         return self._s.momentum
+
+    @property
+    def correction(self) -> Optional[Dict[str, np.ndarray]]:
+        """A drift correction (None: none): per trained parameter (the names and shapes of
+        `tt.read_update(...).params`), a float per value in that value's own LSB units (int8
+        weight LSBs, int32 bias LSBs); every update then also moves each trained value by
+        ``-lr`` times its correction, rounded as the plan's updates are (tt-core's
+        ``update::shift``, the same code on the MCU): SGD on ``g + correction`` for each step's
+        gradient ``g``, apart from rounding. A fleet sets SCAFFOLD's ``c - c_i`` here."""
+        return None if self._correction is None else {k: v.copy() for k, v in self._correction.items()}
+
+    @correction.setter
+    def correction(self, values: Optional[Mapping[str, np.ndarray]]) -> None:
+        if values is None:
+            self._s.set_correction(None)
+            self._correction = None
+            return
+        from .update import _layout
+
+        layout, _ = _layout(self.plan)
+        names = [p.name for p in layout]
+        if not isinstance(values, Mapping) or set(values) != set(names):
+            got = sorted(values) if isinstance(values, Mapping) else type(values).__name__
+            raise ValueError(f"a correction needs exactly the trained parameters {names}, got {got}")
+        flat, kept = [], {}
+        for p in layout:
+            a = np.asarray(values[p.name], dtype=np.float32)
+            if a.shape != p.shape:
+                raise ValueError(f"correction {p.name}: shape {a.shape}, the plan trains {p.shape}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"correction {p.name}: values must be finite")
+            kept[p.name] = a.copy()
+            flat.append((a if p.kind == "bias" or p.fc else a.transpose(0, 2, 3, 1)).reshape(-1))  # blob order
+        self._s.set_correction(np.ascontiguousarray(np.concatenate(flat), dtype=np.float32))
+        self._correction = kept
 
     @property
     def high_water_bytes(self) -> int:

@@ -306,7 +306,7 @@ pub fn sgd_update_weights(
 }
 
 #[inline]
-fn stochastic_round(w: i8, delta: f32, rng: &mut XorShift32) -> i8 {
+pub(crate) fn stochastic_round(w: i8, delta: f32, rng: &mut XorShift32) -> i8 {
     // The random draw happens for every weight, so the generator state after a step depends
     // only on how many weights were updated (host and MCU stay in lockstep).
     // No clamp of `t` to [-128, 128] before rounding, and the sum clamped as an integer: beyond
@@ -326,7 +326,7 @@ fn stochastic_round(w: i8, delta: f32, rng: &mut XorShift32) -> i8 {
 
 /// `w * 256 + r` is the weight in 1/256 LSB; `r` in `[-128, 127]` keeps `w` its rounding.
 #[inline]
-fn residual_step(w: i8, r: &mut i8, delta: f32) -> i8 {
+pub(crate) fn residual_step(w: i8, r: &mut i8, delta: f32) -> i8 {
     let d = round_half_away((delta * 256.0).clamp(-65_536.0, 65_536.0)) as i32;
     let full = (w as i32 * 256 + *r as i32 + d).clamp(-127 * 256, 127 * 256);
     let nw = (full + 128) >> 8;
@@ -345,7 +345,7 @@ fn floor(x: f32) -> f32 {
 }
 
 #[inline]
-fn round_half_away(x: f32) -> f32 {
+pub(crate) fn round_half_away(x: f32) -> f32 {
     if x >= 0.0 {
         floor(x + 0.5)
     } else {

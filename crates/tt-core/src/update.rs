@@ -30,9 +30,14 @@
 //! with no buffer at all. [`read`] checks everything (length, CRC, plan tag, every section header
 //! against the plan) before any value is used; [`apply`] also checks every target range in the
 //! learned state before writing the first byte. Nothing allocates.
+//!
+//! [`shift`] moves the trained values by a real offset per value, in their own LSB units and in
+//! blob order, rounded as the plan's updates are: a fleet's drift correction (SCAFFOLD's
+//! `c - c_i`, applied after every SGD step as `-lr * (c - c_i)`) runs on the device with it.
 use crate::crc::{crc32, Crc32};
 use crate::exec::Executor;
 use crate::plan::{BufKind, PlanView, Precision, NODE_CONV, NODE_FC, NONE};
+use crate::qas::{residual_step, round_half_away, stochastic_round, XorShift32};
 use crate::{Error, Result};
 
 pub const MAGIC: [u8; 4] = *b"TTUP";
@@ -475,6 +480,105 @@ fn apply_section(pv: &PlanView<'_>, s: &Section, values: &[u8], state: &mut [u8]
     Ok(())
 }
 
+/// Number of trained values of the plan (weights and biases, every section): the length of the
+/// offsets [`shift`] takes.
+pub fn trained_values(pv: &PlanView<'_>) -> Result<usize> {
+    let mut n = 0usize;
+    for s in sections(pv) {
+        n = n
+            .checked_add(s?.count)
+            .ok_or(corrupt_plan("layers (trained values)"))?;
+    }
+    Ok(n)
+}
+
+/// Moves every trained value of `state` by `factor * offsets[k]`, `k` counting the values in blob
+/// order, in the value's own LSB units: an int8 weight as the plan's SGD updates round (stochastic
+/// rounding with the plan's generator, one draw per weight; the int8 residual or the fp32 master
+/// copy otherwise), saturating at +-127; an int32 bias to nearest, saturating at +-2^30. Nothing
+/// changes unless `offsets` has one finite value per trained value and `factor` is finite.
+pub fn shift(pv: &PlanView<'_>, state: &mut [u8], offsets: &[f32], factor: f32) -> Result<()> {
+    check_state(pv, state)?;
+    let n = trained_values(pv)?;
+    if offsets.len() != n {
+        return Err(Error::ShapeMismatch {
+            what: "shift: offsets (one per trained value)",
+            expected: n,
+            actual: offsets.len(),
+        });
+    }
+    if !factor.is_finite() || !crate::qas::all_finite(offsets) {
+        return Err(Error::NonFinite {
+            what: "shift: offsets",
+        });
+    }
+    let precision = pv.globals.precision;
+    let extra = precision.extra_bytes();
+    let rng_at = if pv.globals.rng == NONE {
+        None
+    } else {
+        let b = pv.buffer(pv.globals.rng as usize)?;
+        state_slice(state, b.offset as usize, 4)?;
+        Some(b.offset as usize)
+    };
+    for s in sections(pv) {
+        let s = s?;
+        state_slice(state, s.state_at, s.bytes())?;
+        if let Some(p) = s.precision_at {
+            state_slice(state, p, s.count * extra)?;
+        }
+        if s.dtype == DType::I8 && precision == Precision::StochasticRounding && rng_at.is_none() {
+            return Err(corrupt_plan("globals.rng"));
+        }
+    }
+    let mut rng = match rng_at {
+        Some(at) => XorShift32 {
+            state: u32::from_le_bytes([state[at], state[at + 1], state[at + 2], state[at + 3]]),
+        },
+        None => XorShift32::new(1),
+    };
+    let mut offsets = offsets.iter().map(|&o| factor * o);
+    let limit = crate::ops::BIAS_LIMIT as i64;
+    for s in sections(pv) {
+        let s = s?;
+        for (j, d) in offsets.by_ref().take(s.count).enumerate() {
+            match s.dtype {
+                DType::I32 => {
+                    let c = cell(state, s.state_at + 4 * j, 4)?;
+                    let b = i32::from_ne_bytes([c[0], c[1], c[2], c[3]]) as i64;
+                    let nb = (b + round_half_away(d) as i64).clamp(-limit, limit) as i32;
+                    c.copy_from_slice(&nb.to_ne_bytes());
+                }
+                DType::I8 => {
+                    let w = cell(state, s.state_at + j, 1)?[0] as i8;
+                    let nw = match (precision, s.precision_at) {
+                        (Precision::Residual, Some(p)) => {
+                            let r = cell(state, p + j, 1)?;
+                            let mut ri = r[0] as i8;
+                            let nw = residual_step(w, &mut ri, d);
+                            r[0] = ri as u8;
+                            nw
+                        }
+                        (Precision::FpMaster, Some(p)) => {
+                            let c = cell(state, p + 4 * j, 4)?;
+                            let m = (f32::from_ne_bytes([c[0], c[1], c[2], c[3]]) + d)
+                                .clamp(-127.0, 127.0);
+                            c.copy_from_slice(&m.to_ne_bytes());
+                            round_half_away(m) as i8
+                        }
+                        _ => stochastic_round(w, d, &mut rng),
+                    };
+                    cell(state, s.state_at + j, 1)?[0] = nw as u8;
+                }
+            }
+        }
+    }
+    if let Some(at) = rng_at {
+        state[at..at + 4].copy_from_slice(&rng.state.to_le_bytes());
+    }
+    Ok(())
+}
+
 /// [`read`] then [`UpdateView::apply`]; returns the blob's sample count.
 pub fn apply(pv: &PlanView<'_>, blob: &[u8], state: &mut [u8]) -> Result<u32> {
     let v = read(pv, blob)?;
@@ -486,6 +590,12 @@ impl Executor<'_, '_> {
     /// The update blob of the current learned state (see [`write`]).
     pub fn write_update(&self, sample_count: u32, out: &mut [u8]) -> Result<usize> {
         write(self.plan(), self.state(), sample_count, out)
+    }
+
+    /// Moves the trained values by `factor * offsets` (see [`shift`]).
+    pub fn shift_trained(&mut self, offsets: &[f32], factor: f32) -> Result<()> {
+        let pv = *self.plan();
+        shift(&pv, self.state_mut(), offsets, factor)
     }
 
     /// Loads a blob's trained parameters (see [`apply`]); returns its sample count.

@@ -545,3 +545,136 @@ proptest! {
         }
     }
 }
+
+/// Every trained value of the executor, in blob order (weights as i8, biases as i32, as i64).
+fn trained(e: &Executor<'_, '_>) -> Vec<i64> {
+    values(e.plan(), &blob_of(e, 1))
+        .into_iter()
+        .flat_map(|(_, _, v)| v)
+        .collect()
+}
+
+/// Which trained values are int32 biases (blob order).
+fn is_bias(pv: &PlanView<'_>) -> Vec<bool> {
+    update::sections(pv)
+        .flat_map(|s| {
+            let s = s.unwrap();
+            core::iter::repeat_n(s.dtype == DType::I32, s.count)
+        })
+        .collect()
+}
+
+#[test]
+fn shift_moves_whole_offsets_exactly_in_every_precision() {
+    for (precision, accumulate) in PRECISIONS {
+        let c = compiled(precision, accumulate, 0.05);
+        let mut a = arena(&c);
+        let mut e = ex(&c, &mut a);
+        train(&mut e, 6);
+        let pv = *e.plan();
+        let n = update::trained_values(&pv).unwrap();
+        let bias = is_bias(&pv);
+        assert_eq!(bias.len(), n);
+        let before = trained(&e);
+        // whole LSBs (a weight's stochastic rounding of an integer step has nothing to round),
+        // a fractional bias offset rounds to nearest
+        let offsets: Vec<f32> = (0..n)
+            .map(|k| if bias[k] { 1000.4 } else { [3.0, -2.0][k % 2] })
+            .collect();
+        e.shift_trained(&offsets, 1.0).unwrap();
+        let after = trained(&e);
+        for k in 0..n {
+            let want = if bias[k] {
+                before[k] + 1000
+            } else {
+                (before[k] + offsets[k] as i64).clamp(-127, 127)
+            };
+            assert_eq!(after[k], want, "{precision:?} value {k}");
+        }
+        // factor scales the offsets: -1 undoes the whole-LSB move where nothing saturated
+        e.shift_trained(&offsets, -1.0).unwrap();
+        let back = trained(&e);
+        for k in 0..n {
+            if bias[k] || (before[k] + offsets[k] as i64).abs() <= 127 {
+                assert_eq!(back[k], before[k], "{precision:?} value {k}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fractional_shifts_add_up_in_every_precision() {
+    for (precision, accumulate) in PRECISIONS {
+        let c = compiled(precision, accumulate, 0.05);
+        let mut a = arena(&c);
+        let mut e = ex(&c, &mut a);
+        let pv = *e.plan();
+        let n = update::trained_values(&pv).unwrap();
+        let bias = is_bias(&pv);
+        let before = trained(&e);
+        let offsets = vec![0.3f32; n];
+        for _ in 0..10 {
+            e.shift_trained(&offsets, 1.0).unwrap();
+        }
+        let after = trained(&e);
+        let moved: Vec<i64> = (0..n)
+            .filter(|&k| !bias[k] && before[k].abs() < 120)
+            .map(|k| after[k] - before[k])
+            .collect();
+        assert!(moved.len() > 50, "{precision:?}: {} weights", moved.len());
+        let mean = moved.iter().sum::<i64>() as f64 / moved.len() as f64;
+        match precision {
+            // ten 0.3 steps kept in the residual / master copy: exactly 3 LSB
+            Precision::Residual | Precision::FpMaster => {
+                assert!(moved.iter().all(|&m| m == 3), "{precision:?}")
+            }
+            // stochastic rounding: 3 LSB in expectation (each weight a sum of ten Bernoulli(0.3))
+            Precision::StochasticRounding => {
+                let sd = (10.0 * 0.3 * 0.7 / moved.len() as f64).sqrt();
+                assert!((mean - 3.0).abs() < 5.0 * sd, "mean move {mean}, sd {sd}");
+                assert!(moved.iter().any(|&m| m != 3), "no rounding noise at all");
+            }
+        }
+        for k in (0..n).filter(|&k| bias[k]) {
+            assert_eq!(
+                after[k] - before[k],
+                0,
+                "0.3 of a bias LSB rounds to nothing each time"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_bad_shift_is_an_error_and_changes_nothing() {
+    let c = compiled(Precision::StochasticRounding, false, 0.05);
+    let mut a = arena(&c);
+    let mut e = ex(&c, &mut a);
+    train(&mut e, 3);
+    let n = update::trained_values(e.plan()).unwrap();
+    let state = e.state().to_vec();
+    for (offsets, factor) in [
+        (vec![0.5f32; n - 1], 1.0f32),
+        (vec![0.5f32; n + 1], 1.0),
+        ([vec![0.5f32; n - 1], vec![f32::NAN]].concat(), 1.0),
+        (vec![f32::INFINITY; n], 1.0),
+        (vec![0.5f32; n], f32::NAN),
+    ] {
+        let r = e.shift_trained(&offsets, factor);
+        assert!(
+            matches!(
+                r,
+                Err(Error::ShapeMismatch { .. }) | Err(Error::NonFinite { .. })
+            ),
+            "{r:?}"
+        );
+        assert_eq!(e.state(), &state[..]);
+    }
+    // huge finite offsets saturate instead of wrapping
+    e.shift_trained(&vec![1e30f32; n], 1.0).unwrap();
+    let pv = *e.plan();
+    let bias = is_bias(&pv);
+    for (k, v) in trained(&e).into_iter().enumerate() {
+        assert_eq!(v, if bias[k] { 1 << 30 } else { 127 }, "value {k}");
+    }
+}

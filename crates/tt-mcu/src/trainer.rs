@@ -111,6 +111,22 @@ impl<'p, 'a> Trainer<'p, 'a> {
         r
     }
 
+    /// [`Self::step`], then a fleet's drift correction (SCAFFOLD's `c - c_i`, one value per
+    /// trained value in update-blob order, LSB units): every trained value also moves by `-lr`
+    /// times its entry (`tt_core::update::shift`, as the host's `Trainer.correction`). A refused
+    /// step moves nothing.
+    pub fn step_corrected(
+        &mut self,
+        input: &[i8],
+        label: u32,
+        correction: &[f32],
+    ) -> Result<f32, Error> {
+        let loss = self.step(input, label)?;
+        let lr = self.ex.lr;
+        self.ex.shift_trained(correction, -lr)?;
+        Ok(loss)
+    }
+
     /// Steps refused as non-finite since this trainer was created (the host's
     /// `Trainer.skipped_steps`); not part of the checkpointed state.
     pub fn skipped_steps(&self) -> u32 {

@@ -161,6 +161,45 @@ fn bundle_files_round_trip_and_mismatches_are_reported() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn corrected_steps_are_steps_then_the_shift() {
+    let b = Bundle::demo();
+    let n = b.input_len().unwrap();
+    let mut params = vec![0u32; b.params.len().div_ceil(4)];
+    let pbytes: &mut [u8] = bytemuck_bytes(&mut params);
+    pbytes[..b.params.len()].copy_from_slice(&b.params);
+    let params = &pbytes[..b.params.len()];
+    let (mut a1, mut a2) = (
+        Box::new(Arena::<65536>::new()),
+        Box::new(Arena::<65536>::new()),
+    );
+    let mut corrected = Trainer::new(&b.plan, params, &mut a1.0).unwrap();
+    let mut manual = Trainer::new(&b.plan, params, &mut a2.0).unwrap();
+    let values = tt_core::update::trained_values(corrected.plan()).unwrap();
+    let correction: Vec<f32> = (0..values).map(|k| (k % 7) as f32 * 40.0 - 120.0).collect();
+    let before = corrected.state().to_vec();
+    for s in 0..8 {
+        let x = &b.train_x[s * n..(s + 1) * n];
+        let y = b.train_y[s] as u32;
+        let l1 = corrected.step_corrected(x, y, &correction).unwrap();
+        let l2 = manual.step(x, y).unwrap();
+        let lr = manual.executor().lr;
+        manual.executor().shift_trained(&correction, -lr).unwrap();
+        assert_eq!(l1.to_bits(), l2.to_bits());
+        assert_eq!(corrected.state(), manual.state());
+    }
+    assert_ne!(corrected.state(), &before[..]);
+    // a correction of the wrong length is refused before it moves anything
+    let x = &b.train_x[..n];
+    let kept = corrected.state().to_vec();
+    assert!(matches!(
+        corrected.executor().shift_trained(&correction[1..], -0.1),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert_eq!(corrected.state(), &kept[..]);
+    assert!(corrected.step_corrected(x, 0, &correction).is_ok());
+}
+
 fn bytemuck_bytes(w: &mut [u32]) -> &mut [u8] {
     // SAFETY: any byte pattern is a valid u8, and u8 needs no alignment.
     unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u8, w.len() * 4) }

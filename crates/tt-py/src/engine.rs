@@ -358,6 +358,9 @@ pub(crate) struct Session {
     qas: bool,
     #[pyo3(get)]
     high_water: usize,
+    /// A drift correction per trained value (blob order, LSB units), moved by `-lr` times it
+    /// after every update (`set_correction`).
+    correction: Option<Vec<f32>>,
 }
 
 impl Session {
@@ -366,15 +369,39 @@ impl Session {
         py: Python<'_>,
         f: impl FnOnce(&mut Executor<'_, '_>) -> Result<R, Error>,
     ) -> PyResult<R> {
+        self.with_correction(py, |ex, _| f(ex))
+    }
+
+    fn with_correction<R>(
+        &mut self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Executor<'_, '_>, Option<&[f32]>) -> Result<R, Error>,
+    ) -> PyResult<R> {
         let params = as_bytes(&self.params, self.params_len);
         let arena = as_bytes_mut(&mut self.arena, self.arena_len);
         let mut ex = Executor::new(&self.plan, params, arena).map_err(|e| core_err(py, e))?;
         ex.lr = self.lr;
         ex.momentum = self.momentum;
         ex.qas = self.qas;
-        let r = f(&mut ex);
+        let r = f(&mut ex, self.correction.as_deref());
         self.high_water = self.high_water.max(ex.high_water());
         r.map_err(|e| core_err(py, e))
+    }
+
+    /// One training step, then the drift correction's move if one is set; a refused step
+    /// (a gradient not finite) gives NaN and moves nothing.
+    fn corrected_step(&mut self, py: Python<'_>, row: &[i8], target: Target<'_>) -> PyResult<f32> {
+        self.with_correction(py, |ex, correction| match ex.step(row, target) {
+            Err(Error::NonFinite { .. }) => Ok(f32::NAN),
+            Ok(loss) => {
+                if let Some(c) = correction {
+                    let lr = ex.lr;
+                    ex.shift_trained(c, -lr)?;
+                }
+                Ok(loss)
+            }
+            Err(e) => Err(e),
+        })
     }
 }
 
@@ -394,6 +421,7 @@ impl Session {
             momentum: v.globals.momentum,
             qas: true,
             high_water: 0,
+            correction: None,
         };
         s.with(py, |ex| ex.init())?;
         s.high_water = 0;
@@ -434,11 +462,7 @@ impl Session {
             if y < 0 {
                 return Err(PyValueError::new_err(format!("label {y} is negative")));
             }
-            let r = self.with(py, |ex| match ex.step(&row, Target::Class(y as usize)) {
-                Err(Error::NonFinite { .. }) => Ok(f32::NAN),
-                other => other,
-            })?;
-            out.push(r);
+            out.push(self.corrected_step(py, &row, Target::Class(y as usize))?);
         }
         Ok(out.into_pyarray(py))
     }
@@ -491,10 +515,47 @@ impl Session {
     /// The update phase of an accumulation plan: the mean of `count` accumulated gradients.
     /// Returns False (nothing changed, accumulators zeroed) when a gradient was not finite.
     fn apply_accumulated(&mut self, py: Python<'_>, count: usize) -> PyResult<bool> {
-        self.with(py, |ex| match ex.apply_accumulated(count) {
+        self.with_correction(py, |ex, correction| match ex.apply_accumulated(count) {
             Err(Error::NonFinite { .. }) => Ok(false),
-            other => other.map(|()| true),
+            Ok(()) => {
+                if let Some(c) = correction {
+                    let lr = ex.lr;
+                    ex.shift_trained(c, -lr)?;
+                }
+                Ok(true)
+            }
+            Err(e) => Err(e),
         })
+    }
+
+    /// Sets (one float per trained value, blob order, LSB units) or clears (None) the drift
+    /// correction: after every update each trained value also moves by `-lr` times its entry.
+    #[pyo3(signature = (correction=None))]
+    fn set_correction(
+        &mut self,
+        py: Python<'_>,
+        correction: Option<PyReadonlyArray1<'_, f32>>,
+    ) -> PyResult<()> {
+        let Some(c) = correction else {
+            self.correction = None;
+            return Ok(());
+        };
+        let c = c.as_slice()?.to_vec();
+        let pv = PlanView::parse(&self.plan).map_err(|e| core_err(py, e))?;
+        let n = tt_core::update::trained_values(&pv).map_err(|e| core_err(py, e))?;
+        if c.len() != n {
+            return Err(PyValueError::new_err(format!(
+                "the correction needs one value per trained value ({n}), got {}",
+                c.len()
+            )));
+        }
+        if let Some(k) = c.iter().position(|v| !v.is_finite()) {
+            return Err(PyValueError::new_err(format!(
+                "correction value {k} is not finite"
+            )));
+        }
+        self.correction = Some(c);
+        Ok(())
     }
 
     /// Like `steps`, for a plan compiled with the MSE loss: one float target row per sample.
@@ -513,11 +574,7 @@ impl Session {
         for (row, trow) in x.outer_iter().zip(t.outer_iter()) {
             let row: Vec<i8> = row.iter().copied().collect();
             let trow: Vec<f32> = trow.iter().copied().collect();
-            let r = self.with(py, |ex| match ex.step(&row, Target::Values(&trow)) {
-                Err(Error::NonFinite { .. }) => Ok(f32::NAN),
-                other => other,
-            })?;
-            out.push(r);
+            out.push(self.corrected_step(py, &row, Target::Values(&trow))?);
         }
         Ok(out.into_pyarray(py))
     }
