@@ -164,3 +164,21 @@ def test_scaffold_federation_learns_in_flowers_simulation(plan, data):
     assert len(hist["accuracy"]) == 5 and not hist["rejected"] and not hist["failed"]
     assert hist["accuracy"][-1] > hist["accuracy"][0] + 0.3, hist["accuracy"]
     assert all(m.get("steps", 0) > 0 for m in hist["train_metrics"].values())
+
+
+def test_reseed_restarts_the_rounding_draws_and_rebuilt_clients_draw_anew_each_round(plan, data):
+    (x, y), _ = data
+    fresh, same, other = tt.Trainer(plan, lr=0.05), tt.Trainer(plan, lr=0.05), tt.Trainer(plan, lr=0.05)
+    same.reseed(0)  # tt.compile's default seed, where every new Trainer of the plan starts
+    other.reseed(1)
+    for t in (fresh, same, other):
+        t.fit(x[:20], y[:20], seed=2, verbose=False)
+    assert fresh.export_update(0) == same.export_update(0)
+    assert fresh.export_update(0) != other.export_update(0)
+    with pytest.raises(ValueError, match="seed"):
+        fresh.reseed(-1)
+    # a client reseeds from its seed and the round: a client rebuilt for the same round repeats it
+    start = fleet.Layout(plan).extract(plan.model)
+    r1, _, _ = fleet.FleetClient(plan, x[:20], y[:20], lr=0.05, seed=3).fit(start, {"epochs": 1, "server-round": 1})
+    again, _, _ = fleet.FleetClient(plan, x[:20], y[:20], lr=0.05, seed=3).fit(start, {"epochs": 1, "server-round": 1})
+    assert all(np.array_equal(r1[k], again[k]) for k in r1)

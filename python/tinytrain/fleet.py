@@ -353,6 +353,10 @@ class FleetClient:
         if not (math.isfinite(scale) and scale >= 0):
             raise ValueError(f"lr-scale must be a finite number >= 0, got {scale!r}")
         self.trainer.lr = self.lr * scale
+        # a client is rebuilt for every round (Flower runs each message in a fresh client): without
+        # this its updates would round with the same draws every round, and a step that repeats
+        # round after round (SCAFFOLD's correction) with the same bias
+        self.trainer.reseed(self.seed * 100_003 + rnd)
         if k > 1:
             # more, shorter rounds over the same data: each average follows a shorter local run
             order = np.random.default_rng(self.seed).permutation(len(x))

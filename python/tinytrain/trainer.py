@@ -285,6 +285,13 @@ class Trainer:
     def load_state(self, state: bytes) -> None:
         self._s.set_state(bytes(state))
 
+    def reseed(self, seed: int) -> None:
+        """Restarts the stochastic-rounding generator of the updates from ``seed`` (a new Trainer
+        starts from the plan's seed). Nothing else changes."""
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        self._s.reseed(int(seed))
+
     def reset(self) -> None:
         """Back to the plan's frozen parameters."""
         self._s.init()

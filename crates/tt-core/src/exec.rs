@@ -484,9 +484,19 @@ impl<'p, 'a> Executor<'p, 'a> {
             mw.fill(0);
             mb.fill(0);
         }
+        self.reseed(pv.globals.seed)?;
+        self.zero_accumulated()
+    }
+
+    /// Restarts the stochastic-rounding generator from `seed` ([`Self::init`] uses the plan's).
+    /// A device rebuilt for every round of a fleet (a Flower client in a fresh process) would
+    /// otherwise draw the same numbers each round, and the same small step of a weight would
+    /// round the same way round after round. No effect on a plan without the generator.
+    pub fn reseed(&mut self, seed: u64) -> Result<()> {
+        let pv = self.plan;
         if pv.globals.rng != NONE {
             let [r] = self.carve([pv.globals.rng])?;
-            let rng = XorShift32::new(pv.globals.seed as u32 ^ (pv.globals.seed >> 32) as u32);
+            let rng = XorShift32::new(seed as u32 ^ (seed >> 32) as u32);
             let bytes = rng.state.to_le_bytes();
             r.get_mut(..4)
                 .ok_or(Error::CorruptPlan {
@@ -494,7 +504,7 @@ impl<'p, 'a> Executor<'p, 'a> {
                 })?
                 .copy_from_slice(&bytes);
         }
-        self.zero_accumulated()
+        Ok(())
     }
 
     /// The current parameters of layer `li` (frozen values from flash overlaid with the trained

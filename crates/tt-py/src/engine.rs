@@ -433,6 +433,11 @@ impl Session {
         self.with(py, |ex| ex.init())
     }
 
+    /// Restarts the stochastic-rounding generator from `seed`.
+    fn reseed(&mut self, py: Python<'_>, seed: u64) -> PyResult<()> {
+        self.with(py, |ex| ex.reseed(seed))
+    }
+
     #[getter]
     fn arena_bytes(&self) -> usize {
         self.arena_len
