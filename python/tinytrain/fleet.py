@@ -293,6 +293,13 @@ def control_from_record(record: ArrayRecord, plan: Plan) -> Dict[str, np.ndarray
     return out
 
 
+def _mean_step(start: np.ndarray, end: np.ndarray, steps: int, lr: float) -> np.ndarray:
+    """What each of a round's ``steps`` SGD steps at rate ``lr`` subtracted (LSB units), on average:
+    the gradient plus the correction, from the values before and after the round. The device's new
+    ``c_i`` and the server's account of it both start from this."""
+    return (np.asarray(start, dtype=np.float64) - np.asarray(end, dtype=np.float64)) / (steps * lr)
+
+
 # ---------------------------------------------------------------------- client
 class FleetClient:
     """A device of the fleet: a `Trainer` on ``plan`` and the device's data ``(x, y)``.
@@ -376,8 +383,7 @@ class FleetClient:
             lr = float(self.trainer.lr)
             if steps > 0 and lr > 0:
                 # the round's mean gradient: its steps moved the values by -lr * (g + c - c_i) each
-                self.control = {k: own[k] - control[k] + (np.asarray(params[k], dtype=np.float64)
-                                                          - update.params[k].astype(np.float64)) / (steps * lr)
+                self.control = {k: own[k] - control[k] + _mean_step(params[k], update.params[k], steps, lr)
                                 for k in params}
             metrics.update({"lr": lr, "steps": int(steps)})
         if hist.get("accuracy") and np.isfinite(hist["accuracy"][-1]):
@@ -571,8 +577,7 @@ class SparseFedAvg(FedAvg):
             return f"no step count 'steps' >= 0 in the metrics (SCAFFOLD needs it), got {steps!r}", None
         if steps == 0 or lr == 0:
             return None, None
-        return None, {k: -self.control[k] + (self.current[k].astype(np.float64) - params[k].astype(np.float64))
-                      / (steps * lr) for k in self.control}
+        return None, {k: _mean_step(self.current[k], params[k], steps, lr) - self.control[k] for k in self.control}
 
     def _read(self, content: RecordDict):
         if len(content.array_records) != 1 or len(content.metric_records) != 1:

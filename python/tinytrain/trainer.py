@@ -109,7 +109,7 @@ class Trainer:
             if not np.isfinite(a).all():
                 raise ValueError(f"correction {p.name}: values must be finite")
             kept[p.name] = a.copy()
-            flat.append((a if p.kind == "bias" or p.fc else a.transpose(0, 2, 3, 1)).reshape(-1))  # blob order
+            flat.append(p.blob_order(a))
         self._s.set_correction(np.ascontiguousarray(np.concatenate(flat), dtype=np.float32))
         self._correction = kept
 

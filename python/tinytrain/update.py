@@ -48,10 +48,14 @@ class _Param(NamedTuple):
             return np.ascontiguousarray(flat.reshape(self.ohwi).transpose(0, 3, 1, 2))
         return flat.reshape(self.shape)
 
-    def to_blob(self, a: np.ndarray) -> np.ndarray:
+    def blob_order(self, a: np.ndarray) -> np.ndarray:
+        """The values of ``a`` (the model's shape) flattened in the blob's order, dtype kept."""
         if self.kind == "weight" and not self.fc:
             a = a.transpose(0, 2, 3, 1)
-        return np.ascontiguousarray(a.reshape(-1), dtype=self.dtype)
+        return a.reshape(-1)
+
+    def to_blob(self, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.blob_order(a), dtype=self.dtype)
 
 
 def _layout(plan: Plan) -> Tuple[List[_Param], int]:
