@@ -22,6 +22,7 @@ whole model, each direction and both together.
 
     python benches/fleet.py [--clients 20] [--rounds 10] [--alpha 0.3] [--schemes searched,...]
         [--update-budget 20x] [--json]
+    python benches/fleet.py --combine seed0.json seed1.json seed2.json [--json]
 
 Schemes: ``searched`` (the demo's: `tt.search` under 256 KB), ``searched@16KB`` (the search under a
 16 KB SRAM budget), ``classifier`` (the classifier's weights and bias: the smallest the search can
@@ -122,8 +123,47 @@ def split_validation(x, y, fraction, seed):
     return (x[keep], y[keep]), (x[val], y[val])
 
 
+def combine(paths) -> dict:
+    """Seeds run apart (``--json``, one ``--first-seed`` each, in parallel) summed up: per seed (a),
+    (b) with its own setting, (b) with the one setting whose validation accuracy is best on average
+    over the seeds, and (c); their mean and spread, and (c) - (b)."""
+    runs = [json.load(open(p)) for p in paths]
+    rows = [r["rows"][0] for r in runs]
+    if len({(r["scheme"], r["method"], d["rounds"], d["rounds_per_epoch"]) for r, d in zip(rows, runs)}) != 1:
+        raise SystemExit("--combine: the files are not runs of the same scheme, method and rounds")
+    seeds = [s for r in rows for s in r["seeds"]]
+    labels = set(seeds[0]["validation_final"]["federated"])
+    if any(set(s["validation_final"]["federated"]) != labels for s in seeds):
+        raise SystemExit("--combine: the runs tried different (b) settings")
+    shared = max(sorted(labels), key=lambda k: np.mean([s["validation_final"]["federated"][k] for s in seeds]))
+
+    def shared_curve(s):
+        if shared in s.get("federated_runs", {}):
+            return s["federated_runs"][shared]
+        chosen = s["chosen"]["federated"]
+        if f"lr={chosen['lr']},server_lr={chosen['server_lr']}" == shared:
+            return s["federated"]
+        raise SystemExit(f"--combine: a run without every setting's curve did not choose {shared}")
+
+    fin = {"local_only": [100 * s["local_only"][-1] for s in seeds],
+           "federated_own_setting": [100 * s["federated"][-1] for s in seeds],
+           "federated_shared_setting": [100 * shared_curve(s)[-1] for s in seeds],
+           "centralized": [100 * s["centralized"][-1] for s in seeds]}
+    out = {"scheme": rows[0]["scheme"], "method": rows[0]["method"], "shared_setting": shared,
+           "mean_validation": {k: float(np.mean([s["validation_final"]["federated"][k] for s in seeds])) for k in sorted(labels)},
+           "final": fin, "mean": {k: float(np.mean(v)) for k, v in fin.items()},
+           "std": {k: float(np.std(v)) for k, v in fin.items()}, "ratios": rows[0]["ratios"]}
+    for k in ("federated_own_setting", "federated_shared_setting"):
+        gap = np.array(fin["centralized"]) - np.array(fin[k])
+        out[f"gap_{k}"] = {"per_seed": gap.tolist(), "mean": float(gap.mean()), "std": float(gap.std())}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="sum up --json outputs of separate seeds (and nothing else): (b) also with the one "
+                         "setting best on validation over all of them")
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.3)
@@ -150,6 +190,21 @@ def main() -> int:
     ap.add_argument("--plot", help="write the accuracy-per-round plot (PNG) here")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.combine:
+        out = combine(args.combine)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(f"{out['scheme']}, {out['method']}; (b)'s shared setting {out['shared_setting']} "
+                  f"(mean validation {out['mean_validation']})")
+            for k, v in out["final"].items():
+                print(f"  {k:<25}" + " ".join(f"{x:5.1f}" for x in v) +
+                      f"   mean {out['mean'][k]:.1f} +- {out['std'][k]:.1f} %")
+            for k in ("federated_own_setting", "federated_shared_setting"):
+                g = out[f"gap_{k}"]
+                print(f"  (c) - (b) {k[10:]:<15}" + " ".join(f"{x:5.1f}" for x in g["per_seed"]) +
+                      f"   mean {g['mean']:.1f} +- {g['std']:.1f} points")
+        return 0
     os.environ.setdefault("TINYTRAIN_PROGRESS", "0")
 
     q = tt.quantize(tt.load_onnx(tt.models.demo()), tt.datasets.digits("source", "train")[0][:256])
@@ -188,6 +243,8 @@ def main() -> int:
                                         "federated": {"lr": b_lr, "server_lr": b_slr}},
                              "validation_final": {"local_only": a[0][-1], "centralized": c[0][-1],
                                                   "federated": {f"lr={lr},server_lr={slr}": v for (_, v), lr, slr in runs}},
+                             # every (b) setting's test curve, for choosing one setting for all seeds (--combine)
+                             "federated_runs": {f"lr={lr},server_lr={slr}": h["accuracy"] for (h, _), lr, slr in runs},
                              "rejected": len(hist["rejected"]),
                              "seconds": {"local+central": round(t1 - t0, 1), "federated": round(time.perf_counter() - t1, 1)}})
             wire = fleet.record_bytes(hist["params"])

@@ -128,7 +128,7 @@ def test_check_names_what_is_wrong(plan, q, mutate, reason):
     assert reason in lay.check(p, 5)
 
 
-@pytest.mark.parametrize("count", [0, -3, 2.5, float("nan"), float("inf"), True, "12", None])
+@pytest.mark.parametrize("count", [-3, 2.5, float("nan"), float("inf"), True, "12", None])
 def test_check_rejects_a_bad_sample_count(plan, q, count):
     lay = fleet.Layout(plan)
     reason = lay.check(lay.extract(q), count if count is not None else {})
@@ -190,6 +190,41 @@ def test_strategy_keeps_the_model_when_too_few_updates_are_valid(plan, q, server
     arrays, metrics = strat.aggregate_train(1, [_reply(1, a, 4), _reply(2, {"x": np.zeros(3)}, 4)])
     assert arrays is None and metrics is None
     assert strat.accepted == {1: 1} and len(strat.rejected) == 1
+
+
+def test_strategy_leaves_devices_without_samples_out_of_the_mean(plan, q, server_task):
+    """A reply of 0 samples (a device with nothing to train on in the round) is well formed, not
+    rejected, and has no weight: the mean is the other devices' own."""
+    lay = fleet.Layout(plan)
+    a = lay.extract(q)
+    top = {k: 127 if v.dtype == np.int8 else 2 ** 30 for k, v in a.items()}
+    b = {k: np.clip(v.astype(np.int64) + 3, -127, top[k]).astype(v.dtype) for k, v in a.items()}
+    far = {k: np.clip(v.astype(np.int64) - 60, -127, top[k]).astype(v.dtype) for k, v in a.items()}
+    strat = fleet.SparseFedAvg(lay, seed=5)
+    strat.current = a
+    arrays, _ = strat.aggregate_train(1, [_reply(1, b, 7), _reply(2, far, 0)])
+    assert strat.accepted == {1: 2} and strat.rejected == []
+    got = fleet.from_record(arrays)
+    assert all(np.array_equal(got[k], b[k]) for k in b)  # b alone: its values are on the grid already
+    idle_only = fleet.SparseFedAvg(lay, seed=5)
+    idle_only.current = a
+    assert idle_only.aggregate_train(1, [_reply(2, far, 0)]) == (None, None)  # nothing trained: unchanged
+
+
+def test_rounds_per_epoch_leaves_a_device_with_fewer_samples_idle(plan, q, target):
+    """3 samples and 8 rounds per epoch: each sample once in rounds 1-3, then idle rounds that reply
+    0 samples with the values they got, then the next epoch starts over -- never a sample twice an
+    epoch."""
+    (x, y), _ = target
+    start = fleet.Layout(plan).extract(q)
+    cfg = {"epochs": 1, "rounds-per-epoch": 8}
+    runs = [fleet.FleetClient(plan, x[:3], y[:3], seed=2).fit(start, {**cfg, "server-round": r}) for r in range(1, 10)]
+    assert [n for _, n, _ in runs] == [1, 1, 1, 0, 0, 0, 0, 0, 1]
+    for params, n, _ in runs:
+        if n == 0:
+            assert all(np.array_equal(params[k], start[k]) for k in start)
+    with pytest.raises(ValueError, match="rounds-per-epoch"):
+        fleet.RunConfig(rounds_per_epoch=0)
 
 
 def test_dirichlet_partition_is_a_skewed_split_of_every_sample():

@@ -154,7 +154,8 @@ class Layout:
 
     def check(self, params: Mapping[str, object], count: object = None) -> Optional[str]:
         """Why an update must not be averaged in (``None`` if it is well formed): the keys, dtype,
-        shape and range of every array, and a sample count that is a finite integer >= 1."""
+        shape and range of every array, and a sample count that is a finite integer >= 0 (0: the device
+        had nothing to train on this round, `SparseFedAvg` leaves it out of the mean)."""
         if not isinstance(params, Mapping):
             return f"the update is a {type(params).__name__}, not a mapping of arrays"
         missing = [k for k in self.keys if k not in params]
@@ -180,8 +181,8 @@ class Layout:
         if count is not None:
             if isinstance(count, bool) or not isinstance(count, (int, float, np.integer, np.floating)):
                 return f"sample count {count!r} is not a number"
-            if not math.isfinite(float(count)) or float(count) != int(count) or int(count) < 1:
-                return f"sample count {count!r} is not a whole number >= 1"
+            if not math.isfinite(float(count)) or float(count) != int(count) or int(count) < 0:
+                return f"sample count {count!r} is not a whole number >= 0"
         return None
 
     def dequantize(self, params: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -309,7 +310,8 @@ class FleetClient:
     (`Trainer.apply_update`), trains ``config["epochs"]`` local epochs through the plan and returns
     ``(params, samples trained on, metrics)`` (with ``config["rounds-per-epoch"] = K`` above 1 a
     round trains on the next 1/K of the device's data, shuffled once: K rounds see each sample
-    once; ``config["lr-scale"]`` multiplies the device's learning rate for the round, the server's
+    once, and a device with fewer than K samples trains in as many rounds of the K as it has samples,
+    replying 0 samples (its values unchanged, not averaged in) in the others; ``config["lr-scale"]`` multiplies the device's learning rate for the round, the server's
     schedule); ``evaluate(params, config)`` returns
     ``(loss, samples, {"accuracy": ...})`` of the global values on the local data. Needs only the
     plan and the data, as a device does.
@@ -346,11 +348,6 @@ class FleetClient:
             control: Optional[Mapping[str, np.ndarray]] = None):
         config = dict(config or {})
         self.set_parameters(params)
-        own = None
-        if control is not None:
-            own = self.control or {k: np.zeros(np.shape(v)) for k, v in params.items()}
-            self.trainer.correction = {k: np.asarray(control[k], dtype=np.float64) - own[k] for k in params}
-        steps_before = self.trainer.steps_done - self.trainer.skipped_steps
         rnd = int(config.get("server-round", 0))
         x, y = self.x, self.y
         k = int(config.get("rounds-per-epoch", 1))
@@ -360,16 +357,27 @@ class FleetClient:
         if not (math.isfinite(scale) and scale >= 0):
             raise ValueError(f"lr-scale must be a finite number >= 0, got {scale!r}")
         self.trainer.lr = self.lr * scale
+        if k > 1:
+            # more, shorter rounds over the same data: each average follows a shorter local run
+            order = np.random.default_rng(self.seed).permutation(len(x))
+            part = np.sort(np.array_split(order, k)[(max(rnd, 1) - 1) % k])
+            if not len(part):
+                # fewer samples than rounds per epoch: training on some again would see them more
+                # often than the fleet's epochs say; a reply of 0 samples is not averaged in
+                idle = {"skipped-steps": int(self.trainer.skipped_steps)}
+                if control is not None:
+                    idle.update({"lr": float(self.trainer.lr), "steps": 0})
+                return self.get_parameters(), 0, idle
+            x, y = x[part], y[part]
+        own = None
+        if control is not None:
+            own = self.control or {k: np.zeros(np.shape(v)) for k, v in params.items()}
+            self.trainer.correction = {k: np.asarray(control[k], dtype=np.float64) - own[k] for k in params}
+        steps_before = self.trainer.steps_done - self.trainer.skipped_steps
         # a client is rebuilt for every round (Flower runs each message in a fresh client): without
         # this its updates would round with the same draws every round, and a step that repeats
         # round after round (SCAFFOLD's correction) with the same bias
         self.trainer.reseed(self.seed * 100_003 + rnd)
-        if k > 1:
-            # more, shorter rounds over the same data: each average follows a shorter local run
-            order = np.random.default_rng(self.seed).permutation(len(x))
-            parts = [p for p in np.array_split(order, k) if len(p)]
-            part = np.sort(parts[(max(rnd, 1) - 1) % len(parts)])
-            x, y = x[part], y[part]
         try:
             hist = self.trainer.fit(x, y, epochs=int(config.get("epochs", 1)),
                                     batch_size=int(config.get("batch-size", 1)), seed=self.seed * 100_003 + rnd,
@@ -477,9 +485,10 @@ class SparseFedAvg(FedAvg):
     """Flower's FedAvg over a plan's sparse int8 updates.
 
     Every reply is checked against the plan's `Layout` (array names, dtype, shape, int8 range,
-    a whole sample count >= 1); a malformed one is dropped with a logged reason (``rejected`` keeps
+    a whole sample count >= 0); a malformed one is dropped with a logged reason (``rejected`` keeps
     ``(round, node, reason)``) and never averaged in. The others are averaged in real values
-    (dequantized with the frozen scales, weighted by sample count) and re-quantized with stochastic
+    (dequantized with the frozen scales, weighted by sample count: a device that had nothing to train
+    on in the round replies 0 and is left out) and re-quantized with stochastic
     rounding; ``server_lr`` scales the server's step from the current global values toward that
     mean (1: plain FedAvg). ``lr_scale(server_round)`` (optional) is the devices' learning-rate
     multiplier of each round, sent in the train config as ``"lr-scale"``. Error replies (a client that crashed or went offline) are counted in ``failed``. The
@@ -556,11 +565,14 @@ class SparseFedAvg(FedAvg):
             good.append((params, int(count)))
             contents.append(msg.content)
         self.accepted[server_round] = len(good)
-        if len(good) < max(1, self.min_valid_updates):
-            log.warning("round %d: %d valid update(s), fewer than %d: the global model stays as it was",
-                        server_round, len(good), self.min_valid_updates)
+        # a device with nothing to train on this round (0 samples) is well formed but has no weight
+        trained = [(params, n) for params, n in good if n > 0]
+        contents = [c for c, (_, n) in zip(contents, good) if n > 0]
+        if len(trained) < max(1, self.min_valid_updates):
+            log.warning("round %d: %d valid update(s) with samples, fewer than %d: the global model stays as it was",
+                        server_round, len(trained), self.min_valid_updates)
             return None, None
-        arrays = to_record(self.layout.average(good, self.rng, self.current, self.server_lr))
+        arrays = to_record(self.layout.average(trained, self.rng, self.current, self.server_lr))
         for move in moves:  # c += (1/N) sum of the c_i changes: c stays the mean c_i of all N devices
             for k, v in move.items():
                 self.control[k] = self.control[k] + v / max(self.fleet_size, len(good))
@@ -630,10 +642,14 @@ class RunConfig:
     lr_decay: str = "none"  # the devices' learning-rate schedule over the run's epochs of data (lr_scale)
     method: str = "fedavg"  # or "scaffold" (see SparseFedAvg)
 
+    def __post_init__(self) -> None:
+        if self.rounds_per_epoch < 1:
+            raise ValueError(f"rounds-per-epoch must be >= 1, got {self.rounds_per_epoch}")
+
     def lr_scale(self, server_round: int) -> float:
         """The devices' learning-rate multiplier in round ``server_round`` (1-based): `lr_scale` of
         the epoch of data the round belongs to (``rounds_per_epoch`` rounds make one epoch)."""
-        k = max(1, self.rounds_per_epoch)
+        k = self.rounds_per_epoch
         return lr_scale(self.lr_decay, (max(server_round, 1) - 1) // k, -(-self.rounds // k))
 
 
@@ -870,7 +886,8 @@ def _deployed_main(grid: Grid, context: Context) -> None:
                         min_available_nodes=int(rc["min-clients"]), min_valid_updates=int(rc["min-valid"]),
                         fraction_evaluate=float(rc["fraction-evaluate"]), round_timeout=float(rc["round-timeout"]),
                         seed=int(rc["seed"]), server_lr=float(rc["server-lr"]),
-                        lr_decay=str(rc.get("lr-decay", "none")), method=str(rc.get("method", "fedavg")))
+                        lr_decay=str(rc.get("lr-decay", "none")), method=str(rc.get("method", "fedavg")),
+                        rounds_per_epoch=int(rc.get("rounds-per-epoch", 1)))
         progress = str(rc.get("progress", ""))
 
         def on_round(r: int, m: Dict[str, float]) -> None:

@@ -237,7 +237,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         "min-clients": args.min_clients, "wait-clients": args.wait_clients or args.min_clients,
         "min-valid": args.min_valid, "fraction-evaluate": args.fraction_evaluate, "round-timeout": args.round_timeout,
         "seed": args.seed, "server-lr": args.server_lr, "lr-decay": args.lr_decay, "method": args.method,
-        "out": out, "progress": progress,
+        "rounds-per-epoch": args.rounds_per_epoch, "out": out, "progress": progress,
         "output": os.path.abspath(args.output) if args.output else "",
     }
     for k in ("plan", "model"):
@@ -422,6 +422,8 @@ def add_cli_parser(sub) -> None:
     q.add_argument("--wait-clients", type=int, default=None, help="clients to wait for before round 1 (default: --min-clients)")
     q.add_argument("--min-valid", type=int, default=1, help="valid updates a round needs to change the global model")
     q.add_argument("--fraction", type=float, default=1.0, help="fraction of the connected clients trained per round")
+    q.add_argument("--rounds-per-epoch", type=int, default=1,
+                   help="K > 1: each round a device trains on the next 1/K of its data (K rounds per epoch)")
     q.add_argument("--server-lr", type=float, default=1.0, help="server step toward the devices' mean (1: FedAvg)")
     q.add_argument("--lr-decay", choices=("none", "linear"), default="none",
                    help="the devices' learning-rate schedule: linear decays it over the run's epochs of data")
