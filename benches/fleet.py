@@ -135,7 +135,8 @@ def combine(paths) -> dict:
     labels = set(seeds[0]["validation_final"]["federated"])
     if any(set(s["validation_final"]["federated"]) != labels for s in seeds):
         raise SystemExit("--combine: the runs tried different (b) settings")
-    shared = max(sorted(labels), key=lambda k: np.mean([s["validation_final"]["federated"][k] for s in seeds]))
+    mean_val = {k: float(np.mean([s["validation_final"]["federated"][k] for s in seeds])) for k in sorted(labels)}
+    shared = max(mean_val, key=mean_val.get)
 
     def shared_curve(s):
         if shared in s.get("federated_runs", {}):
@@ -150,7 +151,7 @@ def combine(paths) -> dict:
            "federated_shared_setting": [100 * shared_curve(s)[-1] for s in seeds],
            "centralized": [100 * s["centralized"][-1] for s in seeds]}
     out = {"scheme": rows[0]["scheme"], "method": rows[0]["method"], "shared_setting": shared,
-           "mean_validation": {k: float(np.mean([s["validation_final"]["federated"][k] for s in seeds])) for k in sorted(labels)},
+           "mean_validation": mean_val,
            "final": fin, "mean": {k: float(np.mean(v)) for k, v in fin.items()},
            "std": {k: float(np.std(v)) for k, v in fin.items()}, "ratios": rows[0]["ratios"]}
     for k in ("federated_own_setting", "federated_shared_setting"):
