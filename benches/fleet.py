@@ -150,8 +150,12 @@ def combine(paths) -> dict:
            "federated_own_setting": [100 * s["federated"][-1] for s in seeds],
            "federated_shared_setting": [100 * shared_curve(s)[-1] for s in seeds],
            "centralized": [100 * s["centralized"][-1] for s in seeds]}
+    per_epoch = {"local_only": [s["local_only"] for s in seeds], "federated_own_setting": [s["federated"] for s in seeds],
+                 "federated_shared_setting": [shared_curve(s) for s in seeds],
+                 "centralized": [s["centralized"] for s in seeds]}
     out = {"scheme": rows[0]["scheme"], "method": rows[0]["method"], "shared_setting": shared,
            "mean_validation": mean_val,
+           "mean_per_epoch": {k: (100 * np.mean(v, axis=0)).tolist() for k, v in per_epoch.items()},
            "final": fin, "mean": {k: float(np.mean(v)) for k, v in fin.items()},
            "std": {k: float(np.std(v)) for k, v in fin.items()}, "ratios": rows[0]["ratios"]}
     for k in ("federated_own_setting", "federated_shared_setting"):
@@ -205,6 +209,16 @@ def main() -> int:
                 g = out[f"gap_{k}"]
                 print(f"  (c) - (b) {k[10:]:<15}" + " ".join(f"{x:5.1f}" for x in g["per_seed"]) +
                       f"   mean {g['mean']:.1f} +- {g['std']:.1f} points")
+            print("test accuracy after each epoch, mean over the seeds (%):")
+            for k, v in out["mean_per_epoch"].items():
+                print(f"  {k:<25}" + " ".join(f"{x:3.0f}" for x in v))
+        if args.plot:
+            from tinytrain.plots import fleet_accuracy_plot
+
+            fleet_accuracy_plot({label: [a / 100 for a in out["mean_per_epoch"][k]] for k, label in [
+                ("local_only", "(a) local only"), ("federated_own_setting", "(b) federated sparse"),
+                ("centralized", "(c) centralized")]}, args.plot,
+                title=f"mean of {len(out['final']['centralized'])} seeds, scheme {out['scheme']}", xlabel="epoch of data")
         return 0
     os.environ.setdefault("TINYTRAIN_PROGRESS", "0")
 
@@ -291,7 +305,8 @@ def main() -> int:
         fleet_accuracy_plot({f"({k[0]}) {label}": main_row["accuracy"][key] for k, (key, label) in
                              zip("abc", [("local_only", "local only"), ("federated", "federated sparse"),
                                          ("centralized", "centralized")])}, args.plot,
-                            title=f"{args.clients} devices, Dirichlet({args.alpha}), scheme {main_row['scheme']}")
+                            title=f"{args.clients} devices, Dirichlet({args.alpha}), scheme {main_row['scheme']}",
+                            xlabel="epoch of data")
     if args.json:
         print(json.dumps({"clients": args.clients, "rounds": args.rounds, "rounds_per_epoch": args.rounds_per_epoch,
                           "lr_decay": args.lr_decay, "method": args.method,

@@ -36,6 +36,9 @@ def test_combine_reports_each_seeds_choice_and_the_setting_best_over_all_seeds(t
     assert out["final"]["federated_shared_setting"] == pytest.approx([78.0, 80.0])
     assert out["gap_federated_shared_setting"]["per_seed"] == pytest.approx([1.0, 2.0])
     assert out["gap_federated_own_setting"]["mean"] == pytest.approx(4.0)
+    assert out["mean_per_epoch"]["federated_own_setting"] == pytest.approx([0.0, 76.5])
+    assert out["mean_per_epoch"]["federated_shared_setting"] == pytest.approx([0.0, 79.0])
+    assert out["mean_per_epoch"]["centralized"] == pytest.approx([0.0, 80.5])
     # a run that kept only its own choice's curve cannot stand for another setting
     c = _seed_run(tmp_path / "c.json", one, {one: 0.82, two: 0.81}, {one: [0, 0.75], two: [0, 0.80]}, 0.82,
                   with_runs=False)

@@ -88,13 +88,14 @@ def loss_curve_plot(history: Dict[str, List[float]], path: str) -> str:
     return out
 
 
-def fleet_accuracy_plot(curves: Dict[str, List[float]], path: str, title: str = "Fleet: test accuracy per round") -> str:
-    """Accuracy per federated round (index 0: before training), one line per curve."""
+def fleet_accuracy_plot(curves: Dict[str, List[float]], path: str, title: str = "Fleet: test accuracy per round",
+                        xlabel: str = "round") -> str:
+    """Accuracy (fractions) per federated round, or per ``xlabel`` (index 0: before training), one line per curve."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for label, acc in curves.items():
         ax.plot(range(len(acc)), [100 * a for a in acc], marker="o", label=label)
-    ax.set_xlabel("round")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
