@@ -22,7 +22,7 @@ whole model, each direction and both together.
 
     python benches/fleet.py [--clients 20] [--rounds 10] [--alpha 0.3] [--schemes searched,...]
         [--update-budget 20x] [--json]
-    python benches/fleet.py --combine seed0.json seed1.json seed2.json [--json]
+    python benches/fleet.py --combine seed0.json seed1.json seed2.json [--json] [--plot mean.png]
 
 Schemes: ``searched`` (the demo's: `tt.search` under 256 KB), ``searched@16KB`` (the search under a
 16 KB SRAM budget), ``classifier`` (the classifier's weights and bias: the smallest the search can
