@@ -146,13 +146,10 @@ def combine(paths) -> dict:
             return s["federated"]
         raise SystemExit(f"--combine: a run without every setting's curve did not choose {shared}")
 
-    fin = {"local_only": [100 * s["local_only"][-1] for s in seeds],
-           "federated_own_setting": [100 * s["federated"][-1] for s in seeds],
-           "federated_shared_setting": [100 * shared_curve(s)[-1] for s in seeds],
-           "centralized": [100 * s["centralized"][-1] for s in seeds]}
     per_epoch = {"local_only": [s["local_only"] for s in seeds], "federated_own_setting": [s["federated"] for s in seeds],
                  "federated_shared_setting": [shared_curve(s) for s in seeds],
                  "centralized": [s["centralized"] for s in seeds]}
+    fin = {k: [100 * curve[-1] for curve in curves] for k, curves in per_epoch.items()}
     out = {"scheme": rows[0]["scheme"], "method": rows[0]["method"], "shared_setting": shared,
            "mean_validation": mean_val,
            "mean_per_epoch": {k: (100 * np.mean(v, axis=0)).tolist() for k, v in per_epoch.items()},
