@@ -7,7 +7,7 @@ skew (most devices see one or two of the five new digits); accuracy is on the ta
 For each scheme, with the same plan and epochs (every sample is seen R times), and each method's
 learning rate chosen on a validation split (20 % of the target train split, stratified, never the
 test split) from ``--lrs`` (for (b) from ``--federated-lrs`` if given, and the server step of (b) from
-``--server-lrs``; 1 is plain FedAvg):
+``--server-lrs``; 1 is plain FedAvg; ``--server-momentum`` beta makes it FedAvgM):
 
   (a) local only:   every device trains alone for R epochs; the mean test accuracy over devices
   (b) federated:    R rounds of one local epoch, SparseFedAvg (Flower's simulation engine); with
@@ -101,11 +101,13 @@ def chosen_run(run, lrs, val, test):
     return curves + [best]
 
 
-def federated(plan, x, y, parts, val, test, rounds, lr, server_lr, seed, per_epoch=1, decay="none", method="fedavg"):
+def federated(plan, x, y, parts, val, test, rounds, lr, server_lr, seed, per_epoch=1, decay="none", method="fedavg",
+              momentum=0.0):
     """``rounds`` epochs of each device's data in ``rounds * per_epoch`` rounds; the test accuracy
     after each epoch (every ``per_epoch``-th round)."""
     cfg = fleet.RunConfig(rounds=rounds * per_epoch, epochs=1, rounds_per_epoch=per_epoch, min_train_nodes=len(parts),
-                          min_available_nodes=len(parts), seed=seed, server_lr=server_lr, lr_decay=decay, method=method)
+                          min_available_nodes=len(parts), seed=seed, server_lr=server_lr, lr_decay=decay, method=method,
+                          server_momentum=momentum)
     hist = fleet.simulate(plan, x, y, parts, cfg, test=test, lr=lr)
     hist["per_round"] = hist["accuracy"]
     hist["accuracy"] = hist["accuracy"][::per_epoch]
@@ -129,8 +131,9 @@ def combine(paths) -> dict:
     over the seeds, and (c); their mean and spread, and (c) - (b)."""
     runs = [json.load(open(p)) for p in paths]
     rows = [r["rows"][0] for r in runs]
-    if len({(r["scheme"], r["method"], d["rounds"], d["rounds_per_epoch"]) for r, d in zip(rows, runs)}) != 1:
-        raise SystemExit("--combine: the files are not runs of the same scheme, method and rounds")
+    if len({(r["scheme"], r["method"], d["rounds"], d["rounds_per_epoch"], d.get("server_momentum", 0.0))
+            for r, d in zip(rows, runs)}) != 1:
+        raise SystemExit("--combine: the files are not runs of the same scheme, method, server momentum and rounds")
     seeds = [s for r in rows for s in r["seeds"]]
     labels = set(seeds[0]["validation_final"]["federated"])
     if any(set(s["validation_final"]["federated"]) != labels for s in seeds):
@@ -174,6 +177,8 @@ def main() -> int:
                     help="device learning rates tried for (b) (default: --lrs); each is a whole Flower simulation, "
                          "while (a) and (c) try every rate of --lrs at the cost of training alone")
     ap.add_argument("--server-lrs", default="1,1.5,2", help="server steps tried for (b) (chosen on validation)")
+    ap.add_argument("--server-momentum", type=float, default=0.0,
+                    help="(b)'s server momentum beta (FedAvgM; 0: none), the same for every setting tried")
     ap.add_argument("--rounds-per-epoch", type=int, default=1,
                     help="(b) runs --rounds epochs of the devices' data in this many times more rounds, each "
                          "round on 1/K of a device's data (same samples seen as (a) and (c))")
@@ -246,7 +251,7 @@ def main() -> int:
                            lrs, val, test)
             t1 = time.perf_counter()
             runs = [(federated(plan, x, y, parts, val, test, args.rounds, lr, slr, seed, args.rounds_per_epoch,
-                               args.lr_decay, args.method), lr, slr)
+                               args.lr_decay, args.method, args.server_momentum), lr, slr)
                     for lr in fed_lrs for slr in server_lrs]
             (hist, _), b_lr, b_slr = max(runs, key=lambda r: r[0][1])
             per_seed.append({"local_only": a[1], "federated": hist["accuracy"], "centralized": c[1],
@@ -267,7 +272,7 @@ def main() -> int:
         rows.append({
             "scheme": name, "definition": scheme.to_dict(), "peak_sram_bytes": plan.memory.peak_bytes,
             "accuracy": mean, "final": {k: v[-1] for k, v in mean.items()},
-            "method": args.method,
+            "method": args.method, "server_momentum": args.server_momentum,
             "bytes": {"update_params": layout.nbytes, "update_blob": blob, "flower_wire": wire,
                       "download": down, "download_flower_wire": down_wire,
                       "int8_model": layout.model_bytes(), "fp32_model": 4 * layout.model_params()},
@@ -284,7 +289,7 @@ def main() -> int:
                   f"{100 * r['final']['federated']:.1f} %  (c) centralized {100 * r['final']['centralized']:.1f} %; "
                   f"chosen {per_seed[-1]['chosen']}; update {layout.nbytes} B (blob {blob} B, Flower {wire} B): "
                   f"int8 model {r['ratios']['int8_model/update']:.1f}x, fp32 model {r['ratios']['fp32_model/update']:.1f}x; "
-                  f"(b) {args.method}: download {down} B ({r['ratios']['int8_model/download']:.1f}x), both ways "
+                  f"(b) {args.method}, server momentum {args.server_momentum}: download {down} B ({r['ratios']['int8_model/download']:.1f}x), both ways "
                   f"{r['ratios']['int8_model_both_ways/update_and_download']:.1f}x fewer than int8 FedAvg",
                   flush=True)
             if args.seeds > 1:
@@ -306,7 +311,7 @@ def main() -> int:
                             xlabel="epoch of data")
     if args.json:
         print(json.dumps({"clients": args.clients, "rounds": args.rounds, "rounds_per_epoch": args.rounds_per_epoch,
-                          "lr_decay": args.lr_decay, "method": args.method,
+                          "lr_decay": args.lr_decay, "method": args.method, "server_momentum": args.server_momentum,
                           "alpha": args.alpha, "lrs": lrs, "federated_lrs": fed_lrs,
                           "server_lrs": server_lrs,
                           "seeds": args.seeds, "first_seed": args.first_seed, "rows": rows}))

@@ -94,6 +94,27 @@ def test_server_lr_extrapolates_the_mean_step(plan, q):
         fleet.SparseFedAvg(lay, server_lr=0.0)
 
 
+def test_server_momentum_carries_the_previous_steps(plan, q, server_task):
+    """FedAvgM with beta 0.5: the devices move 4 LSB in both rounds; the server steps 4, then
+    4 + 0.5 * 4 = 6, and with beta 0 it steps 4 each round."""
+    lay = fleet.Layout(plan)
+    g = {k: np.where(np.abs(v) <= 100, v, 0).astype(v.dtype) for k, v in lay.extract(q).items()}
+    plus = lambda p, d: {k: (v.astype(np.int64) + d).astype(v.dtype) for k, v in p.items()}
+    for beta, second in ((0.5, 10), (0.0, 8)):
+        strat = fleet.SparseFedAvg(lay, seed=1, server_momentum=beta)
+        strat.current = g
+        first = fleet.from_record(strat.aggregate_train(1, [_reply(1, plus(g, 4), 3), _reply(2, plus(g, 4), 5)])[0])
+        assert all(np.array_equal(first[k], plus(g, 4)[k]) for k in g)
+        strat.current = first
+        out = fleet.from_record(strat.aggregate_train(2, [_reply(1, plus(first, 4), 3)])[0])
+        assert all(np.array_equal(out[k], plus(g, second)[k]) for k in g)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="server_momentum"):
+            fleet.SparseFedAvg(lay, server_momentum=bad)
+    with pytest.raises(ValueError, match="server_momentum"):
+        fleet.RunConfig(server_momentum=1.5)
+
+
 def test_requantization_is_stochastic_and_unbiased(plan):
     lay = fleet.Layout(plan)
     rng = np.random.default_rng(1)
@@ -272,11 +293,17 @@ def test_rounds_per_epoch_trains_each_part_of_the_data_in_turn(plan, q, target):
     runs = [c.fit(start, {**cfg, "server-round": r}) for r in (1, 2, 3)]
     assert [n for _, n, _ in runs] == [6, 5, 6]  # two rounds see the 11 samples once, then again
     # round 2 trained exactly the samples round 1 left out, as a device holding only them would
-    first = set(np.random.default_rng(1).permutation(11)[:6].tolist())
+    first = set(np.random.default_rng([1, 0]).permutation(11)[:6].tolist())
     rest = sorted(set(range(11)) - first)
     alone, n, _ = fleet.FleetClient(plan, x[rest], y[rest], seed=1).fit(start, {"epochs": 1, "server-round": 2})
     second, _, _ = fleet.FleetClient(plan, x, y, seed=1).fit(start, {**cfg, "server-round": 2})
     assert n == 5 and all(np.array_equal(alone[k], second[k]) for k in alone)
+    # the next epoch deals the samples again: its two rounds see all 11, split differently
+    deals = [set(np.random.default_rng([1, e]).permutation(11)[:6].tolist()) for e in range(4)]
+    assert len({frozenset(d) for d in deals}) > 1
+    again = sorted(deals[1])
+    third, n, _ = fleet.FleetClient(plan, x[again], y[again], seed=1).fit(start, {"epochs": 1, "server-round": 3})
+    assert n == 6 and all(np.array_equal(third[k], runs[2][0][k]) for k in third)
     with pytest.raises(ValueError, match="rounds-per-epoch"):
         c.fit(start, {**cfg, "rounds-per-epoch": 0})
 
@@ -421,3 +448,17 @@ def test_fleet_is_optional_for_the_rest_of_tinytrain():
     r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['flwr'] = None\nimport tinytrain.cli as c\n"
                         "sys.exit(c.main(['fleet', 'simulate', '--clients', '2']))"], capture_output=True, text=True)
     assert r.returncode == 1 and "pip install 'tinytrain[fleet]'" in r.stderr
+
+
+@pytest.mark.parametrize("command", [["simulate", "--clients", "4", "--rounds", "1"],
+                                     ["server", "--plan", "absent.ttp", "--model", "absent.onnx"]])
+def test_fleet_commands_refuse_a_bad_server_momentum_before_starting(command, capsys, monkeypatch):
+    from tinytrain import cli
+
+    def no_setup(*args, **kwargs):
+        raise AssertionError("the demo's search ran before the setting was checked")
+
+    monkeypatch.setattr(fleet, "demo_setup", no_setup)
+    rc = cli.main(["fleet", *command, "--server-momentum", "1.0"])
+    # the server's error names the momentum, not the absent plan file it checks later
+    assert rc != 0 and "server_momentum must be in [0, 1), got 1.0" in capsys.readouterr().err

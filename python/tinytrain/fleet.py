@@ -201,12 +201,8 @@ class Layout:
             out[e.key] = np.clip(r, lo, hi).astype(e.dtype)
         return out
 
-    def average(self, updates: Sequence[Tuple[Mapping[str, np.ndarray], int]], rng: np.random.Generator,
-                current: Optional[Mapping[str, np.ndarray]] = None, server_lr: float = 1.0) -> Dict[str, np.ndarray]:
-        """FedAvg: the sample-weighted mean of the dequantized updates, re-quantized. With the
-        ``current`` global values, the server step is ``current + server_lr * (mean - current)``
-        (``server_lr = 1``: the mean itself; above 1: the server extrapolates the devices' mean
-        step, as FedOpt's server learning rate does)."""
+    def mean(self, updates: Sequence[Tuple[Mapping[str, np.ndarray], int]]) -> Dict[str, np.ndarray]:
+        """The sample-weighted mean of the dequantized updates, in real values."""
         if not updates:
             raise ValueError("nothing to average")
         total = float(sum(n for _, n in updates))
@@ -214,6 +210,15 @@ class Layout:
         for params, n in updates:
             for k, v in self.dequantize(params).items():
                 mean[k] += v * (n / total)
+        return mean
+
+    def average(self, updates: Sequence[Tuple[Mapping[str, np.ndarray], int]], rng: np.random.Generator,
+                current: Optional[Mapping[str, np.ndarray]] = None, server_lr: float = 1.0) -> Dict[str, np.ndarray]:
+        """FedAvg: the sample-weighted mean of the dequantized updates, re-quantized. With the
+        ``current`` global values, the server step is ``current + server_lr * (mean - current)``
+        (``server_lr = 1``: the mean itself; above 1: the server extrapolates the devices' mean
+        step, as FedOpt's server learning rate does)."""
+        mean = self.mean(updates)
         if current is not None and server_lr != 1.0:
             for k, g in self.dequantize(current).items():
                 mean[k] = g + server_lr * (mean[k] - g)
@@ -309,8 +314,8 @@ class FleetClient:
     blob, `tt.read_update`); ``fit(params, config)`` loads the global values
     (`Trainer.apply_update`), trains ``config["epochs"]`` local epochs through the plan and returns
     ``(params, samples trained on, metrics)`` (with ``config["rounds-per-epoch"] = K`` above 1 a
-    round trains on the next 1/K of the device's data, shuffled once: K rounds see each sample
-    once, and a device with fewer than K samples trains in as many rounds of the K as it has samples,
+    round trains on the next 1/K of the device's data, dealt afresh each epoch: K rounds see each
+    sample once, and a device with fewer than K samples trains in as many rounds of the K as it has samples,
     replying 0 samples (its values unchanged, not averaged in) in the others; ``config["lr-scale"]`` multiplies the device's learning rate for the round, the server's
     schedule); ``evaluate(params, config)`` returns
     ``(loss, samples, {"accuracy": ...})`` of the global values on the local data. Needs only the
@@ -358,9 +363,12 @@ class FleetClient:
             raise ValueError(f"lr-scale must be a finite number >= 0, got {scale!r}")
         self.trainer.lr = self.lr * scale
         if k > 1:
-            # more, shorter rounds over the same data: each average follows a shorter local run
-            order = np.random.default_rng(self.seed).permutation(len(x))
-            part = np.sort(np.array_split(order, k)[(max(rnd, 1) - 1) % k])
+            # more, shorter rounds over the same data: each average follows a shorter local run.
+            # Dealt afresh every epoch, as centralized SGD reshuffles: with one fixed deal the
+            # fleet's combined batch of round r would be the same samples in every epoch
+            epoch, turn = divmod(max(rnd, 1) - 1, k)
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(x))
+            part = np.sort(np.array_split(order, k)[turn])
             if not len(part):
                 # fewer samples than rounds per epoch: training on some again would see them more
                 # often than the fleet's epochs say; a reply of 0 samples is not averaged in
@@ -490,7 +498,10 @@ class SparseFedAvg(FedAvg):
     (dequantized with the frozen scales, weighted by sample count: a device that had nothing to train
     on in the round replies 0 and is left out) and re-quantized with stochastic
     rounding; ``server_lr`` scales the server's step from the current global values toward that
-    mean (1: plain FedAvg). ``lr_scale(server_round)`` (optional) is the devices' learning-rate
+    mean (1: plain FedAvg). ``server_momentum`` beta above 0 is FedAvgM (Hsu et al., 2019): the
+    server keeps a velocity ``v = beta v + (mean - current)`` over the rounds and steps by
+    ``server_lr * v``, so a direction the devices agree on round after round gets a step up to
+    ``server_lr / (1 - beta)``, one they flip back and forth on does not. ``lr_scale(server_round)`` (optional) is the devices' learning-rate
     multiplier of each round, sent in the train config as ``"lr-scale"``. Error replies (a client that crashed or went offline) are counted in ``failed``. The
     FedAvg arguments (``fraction_train``, ``min_train_nodes``,
     ``min_available_nodes``, ...) work as in Flower; a round with too few valid updates keeps the
@@ -504,7 +515,8 @@ class SparseFedAvg(FedAvg):
     so ``c`` stays the devices' mean ``c_i`` without their sending it."""
 
     def __init__(self, layout: Layout, seed: int = 0, min_valid_updates: int = 1, server_lr: float = 1.0,
-                 lr_scale: Optional[Callable[[int], float]] = None, method: str = "fedavg", **fedavg) -> None:
+                 lr_scale: Optional[Callable[[int], float]] = None, method: str = "fedavg",
+                 server_momentum: float = 0.0, **fedavg) -> None:
         super().__init__(**fedavg)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -513,6 +525,10 @@ class SparseFedAvg(FedAvg):
         self.fleet_size = 0  # devices connected when the current round was sent
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise ValueError(f"server_lr must be a finite number > 0, got {server_lr!r}")
+        if not (math.isfinite(server_momentum) and 0 <= server_momentum < 1):
+            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum!r}")
+        self.server_momentum = float(server_momentum)
+        self.velocity: Dict[str, np.ndarray] = {e.key: np.zeros(e.shape) for e in layout.entries}
         self.layout = layout
         self.rng = np.random.default_rng(seed)
         self.min_valid_updates = int(min_valid_updates)
@@ -572,11 +588,21 @@ class SparseFedAvg(FedAvg):
             log.warning("round %d: %d valid update(s) with samples, fewer than %d: the global model stays as it was",
                         server_round, len(trained), self.min_valid_updates)
             return None, None
-        arrays = to_record(self.layout.average(trained, self.rng, self.current, self.server_lr))
+        arrays = to_record(self._step(trained))
         for move in moves:  # c += (1/N) sum of the c_i changes: c stays the mean c_i of all N devices
             for k, v in move.items():
                 self.control[k] = self.control[k] + v / max(self.fleet_size, len(good))
         return arrays, aggregate_metricrecords(contents, self.weighted_by_key)
+
+    def _step(self, trained: Sequence[Tuple[Dict[str, np.ndarray], int]]) -> Dict[str, np.ndarray]:
+        """The next global values from the round's valid updates."""
+        if self.server_momentum == 0:
+            return self.layout.average(trained, self.rng, self.current, self.server_lr)
+        mean = self.layout.mean(trained)
+        start = self.layout.dequantize(self.current)
+        for k, g in start.items():
+            self.velocity[k] = self.server_momentum * self.velocity[k] + (mean[k] - g)
+        return self.layout.quantize({k: g + self.server_lr * self.velocity[k] for k, g in start.items()}, self.rng)
 
     def _control_move(self, content: RecordDict, params: Mapping[str, np.ndarray]):
         """``(reason, move)``: the change of a device's ``c_i`` in this round (None when it made no
@@ -639,12 +665,15 @@ class RunConfig:
     round_timeout: float = 3600.0
     seed: int = 0
     server_lr: float = 1.0  # 1: plain FedAvg; see SparseFedAvg
+    server_momentum: float = 0.0  # FedAvgM's beta (0: none); see SparseFedAvg
     lr_decay: str = "none"  # the devices' learning-rate schedule over the run's epochs of data (lr_scale)
     method: str = "fedavg"  # or "scaffold" (see SparseFedAvg)
 
     def __post_init__(self) -> None:
         if self.rounds_per_epoch < 1:
             raise ValueError(f"rounds-per-epoch must be >= 1, got {self.rounds_per_epoch}")
+        if not (math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1):
+            raise ValueError(f"server_momentum must be in [0, 1), got {self.server_momentum!r}")
 
     def lr_scale(self, server_round: int) -> float:
         """The devices' learning-rate multiplier in round ``server_round`` (1-based): `lr_scale` of
@@ -662,6 +691,7 @@ def run_server(grid: Grid, layout: Layout, cfg: RunConfig, test=None,
     cfg.lr_scale(1)  # an unknown schedule fails here, before any round
     strategy = SparseFedAvg(layout, seed=cfg.seed, min_valid_updates=cfg.min_valid_updates, server_lr=cfg.server_lr,
                             lr_scale=cfg.lr_scale if cfg.lr_decay != "none" else None, method=cfg.method,
+                            server_momentum=cfg.server_momentum,
                             fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                             min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_available_nodes,
                             min_evaluate_nodes=cfg.min_train_nodes if cfg.fraction_evaluate > 0 else 0)
@@ -886,6 +916,7 @@ def _deployed_main(grid: Grid, context: Context) -> None:
                         min_available_nodes=int(rc["min-clients"]), min_valid_updates=int(rc["min-valid"]),
                         fraction_evaluate=float(rc["fraction-evaluate"]), round_timeout=float(rc["round-timeout"]),
                         seed=int(rc["seed"]), server_lr=float(rc["server-lr"]),
+                        server_momentum=float(rc.get("server-momentum", 0.0)),
                         lr_decay=str(rc.get("lr-decay", "none")), method=str(rc.get("method", "fedavg")),
                         rounds_per_epoch=int(rc.get("rounds-per-epoch", 1)))
         progress = str(rc.get("progress", ""))

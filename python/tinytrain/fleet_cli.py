@@ -50,13 +50,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .units import format_bytes
 
     t0 = time.perf_counter()
-    plan, (x, y), test = fleet.demo_setup(args.scheme, args.budget, args.seed, args.workers, args.update_budget)
-    layout = fleet.Layout(plan)
-    parts = fleet.partition(y, args.clients, args.partition, seed=args.seed)
+    # a bad setting fails here, before the search
     cfg = fleet.RunConfig(rounds=args.rounds, epochs=args.epochs, fraction_train=args.fraction,
                           min_train_nodes=max(1, int(args.fraction * args.clients)),
                           min_available_nodes=args.clients, seed=args.seed, server_lr=args.server_lr,
+                          server_momentum=args.server_momentum,
                           rounds_per_epoch=args.rounds_per_epoch, lr_decay=args.lr_decay, method=args.method)
+    plan, (x, y), test = fleet.demo_setup(args.scheme, args.budget, args.seed, args.workers, args.update_budget)
+    layout = fleet.Layout(plan)
+    parts = fleet.partition(y, args.clients, args.partition, seed=args.seed)
     setup_s = time.perf_counter() - t0
     with progress_bar("federated rounds", args.rounds, enabled=not args.json) as advance:
         def on_round(r: int, m: Dict[str, float]) -> None:
@@ -73,7 +75,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     report = {
         "clients": args.clients, "rounds": args.rounds, "partition": args.partition, "epochs_per_round": args.epochs,
         "rounds_per_epoch": args.rounds_per_epoch, "lr": args.lr, "lr_decay": args.lr_decay, "server_lr": args.server_lr,
-        "method": args.method,
+        "server_momentum": args.server_momentum, "method": args.method,
         "samples_per_client": [int(len(p)) for p in parts], "scheme": layout.scheme.to_dict(),
         "accuracy": hist["accuracy"], "accepted": hist["accepted"], "rejected": hist["rejected"], "failed": hist["failed"],
         "update_bytes": sparse, "update_bytes_on_the_wire": fleet.record_bytes(hist["params"]),
@@ -227,6 +229,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     _need_flower()
     from .progress import progress_bar
 
+    # a bad setting fails here, not in the ServerApp after the SuperLink started
+    _fleet().RunConfig(rounds=args.rounds, rounds_per_epoch=args.rounds_per_epoch, server_momentum=args.server_momentum)
     work = tempfile.mkdtemp(prefix="tinytrain-fleet-server-")
     out = os.path.abspath(args.result or os.path.join(work, "result.json"))
     progress = os.path.abspath(args.progress or os.path.join(work, "progress.jsonl"))
@@ -236,7 +240,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         "rounds": args.rounds, "epochs": args.epochs, "batch-size": 1, "fraction-train": args.fraction,
         "min-clients": args.min_clients, "wait-clients": args.wait_clients or args.min_clients,
         "min-valid": args.min_valid, "fraction-evaluate": args.fraction_evaluate, "round-timeout": args.round_timeout,
-        "seed": args.seed, "server-lr": args.server_lr, "lr-decay": args.lr_decay, "method": args.method,
+        "seed": args.seed, "server-lr": args.server_lr,
+        "server-momentum": args.server_momentum, "lr-decay": args.lr_decay, "method": args.method,
         "rounds-per-epoch": args.rounds_per_epoch, "out": out, "progress": progress,
         "output": os.path.abspath(args.output) if args.output else "",
     }
@@ -395,6 +400,8 @@ def add_cli_parser(sub) -> None:
     q.add_argument("--lr", type=float, default=None, help="device learning rate (default: the plan's)")
     q.add_argument("--fraction", type=float, default=1.0, help="fraction of the devices trained per round")
     q.add_argument("--server-lr", type=float, default=1.0, help="server step toward the devices' mean (1: FedAvg)")
+    q.add_argument("--server-momentum", type=float, default=0.0,
+                   help="FedAvgM: the server's momentum beta in [0, 1) over its steps (0: none)")
     q.add_argument("--lr-decay", choices=("none", "linear"), default="none",
                    help="the devices' learning-rate schedule: linear decays it over the run's epochs of data")
     q.add_argument("--method", choices=("fedavg", "scaffold"), default="fedavg",
@@ -425,6 +432,8 @@ def add_cli_parser(sub) -> None:
     q.add_argument("--rounds-per-epoch", type=int, default=1,
                    help="K > 1: each round a device trains on the next 1/K of its data (K rounds per epoch)")
     q.add_argument("--server-lr", type=float, default=1.0, help="server step toward the devices' mean (1: FedAvg)")
+    q.add_argument("--server-momentum", type=float, default=0.0,
+                   help="FedAvgM: the server's momentum beta in [0, 1) over its steps (0: none)")
     q.add_argument("--lr-decay", choices=("none", "linear"), default="none",
                    help="the devices' learning-rate schedule: linear decays it over the run's epochs of data")
     q.add_argument("--method", choices=("fedavg", "scaffold"), default="fedavg",
