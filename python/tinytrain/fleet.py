@@ -489,6 +489,12 @@ def client_app(make_client: Callable[[Context], "FleetClient | GatewayClient"]) 
 
 
 # ---------------------------------------------------------------------- server
+def _checked_momentum(beta: float) -> float:
+    if not (math.isfinite(beta) and 0 <= beta < 1):
+        raise ValueError(f"server_momentum must be in [0, 1), got {beta!r}")
+    return float(beta)
+
+
 class SparseFedAvg(FedAvg):
     """Flower's FedAvg over a plan's sparse int8 updates.
 
@@ -525,9 +531,7 @@ class SparseFedAvg(FedAvg):
         self.fleet_size = 0  # devices connected when the current round was sent
         if not (math.isfinite(server_lr) and server_lr > 0):
             raise ValueError(f"server_lr must be a finite number > 0, got {server_lr!r}")
-        if not (math.isfinite(server_momentum) and 0 <= server_momentum < 1):
-            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum!r}")
-        self.server_momentum = float(server_momentum)
+        self.server_momentum = _checked_momentum(server_momentum)
         self.velocity: Dict[str, np.ndarray] = {e.key: np.zeros(e.shape) for e in layout.entries}
         self.layout = layout
         self.rng = np.random.default_rng(seed)
@@ -672,8 +676,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.rounds_per_epoch < 1:
             raise ValueError(f"rounds-per-epoch must be >= 1, got {self.rounds_per_epoch}")
-        if not (math.isfinite(self.server_momentum) and 0 <= self.server_momentum < 1):
-            raise ValueError(f"server_momentum must be in [0, 1), got {self.server_momentum!r}")
+        _checked_momentum(self.server_momentum)
 
     def lr_scale(self, server_round: int) -> float:
         """The devices' learning-rate multiplier in round ``server_round`` (1-based): `lr_scale` of
