@@ -2,6 +2,10 @@
 # Installs tinytrain from this checkout and runs the main job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-python3 -m pip install -q ".[test,plot]"
+. scripts/setup-env.sh
+tt_setup_env
+echo "== installing tinytrain and what the demo needs (numpy, onnx, rich, matplotlib, scikit-learn);"
+echo "   the Rust core compiles in 1-3 minutes"
+python -m pip install --progress-bar on ".[demo]"
+echo "== tinytrain demo (afterwards: '. .venv/bin/activate' puts tinytrain on PATH)"
 tinytrain demo "$@"

@@ -3,12 +3,13 @@
 # cargo tests, the thumbv7em (Cortex-M4F) build of the no_std crates, and pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PIP_DISABLE_PIP_VERSION_CHECK=1
+. scripts/setup-env.sh
+tt_setup_env
 
 bash scripts/install-arm-toolchain.sh
 
-python3 -m pip install -q --upgrade pip maturin
-python3 -m pip install -q -e ".[test,plot,fleet]"
+echo "== installing tinytrain (editable) with the test dependencies into .venv"
+python -m pip install -q -e ".[test,plot,fleet]"
 
 echo "== cargo test"
 cargo test --workspace --release
