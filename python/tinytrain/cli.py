@@ -273,6 +273,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, "command", None) == "search" and getattr(args, "calib", None) is None:
         args.calib = args.data
     try:
+        from .outputs import check_cli_outputs
+
+        check_cli_outputs(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

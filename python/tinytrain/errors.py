@@ -74,3 +74,15 @@ class UpdateError(TinytrainError, ValueError):
     def __init__(self, message: str, field: str = "") -> None:
         self.field = field
         super().__init__(message)
+
+
+class OutputPathError(TinytrainError, ValueError):
+    """An output path cannot be written safely: it names a device, a FIFO, a folder or a symlink,
+    its folder does not exist or is not writable, or a bundle folder holds files of the user's.
+
+    ``path`` is the path as given. Raised before any work starts.
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)

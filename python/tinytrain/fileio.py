@@ -2,32 +2,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 
 from .errors import ModelFormatError
-
-def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str]) -> str:
-    """Write a file so that a reader (or a power cut) sees the old file or the new one, never half."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tinytrain-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
+from .outputs import write_atomic  # noqa: F401 - the writers' historical import path
 
 X_KEYS = ("X", "x", "inputs", "images", "data")
 Y_KEYS = ("Y", "y", "labels", "targets", "target")

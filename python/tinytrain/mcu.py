@@ -3,7 +3,7 @@
     tinytrain export PLAN.ttp --mcu OUT_DIR [--data train.npz] [--test test.npz]
     plan.export_mcu(OUT_DIR, x, y, x_test, y_test)
 
-writes, all atomically (nothing to hand-edit):
+writes, as one folder swapped in whole (nothing to hand-edit):
 
     plan.bin      the plan (tt-core's format)                    -> flash, include_bytes!
     params.bin    the frozen parameter blob it was compiled with -> flash, 4-byte aligned
@@ -20,30 +20,17 @@ must reproduce that run bit for bit.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zlib
 from typing import Dict, Optional
 
 import numpy as np
 
+from .outputs import check_folder, write_folder_atomic
 from .plan import Plan
 from .trainer import Trainer
 
 FILES = ("plan.bin", "params.bin", "train_x.bin", "train_y.bin", "test_x.bin", "test_y.bin")
-
-
-def _write(folder: str, name: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, os.path.join(folder, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+BUNDLE_FILES = FILES + ("manifest.json",)
 
 
 def _samples(tr: Trainer, x, y, what: str):
@@ -63,6 +50,7 @@ def _samples(tr: Trainer, x, y, what: str):
 def export_mcu(plan: Plan, out_dir: str, x=None, y=None, x_test=None, y_test=None) -> Dict[str, object]:
     """Write the firmware bundle of ``plan`` (and optional training / test samples, float32 NCHW
     or already-quantized int8) into ``out_dir``; returns the manifest."""
+    check_folder(out_dir, "bundle folder", allowed=BUNDLE_FILES)
     if plan.loss != "cross_entropy" and (y is not None or y_test is not None):
         raise ValueError("sample labels are class indices: export samples only for a cross-entropy plan")
     tr = Trainer(plan)
@@ -88,10 +76,8 @@ def export_mcu(plan: Plan, out_dir: str, x=None, y=None, x_test=None, y_test=Non
         "test_samples": n_test,
         "files": {k: {"bytes": len(v), "crc32": zlib.crc32(v)} for k, v in data.items()},
     }
-    os.makedirs(out_dir, exist_ok=True)
-    for name, blob in data.items():
-        _write(out_dir, name, blob)
-    _write(out_dir, "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    data["manifest.json"] = (json.dumps(manifest, indent=2) + "\n").encode()
+    write_folder_atomic(out_dir, data, "bundle folder")
     return manifest
 
 
