@@ -50,8 +50,8 @@ def _check_parent(path: str, what: str) -> str:
     return folder
 
 
-def check_file(path: PathLike, what: str = "output") -> str:
-    """Refuses, before any work, a file output that could not be written safely; returns the path."""
+def _existing(path: PathLike, what: str, kind: str):
+    """The path as a string and what stands there now (``None`` for nothing); a symlink is refused."""
     path = os.fspath(path)
     if not path:
         raise OutputPathError(f"{what}: empty path", path)
@@ -61,7 +61,13 @@ def check_file(path: PathLike, what: str = "output") -> str:
         st = None
     if st is not None and stat.S_ISLNK(st.st_mode):
         raise OutputPathError(f"{what} {path} is a symlink; tinytrain does not replace or follow it: "
-                              f"name the file it points to ({os.path.realpath(path)})", path)
+                              f"name the {kind} it points to ({os.path.realpath(path)})", path)
+    return path, st
+
+
+def check_file(path: PathLike, what: str = "output") -> str:
+    """Refuses, before any work, a file output that could not be written safely; returns the path."""
+    path, st = _existing(path, what, "file")
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise OutputPathError(f"{what} {path} exists and is {_describe(st.st_mode)}, not a regular file: "
                               f"choose another path", path)
@@ -73,16 +79,7 @@ def check_folder(path: PathLike, what: str = "output folder", allowed: Optional[
     """Refuses, before any work, a folder output that could not be replaced safely. ``allowed`` lists
     the names the folder may already hold (a bundle's own files); anything else is the user's and the
     folder is not ours to swap out."""
-    path = os.fspath(path)
-    if not path:
-        raise OutputPathError(f"{what}: empty path", path)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None and stat.S_ISLNK(st.st_mode):
-        raise OutputPathError(f"{what} {path} is a symlink; tinytrain does not replace or follow it: "
-                              f"name the folder it points to ({os.path.realpath(path)})", path)
+    path, st = _existing(path, what, "folder")
     if st is not None and not stat.S_ISDIR(st.st_mode):
         raise OutputPathError(f"{what} {path} exists and is {_describe(st.st_mode)}, not a folder", path)
     _check_parent(path.rstrip(os.sep) or path, what)
