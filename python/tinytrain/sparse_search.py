@@ -228,6 +228,7 @@ def _load_cache(path: str, key: str) -> Optional[dict]:
 
 def _store_cache(path: str, key: str, body: dict) -> None:
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # tinytrain's own cache folder, made on first use
     write_atomic(path, json.dumps({"format": CACHE_FORMAT, "key": key, "sha256": digest, "body": body}))
 
 
