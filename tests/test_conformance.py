@@ -1,0 +1,221 @@
+"""Import conformance (issue 22): the real files, the converter forms this machine has, and a
+synthetic model for each failure class, each imported, run bit-exact against LiteRT's reference
+kernels where a .tflite exists, compiled, trained a few steps and exported (ONNX run in
+onnxruntime, MCU bundle written). `benches/conformance.py` prints the same checks as a table."""
+import os
+
+import numpy as np
+import pytest
+
+import tinytrain as tt
+from tinytrain import _core
+
+import _conformance_cases as C
+
+pytest.importorskip("ai_edge_litert")
+
+
+def _ok(row):
+    assert (row.imported, row.trained, row.exported) == ("ok", "ok", "ok"), (row.cells(), row.note)
+    assert row.exact in ("yes", "-"), (row.cells(), row.note)
+
+
+@pytest.mark.parametrize("name", C.REAL_FILES)
+def test_real_files_conform(name):
+    d = C.models_dir()
+    if d is None:
+        pytest.skip("../shared/models (or TINYTRAIN_MODELS) is not on this machine")
+    path = os.path.join(d, name)
+    row = C.conform(name, ".tflite", lambda: tt.load_tflite(path), open(path, "rb").read())
+    _ok(row)
+    if "int8" in name:
+        assert row.exact == "yes"
+
+
+@pytest.mark.parametrize("net", ["ds_cnn", "resnet8", "autoencoder", "mobilenet"])
+@pytest.mark.parametrize("form", [".tflite", ".onnx", "_float.onnx", "_qop.onnx"])
+def test_converter_forms_conform(net, form):
+    path = os.path.join(C.FIXTURES, net + form)
+    if not os.path.exists(path):
+        pytest.skip(f"no {net}{form} fixture")
+    load = (lambda: tt.load_tflite(path)) if form == ".tflite" else (lambda: tt.load_onnx(path))
+    _ok(C.conform(net, form, load, open(path, "rb").read() if form == ".tflite" else None))
+
+
+# ---------------------------------------------------------------------- dead channels
+def test_dead_channels_train_and_keep_their_output():
+    w, b = C.dead_channel_weights()
+    data = C.fc_model(w, b)
+    q = tt.load_tflite(data)
+    fc = q.node(q.layers[0])
+    assert np.abs(fc.params["bias_q"].astype(np.int64)).max() <= _core.BIAS_LIMIT
+    assert fc.params["bias_q"][1] != b[1] and fc.params["bias_q"][4] != b[4]  # the file's were out of bound
+    x = C.random_int8(q, 32)
+    ref = C.litert_reference(data, x.reshape(32, -1))
+    assert np.array_equal(q.forward_int8(x).reshape(32, -1), ref)
+    _ok(C.conform("dead channels", "synthetic .tflite", lambda: tt.load_tflite(data), data))
+
+
+def test_dead_channel_with_a_mid_range_output_keeps_it_or_is_named():
+    # a requantization scale of 50 / 2^30: bias 2^30 + 128 gives an output of 50 (+ zero point),
+    # which 2^30 gives too; -2^31 + 100 gives -100, which no bias within +-2^30 can give
+    w, b = C.dead_channel_weights()
+    s_w = [50 / 2**30 * 0.2 / 0.05] * 6
+    with pytest.raises(tt.QuantizationError, match="output channel 4: .*no bias within the bound") as e:
+        tt.load_tflite(C.fc_model(w, b, s_w=s_w))
+    assert e.value.channel == 4
+    b[4] = 1000
+    data = C.fc_model(w, b, s_w=s_w)
+    q = tt.load_tflite(data)
+    x = C.random_int8(q, 4)
+    ref = C.litert_reference(data, x.reshape(4, -1))
+    assert np.array_equal(q.forward_int8(x).reshape(4, -1), ref)
+    assert (ref[:, 1] == 45).all()  # mid-range: not the clamp
+    assert np.abs(q.node(q.layers[0]).params["bias_q"].astype(np.int64)).max() <= _core.BIAS_LIMIT
+
+
+def test_live_channel_beyond_the_bound_names_layer_and_channel():
+    w, b = C.dead_channel_weights()
+    b[3] = 2**30 + 5  # channel 3 has non-zero weights: its accumulator could overflow
+    with pytest.raises(tt.QuantizationError, match="output channel 3") as e:
+        tt.load_tflite(C.fc_model(w, b))
+    assert e.value.channel == 3 and e.value.layer.startswith("fc_0")
+
+
+def _float_fc_graph(w, b):
+    g = tt.Graph("x", "y", {"x": tt.Tensor("x", (w.shape[1], 1, 1)), "y": tt.Tensor("y", (w.shape[0], 1, 1))},
+                 [tt.Node("fc_0", "fc", ["x"], "y", {"act": "none"}, {"weight": w, "bias": b})])
+    return g
+
+
+def test_tiny_float_channel_gets_a_floored_scale_and_trains():
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (5, 12)).astype(np.float32)
+    b = rng.normal(0, 0.5, 5).astype(np.float32)
+    w[2] = 1e-30
+    b[2] = 0.7
+    calib = rng.normal(0, 1, (64, 12)).astype(np.float32)  # (N, F) calibration
+    q = tt.quantize(_float_fc_graph(w, b), calib)
+    fc = q.node("fc_0")
+    assert fc.params["weight_scale"][2] > 1e-9
+    assert np.abs(fc.params["bias_q"].astype(np.int64)).max() <= _core.BIAS_LIMIT
+    # the channel still outputs (about) its bias: 0.7
+    assert abs(q.forward(calib[:4])[:, 2] - 0.7).max() < 3 * q.tensors["y"].scale
+    _ok(C.conform("1e-30 float channel", "synthetic float", lambda: _float_fc_graph(w, b)))
+
+
+def test_calibration_accepts_n_by_f_and_names_the_shapes_it_takes():
+    g = _float_fc_graph(np.ones((2, 3), np.float32), np.zeros(2, np.float32))
+    tt.quantize(g, np.ones((4, 3), np.float32))
+    with pytest.raises(tt.QuantizationError, match=r"\(N, 3\)"):
+        tt.quantize(g, np.ones((4, 5), np.float32))
+
+
+# ---------------------------------------------------------------------- flat input, outputs
+def test_flat_input_with_leading_reshape_is_folded():
+    w = np.random.default_rng(3).integers(-127, 128, (4, 20)).astype(np.int8)
+    data = C.fc_model(w, np.arange(4, dtype=np.int32) * 100, flat_reshape=(4, 5))
+    q = tt.load_tflite(data)
+    assert q.tensors[q.input].shape == (1, 4, 5)
+    assert C.bit_exact(q, data, 16)
+    _ok(C.conform("flat input + Reshape", "synthetic .tflite", lambda: tt.load_tflite(data), data))
+
+
+def test_flat_input_with_leading_reshape_onnx():
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["img"]),
+             helper.make_node("Conv", ["img", "cw", "cb"], ["c"], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(np.array([-1, 1, 7, 8], np.int64), "shape"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (3, 1, 3, 3)).astype(np.float32), "cw"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "cb"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 3 * 5 * 6)).astype(np.float32), "fw"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "fb")]
+    g = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 56])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    f = tt.load_onnx(m)
+    assert f.tensors[f.input].shape == (1, 7, 8)
+    _ok(C.conform("flat input + Reshape", "synthetic float .onnx", lambda: tt.load_onnx(m)))
+
+
+def test_two_outputs_default_to_the_head_and_output_picks_one():
+    w, b = C.dead_channel_weights(seed=5)
+    data = C.fc_model(w, b, dequantized_copy=True)
+    q = tt.load_tflite(data)  # int8 logits and their DEQUANTIZE'd copy: one head
+    assert q.output == "logits"
+    assert tt.load_tflite(data, output="logits_float").output == "logits"
+    two = C.fc_model(w, b, second_head=True)
+    with pytest.raises(tt.ModelFormatError, match="'logits', 'aux_out'.*output=NAME"):
+        tt.load_tflite(two)
+    aux = tt.load_tflite(two, output="aux_out")
+    assert aux.tensors[aux.output].shape == (2, 1, 1)
+    x = C.random_int8(aux, 8)
+    assert np.array_equal(aux.forward_int8(x).reshape(8, -1), C.litert_reference(two, x.reshape(8, -1), "aux_out"))
+    with pytest.raises(tt.ModelFormatError, match="is not an output"):
+        tt.load_tflite(two, output="nope")
+    _ok(C.conform("two outputs", "synthetic .tflite", lambda: tt.load_tflite(data), data))
+
+
+def test_two_outputs_onnx():
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["logits"], transB=1),
+             helper.make_node("Identity", ["logits"], ["logits_copy"]),
+             helper.make_node("Gemm", ["x", "w2", "b2"], ["aux"], transB=1)]
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (3, 6)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 1, (2, 6)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "b2")]
+    vi = lambda n, k: helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, k])  # noqa: E731
+    copy = helper.make_model(helper.make_graph(nodes[:2], "g", [vi("x", 6)], [vi("logits", 3), vi("logits_copy", 3)],
+                                               inits[:2]), opset_imports=[helper.make_opsetid("", 13)])
+    assert tt.load_onnx(copy).tensors[tt.load_onnx(copy).output].shape == (3, 1, 1)
+    heads = helper.make_model(helper.make_graph([nodes[0], nodes[2]], "g", [vi("x", 6)], [vi("logits", 3), vi("aux", 2)],
+                                                inits), opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(tt.ModelFormatError, match="'logits', 'aux'.*output=NAME"):
+        tt.load_onnx(heads)
+    g = tt.load_onnx(heads, output="aux")
+    assert g.tensors[g.output].shape == (2, 1, 1)
+
+
+# ---------------------------------------------------------------------- fully connected rounding
+def test_fully_connected_is_bit_exact_with_litert_where_the_roundings_differ():
+    """LiteRT's reference FULLY_CONNECTED (ai-edge-litert's BUILTIN_REF kernels) is the oracle. The
+    case is chosen so that single and double rounding give different outputs, so it pins which
+    one tinytrain's fc must use to be bit-exact."""
+    rng = np.random.default_rng(11)
+    w = rng.integers(-127, 128, (16, 64)).astype(np.int8)
+    b = rng.integers(-5000, 5000, 16).astype(np.int32)
+    data = C.fc_model(w, b, s_w=list(rng.uniform(0.002, 0.02, 16)), s_out=0.37)
+    q = tt.load_tflite(data)
+    x = C.random_int8(q, 64)
+    ref = C.litert_reference(data, x.reshape(64, -1))
+    fc, t_in, t_out = q.node(q.layers[0]), q.tensors[q.input], q.tensors[q.output]
+    acc = (b.astype(np.int64) + (x.reshape(64, -1).astype(np.int64) - t_in.zero_point) @ w.astype(np.int64).T)
+    req = np.float64(t_in.scale) * fc.params["weight_scale"].astype(np.float64) / np.float64(t_out.scale)
+    single = _core.requantize(acc.astype(np.int32), req, t_out.zero_point, -128, 127, "single")
+    double = _core.requantize(acc.astype(np.int32), req, t_out.zero_point, -128, 127, "double")
+    assert (single != double).any(), "the case does not tell the roundings apart"
+    assert np.array_equal(q.forward_int8(x).reshape(64, -1), ref)
+    _ok(C.conform("FC rounding", "synthetic .tflite", lambda: tt.load_tflite(data), data))
+
+
+# ---------------------------------------------------------------------- one network, two importers
+@pytest.mark.parametrize("net", ["ds_cnn", "resnet8"])
+def test_one_network_through_both_importers_is_the_same_model(net):
+    a = tt.load_tflite(os.path.join(C.FIXTURES, net + ".tflite"))
+    b = tt.load_onnx(os.path.join(C.FIXTURES, net + ".onnx"))
+    assert a.layers == b.layers
+    assert tt.schemes.last_layers(a, 2).weight_ratios == tt.schemes.last_layers(b, 2).weight_ratios
+    for name in a.layers:  # the same name is the same layer, so a saved scheme moves between them
+        assert np.array_equal(a.node(name).params["weight_q"], b.node(name).params["weight_q"]), name
+    x = C.random_int8(a, 8)
+    assert np.array_equal(a.forward_int8(x), b.forward_int8(x))
