@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import flatbuffers
 import numpy as np
@@ -281,6 +281,7 @@ class Row:
     trained: str = "-"
     exported: str = "-"
     note: str = ""
+    figure: float = 0.0
 
     def cells(self):
         return [self.model, self.form, self.imported, self.exact, self.trained, self.exported]
@@ -292,9 +293,37 @@ def _is_regressor(q) -> bool:
     return not q.softmax_tail and (out[0] == 1 or out == q.tensors[q.input].shape)
 
 
+def onnxruntime_agreement(model, onnx_path: str, n: int = 16) -> Tuple[str, float]:
+    """tinytrain's int8 forward against onnxruntime running the quantized ONNX file the model was
+    imported from (its first output): the largest difference in output LSB, or for a file that
+    ends in Softmax (whose first output is the probabilities) the share of equal argmaxes.
+    Returns (cell text, figure)."""
+    import onnxruntime as ort
+
+    x = calibration_batch(model, n, seed=3)
+    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    feed = sess.get_inputs()[0]
+    c, h, w = x.shape[1:]
+    if len(feed.shape) == 2:
+        xin = x.reshape(n, -1)
+    elif list(feed.shape[1:]) == [h, w, c] and [h, w, c] != [c, h, w]:  # a converter's NHWC input
+        xin = x.transpose(0, 2, 3, 1)
+    else:
+        xin = x
+    got = sess.run(None, {feed.name: np.ascontiguousarray(xin)})[0].reshape(n, -1)
+    want = model.forward(x).reshape(n, -1)
+    if model.softmax_tail and np.allclose(got.sum(1), 1.0, atol=0.05):
+        agree = float((got.argmax(1) == want.argmax(1)).mean())
+        return f"argmax {agree:.0%} (ORT)", agree
+    lsb = int(np.round(np.abs(got - want).max() / np.float32(model.tensors[model.output].scale)))
+    return ("yes (ORT)" if lsb == 0 else f"±{lsb} LSB (ORT)"), lsb
+
+
 def conform(name: str, form: str, load: Callable[[], object], tflite_bytes: Optional[bytes] = None,
-            calib_seed: int = 0, steps: int = 3) -> Row:
-    """import -> (quantize a float model) -> bit-exact vs LiteRT -> compile -> train -> export."""
+            calib_seed: int = 0, steps: int = 3, onnx_path: Optional[str] = None, twin=None) -> Row:
+    """import -> (quantize a float model) -> bit-exact vs LiteRT (or the LSB difference from
+    onnxruntime on a quantized ONNX file, or equality with `twin`, the same network imported from
+    its bit-exact .tflite) -> compile -> train -> export."""
     row = Row(name, form)
     try:
         m = load()
@@ -310,6 +339,11 @@ def conform(name: str, form: str, load: Callable[[], object], tflite_bytes: Opti
         return row
     if tflite_bytes is not None and row.note == "":
         row.exact = "yes" if bit_exact(m, tflite_bytes) else "NO"
+    elif twin is not None and row.note == "":
+        x = random_int8(m, 8)
+        row.exact = "yes (= .tflite)" if np.array_equal(m.forward_int8(x), twin.forward_int8(x)) else "NO"
+    elif onnx_path is not None and row.note == "":
+        row.exact, row.figure = onnxruntime_agreement(m, onnx_path)
     n = 16
     rng = np.random.default_rng(1)
     x = random_int8(m, n, seed=2).astype(np.float32)
@@ -353,3 +387,105 @@ def conform(name: str, form: str, load: Callable[[], object], tflite_bytes: Opti
         row.exported = f"FAILED: {type(e).__name__}"
         row.note = str(e)[:160]
     return row
+
+
+# ---------------------------------------------------------------------- other forms of one network
+def float_form(model):
+    """The float twin of a model: a float Graph as is, a QuantizedModel dequantized."""
+    return model.dequantized() if isinstance(model, tt.QuantizedModel) else model
+
+
+def calibration_batch(model, n: int = 32, seed: int = 0) -> np.ndarray:
+    """float32 NCHW samples spread over the model's input range (its int8 grid, or [-1, 1])."""
+    shape = model.tensors[model.input].shape
+    t = model.tensors[model.input]
+    if isinstance(model, tt.QuantizedModel):
+        q = np.random.default_rng(seed).integers(-128, 128, (n,) + tuple(shape)).astype(np.float32)
+        return ((q - t.zero_point) * np.float32(t.scale)).astype(np.float32)
+    return np.random.default_rng(seed).uniform(-1, 1, (n,) + tuple(shape)).astype(np.float32)
+
+
+def onnxruntime_quantized(model, out_path: str, quant_format: str = "QOperator") -> str:
+    """The network through onnxruntime's quantizer: float ONNX exported by tinytrain, then
+    `onnxruntime.quantization.quantize_static` (int8 per-channel weights, int8 activations)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    float_path = out_path + ".float.onnx"
+    float_form(model).to_onnx(float_path)
+    batch = calibration_batch(model)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": batch[i: i + 1]} for i in range(len(batch))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(float_path, out_path, Reader(), quant_format=getattr(QuantFormat, quant_format),
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return out_path
+
+
+# ---------------------------------------------------------------------- synthetic models
+def float_fc_graph(w: np.ndarray, b: np.ndarray) -> tt.Graph:
+    """A float one-layer fc Graph (weights (O, F), biases (O,)), as an importer would give."""
+    return tt.Graph("x", "y", {"x": tt.Tensor("x", (w.shape[1], 1, 1)), "y": tt.Tensor("y", (w.shape[0], 1, 1))},
+                    [tt.Node("fc_0", "fc", ["x"], "y", {"act": "none"}, {"weight": w, "bias": b})])
+
+
+def tiny_float_channel_graph() -> tt.Graph:
+    """A float fc whose channel 2 has weights 1e-30 (the float twin of a dead channel)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (5, 12)).astype(np.float32)
+    b = rng.normal(0, 0.5, 5).astype(np.float32)
+    w[2] = 1e-30
+    b[2] = 0.7
+    return float_fc_graph(w, b)
+
+
+def flat_input_onnx():
+    """A float ONNX model whose (1, 56) input is reshaped to (1, 1, 7, 8) at the entry."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["img"]),
+             helper.make_node("Conv", ["img", "cw", "cb"], ["c"], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(np.array([-1, 1, 7, 8], np.int64), "shape"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (3, 1, 3, 3)).astype(np.float32), "cw"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "cb"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 3 * 5 * 6)).astype(np.float32), "fw"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "fb")]
+    g = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 56])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def fc_rounding_case() -> bytes:
+    """An int8 fc where single and double rounding give different outputs on random inputs."""
+    rng = np.random.default_rng(11)
+    w = rng.integers(-127, 128, (16, 64)).astype(np.int8)
+    b = rng.integers(-5000, 5000, 16).astype(np.int32)
+    return fc_model(w, b, s_w=list(rng.uniform(0.002, 0.02, 16)), s_out=0.37)
+
+
+def synthetic_cases():
+    """(model, form, loader, .tflite bytes or None) for each failure class of issue 22."""
+    w, b = dead_channel_weights()
+    dead = fc_model(w, b)
+    w5, b5 = dead_channel_weights(seed=5)
+    two = fc_model(w5, b5, dequantized_copy=True)
+    wf = np.random.default_rng(3).integers(-127, 128, (4, 20)).astype(np.int8)
+    flat = fc_model(wf, np.arange(4, dtype=np.int32) * 100, flat_reshape=(4, 5))
+    fc = fc_rounding_case()
+    flat_onnx = flat_input_onnx()
+    return [("dead channels (2^30+128, -2^31+100)", "synthetic .tflite", lambda: tt.load_tflite(dead), dead),
+            ("1e-30 float channel", "synthetic float", tiny_float_channel_graph, None),
+            ("flat input + Reshape", "synthetic .tflite", lambda: tt.load_tflite(flat), flat),
+            ("flat input + Reshape", "synthetic float .onnx", lambda: tt.load_onnx(flat_onnx), None),
+            ("two outputs", "synthetic .tflite", lambda: tt.load_tflite(two), two),
+            ("FC double vs single rounding", "synthetic .tflite", lambda: tt.load_tflite(fc), fc)]

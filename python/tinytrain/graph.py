@@ -85,6 +85,14 @@ class Graph:
                 return n
         raise KeyError(f"no node named {name!r}; layers are {self.layers}")
 
+    def to_onnx(self, path: Optional[str] = None):
+        """Export the float graph as a float ONNX model (NCHW input "input", output "logits"), e.g.
+        for onnxruntime's quantizer. Writes `path` atomically when given; returns the ModelProto.
+        (A `QuantizedModel` overrides this with its int8 QDQ export.)"""
+        from .export_onnx import export_float
+
+        return export_float(self, path)
+
     def producer(self, tensor: str) -> Optional[Node]:
         for n in self.nodes:
             if n.output == tensor:

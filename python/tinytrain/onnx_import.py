@@ -277,10 +277,10 @@ class _Importer:
         return None
 
     def _head_of(self, name: str) -> str:
-        """The tensor an output copies through Q/DQ, Identity, Softmax or Reshape nodes."""
+        """The tensor an output copies through Q/DQ, Identity, (QLinear)Softmax or Reshape nodes."""
         n = self._producer(name)
         while n is not None and n.op_type in ("QuantizeLinear", "DequantizeLinear", "Identity", "Softmax",
-                                              "LogSoftmax", "Reshape", "Cast"):
+                                              "LogSoftmax", "QLinearSoftmax", "Reshape", "Cast"):
             name = n.input[0]
             n = self._producer(name)
         return name
