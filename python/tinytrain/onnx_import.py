@@ -23,7 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelFormatError, TinytrainError, UnsupportedOperatorError
-from .graph import Graph, Node, Tensor
+from .graph import Graph, Node, Tensor, name_layers
 from .model import choose_rounding
 from .quantize import within_bias_bound
 
@@ -1044,13 +1044,27 @@ class _Importer:
         self.qparams = {k: v for k, v in self.qparams.items() if k in live}
 
     def _rename(self) -> None:
-        """Node names are ``{op}_{k}`` (conv_0, conv_1, fc_0, ...): stable across exporters, so schemes
-        written for one file apply to the same network exported by another tool."""
-        counts: Dict[str, int] = {}
+        """Names and order from the file's own weight names where they are TensorFlow's (a tf2onnx
+        file gets the names and order of its .tflite), else ``{op}_{k}`` (conv_0, conv_1, fc_0, ...)
+        in file order: see `graph.name_layers`."""
+        by_name = {n.name: n for n in self.proto.graph.node if n.name}
+        weights = {}
         for n in self.nodes:
-            k = counts.get(n.op, 0)
-            counts[n.op] = k + 1
-            n.name = f"{n.op}_{k}"
+            src = by_name.get(n.attrs.get("onnx_node", ""))
+            if n.trainable and src is not None:
+                k = 3 if src.op_type in ("QLinearConv", "QLinearMatMul") else 1
+                weights[id(n)] = self._source_of(src.input[k]) if len(src.input) > k else ""
+        self.nodes = name_layers(self.nodes, weights)
+
+    def _source_of(self, name: str) -> str:
+        """The initializer a weight input comes from, through Q/DQ, Transpose, Reshape, Identity."""
+        for _ in range(8):
+            n = self._producer(name)
+            if n is None or n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Transpose", "Reshape",
+                                              "Identity", "Cast", "Unsqueeze", "Squeeze"):
+                break
+            name = n.input[0]
+        return name
 
 
 # ops that may read an NHWC view (the converter's layout changes at the graph's edges)

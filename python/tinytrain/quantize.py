@@ -203,14 +203,14 @@ def fit_dead_channel_biases(q, where: str) -> List[Tuple[str, int, int, int]]:
         new = n.params["bias_q"].copy()
         for o in (int(v) for v in over):
             if wq[o].any():
-                raise _unrepresentable(where, label, o, int(bias[o]), limit,
+                raise _unrepresentable(where, n.name, label, o, int(bias[o]), limit,
                                        "its int8 weights are not all zero, so its int32 accumulator could overflow")
             target = out_of(np.array([bias[o]]), o)[0]
             guess = np.clip(np.round((int(target) - t_out.zero_point) / req[o]), -limit, limit)
             candidates = np.array([np.sign(bias[o]) * limit, guess], np.int64)
             ok = np.nonzero(out_of(candidates, o) == target)[0]
             if not ok.size:
-                raise _unrepresentable(where, label, o, int(bias[o]), limit,
+                raise _unrepresentable(where, n.name, label, o, int(bias[o]), limit,
                                        f"no bias within the bound gives its output {int(target)}")
             new[o] = int(candidates[ok[0]])
             changed.append((n.name, o, int(bias[o]), int(new[o])))
@@ -228,8 +228,9 @@ def within_bias_bound(model, where: str):
     return model
 
 
-def _unrepresentable(where: str, layer: str, channel: int, bias: int, limit: int, why: str) -> QuantizationError:
-    e = QuantizationError(f"{where}: layer {layer}, output channel {channel}: int32 bias {bias} is beyond "
+def _unrepresentable(where: str, layer: str, label: str, channel: int, bias: int, limit: int,
+                     why: str) -> QuantizationError:
+    e = QuantizationError(f"{where}: layer {label}, output channel {channel}: int32 bias {bias} is beyond "
                           f"tt-core's bound ±{limit} (2^30) and {why}; re-quantize the float model with "
                           f"tt.quantize (it floors weight scales so every bias fits)")
     e.layer, e.channel = layer, channel

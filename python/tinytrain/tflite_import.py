@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .errors import ModelFormatError, TinytrainError, UnsupportedOperatorError
-from .graph import Graph, Node, Tensor
+from .graph import Graph, Node, Tensor, name_layers
 from .model import choose_rounding
 from .quantize import within_bias_bound
 
@@ -517,7 +517,8 @@ class _Importer:
                 bq = (b_raw, bt.scale.astype(np.float64), np.zeros((), np.int32), 0)
         if bias is None:
             bias = np.zeros(o, np.float32)
-        attrs = {"kernel": (kh, kw), "stride": stride, "pads": pads, "groups": groups, "act": act}
+        attrs = {"kernel": (kh, kw), "stride": stride, "pads": pads, "groups": groups, "act": act,
+                 "_weight_tensor": wt.name}
         if wt.quantized and w_ir.dtype.kind != "f":
             attrs["_wq"] = (w_ir, wt.scale.astype(np.float64), wt.zero_point, 0 if wt.scale.size > 1 else None)
         if bq is not None:
@@ -574,7 +575,7 @@ class _Importer:
         wt = self.ttensors[ins[1]]
         w_float = self._deq(wt, w, 0)
         bias = np.zeros(o, np.float32)
-        attrs = {"act": act}
+        attrs = {"act": act, "_weight_tensor": wt.name}
         if len(ins) > 2 and ins[2] != -1:
             bt = self.ttensors[ins[2]]
             b_raw = self._const(k, ins[2], "bias").reshape(-1)
@@ -766,11 +767,7 @@ class _Importer:
         self.nodes = kept[::-1]
         self.tensors = {k: v for k, v in self.tensors.items() if k in live}
         self.qparams = {k: v for k, v in self.qparams.items() if k in live}
-        counts: Dict[str, int] = {}
-        for n in self.nodes:
-            i = counts.get(n.op, 0)
-            counts[n.op] = i + 1
-            n.name = f"{n.op}_{i}"
+        self.nodes = name_layers(self.nodes, {id(n): n.attrs.pop("_weight_tensor", "") for n in self.nodes})
         g = Graph(self.input_name, self.output, self.tensors, self.nodes, self.softmax_tail)
         if self.qparams:
             from .quantize import from_imported
