@@ -66,6 +66,16 @@ def main() -> None:
         print(n)
     print(f"\n{time.time() - t0:.0f} s; LiteRT's reference kernels from ai-edge-litert; tf2onnx forms are the "
           f"fixtures (tf2onnx is not installed here)")
+    d = C.models_dir()
+    if d is not None:
+        print("\nFULLY_CONNECTED against LiteRT's reference kernels (64 random int8 inputs): outputs that differ "
+              "when tt-core requantizes the layer's accumulators with single / double rounding")
+        print("| file | layer | single | double | outputs |\n|---|---|---|---|---|")
+        for name in C.REAL_FILES:
+            if "int8" in name:
+                for layer, (single, double, total) in C.fc_rounding_mismatches(
+                        open(os.path.join(d, name), "rb").read()).items():
+                    print(f"| {name} | {layer} | {single} | {double} | {total} |")
 
 
 if __name__ == "__main__":

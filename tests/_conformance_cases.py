@@ -489,3 +489,40 @@ def synthetic_cases():
             ("flat input + Reshape", "synthetic float .onnx", lambda: tt.load_onnx(flat_onnx), None),
             ("two outputs", "synthetic .tflite", lambda: tt.load_tflite(two), two),
             ("FC double vs single rounding", "synthetic .tflite", lambda: tt.load_tflite(fc), fc)]
+
+
+def fc_rounding_mismatches(data: bytes, n: int = 64) -> Dict[str, Tuple[int, int, int]]:
+    """Per fully connected layer of an int8 .tflite: outputs that differ from LiteRT's reference
+    kernels when the layer's accumulators (computed from the interpreter's own input to the layer)
+    are requantized with single and with double rounding by tt-core, and the number of outputs."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from tinytrain import _core
+    from tinytrain.model import act_range
+
+    q = tt.load_tflite(data)
+    it = Interpreter(model_content=data, experimental_op_resolver_type=OpResolverType.BUILTIN_REF,
+                     experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    d = it.get_input_details()[0]
+    index = {t["name"]: t["index"] for t in it.get_tensor_details()}
+    x = np.random.default_rng(1).integers(-128, 128, (n,) + tuple(d["shape"][1:])).astype(d["dtype"])
+    counts: Dict[str, List[int]] = {}
+    for i in range(n):
+        it.set_tensor(d["index"], x[i: i + 1])
+        it.invoke()
+        for node in q.nodes:
+            if node.op != "fc" or node.inputs[0] not in index or node.output not in index:
+                continue
+            t_in, t_out = q.tensors[node.inputs[0]], q.tensors[node.output]
+            xin = it.get_tensor(index[node.inputs[0]]).reshape(1, -1).astype(np.int64)
+            ref = it.get_tensor(index[node.output]).reshape(-1)
+            acc = node.params["bias_q"] + (xin - t_in.zero_point) @ node.params["weight_q"].astype(np.int64).T
+            req = np.float64(t_in.scale) * node.params["weight_scale"].astype(np.float64) / np.float64(t_out.scale)
+            lo, hi = act_range(node.attrs.get("act", "none"), t_out.scale, t_out.zero_point)
+            c = counts.setdefault(node.name, [0, 0, 0])
+            for k, mode in enumerate(("single", "double")):
+                y = _core.requantize(acc.astype(np.int32), req, int(t_out.zero_point), lo, hi, mode)[0]
+                c[k] += int((y != ref).sum())
+            c[2] += ref.size
+    return {k: tuple(v) for k, v in counts.items()}
