@@ -257,3 +257,23 @@ def test_one_network_through_both_importers_is_the_same_model(net, order):
         assert np.array_equal(a.node(name).params["weight_q"], b.node(name).params["weight_q"]), name
     x = C.random_int8(a, 8)
     assert np.array_equal(a.forward_int8(x), b.forward_int8(x))
+
+
+def test_cli_quantize_takes_n_by_f_calibration_for_a_flat_input_model(tmp_path):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from tinytrain.cli import main
+
+    rng = np.random.default_rng(6)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "flat",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 6])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(rng.normal(0, 1, (3, 6)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros(3, np.float32), "b")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "f.onnx")
+    np.save(tmp_path / "calib.npy", rng.normal(0, 1, (32, 6)).astype(np.float32))
+    assert main(["quantize", str(tmp_path / "f.onnx"), "--calib", str(tmp_path / "calib.npy"),
+                 "-o", str(tmp_path / "q.onnx")]) == 0
+    assert isinstance(tt.load_onnx(tmp_path / "q.onnx"), tt.QuantizedModel)
