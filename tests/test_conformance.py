@@ -277,3 +277,23 @@ def test_cli_quantize_takes_n_by_f_calibration_for_a_flat_input_model(tmp_path):
     assert main(["quantize", str(tmp_path / "f.onnx"), "--calib", str(tmp_path / "calib.npy"),
                  "-o", str(tmp_path / "q.onnx")]) == 0
     assert isinstance(tt.load_onnx(tmp_path / "q.onnx"), tt.QuantizedModel)
+
+
+def test_file_names_need_every_layer_tensorflow_scoped_and_never_clash():
+    from tinytrain.graph import Node, name_layers
+
+    def chain():
+        a = Node("?", "conv", ["in"], "a")
+        b = Node("?", "add", ["a", "a"], "b")
+        c = Node("?", "conv", ["b"], "c")
+        return a, b, c
+
+    a, b, c = chain()
+    assert [n.name for n in name_layers([a, b, c], {id(a): "m/conv2d_1/Conv2D", id(c): "m/conv2d/Conv2D_dequant"})] \
+        == ["conv2d_1", "add_0", "conv2d"]
+    a, b, c = chain()  # one weight without a TensorFlow scope: the file's order and {op}_{k}
+    assert [n.name for n in name_layers([a, b, c], {id(a): "m/conv2d/Conv2D", id(c): "const_fold_opt__3"})] \
+        == ["conv_0", "add_0", "conv_1"]
+    a, b, c = chain()  # a Keras layer named like another node's {op}_{k}
+    assert [n.name for n in name_layers([a, b, c], {id(a): "m/add_0/Conv2D", id(c): "m/conv2d/Conv2D"})] \
+        == ["conv_0", "add_0", "conv_1"]

@@ -147,11 +147,14 @@ def name_layers(nodes: List[Node], weight_tensors: Dict[int, str]) -> List[Node]
             common += 1
         names = {k: "/".join(s.split("/")[common:]) for k, s in scopes.items()}
         nodes = _topological(nodes, lambda n: _natural(names.get(id(n), "")))
-    counts: Dict[str, int] = {}
-    for n in nodes:
-        k = counts.get(n.op, 0)
-        counts[n.op] = k + 1
-        n.name = names[id(n)] if use_file and n.trainable else f"{n.op}_{k}"
+    for file_names in ((True, False) if use_file else (False,)):
+        counts: Dict[str, int] = {}
+        for n in nodes:
+            k = counts.get(n.op, 0)
+            counts[n.op] = k + 1
+            n.name = names[id(n)] if file_names and n.trainable else f"{n.op}_{k}"
+        if len({n.name for n in nodes}) == len(nodes):  # a Keras layer called e.g. "add_1" would clash
+            break
     return nodes
 
 
