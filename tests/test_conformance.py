@@ -297,3 +297,31 @@ def test_file_names_need_every_layer_tensorflow_scoped_and_never_clash():
     a, b, c = chain()  # a Keras layer named like another node's {op}_{k}
     assert [n.name for n in name_layers([a, b, c], {id(a): "m/add_0/Conv2D", id(c): "m/conv2d/Conv2D"})] \
         == ["conv_0", "add_0", "conv_1"]
+
+
+def test_flat_input_reshaped_to_nhwc_then_transposed_onnx():
+    """tf2onnx's form of micro_speech's entry: (1, F) -> Reshape (1, H, W, C) -> Transpose to NCHW."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["nhwc"]),
+             helper.make_node("Transpose", ["nhwc"], ["img"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["img", "cw", "cb"], ["c"], kernel_shape=[3, 3]),
+             helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(np.array([-1, 5, 6, 2], np.int64), "shape"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (3, 2, 3, 3)).astype(np.float32), "cw"),
+             numpy_helper.from_array(np.zeros(3, np.float32), "cb"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 3 * 3 * 4)).astype(np.float32), "fw"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "fb")]
+    g = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 60])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    f = tt.load_onnx(m)
+    assert f.tensors[f.input].shape == (2, 5, 6)
+    x = rng.normal(0, 1, (3, 60)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x[:1]})[0]
+    got = tt.reference.forward(f, x[:1].reshape(1, 5, 6, 2).transpose(0, 3, 1, 2), tt.reference.Cache())
+    np.testing.assert_allclose(np.asarray(got).reshape(1, -1), want, atol=1e-5)
