@@ -2,9 +2,10 @@
 
     python benches/conformance.py            # prints the table (markdown)
 
-Rows: the five real files of ../shared/models (or $TINYTRAIN_MODELS) as .tflite, as float ONNX
-(tinytrain's export of their float twin, then tt.quantize) and through onnxruntime's quantizer
-(QOperator and QDQ); the converter fixtures in tests/fixtures/tflite (TensorFlow 2.15.1's
+Rows: the five real files of ../shared/models (or $TINYTRAIN_MODELS) as .tflite, through tf2onnx
+(when it and TensorFlow are installed), as float ONNX (tinytrain's export of their float twin, then
+tt.quantize) and through onnxruntime's quantizer (QOperator and QDQ); the converter fixtures in
+tests/fixtures/tflite (TensorFlow 2.15.1's
 .tflite, tf2onnx 1.16.1's QDQ and float ONNX, onnxruntime's QOperator); one synthetic model per
 failure class. "bit-exact" is against LiteRT's reference kernels for a .tflite, equality with
 the .tflite's import for tf2onnx's form of it, and the difference from onnxruntime running the
@@ -34,6 +35,11 @@ def rows():
             src = tt.load_tflite(path)
             proto = C.float_form(src).to_onnx()
             yield C.conform(name, "float ONNX -> tt.quantize", lambda: tt.load_onnx(proto))
+            converted = C.tf2onnx_form(path, os.path.join(tmp, f"{name}.tf2onnx.onnx"))
+            if converted is not None:
+                twin = src if isinstance(src, tt.QuantizedModel) else None
+                yield C.conform(name, "tf2onnx" + (" QDQ" if twin else " float -> tt.quantize"),
+                                lambda: tt.load_onnx(converted), twin=twin)
             for fmt in ("QOperator", "QDQ"):
                 out = C.onnxruntime_quantized(src, os.path.join(tmp, f"{name}.{fmt}.onnx"), fmt)
                 yield C.conform(name, f"onnxruntime quantizer {fmt}", lambda: tt.load_onnx(out), onnx_path=out)
@@ -64,8 +70,7 @@ def main() -> None:
         print("\n(../shared/models not found: the real files were not run)")
     for n in notes:
         print(n)
-    print(f"\n{time.time() - t0:.0f} s; LiteRT's reference kernels from ai-edge-litert; tf2onnx forms are the "
-          f"fixtures (tf2onnx is not installed here)")
+    print(f"\n{time.time() - t0:.0f} s; LiteRT's reference kernels from ai-edge-litert")
     d = C.models_dir()
     if d is not None:
         print("\nFULLY_CONNECTED against LiteRT's reference kernels (64 random int8 inputs): outputs that differ "

@@ -526,3 +526,19 @@ def fc_rounding_mismatches(data: bytes, n: int = 64) -> Dict[str, Tuple[int, int
                 c[k] += int((y != ref).sum())
             c[2] += ref.size
     return {k: tuple(v) for k, v in counts.items()}
+
+
+def tf2onnx_form(tflite_path: str, out_path: str) -> Optional[str]:
+    """The .tflite converted by tf2onnx (`python -m tf2onnx.convert --tflite`, opset 13), or None
+    when tf2onnx (and the TensorFlow it needs) is not installed."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("tf2onnx") is None or importlib.util.find_spec("tensorflow") is None:
+        return None
+    res = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--tflite", tflite_path, "--output", out_path,
+                          "--opset", "13"], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"tf2onnx failed on {tflite_path}: {res.stderr[-500:]}")
+    return out_path

@@ -50,6 +50,27 @@ def test_real_files_through_onnxruntime_quantizer_conform(name, form, tmp_path):
     _ok_onnxruntime(row)
 
 
+@pytest.mark.parametrize("name", C.REAL_FILES)
+def test_real_files_through_tf2onnx_conform(name, tmp_path):
+    """tf2onnx's form of each real file: an int8 file gives the same model as the .tflite (same
+    layer names in the same order, bit-identical forward), so last_layers and schemes move."""
+    d = C.models_dir()
+    if d is None:
+        pytest.skip("../shared/models (or TINYTRAIN_MODELS) is not on this machine")
+    path = C.tf2onnx_form(os.path.join(d, name), str(tmp_path / "m.onnx"))
+    if path is None:
+        pytest.skip("tf2onnx / tensorflow are not installed")
+    src = tt.load_tflite(os.path.join(d, name))
+    twin = src if isinstance(src, tt.QuantizedModel) else None
+    row = C.conform(name, "tf2onnx", lambda: tt.load_onnx(path), twin=twin)
+    _ok(row)
+    if twin is not None:
+        assert row.exact == "yes (= .tflite)"
+        b = tt.load_onnx(path)
+        assert b.layers == src.layers
+        assert tt.schemes.last_layers(b, 2).weight_ratios == tt.schemes.last_layers(src, 2).weight_ratios
+
+
 def _ok_onnxruntime(row):
     assert (row.imported, row.trained, row.exported) == ("ok", "ok", "ok"), (row.cells(), row.note)
     # onnxruntime requantizes in float, tinytrain in fixed point (single rounding): off-by-one
