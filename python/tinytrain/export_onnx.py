@@ -1,10 +1,12 @@
-"""Export a `QuantizedModel` as a QDQ ONNX model that onnxruntime (or any QDQ-aware runtime) runs.
+"""Export a `QuantizedModel` as a QDQ ONNX model that onnxruntime (or any QDQ-aware runtime) runs,
+and a float `Graph` as a float ONNX model (for onnxruntime's or another tool's quantizer).
 
 Every IR tensor becomes QuantizeLinear -> DequantizeLinear with its own scale and zero point; conv
 and fc weights are int8 initializers behind a per-channel (axis 0) DequantizeLinear, biases int32
 behind a DequantizeLinear with scale s_in·s_w. Fused clamps become Relu / Clip(0, 6) before the
 QuantizeLinear (the int8 clamp and the float clip-then-quantize agree). fc columns, stored in the
-IR's (H, W, C) order, are permuted back to ONNX's (C, H, W) flattening order.
+IR's (H, W, C) order, are permuted back to ONNX's (C, H, W) flattening order. The float export is
+the same graph with float initializers and no QuantizeLinear/DequantizeLinear.
 """
 from __future__ import annotations
 
@@ -16,12 +18,21 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .fileio import write_atomic
 
-__all__ = ["export_qdq"]
+__all__ = ["export_qdq", "export_float"]
 
 OPSET = 13
 
 
 def export_qdq(q, path: Optional[str] = None) -> onnx.ModelProto:
+    return _export(q, path, quantized=True)
+
+
+def export_float(g, path: Optional[str] = None) -> onnx.ModelProto:
+    """A float `Graph` as a float ONNX model (opset 13, NCHW input "input", output "logits")."""
+    return _export(g, path, quantized=False)
+
+
+def _export(q, path: Optional[str], quantized: bool) -> onnx.ModelProto:
     nodes, inits = [], []
     rank: Dict[str, int] = {}
 
@@ -31,7 +42,11 @@ def export_qdq(q, path: Optional[str] = None) -> onnx.ModelProto:
         return name
 
     def qdq(name: str, src: str) -> str:
-        """Quantize-dequantize `src` with tensor `name`'s parameters; returns the float tensor."""
+        """Quantize-dequantize `src` with tensor `name`'s parameters; returns the float tensor
+        (named as such in a float export too, where it is `src` itself)."""
+        if not quantized:
+            nodes.append(helper.make_node("Identity", [src], [f"{name}.dq"], name=f"{name}.identity"))
+            return f"{name}.dq"
         t = q.tensors[name]
         s = const(f"{name}.scale", np.array(t.scale, np.float32))
         z = const(f"{name}.zero_point", np.array(t.zero_point, np.int8))
@@ -67,25 +82,30 @@ def export_qdq(q, path: Optional[str] = None) -> onnx.ModelProto:
         a = n.attrs
         if n.trainable:
             t_in = q.tensors[n.inputs[0]]
-            s_w = n.params["weight_scale"].astype(np.float32)
-            o = s_w.shape[0]
-            wq = n.params["weight_q"].astype(np.int8)
+            wq = n.params["weight_q"].astype(np.int8) if quantized else n.params["weight"].astype(np.float32)
+            o = wq.shape[0]
             if n.op == "fc":
                 c, h, w = t_in.shape
                 if h * w > 1:
                     # IR columns are in (h, w, c) order; ONNX Flatten of NCHW is (c, h, w)
                     wq = wq.reshape(o, h, w, c).transpose(0, 3, 1, 2).reshape(o, -1)
-            zero = np.zeros(o, np.int8)
-            w_dq = f"{n.name}.weight.dq"
-            nodes.append(helper.make_node(
-                "DequantizeLinear", [const(f"{n.name}.weight_q", wq), const(f"{n.name}.weight_scale", s_w),
-                                     const(f"{n.name}.weight_zp", zero)], [w_dq], axis=0, name=w_dq))
-            b_dq = f"{n.name}.bias.dq"
-            b_scale = (np.float64(t_in.scale) * s_w.astype(np.float64)).astype(np.float32)
-            nodes.append(helper.make_node(
-                "DequantizeLinear", [const(f"{n.name}.bias_q", n.params["bias_q"].astype(np.int32)),
-                                     const(f"{n.name}.bias_scale", b_scale),
-                                     const(f"{n.name}.bias_zp", np.zeros(o, np.int32))], [b_dq], axis=0, name=b_dq))
+            if quantized:
+                s_w = n.params["weight_scale"].astype(np.float32)
+                w_dq = f"{n.name}.weight.dq"
+                nodes.append(helper.make_node(
+                    "DequantizeLinear", [const(f"{n.name}.weight_q", wq), const(f"{n.name}.weight_scale", s_w),
+                                         const(f"{n.name}.weight_zp", np.zeros(o, np.int8))], [w_dq], axis=0,
+                    name=w_dq))
+                b_dq = f"{n.name}.bias.dq"
+                b_scale = (np.float64(t_in.scale) * s_w.astype(np.float64)).astype(np.float32)
+                nodes.append(helper.make_node(
+                    "DequantizeLinear", [const(f"{n.name}.bias_q", n.params["bias_q"].astype(np.int32)),
+                                         const(f"{n.name}.bias_scale", b_scale),
+                                         const(f"{n.name}.bias_zp", np.zeros(o, np.int32))], [b_dq], axis=0,
+                    name=b_dq))
+            else:
+                w_dq = const(f"{n.name}.weight", wq)
+                b_dq = const(f"{n.name}.bias", n.params["bias"].astype(np.float32))
             if n.op == "conv":
                 t, l, b, r = a["pads"]
                 nodes.append(helper.make_node(
@@ -131,11 +151,12 @@ def export_qdq(q, path: Optional[str] = None) -> onnx.ModelProto:
         nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=-1))
         outputs.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, out_shape))
     graph = helper.make_graph(
-        nodes, "tinytrain_int8",
+        nodes, "tinytrain_int8" if quantized else "tinytrain_float",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *inp.shape])], outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tinytrain")
-    # tt.load_onnx reads it back, so a model imported from TFLite keeps TFLite's rounding
-    helper.set_model_props(model, {"tinytrain.rounding": q.rounding})
+    if quantized:
+        # tt.load_onnx reads it back, so a model imported from TFLite keeps TFLite's rounding
+        helper.set_model_props(model, {"tinytrain.rounding": q.rounding})
     model.ir_version = 8
     onnx.checker.check_model(model)
     if path is not None:

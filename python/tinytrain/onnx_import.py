@@ -23,8 +23,9 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelFormatError, TinytrainError, UnsupportedOperatorError
-from .graph import Graph, Node, Tensor
+from .graph import Graph, Node, Tensor, name_layers
 from .model import choose_rounding
+from .quantize import within_bias_bound
 
 __all__ = ["load_onnx", "MIN_OPSET", "MAX_OPSET"]
 
@@ -192,7 +193,7 @@ class _Importer:
             self.env[o] = np.asarray(v)
 
     # ---------------------------------------------------------------- phase 1
-    def run(self) -> Graph:
+    def run(self, output: Optional[str] = None) -> Graph:
         g = self.proto.graph
         for init in g.initializer:
             try:
@@ -207,6 +208,17 @@ class _Importer:
             raise ModelFormatError(f"{self.where}: expected exactly one graph input (besides initializers), found "
                                    f"{[i.name for i in inputs]}")
         outputs = list(g.output)
+        if output is not None:
+            if output not in [o.name for o in outputs]:
+                raise ModelFormatError(f"{self.where}: output={output!r} is not an output of the model; its outputs "
+                                       f"are {', '.join(repr(o.name) for o in g.output)}")
+            outputs = [o for o in outputs if o.name == output]
+        elif len(outputs) > 1 and len({self._head_of(o.name) for o in outputs}) == 1:
+            # int8 logits and a copy through DequantizeLinear / QuantizeLinear / Identity (a
+            # converter's dequantized output): one head, kept as the first output
+            soft = [o for o in outputs if self._producer(o.name) is not None
+                    and self._producer(o.name).op_type in ("Softmax", "LogSoftmax")]
+            outputs = soft[:1] or outputs[:1]
         if len(outputs) == 2:
             # logits plus their Softmax as a second output (what tinytrain's own QDQ export writes
             # for a model with a trailing Softmax): the Softmax output is the model's output.
@@ -218,7 +230,9 @@ class _Importer:
             if len(soft) == 1:
                 outputs = soft
         if len(outputs) != 1:
-            raise ModelFormatError(f"{self.where}: expected exactly one graph output, found {[o.name for o in g.output]}")
+            raise ModelFormatError(f"{self.where}: the model has {len(outputs)} outputs "
+                                   f"({', '.join(repr(o.name) for o in g.output)}); pass output=NAME to choose the "
+                                   f"one to train")
         inp = inputs[0]
         self.input_name = inp.name
         dims = inp.type.tensor_type.shape.dim if inp.type.HasField("tensor_type") else []
@@ -236,13 +250,51 @@ class _Importer:
         else:
             self.tensors[inp.name] = Tensor(inp.name, self._input_shape(inp))
             self.env[inp.name] = _Act(inp.name, 4)
-        for node in g.node:
+        for node in self._needed(outputs[0].name):
             self._lower(node)
         out = self.env.get(outputs[0].name)
         if not isinstance(out, _Act):
             raise ModelFormatError(f"{self.where}: graph output {outputs[0].name!r} is not computed by the graph")
         self.output = out.ir
         return self._finish()
+
+    def _to_nchw_next(self, name: str) -> bool:
+        """True when `name` (behind Q/DQ) is read by a Transpose with perm (0, 3, 1, 2)."""
+        for _ in range(4):
+            users = [n for n in self.proto.graph.node if name in n.input]
+            if len(users) != 1:
+                return False
+            if users[0].op_type in ("QuantizeLinear", "DequantizeLinear"):
+                name = users[0].output[0]
+                continue
+            return users[0].op_type == "Transpose" and list(_attrs(users[0]).get("perm", [])) == [0, 3, 1, 2]
+        return False
+
+    def _producer(self, name: str) -> Optional[onnx.NodeProto]:
+        for n in self.proto.graph.node:
+            if name in n.output:
+                return n
+        return None
+
+    def _head_of(self, name: str) -> str:
+        """The tensor an output copies through Q/DQ, Identity, (QLinear)Softmax or Reshape nodes."""
+        n = self._producer(name)
+        while n is not None and n.op_type in ("QuantizeLinear", "DequantizeLinear", "Identity", "Softmax",
+                                              "LogSoftmax", "QLinearSoftmax", "Reshape", "Cast"):
+            name = n.input[0]
+            n = self._producer(name)
+        return name
+
+    def _needed(self, output: str) -> List[onnx.NodeProto]:
+        """The nodes `output` depends on, in file order (another output's branch is not lowered)."""
+        need, stack = set(), [output]
+        producer = {o: i for i, n in enumerate(self.proto.graph.node) for o in n.output if o}
+        while stack:
+            i = producer.get(stack.pop())
+            if i is not None and i not in need:
+                need.add(i)
+                stack.extend(x for x in self.proto.graph.node[i].input if x)
+        return [n for i, n in enumerate(self.proto.graph.node) if i in need]
 
     def _nhwc_input(self, name: str, dims) -> bool:
         """TensorFlow converters keep the (N, H, W, C) input and reorder it right away: a Transpose
@@ -700,6 +752,16 @@ class _Importer:
             if len(rest) == 1 and rest[0] == numel:
                 self._flatten_to_rank2(node, x)
                 return
+            if (x.ir == self.input_name and x.rank == 2 and len(rest) == 3 and min(rest) > 0
+                    and int(np.prod(rest)) == numel and not any(x.ir in n.inputs for n in self.nodes)):
+                # a flat (N, F) input reshaped at the entry (micro_speech's (1, 1960) -> 49x40x1) is
+                # the same bytes as the map: the reshape becomes the input's shape. A converter's
+                # (N, H, W, C) target is followed by a Transpose to NCHW, which then applies as usual.
+                nhwc = self._to_nchw_next(node.output[0])
+                chw = (rest[2], rest[0], rest[1]) if nhwc else tuple(rest)
+                self.tensors[x.ir] = Tensor(x.ir, chw)
+                self.env[node.output[0]] = _Act(x.ir, 4, nhwc=nhwc)
+                return
             if x.nhwc and len(rest) == 3 and c == 1 and rest == [1, h, w]:
                 # one channel: (N, H, W, 1) and (N, 1, H, W) hold the same bytes
                 self.env[node.output[0]] = _Act(x.ir, 4)
@@ -982,13 +1044,27 @@ class _Importer:
         self.qparams = {k: v for k, v in self.qparams.items() if k in live}
 
     def _rename(self) -> None:
-        """Node names are ``{op}_{k}`` (conv_0, conv_1, fc_0, ...): stable across exporters, so schemes
-        written for one file apply to the same network exported by another tool."""
-        counts: Dict[str, int] = {}
+        """Names and order from the file's own weight names where they are TensorFlow's (a tf2onnx
+        file gets the names and order of its .tflite), else ``{op}_{k}`` (conv_0, conv_1, fc_0, ...)
+        in file order: see `graph.name_layers`."""
+        by_name = {n.name: n for n in self.proto.graph.node if n.name}
+        weights = {}
         for n in self.nodes:
-            k = counts.get(n.op, 0)
-            counts[n.op] = k + 1
-            n.name = f"{n.op}_{k}"
+            src = by_name.get(n.attrs.get("onnx_node", ""))
+            if n.trainable and src is not None:
+                k = 3 if src.op_type in ("QLinearConv", "QLinearMatMul") else 1
+                weights[id(n)] = self._source_of(src.input[k]) if len(src.input) > k else ""
+        self.nodes = name_layers(self.nodes, weights)
+
+    def _source_of(self, name: str) -> str:
+        """The initializer a weight input comes from, through Q/DQ, Transpose, Reshape, Identity."""
+        for _ in range(8):
+            n = self._producer(name)
+            if n is None or n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Transpose", "Reshape",
+                                              "Identity", "Cast", "Unsqueeze", "Squeeze"):
+                break
+            name = n.input[0]
+        return name
 
 
 # ops that may read an NHWC view (the converter's layout changes at the graph's edges)
@@ -998,7 +1074,8 @@ _LAYOUT_OPS = {"QuantizeLinear", "DequantizeLinear", "Identity", "Transpose", "R
 _NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear"}
 
 
-def load_onnx(model: Union[str, os.PathLike, onnx.ModelProto, bytes], input_shape=None, rounding: str = "auto"):
+def load_onnx(model: Union[str, os.PathLike, onnx.ModelProto, bytes], input_shape=None, rounding: str = "auto",
+              output: Optional[str] = None):
     """Import an ONNX model into tinytrain's graph IR.
 
     Returns a float `tt.Graph`, or a `tt.QuantizedModel` when the file is already quantized (QDQ or
@@ -1006,6 +1083,10 @@ def load_onnx(model: Union[str, os.PathLike, onnx.ModelProto, bytes], input_shap
     `rounding` ("auto", "single", "double") is the quantized model's requantization rounding: "auto"
     rounds as the runtime the file was made for (tf2onnx files of TFLite models: TFLite's "double",
     so they equal `tt.load_tflite` of the source bit for bit; others "single", as onnxruntime).
+    A model with several outputs keeps the one named by ``output=``; by default the one they all copy
+    (int8 logits and a dequantized or Softmax copy), else the error lists them. An int32 bias beyond
+    tt-core's bound is brought within it where the output stays the same, else
+    `tt.QuantizationError` names layer and channel.
     Raises `tt.ModelFormatError` / `tt.UnsupportedOperatorError` naming the file, node and op.
     """
     if input_shape is not None and (len(tuple(input_shape)) != 3 or min(int(d) for d in input_shape) <= 0):
@@ -1016,11 +1097,11 @@ def load_onnx(model: Union[str, os.PathLike, onnx.ModelProto, bytes], input_shap
     except Exception as exc:
         raise ModelFormatError(f"{where}: ONNX shape inference failed: {exc}") from None
     try:
-        imported = _Importer(inferred, where, input_shape).run()
+        imported = _Importer(inferred, where, input_shape).run(output)
     except TinytrainError:
         raise
     except (ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
         # a file can be valid protobuf and still describe an impossible model (initializers whose
         # shapes contradict their use, a missing attribute): never let that surface as a crash
         raise ModelFormatError(f"{where}: inconsistent model ({type(exc).__name__}: {exc})") from None
-    return choose_rounding(imported, rounding, where)
+    return within_bias_bound(choose_rounding(imported, rounding, where), where)

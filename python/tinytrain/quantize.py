@@ -10,7 +10,7 @@ need no requantization.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -18,7 +18,8 @@ from . import reference
 from .errors import ModelFormatError, QuantizationError, UnsupportedOperatorError
 from .graph import Graph
 
-__all__ = ["quantize", "activation_qparams", "quantize_weights", "quantize_bias", "from_imported"]
+__all__ = ["quantize", "activation_qparams", "quantize_weights", "quantize_bias", "from_imported",
+           "fit_dead_channel_biases"]
 
 _INT32 = (-(2**31), 2**31 - 1)
 #: Ops whose output reuses the input's (scale, zero point) exactly.
@@ -35,11 +36,19 @@ def activation_qparams(lo: float, hi: float) -> Tuple[float, int]:
     return scale, zp
 
 
-def quantize_weights(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel int8: returns (weight_q int8, weight_scale float32 (O,))."""
+#: A channel's weight scale is at least this fraction of its layer's largest: weights a million
+#: times smaller than the layer's largest quantize to zero (a dead channel) instead of getting a
+#: scale near 1e-32 whose int32 bias (bias / (s_in * s_w)) lands at the int32 limits.
+WEIGHT_SCALE_FLOOR = 1e-6
+
+
+def quantize_weights(w: np.ndarray, min_scale=0.0) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-channel int8: returns (weight_q int8, weight_scale float32 (O,)).
+    `min_scale` (a scalar or one per channel) is a floor on the scales."""
     o = w.shape[0]
     amax = np.abs(w.reshape(o, -1)).max(axis=1).astype(np.float64)
     scale = np.where(amax > 0, amax / 127.0, 1.0 / 127.0)
+    scale = np.maximum(scale, np.broadcast_to(np.asarray(min_scale, np.float64), (o,)))
     shape = (o,) + (1,) * (w.ndim - 1)
     q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
     return q, scale.astype(np.float32)
@@ -113,8 +122,11 @@ def quantize(g: Graph, calib: np.ndarray, method: str = "minmax", percentile: fl
         raise QuantizationError(f"tt.quantize expects a tt.Graph from tt.load_onnx, got {type(g).__name__}")
     calib = np.asarray(calib, dtype=np.float32)
     shape = g.tensors[g.input].shape
+    if calib.ndim == 2 and shape[1:] == (1, 1):  # (N, F) data for a model whose input is F features
+        calib = calib[:, :, None, None]
     if calib.ndim != 4 or calib.shape[1:] != shape or len(calib) == 0:
-        raise QuantizationError(f"calibration data must be float32 of shape (N, {', '.join(map(str, shape))}) "
+        flat = f" or (N, {shape[0]})" if shape[1:] == (1, 1) else ""
+        raise QuantizationError(f"calibration data must be float32 of shape (N, {', '.join(map(str, shape))}){flat} "
                                 f"with N >= 1, got {calib.shape}")
     if not np.isfinite(calib).all():
         raise QuantizationError("calibration data contains NaN or infinite values")
@@ -136,9 +148,93 @@ def quantize(g: Graph, calib: np.ndarray, method: str = "minmax", percentile: fl
         else:
             out.scale, out.zero_point = activation_qparams(*ranges.range(n.output))
         if n.trainable:
-            n.params["weight_q"], n.params["weight_scale"] = quantize_weights(n.params["weight"])
-            n.params["bias_q"] = quantize_bias(n.params["bias"], q.tensors[n.inputs[0]].scale, n.params["weight_scale"])
+            s_in = q.tensors[n.inputs[0]].scale
+            n.params["weight_q"], n.params["weight_scale"] = quantize_weights(
+                n.params["weight"], _weight_scale_floor(n.params["weight"], n.params["bias"], s_in))
+            n.params["bias_q"] = quantize_bias(n.params["bias"], s_in, n.params["weight_scale"])
+    fit_dead_channel_biases(q, "tt.quantize")
     return q
+
+
+def _weight_scale_floor(w: np.ndarray, b: np.ndarray, s_in: float) -> np.ndarray:
+    """Per channel, the smallest weight scale tt.quantize gives: `WEIGHT_SCALE_FLOOR` of the layer's
+    largest, and large enough that the channel's int32 bias b / (s_in * s_w) stays within tt-core's
+    bound (then every bias it writes is representable, whatever the float weights)."""
+    from . import _core
+
+    amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)
+    rel = WEIGHT_SCALE_FLOOR * amax.max() / 127.0
+    fit = np.abs(b.astype(np.float64)) / (np.float64(s_in) * (_core.BIAS_LIMIT - 1))
+    return np.maximum(rel, fit)
+
+
+def fit_dead_channel_biases(q, where: str) -> List[Tuple[str, int, int, int]]:
+    """Bring every int32 bias beyond tt-core's bound (±2^30) back within it, where that changes nothing.
+
+    TensorFlow's converter writes output channels whose int8 weights are all zero and whose bias is
+    about ±(2^30 + 128) or near ±2^31. With zero weights the accumulator IS the bias, so the channel
+    outputs one constant; the bias is replaced by an in-bound value that tt-core's own requantization
+    (asked through `_core.requantize`, with the model's rounding and the layer's clamp) maps to the
+    same int8 output. A bias beyond the bound on a channel with non-zero weights, or one no in-bound
+    value reproduces, raises `QuantizationError` naming the layer and channel (``.layer``,
+    ``.channel``). Returns the changes as (layer, channel, old bias, new bias)."""
+    from . import _core
+    from .model import act_range
+
+    limit = int(_core.BIAS_LIMIT)
+    changed = []
+    for n in q.nodes:
+        if not n.trainable:
+            continue
+        bias = n.params["bias_q"].astype(np.int64)
+        over = np.nonzero(np.abs(bias) > limit)[0]
+        if not over.size:
+            continue
+        t_in, t_out = q.tensors[n.inputs[0]], q.tensors[n.output]
+        req = np.float64(t_in.scale) * n.params["weight_scale"].astype(np.float64) / np.float64(t_out.scale)
+        lo, hi = act_range(n.attrs.get("act", "none"), t_out.scale, t_out.zero_point)
+        wq = n.params["weight_q"].reshape(len(bias), -1)
+        label = n.name if n.attrs.get("onnx_node", n.name) == n.name else f"{n.name} ({n.attrs['onnx_node']!r})"
+
+        def out_of(acc: np.ndarray, o: int) -> np.ndarray:
+            return _core.requantize(acc.astype(np.int32)[None], np.full(acc.size, req[o]), int(t_out.zero_point),
+                                    lo, hi, q.rounding, fully_connected=n.op == "fc")[0]
+
+        new = n.params["bias_q"].copy()
+        for o in (int(v) for v in over):
+            if wq[o].any():
+                raise _unrepresentable(where, n.name, label, o, int(bias[o]), limit,
+                                       "its int8 weights are not all zero, so its int32 accumulator could overflow")
+            target = out_of(np.array([bias[o]]), o)[0]
+            guess = np.clip(np.round((int(target) - t_out.zero_point) / req[o]), -limit, limit)
+            candidates = np.array([np.sign(bias[o]) * limit, guess], np.int64)
+            ok = np.nonzero(out_of(candidates, o) == target)[0]
+            if not ok.size:
+                raise _unrepresentable(where, n.name, label, o, int(bias[o]), limit,
+                                       f"no bias within the bound gives its output {int(target)}")
+            new[o] = int(candidates[ok[0]])
+            changed.append((n.name, o, int(bias[o]), int(new[o])))
+        n.params["bias_q"] = new
+    return changed
+
+
+def within_bias_bound(model, where: str):
+    """An importer's last step: `fit_dead_channel_biases` on a quantized model (a float one has no
+    int32 biases yet); returns the model."""
+    from .model import QuantizedModel
+
+    if isinstance(model, QuantizedModel):
+        fit_dead_channel_biases(model, where)
+    return model
+
+
+def _unrepresentable(where: str, layer: str, label: str, channel: int, bias: int, limit: int,
+                     why: str) -> QuantizationError:
+    e = QuantizationError(f"{where}: layer {label}, output channel {channel}: int32 bias {bias} is beyond "
+                          f"tt-core's bound ±{limit} (2^30) and {why}; re-quantize the float model with "
+                          f"tt.quantize (it floors weight scales so every bias fits)")
+    e.layer, e.channel = layer, channel
+    return e
 
 
 def from_imported(g: Graph, qparams: Dict[str, Tuple[float, int]], where: str):

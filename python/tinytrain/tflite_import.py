@@ -25,8 +25,9 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .errors import ModelFormatError, TinytrainError, UnsupportedOperatorError
-from .graph import Graph, Node, Tensor
+from .graph import Graph, Node, Tensor, name_layers
 from .model import choose_rounding
+from .quantize import within_bias_bound
 
 __all__ = ["load_tflite", "BUILTIN_NAMES"]
 
@@ -391,13 +392,72 @@ class _Importer:
                                    f"{shape} (C, H, W), the operator computes {tuple(expect)}")
 
     # ---------------------------------------------------------------- lowering
-    def run(self) -> Graph:
-        if len(self.inputs) != 1 or len(self.outputs) != 1:
-            raise ModelFormatError(f"{self.where}: expected one input and one output in subgraph 0, found "
-                                   f"{len(self.inputs)} and {len(self.outputs)}")
+    def _choose_output(self, output: Optional[str]) -> None:
+        """Keep one graph output (and only the operators it needs). `output` names it; by default
+        the outputs must all be one head seen through edge ops (e.g. int8 logits and a DEQUANTIZE'd
+        or SOFTMAX'd copy) and the first is kept; anything else lists the outputs."""
+        names = [self.ttensors[v].name for v in self.outputs]
+        listing = ", ".join(f"{n!r}" for n in names)
+        if output is not None:
+            if output not in names:
+                raise ModelFormatError(f"{self.where}: output={output!r} is not an output of the model; its "
+                                       f"outputs are {listing}")
+            self.outputs = [self.outputs[names.index(output)]]
+        elif len(self.outputs) > 1:
+            heads = {self._head_of(v) for v in self.outputs}
+            if len(heads) != 1:
+                raise ModelFormatError(f"{self.where}: the model has {len(names)} outputs ({listing}); pass "
+                                       f"output=NAME to choose the one to train")
+            self.outputs = self.outputs[:1]
+        producer = {int(o): k for k, op in enumerate(self.ops) for o in op.array(2, "outputs", np.int32)}
+        need, stack = set(), list(self.outputs)
+        while stack:
+            k = producer.get(stack.pop())
+            if k is not None and k not in need:
+                need.add(k)
+                stack.extend(int(v) for v in self.ops[k].array(1, "inputs", np.int32) if v != -1)
+        self.live_ops = sorted(need)
+        self.uses = {}
+        for k in self.live_ops:
+            for v in self.ops[k].array(1, "inputs", np.int32):
+                self.uses[int(v)] = self.uses.get(int(v), 0) + 1
+        self.uses[self.outputs[0]] = self.uses.get(self.outputs[0], 0) + 1
+
+    def _head_of(self, v: int) -> int:
+        """The tensor an output copies through DEQUANTIZE / QUANTIZE / SOFTMAX / RESHAPE ops."""
+        producer = {int(o): k for k, op in enumerate(self.ops) for o in op.array(2, "outputs", np.int32)}
+        while v in producer and BUILTIN_NAMES.get(self._opcode(producer[v])[0]) in (
+                "DEQUANTIZE", "QUANTIZE", "SOFTMAX", "RESHAPE"):
+            v = int(self.ops[producer[v]].array(1, "inputs", np.int32)[0])
+        return v
+
+    def _fold_input_reshape(self, v: int, t: _TTensor) -> Tuple[Tuple[int, int, int], int]:
+        """A flat (N, F) input whose only reader is a RESHAPE to (N, H, W, C) (TFLite Micro's
+        micro_speech: (1, 1960) -> (1, 49, 40, 1)) is taken as an (N, H, W, C) input: the data is
+        the same bytes in the same order, so the reshape becomes the input's shape."""
+        shape, rank = self._ir_shape(t.shape, self.where, t.name)
+        readers = [k for k in self.live_ops if v in [int(x) for x in self.ops[k].array(1, "inputs", np.int32)]]
+        if rank != 2 or len(readers) != 1 or BUILTIN_NAMES.get(self._opcode(readers[0])[0]) != "RESHAPE":
+            return shape, rank
+        k = readers[0]
+        out = int(self.ops[k].array(2, "outputs", np.int32)[0])
+        self._check_index(out, f"subgraph 0 operator {k} outputs")
+        new = self.ttensors[out].shape
+        if len(new) != 4 or int(np.prod(new[1:])) != shape[0] or self._qp(self.ttensors[out]) != self._qp(t):
+            return shape, rank
+        self.folded_reshape = (k, out)
+        return (new[3], new[1], new[2]), 4
+
+    def run(self, output: Optional[str] = None) -> Graph:
+        if len(self.inputs) != 1:
+            raise ModelFormatError(f"{self.where}: expected one input in subgraph 0, found {len(self.inputs)}")
+        if not self.outputs:
+            raise ModelFormatError(f"{self.where}: subgraph 0 has no output")
+        self._choose_output(output)
         v = self.inputs[0]
         t = self.ttensors[v]
-        shape, rank = self._ir_shape(t.shape, self.where, t.name)
+        self.folded_reshape = None
+        shape, rank = self._fold_input_reshape(v, t)
         if min(shape) <= 0:
             raise ModelFormatError(f"{self.where}: input {t.name!r} has shape {t.shape}")
         self.input_name = self.irnames[v]
@@ -406,8 +466,11 @@ class _Importer:
         qp = self._qp(t)
         if qp is not None:
             self.qparams[self.input_name] = qp
-        for k in range(len(self.ops)):
-            self._lower(k)
+        if self.folded_reshape is not None:
+            self.env[self.folded_reshape[1]] = self.env[v]
+        for k in self.live_ops:
+            if self.folded_reshape is None or k != self.folded_reshape[0]:
+                self._lower(k)
         out = self.env.get(self.outputs[0])
         if not isinstance(out, _Act):
             raise ModelFormatError(f"{self.where}: the output {self.irnames[self.outputs[0]]!r} is not computed")
@@ -454,7 +517,8 @@ class _Importer:
                 bq = (b_raw, bt.scale.astype(np.float64), np.zeros((), np.int32), 0)
         if bias is None:
             bias = np.zeros(o, np.float32)
-        attrs = {"kernel": (kh, kw), "stride": stride, "pads": pads, "groups": groups, "act": act}
+        attrs = {"kernel": (kh, kw), "stride": stride, "pads": pads, "groups": groups, "act": act,
+                 "_weight_tensor": wt.name}
         if wt.quantized and w_ir.dtype.kind != "f":
             attrs["_wq"] = (w_ir, wt.scale.astype(np.float64), wt.zero_point, 0 if wt.scale.size > 1 else None)
         if bq is not None:
@@ -511,7 +575,7 @@ class _Importer:
         wt = self.ttensors[ins[1]]
         w_float = self._deq(wt, w, 0)
         bias = np.zeros(o, np.float32)
-        attrs = {"act": act}
+        attrs = {"act": act, "_weight_tensor": wt.name}
         if len(ins) > 2 and ins[2] != -1:
             bt = self.ttensors[ins[2]]
             b_raw = self._const(k, ins[2], "bias").reshape(-1)
@@ -637,7 +701,8 @@ class _Importer:
     def _only_edges_after(self, v: int) -> bool:
         """True when only DEQUANTIZE/QUANTIZE ops lead from tensor v to the graph output."""
         cur = v
-        for k, op in enumerate(self.ops):
+        for k in self.live_ops:
+            op = self.ops[k]
             ins = [int(x) for x in op.array(1, "inputs", np.int32)]
             if cur in ins:
                 if BUILTIN_NAMES.get(self._opcode(k)[0]) not in ("DEQUANTIZE", "QUANTIZE"):
@@ -702,11 +767,7 @@ class _Importer:
         self.nodes = kept[::-1]
         self.tensors = {k: v for k, v in self.tensors.items() if k in live}
         self.qparams = {k: v for k, v in self.qparams.items() if k in live}
-        counts: Dict[str, int] = {}
-        for n in self.nodes:
-            i = counts.get(n.op, 0)
-            counts[n.op] = i + 1
-            n.name = f"{n.op}_{i}"
+        self.nodes = name_layers(self.nodes, {id(n): n.attrs.pop("_weight_tensor", "") for n in self.nodes})
         g = Graph(self.input_name, self.output, self.tensors, self.nodes, self.softmax_tail)
         if self.qparams:
             from .quantize import from_imported
@@ -722,7 +783,7 @@ class _Importer:
         return g
 
 
-def load_tflite(model: Union[str, os.PathLike, bytes], rounding: str = "auto"):
+def load_tflite(model: Union[str, os.PathLike, bytes], rounding: str = "auto", output: Optional[str] = None):
     """Import a ``.tflite`` flatbuffer into tinytrain's graph IR.
 
     Returns a `tt.QuantizedModel` for an int8 file (its scales, zero points, int8 weights and int32
@@ -731,6 +792,11 @@ def load_tflite(model: Union[str, os.PathLike, bytes], rounding: str = "auto"):
     `tt.ModelFormatError` for a malformed file and `tt.UnsupportedOperatorError` naming the builtin op
     code, the operator index and the subgraph (also as ``.builtin_code``, ``.op_index``, ``.subgraph``).
     `rounding="auto"` rounds as TFLite's kernels do ("double"); "single" rounds as onnxruntime does.
+    A model with several outputs keeps the one named by ``output=`` (a tensor name); by default the
+    one they all copy (int8 logits and their DEQUANTIZE'd or SOFTMAX'd copy), else the error lists
+    them. A flat (N, F) input reshaped at the entry to (N, H, W, C) becomes an (N, H, W, C) input.
+    An int32 bias beyond tt-core's bound is brought within it where the output stays the same
+    (`tt.quantize.fit_dead_channel_biases`), else `tt.QuantizationError` names layer and channel.
     """
     if isinstance(model, (bytes, bytearray, memoryview)):
         data, where = bytes(model), "<bytes>"
@@ -742,11 +808,11 @@ def load_tflite(model: Union[str, os.PathLike, bytes], rounding: str = "auto"):
             data = f.read()
     try:
         with np.errstate(all="ignore"):
-            imported = _Importer(data, where).run()
+            imported = _Importer(data, where).run(output)
     except TinytrainError:
         raise
     except (ValueError, TypeError, IndexError, KeyError, OverflowError, MemoryError, UnicodeError) as exc:
         # a file can be well formed as a flatbuffer and still describe an impossible model (shapes that
         # contradict their data, a quantization that cannot hold); never let that surface as a crash
         raise ModelFormatError(f"{where}: inconsistent model ({type(exc).__name__}: {exc})") from None
-    return choose_rounding(imported, rounding, where)
+    return within_bias_bound(choose_rounding(imported, rounding, where), where)

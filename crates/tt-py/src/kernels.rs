@@ -117,9 +117,11 @@ fn activation_range(act: &str, scale: f32, zero_point: i32) -> PyResult<(i8, i8)
     Ok(quant::activation_range(a, qparams(scale, zero_point)?))
 }
 
-/// Requantizes int32 accumulators `[..., C]` with per-channel (or one) real scales.
+/// Requantizes int32 accumulators `[..., C]` with per-channel (or one) real scales, rounding as
+/// a conv layer (or, with `fully_connected`, an fc layer) of a model whose mode is `rounding`.
 #[pyfunction]
-#[pyo3(signature = (acc, requant_scale, out_zp, act_min=-128, act_max=127, rounding="single"))]
+#[pyo3(signature = (acc, requant_scale, out_zp, act_min=-128, act_max=127, rounding="single", fully_connected=false))]
+#[allow(clippy::too_many_arguments)]
 fn requantize<'py>(
     py: Python<'py>,
     acc: PyReadonlyArrayDyn<'py, i32>,
@@ -128,12 +130,13 @@ fn requantize<'py>(
     act_min: i8,
     act_max: i8,
     rounding: &str,
+    fully_connected: bool,
 ) -> Py1<'py, i8> {
     let shape = acc.shape().to_vec();
     let c = *shape
         .last()
         .ok_or_else(|| bad("requantize: scalar input".into()))?;
-    let rq = requants(&data(&requant_scale), rounding, false)?;
+    let rq = requants(&data(&requant_scale), rounding, fully_connected)?;
     let a = data(&acc);
     let mut out = vec![0i8; a.len()];
     if !a.is_empty() {
@@ -1025,6 +1028,8 @@ fn sgd_update_bias(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The bound on every bias magnitude a plan accepts (tt-core's exec and update checks).
+    m.add("BIAS_LIMIT", tt_core::ops::BIAS_LIMIT)?;
     m.add_function(wrap_pyfunction!(requant_from_scale, m)?)?;
     m.add_function(wrap_pyfunction!(activation_range, m)?)?;
     m.add_function(wrap_pyfunction!(requantize, m)?)?;
