@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 
 mod engine;
+mod facts;
 mod kernels;
 mod update;
 
@@ -12,5 +13,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kernels::register(m)?;
     engine::register(m)?;
     update::register(m)?;
+    facts::register(m)?;
     Ok(())
 }
