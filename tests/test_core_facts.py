@@ -2,6 +2,8 @@
 size of an update), the plan tag and header lengths, the bounds and the setting names. Ratios
 landing on x.5 are where a copy with Python's round (half to even) disagrees with tt-core's (half
 away from zero)."""
+import zlib
+
 import numpy as np
 import onnx
 import pytest
@@ -83,8 +85,6 @@ def test_update_bytes_is_the_exported_blobs_for_every_candidate_the_search_consi
 
 def test_plan_tag_and_lengths_come_from_the_header(half_q):
     plan = tt.compile(half_q, tt.schemes.bias_only(half_q))
-    import zlib
-
     assert _core.plan_tag(plan.plan_bytes) == zlib.crc32(plan.plan_bytes[:_core.PLAN_HEADER_LEN])
     assert _core.plan_lengths(plan.to_bytes()) == (len(plan.plan_bytes), len(plan.params))
     with pytest.raises(tt.PlanError, match="magic"):
