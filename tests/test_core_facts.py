@@ -109,3 +109,22 @@ def test_settings_travel_by_name_and_a_bad_name_is_refused(half_q):
             tt.compile(half_q, tt.schemes.bias_only(half_q))
     finally:
         node.attrs["act"] = "relu"
+
+
+def test_a_request_with_an_unknown_channel_axis_is_refused_not_read_as_output(half_q):
+    """The axis used to travel as a code that fell back to "output" when unknown."""
+    import dataclasses
+
+    from tinytrain._lowering import CompileRequest, LayerUpdate, lower
+
+    fc = half_q.layers[-1]
+    tensors, nodes, ids = lower(half_q, {fc: LayerUpdate(True, 0.5, "sideways")})
+    request = CompileRequest(tensors=tensors, nodes=nodes, input=ids[half_q.input], output=ids[half_q.output],
+                             rounding="single", reorder=True, update_precision="stochastic", loss="cross_entropy",
+                             momentum_buffers=False, accumulate=False, seed=0, lr=0.05, momentum=0.0, meta=b"",
+                             layout=None, stream_input=False, optimize="memory", budget=None)
+    with pytest.raises(ValueError, match='channel axis must be one of "output", "input", got "sideways"'):
+        _core.engine_compile(request)
+    fixed = [dataclasses.replace(n, update=LayerUpdate(True, 0.5, "input")) if n.name == fc else n for n in nodes]
+    plan_bytes, params = _core.engine_compile(dataclasses.replace(request, nodes=fixed))
+    assert tuple(_core.update_layout(plan_bytes)[0][0][2]) == (10, 1, 1, 3)  # W[:, :3]: 1/2 of 5 inputs is 3

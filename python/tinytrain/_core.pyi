@@ -18,8 +18,6 @@ BIAS_LIMIT: int
 UPDATE_PRECISIONS: Tuple[str, ...]
 LOSSES: Tuple[str, ...]
 ROUNDINGS: Tuple[str, ...]
-ACTIVATIONS: Tuple[str, ...]
-CHANNEL_AXES: Tuple[str, ...]
 
 # (layer index, "weight" | "bias", OHWI shape, fully connected)
 _Section = Tuple[int, str, Tuple[int, int, int, int], bool]

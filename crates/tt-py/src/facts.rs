@@ -3,10 +3,9 @@
 //! names of the settings.
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
-use tt_core::graph::Act;
 use tt_core::plan::{self, LossKind, Precision};
 use tt_core::quant::Rounding;
-use tt_core::sparse::{self, ChannelAxis};
+use tt_core::sparse;
 
 use crate::engine::core_err;
 
@@ -40,7 +39,5 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UPDATE_PRECISIONS", PyTuple::new(m.py(), Precision::NAMES)?)?;
     m.add("LOSSES", PyTuple::new(m.py(), LossKind::NAMES)?)?;
     m.add("ROUNDINGS", PyTuple::new(m.py(), Rounding::NAMES)?)?;
-    m.add("ACTIVATIONS", PyTuple::new(m.py(), Act::NAMES)?)?;
-    m.add("CHANNEL_AXES", PyTuple::new(m.py(), ChannelAxis::NAMES)?)?;
     Ok(())
 }
