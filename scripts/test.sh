@@ -9,7 +9,10 @@ tt_setup_env
 bash scripts/install-arm-toolchain.sh
 
 echo "== installing tinytrain (editable) with the test dependencies into .venv"
-python -m pip install -q -e ".[test,plot,fleet]"
+# The test build: the kernel bindings (cargo feature `kernels`) are compiled in for the Python
+# kernel tests and the importers' node-by-node oracle; the shipped wheel (demo.sh) leaves them out.
+python -m pip install -q -e ".[test,plot,fleet]" --config-settings=build-args=--features=kernels
+python -c "import tinytrain._core as c; assert hasattr(c, 'conv2d_forward'), 'the test build lacks the kernels feature'"
 
 echo "== cargo test"
 cargo test --workspace --release
@@ -25,6 +28,9 @@ echo "== tt-mcu firmware: QEMU mps2-an386 (trains, 256 KB / 1 MB budget) and STM
 bash scripts/mcu-qemu.sh
 bash scripts/mcu-paper.sh
 bash scripts/mcu-board.sh
+
+echo "== stubs: tinytrain/_core.pyi against the built module"
+python3 -m mypy.stubtest tinytrain._core --allowlist scripts/stubtest-allowlist.txt
 
 echo "== pytest"
 python3 -m pytest -q tests

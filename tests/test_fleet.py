@@ -462,3 +462,32 @@ def test_fleet_commands_refuse_a_bad_server_momentum_before_starting(command, ca
     rc = cli.main(["fleet", *command, "--server-momentum", "1.0"])
     # the server's error names the momentum, not the absent plan file it checks later
     assert rc != 0 and "server_momentum must be in [0, 1), got 1.0" in capsys.readouterr().err
+
+
+def test_fleet_runs_a_scheme_whose_ratio_lands_on_a_half(q, target, server_task):
+    """fc_0 at 1/4 of its 10 rows: 2.5, which tt-core trains as 3 rows. The server's layout, the
+    devices' blobs and three rounds of FedAvg (server messages -> device fits -> aggregation)
+    must all agree on it: no update rejected, the global values move every round."""
+    (x, y), _ = target
+    plan = tt.compile(q, tt.Scheme(bias_layers=["fc_0"], weight_ratios={"fc_0": 0.25}))
+    lay = fleet.Layout(plan)
+    blob = tt.read_update(tt.Trainer(plan).export_update(), plan)
+    assert {e.key: e.shape for e in lay.entries} == {k: a.shape for k, a in blob.params.items()} \
+        == {"fc_0.weight": (3, 128), "fc_0.bias": (10,)}
+    nodes = [1, 2, 3]
+    devices = {n: fleet.FleetClient(tt.Plan(plan.plan_bytes, plan.params), x[i::3][:20], y[i::3][:20], seed=i)
+               for i, n in enumerate(nodes)}
+    strat = fleet.SparseFedAvg(lay, seed=0)
+    current = lay.extract(q)
+    for rnd in (1, 2, 3):
+        msgs = strat.configure_train(rnd, fleet.to_record(current), flwr.app.ConfigRecord({"epochs": 1}), _Grid(nodes))
+        replies = []
+        for m in msgs:
+            params, n, _ = devices[m.metadata.dst_node_id].fit(fleet.from_record(m.content["arrays"]),
+                                                               dict(m.content["config"]))
+            replies.append(_reply(m.metadata.dst_node_id, params, n))
+        arrays, _ = strat.aggregate_train(rnd, replies)
+        assert strat.accepted[rnd] == 3 and strat.rejected == []
+        new = fleet.from_record(arrays)
+        assert any(not np.array_equal(new[k], current[k]) for k in current)
+        current = new

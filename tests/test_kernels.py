@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from tinytrain import _core
+from _int8_oracle import requires_kernels
+
+pytestmark = requires_kernels
 
 RNG = np.random.default_rng(1234)
 

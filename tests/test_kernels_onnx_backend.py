@@ -27,6 +27,9 @@ import pytest
 from onnx import numpy_helper
 
 from tinytrain import _core
+from _int8_oracle import requires_kernels
+
+pytestmark = requires_kernels
 
 OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 NODE_DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "node")

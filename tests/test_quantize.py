@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import tinytrain as tt
-from tinytrain import reference
-from tinytrain.model import act_range
+from tinytrain import _core, reference
+from _int8_oracle import requires_kernels
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("sklearn")
@@ -38,6 +38,7 @@ def test_demo_int8_agrees_with_float(demo):
     assert (q.forward(x).argmax(1) == y).mean() >= 0.95
 
 
+@requires_kernels
 def test_quantized_fields(demo):
     g, q = demo
     assert isinstance(q, tt.QuantizedModel) and isinstance(q, tt.Graph)
@@ -57,7 +58,7 @@ def test_quantized_fields(demo):
         np.testing.assert_allclose(bq * s_b, n.params["bias"], atol=s_b.max())
         out = q.tensors[n.output]
         if n.attrs["act"] == "relu6":
-            lo, hi = act_range("relu6", out.scale, out.zero_point)
+            lo, hi = _core.activation_range("relu6", float(out.scale), int(out.zero_point))
             # 0 is exact; the clamp's top is 6 (or the calibrated range's end when that is lower)
             assert lo == out.zero_point
             assert hi == 127 or abs((hi - out.zero_point) * out.scale - 6.0) <= out.scale / 2

@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 
 import tinytrain as tt
+import _int8_oracle
 from _digits_fixtures import digits, nchw
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tflite")
@@ -92,15 +93,13 @@ def compare(name: str, q, ref: dict, xq: np.ndarray, backend: str, exact: bool =
     (onnxruntime requantizes in float, so a TFLite-mode model differs from it by an LSB in some
     layers, and that compounds along the chain) unless `same_rounding` (the model rounds once, as
     onnxruntime: a classifier's logits within 1 LSB); argmax >= 99 %."""
-    from tinytrain import _core
-
     x_nhwc = q.quantize_input(nchw(xq))
     worst = 0
     for n in q.nodes:
         if n.output not in ref or any(i != q.input and i not in ref for i in n.inputs):
             continue
         ins = [x_nhwc if i == q.input else np.ascontiguousarray(ref[i]) for i in n.inputs]
-        got = q._run_node(_core, n, ins)
+        got = _int8_oracle.run_node(q, n, ins)
         d = int(np.abs(flat(got) - flat(ref[n.output])).max())
         worst = max(worst, d)
         assert d <= (0 if exact else 1), f"{name} {n.name} ({n.op}) differs from {backend} by {d} LSB on its own"
@@ -154,6 +153,7 @@ def test_tflite_and_tf2onnx_give_the_same_int8_graph(name):
                                   qt.forward(nchw(x)))
 
 
+@_int8_oracle.requires_kernels
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_agrees_with_onnxruntime_on_the_tf2onnx_file(name):
     q = load(name + ".onnx")
@@ -162,6 +162,7 @@ def test_forward_agrees_with_onnxruntime_on_the_tf2onnx_file(name):
     compare(name, q, ort_int8(path(name + ".onnx"), q, xq), xq, "onnxruntime (QDQ)")
 
 
+@_int8_oracle.requires_kernels
 @pytest.mark.parametrize("name", MODELS)
 def test_single_rounding_import_agrees_with_onnxruntime_within_one_lsb(name):
     # LiteRT and onnxruntime differ by up to 3 LSB on these very files, so one model cannot be within
@@ -182,6 +183,7 @@ def test_rounding_choice_is_checked():
         tt.load_onnx(path("ds_cnn_float.onnx"), rounding="single")
 
 
+@_int8_oracle.requires_kernels
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_agrees_with_litert_reference_kernels(name):
     litert = pytest.importorskip("ai_edge_litert.interpreter")
@@ -331,10 +333,11 @@ def test_imported_tflite_exports_to_qdq_that_onnxruntime_runs(name):
     np.testing.assert_array_equal(back.forward(nchw(x)), ours)
 
 
+@_int8_oracle.requires_kernels
 @pytest.mark.parametrize("name", MODELS)
 def test_plan_executor_runs_the_imported_graph_bit_exactly(name):
-    """The compiled plan's forward (the code the MCU runs) gives the same int8 output as
-    `QuantizedModel.forward_int8` on each imported file."""
+    """The compiled plan's forward (the code the MCU runs) gives the same int8 output as the
+    node-by-node kernels on each imported file."""
     q = load(name + ".tflite")
     scheme = tt.Scheme(bias_layers=q.layers[-1:], weight_ratios={q.layers[-1]: 1.0})
     plan = tt.compile(q, scheme, loss="mse" if name == "autoencoder" else "cross_entropy")
@@ -342,7 +345,7 @@ def test_plan_executor_runs_the_imported_graph_bit_exactly(name):
     tr = tt.Trainer(plan)
     x, _ = digits(name, "all", "test")
     xq = quantize_like(q, nchw(x))
-    ours = flat(q.forward_int8(xq))
+    ours = flat(_int8_oracle.forward(q, xq))
     plan_out = tr._s.forward(tr._inputs(xq)).astype(np.int32)
     np.testing.assert_array_equal(plan_out, ours)
 

@@ -8,63 +8,19 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import List, Tuple, Union
+from typing import Tuple, Union
 
 import numpy as np
 
 from . import _core
 from .errors import MemoryBudgetError
 from .graph import Graph
+from ._lowering import CompileRequest, LayerUpdate, Layout, lower
 from .plan import LOSSES, PRECISIONS, Plan
 from .schemes import Scheme
 from .units import parse_bytes
 
 __all__ = ["compile"]
-
-_ACT = {"none": 0, "relu": 1, "relu6": 2, None: 0}
-
-
-def _window(n) -> Tuple[int, ...]:
-    a = n.attrs
-    if n.op == "conv":
-        kh, kw = n.params["weight_q"].shape[2:]
-    elif n.op in ("avgpool", "maxpool"):
-        kh, kw = a["kernel"]
-    else:
-        return (0,) * 8
-    sh, sw = a.get("stride", (1, 1))
-    pt, pl, pb, pr = a.get("pads", (0, 0, 0, 0))
-    return (int(kh), int(kw), int(sh), int(sw), int(pt), int(pl), int(pb), int(pr))
-
-
-def lower(q) -> Tuple[list, list, int, int, List[str]]:
-    """The quantized graph in tt-core's form: (tensors, nodes, input id, output id, tensor names)."""
-    names = list(q.tensors)
-    ids = {k: i for i, k in enumerate(names)}
-    tensors = []
-    for k in names:
-        t = q.tensors[k]
-        if t.scale is None or t.zero_point is None:
-            raise ValueError(f"tensor {k!r} has no quantization parameters: compile a QuantizedModel (tt.quantize)")
-        c, h, w = t.shape
-        tensors.append((int(c), int(h), int(w), float(t.scale), int(t.zero_point)))
-    nodes = []
-    for n in q.nodes:
-        act = n.attrs.get("act", "none")
-        if act not in _ACT:
-            raise ValueError(f"node {n.name!r}: activation {act!r} is not supported by the engine")
-        w = b = s = None
-        if n.trainable:
-            wq = np.asarray(n.params["weight_q"], dtype=np.int8)
-            if n.op == "conv":
-                wq = wq.transpose(0, 2, 3, 1)  # OIHW (ONNX) -> OHWI (tt-core)
-            w = np.ascontiguousarray(wq.reshape(-1))
-            b = np.ascontiguousarray(n.params["bias_q"], dtype=np.int32).reshape(-1)
-            s = np.ascontiguousarray(n.params["weight_scale"], dtype=np.float32).reshape(-1)
-        nodes.append((n.name, n.op, [ids[i] for i in n.inputs], ids[n.output], _window(n),
-                      int(n.attrs.get("groups", 1)), _ACT[act], w, b, s))
-    return tensors, nodes, ids[q.input], ids[q.output], names
-
 
 def _quantized(model):
     from .model import QuantizedModel
@@ -132,10 +88,6 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
     q = _quantized(model)
     if not isinstance(scheme, Scheme):
         raise TypeError(f"scheme must be a tt.Scheme (see tt.schemes), got {type(scheme).__name__}")
-    if update_precision not in PRECISIONS:
-        raise ValueError(f"update_precision must be one of {list(PRECISIONS)}, got {update_precision!r}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
     if not (np.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if not 0.0 <= momentum < 1.0:
@@ -145,17 +97,16 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         raise ValueError(f"optimize must be 'memory' or 'compute', got {optimize!r}")
     layers = list(q.layers)
     resolved = scheme.resolved(layers)
-    per_node = []
+    updates = {}
     for n in q.nodes:
         r = resolved.get(n.name) if n.trainable else None
         if r is None:
-            per_node.append((False, 0.0, 0))
-        else:
-            if r["axis"] == "input" and r["ratio"] > 0 and n.op == "conv" and int(n.attrs.get("groups", 1)) > 1:
-                raise ValueError(f"layer {n.name!r}: an input-channel selection needs an ungrouped conv "
-                                 f"(this one has groups={n.attrs.get('groups')}); use channel_axis 'output'")
-            per_node.append((bool(r["bias"]), float(r["ratio"]), 1 if r["axis"] == "input" else 0))
-    tensors, nodes, inp, out, tnames = lower(q)
+            continue
+        if r["axis"] == "input" and r["ratio"] > 0 and n.op == "conv" and int(n.attrs.get("groups", 1)) > 1:
+            raise ValueError(f"layer {n.name!r}: an input-channel selection needs an ungrouped conv "
+                             f"(this one has groups={n.attrs.get('groups')}); use channel_axis 'output'")
+        updates[n.name] = LayerUpdate(bool(r["bias"]), float(r["ratio"]), r["axis"])
+    tensors, nodes, ids = lower(q, updates)
     t_in = q.tensors[q.input]
     meta = {
         "layers": layers,
@@ -186,14 +137,17 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         if optimize != "memory":
             raise ValueError(f"optimize={optimize!r} chooses among layouts: give patch='auto' and in_place=None "
                              "(patch / in_place fix the layout)")
-        layout = (stage, in_place is None or bool(in_place), in_place == "all")
+        layout = Layout(stage, in_place is None or bool(in_place), in_place == "all")
+    request = CompileRequest(
+        tensors=tensors, nodes=nodes, input=ids[q.input], output=ids[q.output], rounding=q.rounding,
+        reorder=bool(reorder), update_precision=str(update_precision), loss=str(loss), momentum_buffers=momentum > 0,
+        accumulate=bool(accumulate), seed=int(seed) & (2**64 - 1), lr=float(lr), momentum=float(momentum),
+        meta=json.dumps(meta).encode(), layout=layout, stream_input=bool(stream_input), optimize=optimize,
+        budget=budget_bytes)
     try:
-        plan_bytes, params = _core.engine_compile(
-            tensors, nodes, inp, out, per_node, bool(reorder), PRECISIONS[update_precision], momentum > 0,
-            LOSSES[loss], int(seed) & (2**64 - 1), float(lr), float(momentum), json.dumps(meta).encode(), layout,
-            bool(stream_input), bool(accumulate), q.rounding, optimize, budget_bytes)
+        plan_bytes, params = _core.engine_compile(request)
     except ValueError as e:
-        if layout is not None and layout[0] is not None and "patch stage" in str(e):
+        if layout is not None and layout.patch is not None and "patch stage" in str(e):
             raise ValueError(f"patch={patch!r}: the nodes up to {patch[0]!r} are not a chain of frozen convs "
                              "from the input (each output read only by the next conv)") from None
         raise

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -38,6 +37,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError("tinytrain.fleet needs Flower (flwr with its simulation engine): "
                       "pip install 'tinytrain[fleet]'") from _exc
 
+from . import _core
 from .errors import UpdateError
 from .plan import Plan
 from .schemes import Scheme
@@ -52,8 +52,8 @@ log = logging.getLogger("tinytrain.fleet")
 
 #: The MetricRecord key of the sample count, as Flower's strategies expect it.
 COUNT_KEY = "num-examples"
-_W_MAX = 127  # symmetric int8 weights: training saturates to [-127, 127]
-_B_MAX = 2 ** 30  # biases: the bound tt-core keeps them in (int32 sums stay exact); devices refuse more
+_W_MAX = _core.WEIGHT_LIMIT  # symmetric int8 weights: training saturates to [-127, 127]
+_B_MAX = _core.BIAS_LIMIT  # biases: the bound tt-core keeps them in (int32 sums stay exact); devices refuse more
 #: How a fleet learns: plain FedAvg, or FedAvg with SCAFFOLD's drift correction.
 METHODS = ("fedavg", "scaffold")
 #: The train message's ArrayRecord of the global control variate (SCAFFOLD).
@@ -90,25 +90,21 @@ class Layout:
                              "tt.Plan.load(path, model=q) or a plan from tt.compile")
         self.plan = plan
         self.model = plan.model
+        #: The scheme as `tt.compile` was given it (for display: what is trained comes from tt-core).
         self.scheme = Scheme.from_dict(plan.meta["scheme"])
-        resolved = self.scheme.resolved(plan.layers)
         entries: List[Entry] = []
-        for name in plan.layers:
-            r = resolved[name]
-            n = self.model.node(name)
-            wq = np.asarray(n.params["weight_q"])
+        for p in _update_layout(plan)[0]:
+            n = self.model.node(p.layer)
             s_w = np.asarray(n.params["weight_scale"], dtype=np.float64).reshape(-1)
-            if r["ratio"] > 0:
-                axis = 1 if r["axis"] == "input" else 0
-                k = _channels(r["ratio"], wq.shape[axis])
-                index = (slice(None), slice(0, k)) if axis else (slice(0, k),)
-                shape = wq[index].shape
-                scale = s_w[index[0]].reshape((-1,) + (1,) * (wq.ndim - 1))
-                entries.append(Entry(f"{name}.weight", name, "weight", shape, np.dtype(np.int8), index, scale))
-            if r["bias"]:
+            if p.kind == "weight":
+                full = np.asarray(n.params["weight_q"]).shape
+                # the trained slice is the first channels along one axis: W[:k] or W[:, :k]
+                index = (slice(None), slice(0, p.shape[1])) if p.shape[1] < full[1] else (slice(0, p.shape[0]),)
+                scale = s_w[index[0]].reshape((-1,) + (1,) * (len(full) - 1))
+                entries.append(Entry(p.name, p.layer, "weight", p.shape, np.dtype(np.int8), index, scale))
+            else:
                 s_in = float(self.model.tensors[n.inputs[0]].scale)
-                entries.append(Entry(f"{name}.bias", name, "bias", (wq.shape[0],), np.dtype(np.int32),
-                                     (slice(None),), s_in * s_w))
+                entries.append(Entry(p.name, p.layer, "bias", p.shape, np.dtype(np.int32), (slice(None),), s_in * s_w))
         if not entries:
             raise ValueError("the plan's scheme updates nothing: a fleet has nothing to share")
         self.entries = entries
@@ -239,11 +235,6 @@ def lr_scale(decay: str, epoch: int, epochs: int) -> float:
     if epochs < 1 or not 0 <= epoch < epochs:
         raise ValueError(f"epoch {epoch} is not in [0, {epochs})")
     return 1.0 if decay == "none" else 1.0 - epoch / epochs
-
-
-def _channels(ratio: float, total: int) -> int:
-    # the engine's rule for a partial update: the first round(ratio * C) channels, at least one
-    return max(1, min(total, int(round(ratio * total))))
 
 
 # ---------------------------------------------------------------------- records <-> arrays
@@ -853,7 +844,7 @@ def demo_setup(scheme: str = "searched", budget: str = "256KB", seed: int = 0, w
 def plan_tag(plan: Plan) -> int:
     """CRC-32 of the plan's header (which holds the CRCs of its body and frozen parameters): the
     identity a device's update must match."""
-    return zlib.crc32(plan.plan_bytes[:40])
+    return int(_core.plan_tag(plan.plan_bytes))
 
 
 # ---------------------------------------------------------------------- deployed apps

@@ -1,30 +1,24 @@
 """`QuantizedModel`: the int8 graph tinytrain trains, runs and exports.
 
 It *is* a `Graph` (same tensors, nodes and names) whose tensors carry ``scale``/``zero_point`` and
-whose conv/fc nodes carry ``weight_q``/``weight_scale``/``bias_q``. `forward` runs tt-core's int8
-kernels through `tinytrain._core`; it (and `to_onnx`) always reads the *current* ``weight_q`` /
-``bias_q``, so weights updated by training are what runs and what is exported.
+whose conv/fc nodes carry ``weight_q``/``weight_scale``/``bias_q``. `forward` runs a forward-only
+plan through tt-core's executor, the same code as training and the device; it (and `to_onnx`)
+always reads the *current* ``weight_q`` / ``bias_q``, so weights updated by training are what runs
+and what is exported.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .graph import Graph, Node
+from . import _core
+from .graph import Graph
 
-__all__ = ["QuantizedModel", "layer_stats", "act_range"]
-
-
-def act_range(act: str, scale: float, zero_point: int):
-    """The int8 clamp [act_min, act_max] that fuses `act` into requantization."""
-    if act == "relu":
-        return max(zero_point, -128), 127
-    if act == "relu6":
-        return max(zero_point, -128), int(min(127, zero_point + round(6.0 / scale)))
-    return -128, 127
+__all__ = ["QuantizedModel", "layer_stats"]
 
 
 def layer_stats(g: Graph) -> List[Dict[str, object]]:
@@ -80,15 +74,42 @@ class QuantizedModel(Graph):
             q = np.clip(r + t.zero_point, -128, 127).astype(np.int8)
         return np.ascontiguousarray(q.transpose(0, 2, 3, 1))
 
-    def forward_int8(self, x: np.ndarray, keep: bool = False, layout: str = "NCHW"):
-        """Run the int8 graph; returns the output's int8 NHWC array (and every tensor if `keep`)."""
-        from . import _core
+    def forward_int8(self, x: np.ndarray, layout: str = "NCHW") -> np.ndarray:
+        """Run the int8 graph; returns the output's int8 NHWC array. It runs through tt-core's
+        executor (the code a device runs) on a forward-only plan of the current weights."""
+        xq = self.quantize_input(x, layout)
+        plan_bytes, params = self._forward_plan()
+        y = _core.Session(plan_bytes, params).forward(np.ascontiguousarray(xq.reshape(len(xq), -1)))
+        c, h, w = self.tensors[self.output].shape
+        return y.reshape(len(xq), h, w, c)
 
-        vals = {self.input: self.quantize_input(x, layout)}
+    def _forward_plan(self) -> Tuple[bytes, bytes]:
+        """The forward-only plan of the current graph and weights (compiled once per version of
+        them: the fingerprint sees a weight changed in place too)."""
+        key = self._fingerprint()
+        cached = self.__dict__.get("_forward_cache")
+        if cached is None or cached[0] != key:
+            from .engine import compile
+            from .schemes import Scheme
+
+            # nothing trained, whole tensors: no layout to search for a host forward
+            plan = compile(self, Scheme(), patch=None, in_place=False, loss="mse")
+            cached = (key, plan.plan_bytes, plan.params)
+            self.__dict__["_forward_cache"] = cached
+        return cached[1], cached[2]
+
+    def _fingerprint(self) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((self.input, self.output, self.rounding,
+                       [(t.name, t.shape, t.scale, t.zero_point) for t in self.tensors.values()],
+                       [(n.name, n.op, n.inputs, n.output, sorted(n.attrs.items())) for n in self.nodes])).encode())
         for n in self.nodes:
-            vals[n.output] = self._run_node(_core, n, [vals[i] for i in n.inputs])
-        out = vals[self.output]
-        return (out, vals) if keep else out
+            for k in ("weight_q", "bias_q", "weight_scale"):
+                if k in n.params:
+                    a = np.ascontiguousarray(n.params[k])
+                    h.update(f"{n.name}.{k}{a.dtype}{a.shape}".encode())
+                    h.update(a.tobytes())
+        return h.digest()
 
     def forward(self, x: np.ndarray, batch_size: int = 256, layout: str = "NCHW") -> np.ndarray:
         """float32 NCHW batch -> dequantized float32 output: (N, classes) logits when the output is
@@ -106,40 +127,6 @@ class QuantizedModel(Graph):
     def predict(self, x: np.ndarray, layout: str = "NCHW") -> np.ndarray:
         """Class indices (argmax of the logits)."""
         return self.forward(x, layout=layout).argmax(axis=1)
-
-    def _run_node(self, core, n: Node, ins: List[np.ndarray]) -> np.ndarray:
-        t_out = self.tensors[n.output]
-        t_in = self.tensors[n.inputs[0]]
-        a = n.attrs
-        if n.op in ("conv", "fc"):
-            lo, hi = act_range(a.get("act", "none"), t_out.scale, t_out.zero_point)
-            req = (np.float64(t_in.scale) * n.params["weight_scale"].astype(np.float64) / np.float64(t_out.scale))
-            bias = np.ascontiguousarray(n.params["bias_q"], dtype=np.int32)
-            if n.op == "conv":
-                w = np.ascontiguousarray(n.params["weight_q"].transpose(0, 2, 3, 1), dtype=np.int8)
-                return core.conv2d_forward(ins[0], w, bias, tuple(a["stride"]), tuple(a["pads"]), int(a["groups"]),
-                                           int(t_in.zero_point), int(t_out.zero_point), req, lo, hi, self.rounding)
-            xin = np.ascontiguousarray(ins[0].reshape(ins[0].shape[0], -1))
-            w = np.ascontiguousarray(n.params["weight_q"], dtype=np.int8)
-            y = core.fc_forward(xin, w, bias, int(t_in.zero_point), int(t_out.zero_point), req, lo, hi, self.rounding)
-            return y.reshape(y.shape[0], 1, 1, -1)
-        if n.op == "add":
-            tb = self.tensors[n.inputs[1]]
-            lo, hi = act_range(a.get("act", "none"), t_out.scale, t_out.zero_point)
-            return core.add_forward(ins[0], float(t_in.scale), int(t_in.zero_point), ins[1], float(tb.scale),
-                                    int(tb.zero_point), float(t_out.scale), int(t_out.zero_point), lo, hi,
-                                    self.rounding)
-        if n.op == "global_avgpool":
-            y = core.global_avgpool_forward(ins[0], float(t_in.scale), int(t_in.zero_point), float(t_out.scale),
-                                            int(t_out.zero_point), self.rounding)
-            return y.reshape(y.shape[0], 1, 1, -1)
-        if n.op == "avgpool":
-            return core.avgpool_forward(ins[0], tuple(a["kernel"]), tuple(a["stride"]), tuple(a["pads"]))
-        if n.op == "maxpool":
-            return core.maxpool_forward(ins[0], tuple(a["kernel"]), tuple(a["stride"]), tuple(a["pads"]))
-        if n.op == "flatten":
-            return ins[0].reshape(ins[0].shape[0], 1, 1, -1)
-        raise ValueError(f"node {n.name!r}: op {n.op!r} has no int8 kernel")
 
     # ------------------------------------------------------------------ inspection / export
     def dequantized(self) -> Graph:
@@ -199,7 +186,7 @@ class QuantizedModel(Graph):
         return export_qdq(self, path)
 
 
-ROUNDINGS = ("single", "double")
+ROUNDINGS = tuple(_core.ROUNDINGS)
 
 
 def choose_rounding(model, rounding: str, where: str):

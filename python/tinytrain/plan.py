@@ -17,9 +17,9 @@ from .fileio import write_atomic
 
 __all__ = ["Plan", "MemoryReport", "PRECISIONS", "LOSSES"]
 
-PRECISIONS = {"stochastic": 0, "residual": 1, "fp32": 2}
-LOSSES = {"cross_entropy": 0, "mse": 1}
-_HEADER = 40
+#: The update precisions and losses a plan can be compiled with, by name (tt-core's).
+PRECISIONS = tuple(_core.UPDATE_PRECISIONS)
+LOSSES = tuple(_core.LOSSES)
 
 
 @dataclass
@@ -164,11 +164,11 @@ class Plan:
 
     @property
     def update_precision(self) -> str:
-        return {v: k for k, v in PRECISIONS.items()}[self._report["precision"]]
+        return str(self._report["precision"])
 
     @property
     def loss(self) -> str:
-        return {v: k for k, v in LOSSES.items()}[self._report["loss"]]
+        return str(self._report["loss"])
 
     @property
     def momentum_buffers(self) -> bool:
@@ -204,14 +204,12 @@ class Plan:
     @classmethod
     def from_bytes(cls, data: bytes, model=None) -> "Plan":
         data = bytes(data)
-        if len(data) < _HEADER:
-            raise PlanError(f"corrupted or truncated plan: {len(data)} bytes, shorter than the {_HEADER}-byte header",
-                            "header (truncated)")
-        body_len = int.from_bytes(data[8:12], "little")
-        plan_len = _HEADER + body_len
+        if len(data) < _core.PLAN_HEADER_LEN:
+            raise PlanError(f"corrupted or truncated plan: {len(data)} bytes, shorter than the "
+                            f"{_core.PLAN_HEADER_LEN}-byte header", "header (truncated)")
+        plan_len, params_len = _core_call(_core.plan_lengths, data)
         if plan_len > len(data):
             raise PlanError("corrupted or truncated plan: field body (truncated)", "body (truncated)")
-        params_len = int.from_bytes(data[16:20], "little")
         if len(data) != plan_len + params_len:
             _core_call(_core.plan_report, data[:plan_len])  # a corrupted header names its field first
             raise PlanError(f"corrupted or truncated plan: field params (file has {len(data) - plan_len} bytes of "

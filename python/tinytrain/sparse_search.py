@@ -117,13 +117,14 @@ def _scheme(layers: Sequence[str], bias_depth: int, weights: Dict[str, float], a
 def update_bytes(q, scheme) -> int:
     """Bytes of the parameters one update of ``scheme`` carries (what a fleet device sends): int8
     weights of the updated channels and int32 biases; the update blob adds its fixed headers."""
+    from . import _core
+
     total = 0
     for name, r in scheme.resolved(q.layers).items():
         wq = np.asarray(q.node(name).params["weight_q"])
         if r["ratio"] > 0:
             axis = 1 if r["axis"] == "input" else 0
-            # the engine's rule for a partial update: the first round(ratio * C) channels, at least one
-            k = max(1, min(wq.shape[axis], int(round(r["ratio"] * wq.shape[axis]))))
+            k = _core.channels_for_ratio(wq.shape[axis], r["ratio"])  # what tt.compile trains
             total += wq.size // wq.shape[axis] * k
         if r["bias"]:
             total += 4 * wq.shape[0]

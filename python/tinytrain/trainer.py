@@ -137,10 +137,10 @@ class Trainer:
     def _run(self, xq: np.ndarray, y) -> np.ndarray:
         if self.plan.loss == "mse":
             t = np.asarray(y, dtype=np.float32).reshape(len(xq), -1)
-            losses = self._s.steps_mse(xq, np.ascontiguousarray(t))
+            losses = self._s.run_rows(xq, np.ascontiguousarray(t), "step")
         else:
             labels = self._labels(y, len(xq))
-            losses = self._s.steps(xq, np.ascontiguousarray(labels, dtype=np.int64))
+            losses = self._s.run_rows(xq, np.ascontiguousarray(labels, dtype=np.int64), "step")
         bad = ~np.isfinite(losses)
         self.skipped_steps += int(bad.sum())
         self.steps_done += len(losses)
@@ -150,10 +150,10 @@ class Trainer:
         """One update for the whole batch; every loss NaN when the update was skipped."""
         if self.plan.loss == "mse":
             t = np.asarray(y, dtype=np.float32).reshape(len(xq), -1)
-            losses = self._s.accumulate_mse(xq, np.ascontiguousarray(t))
+            losses = self._s.run_rows(xq, np.ascontiguousarray(t), "accumulate")
         else:
             labels = self._labels(y, len(xq))
-            losses = self._s.accumulate(xq, np.ascontiguousarray(labels, dtype=np.int64))
+            losses = self._s.run_rows(xq, np.ascontiguousarray(labels, dtype=np.int64), "accumulate")
         if not len(losses):
             return losses
         self.steps_done += 1

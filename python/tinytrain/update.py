@@ -33,6 +33,10 @@ class _Param(NamedTuple):
     fc: bool
 
     @property
+    def layer(self) -> str:
+        return self.name[: -len(self.kind) - 1]
+
+    @property
     def dtype(self):
         return np.int8 if self.kind == "weight" else np.int32
 

@@ -17,6 +17,7 @@ pub mod error;
 pub mod exec;
 #[cfg(feature = "alloc")]
 pub mod graph;
+pub mod names;
 pub mod ops;
 pub mod plan;
 #[cfg(feature = "alloc")]

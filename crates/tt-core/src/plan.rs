@@ -407,6 +407,48 @@ pub const LAYER_LEN: usize = 48;
 pub const BUFFER_LEN: usize = 12;
 pub const OP_LEN: usize = 28;
 
+/// The identity of a plan: the CRC-32 of its header, which holds the CRCs of the body and of the
+/// parameter blob and the state size. A checkpoint or a fleet update carries it, so neither is
+/// ever restored into another plan or another set of frozen weights.
+pub fn plan_tag(plan: &[u8]) -> Result<u32> {
+    let header = plan
+        .get(..HEADER_LEN)
+        .ok_or(corrupt("header (plan shorter than its header)"))?;
+    Ok(crc32(header))
+}
+
+/// The lengths a plan file's header records (a `.ttp` file is the plan, then its parameters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanLengths {
+    /// Header and body: where the parameter blob starts.
+    pub plan: usize,
+    /// The parameter blob.
+    pub params: usize,
+}
+
+/// Reads the lengths from the start of a plan file, checking only the header's own fields (the
+/// magic and its length); [`PlanView::parse`] checks the rest.
+pub fn plan_lengths(bytes: &[u8]) -> Result<PlanLengths> {
+    let header = bytes
+        .get(..HEADER_LEN)
+        .ok_or(corrupt("header (truncated)"))?;
+    if header[0..4] != MAGIC {
+        return Err(corrupt("magic"));
+    }
+    let u32_at = |at: usize| {
+        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    if u16::from_le_bytes([header[6], header[7]]) as usize != HEADER_LEN {
+        return Err(corrupt("header_len"));
+    }
+    Ok(PlanLengths {
+        plan: HEADER_LEN
+            .checked_add(u32_at(8) as usize)
+            .ok_or(corrupt("body_len"))?,
+        params: u32_at(16) as usize,
+    })
+}
+
 pub const NODE_CONV: u8 = 0;
 pub const NODE_FC: u8 = 1;
 pub const NODE_ADD: u8 = 2;

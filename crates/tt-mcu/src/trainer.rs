@@ -10,9 +10,10 @@
 //! t.save(&mut store)?;                                       // power-loss safe
 //! ```
 use embedded_storage::nor_flash::NorFlash;
-use tt_core::crc::crc32;
 use tt_core::exec::{Executor, Target};
-use tt_core::plan::{PlanView, HEADER_LEN};
+/// A plan's identity (the checkpoints' and the fleet updates' tag), defined with the format.
+pub use tt_core::plan::plan_tag;
+use tt_core::plan::PlanView;
 use tt_core::Error;
 
 use crate::checkpoint::{CheckpointError, Checkpoints};
@@ -48,16 +49,6 @@ pub struct Trainer<'p, 'a> {
     ex: Executor<'p, 'a>,
     tag: u32,
     skipped: u32,
-}
-
-/// The identity of a plan for checkpoints: the CRC of its header, which holds the CRCs of the
-/// plan body and of the parameter blob and the state size, so a checkpoint never restores into
-/// another plan or another set of frozen weights.
-pub fn plan_tag(plan: &[u8]) -> Result<u32, Error> {
-    let header = plan.get(..HEADER_LEN).ok_or(Error::CorruptPlan {
-        field: "header (plan shorter than its header)",
-    })?;
-    Ok(crc32(header))
 }
 
 impl<'p, 'a> Trainer<'p, 'a> {

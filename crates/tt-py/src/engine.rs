@@ -7,16 +7,17 @@ use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2}
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use std::str::FromStr;
 use tt_core::autodiff::Layout;
 use tt_core::exec::{Executor, Target};
 use tt_core::graph::{Act, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use tt_core::names::UnknownName;
 use tt_core::plan::{
-    compile_with, Buffer, CompileOptions, LossKind, Objective, OpKind, PlanSettings, PlanView,
-    Precision, TrainOp, IN_PLACE,
+    compile_with, Buffer, CompileOptions, Objective, OpKind, PlanSettings, PlanView, TrainOp,
+    IN_PLACE,
 };
 use tt_core::planner;
-use tt_core::quant::Rounding;
-use tt_core::sparse::{ChannelAxis, LayerUpdate, Scheme};
+use tt_core::sparse::{LayerUpdate, Scheme};
 use tt_core::Error;
 
 pub(crate) fn core_err(py: Python<'_>, e: Error) -> PyErr {
@@ -48,186 +49,271 @@ pub(crate) fn core_err(py: Python<'_>, e: Error) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
-type NodeDesc<'py> = (
-    String,
-    String,
-    Vec<usize>,
-    usize,
-    [u16; 8],
-    u32,
-    u8,
-    Option<PyReadonlyArray1<'py, i8>>,
-    Option<PyReadonlyArray1<'py, i32>>,
-    Option<PyReadonlyArray1<'py, f32>>,
-);
-
-fn act(v: u8) -> PyResult<Act> {
-    Act::from_u8(v).ok_or_else(|| PyValueError::new_err(format!("bad activation code {v}")))
+/// A name of one of tt-core's settings (`"stochastic"`, `"relu6"`, ...), parsed by tt-core.
+pub(crate) fn parse_name<T: FromStr<Err = UnknownName>>(name: &str) -> PyResult<T> {
+    name.parse()
+        .map_err(|e: UnknownName| PyValueError::new_err(format!("{e}, got {name:?}")))
 }
 
-/// The Python spelling of a model's requantization rounding (`QuantizedModel.rounding`).
-pub(crate) fn rounding_of(name: &str) -> PyResult<Rounding> {
-    match name {
-        "single" => Ok(Rounding::Single),
-        "double" => Ok(Rounding::Double),
-        _ => Err(PyValueError::new_err(format!(
-            "rounding must be 'single' or 'double' (TFLite's), got {name:?}"
-        ))),
-    }
+/// `tinytrain._lowering.Tensor`: one activation tensor (channels, height, width) and its int8
+/// quantization.
+#[derive(FromPyObject)]
+struct TensorRequest {
+    c: u32,
+    h: u32,
+    w: u32,
+    scale: f32,
+    zero_point: i32,
 }
 
-fn rounding_name(r: Rounding) -> &'static str {
-    match r {
-        Rounding::Single => "single",
-        Rounding::Double => "double",
-    }
+/// `tinytrain._lowering.Window`: a conv's or pool's kernel, stride and padding.
+#[derive(FromPyObject)]
+struct WindowRequest {
+    kh: u16,
+    kw: u16,
+    sh: u16,
+    sw: u16,
+    pt: u16,
+    pl: u16,
+    pb: u16,
+    pr: u16,
 }
 
-fn build_graph(
-    tensors: Vec<(u32, u32, u32, f32, i32)>,
-    nodes: Vec<NodeDesc<'_>>,
+/// `tinytrain._lowering.LayerUpdate`: what the scheme trains of one node.
+#[derive(FromPyObject)]
+struct UpdateRequest {
+    bias: bool,
+    weight_ratio: f32,
+    axis: String,
+}
+
+/// `tinytrain._lowering.Node`: one op with its tensor ids and, for conv and fc, its int8 OHWI
+/// weights, int32 bias and per-channel weight scales.
+#[derive(FromPyObject)]
+struct NodeRequest<'py> {
+    name: String,
+    op: String,
+    inputs: Vec<usize>,
+    output: usize,
+    window: Option<WindowRequest>,
+    groups: u32,
+    act: String,
+    weight: Option<PyReadonlyArray1<'py, i8>>,
+    bias: Option<PyReadonlyArray1<'py, i32>>,
+    weight_scale: Option<PyReadonlyArray1<'py, f32>>,
+    update: UpdateRequest,
+}
+
+/// `tinytrain._lowering.Layout`: a fixed execution layout (otherwise the planner searches).
+#[derive(FromPyObject)]
+struct LayoutRequest {
+    patch: Option<(usize, usize)>,
+    in_place: bool,
+    shrink_in_place: bool,
+}
+
+/// `tinytrain._lowering.CompileRequest`: everything `tt.compile` asks of tt-core, settings by
+/// name.
+#[derive(FromPyObject)]
+struct CompileRequest<'py> {
+    tensors: Vec<TensorRequest>,
+    nodes: Vec<NodeRequest<'py>>,
     input: usize,
     output: usize,
-    rounding: Rounding,
-) -> PyResult<Graph> {
-    let tensors = tensors
-        .into_iter()
-        .map(|(c, h, w, scale, zero_point)| TensorInfo {
-            c,
-            h,
-            w,
-            scale,
-            zero_point,
-        })
-        .collect();
-    let mut gn = Vec::new();
-    let mut params = Vec::new();
-    for (name, kind, inputs, out, w, groups, a, wq, bq, sq) in nodes {
-        let win = Window {
-            kh: w[0],
-            kw: w[1],
-            sh: w[2],
-            sw: w[3],
-            pt: w[4],
-            pl: w[5],
-            pb: w[6],
-            pr: w[7],
-        };
-        let k = match kind.as_str() {
-            "conv" => NodeKind::Conv {
-                win,
-                groups,
-                act: act(a)?,
-            },
-            "fc" => NodeKind::Fc { act: act(a)? },
-            "add" => NodeKind::Add { act: act(a)? },
-            "global_avgpool" => NodeKind::GlobalAvgPool,
-            "avgpool" => NodeKind::AvgPool { win },
-            "maxpool" => NodeKind::MaxPool { win },
-            "flatten" => NodeKind::Flatten,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "node {name:?}: op {other:?} is not supported by the engine"
-                )))
-            }
-        };
-        let p = match (wq, bq, sq) {
-            (Some(wq), Some(bq), Some(sq)) => Some(LayerParams {
-                weight: wq.as_slice()?.to_vec(),
-                bias: bq.as_slice()?.to_vec(),
-                weight_scale: sq.as_slice()?.to_vec(),
-            }),
-            _ => None,
-        };
-        gn.push(Node {
-            name,
-            kind: k,
-            inputs,
-            output: out,
-        });
-        params.push(p);
-    }
-    Ok(Graph {
-        tensors,
-        nodes: gn,
-        params,
-        input,
-        output,
-        rounding,
-    })
-}
-
-/// Compiles a quantized graph for training. Returns (plan bytes, parameter blob).
-#[pyfunction]
-#[pyo3(signature = (tensors, nodes, input, output, scheme, reorder, precision, momentum_buffers, loss, seed, lr, momentum, meta, layout=None, stream_input=false, accumulate=false, rounding="single", optimize="memory", budget=None))]
-#[allow(clippy::too_many_arguments)]
-fn engine_compile<'py>(
-    py: Python<'py>,
-    tensors: Vec<(u32, u32, u32, f32, i32)>,
-    nodes: Vec<NodeDesc<'py>>,
-    input: usize,
-    output: usize,
-    scheme: Vec<(bool, f32, u8)>,
+    rounding: String,
     reorder: bool,
-    precision: u8,
+    update_precision: String,
+    loss: String,
     momentum_buffers: bool,
-    loss: u8,
+    accumulate: bool,
     seed: u64,
     lr: f32,
     momentum: f32,
-    meta: &[u8],
-    layout: Option<(Option<(usize, usize)>, bool, bool)>,
+    meta: Vec<u8>,
+    layout: Option<LayoutRequest>,
     stream_input: bool,
-    accumulate: bool,
-    rounding: &str,
-    optimize: &str,
+    optimize: String,
     budget: Option<usize>,
-) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-    let objective = match optimize {
-        "memory" => Objective::Memory,
-        "compute" => Objective::Compute {
-            budget: budget.unwrap_or(usize::MAX),
-        },
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "optimize must be 'memory' or 'compute', got {other:?}"
-            )))
+}
+
+impl WindowRequest {
+    fn window(&self) -> Window {
+        Window {
+            kh: self.kh,
+            kw: self.kw,
+            sh: self.sh,
+            sw: self.sw,
+            pt: self.pt,
+            pl: self.pl,
+            pb: self.pb,
+            pr: self.pr,
         }
-    };
-    let g = build_graph(tensors, nodes, input, output, rounding_of(rounding)?)?;
-    let scheme = Scheme {
-        layers: scheme
-            .into_iter()
-            .map(|(bias, weight_ratio, axis)| LayerUpdate {
-                bias,
-                weight_ratio,
-                axis: ChannelAxis::from_u8(axis).unwrap_or(ChannelAxis::Output),
+    }
+}
+
+impl NodeRequest<'_> {
+    fn kind(&self) -> PyResult<NodeKind> {
+        let act = || {
+            self.act.parse::<Act>().map_err(|e| {
+                PyValueError::new_err(format!("node {:?}: {e}, got {:?}", self.name, self.act))
             })
-            .collect(),
-    };
-    let settings = PlanSettings {
-        options: CompileOptions {
-            reorder,
-            precision: Precision::from_u8(precision)
-                .ok_or_else(|| PyValueError::new_err("bad update precision"))?,
-            momentum: momentum_buffers,
-            loss: LossKind::from_u8(loss).ok_or_else(|| PyValueError::new_err("bad loss"))?,
-            accumulate,
-        },
-        seed,
-        lr,
-        momentum,
-    };
+        };
+        let win = || {
+            self.window
+                .as_ref()
+                .map(WindowRequest::window)
+                .ok_or_else(|| {
+                    PyValueError::new_err(format!(
+                        "node {:?}: {} needs a window",
+                        self.name, self.op
+                    ))
+                })
+        };
+        Ok(match self.op.as_str() {
+            "conv" => NodeKind::Conv {
+                win: win()?,
+                groups: self.groups,
+                act: act()?,
+            },
+            "fc" => NodeKind::Fc { act: act()? },
+            "add" => NodeKind::Add { act: act()? },
+            "global_avgpool" => NodeKind::GlobalAvgPool,
+            "avgpool" => NodeKind::AvgPool { win: win()? },
+            "maxpool" => NodeKind::MaxPool { win: win()? },
+            "flatten" => NodeKind::Flatten,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "node {:?}: op {other:?} is not supported by the engine",
+                    self.name
+                )))
+            }
+        })
+    }
+
+    fn params(&self) -> PyResult<Option<LayerParams>> {
+        Ok(match (&self.weight, &self.bias, &self.weight_scale) {
+            (Some(w), Some(b), Some(s)) => Some(LayerParams {
+                weight: w.as_slice()?.to_vec(),
+                bias: b.as_slice()?.to_vec(),
+                weight_scale: s.as_slice()?.to_vec(),
+            }),
+            (None, None, None) => None,
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "node {:?}: weight, bias and weight_scale come together",
+                    self.name
+                )))
+            }
+        })
+    }
+
+    fn update(&self) -> PyResult<LayerUpdate> {
+        Ok(LayerUpdate {
+            bias: self.update.bias,
+            weight_ratio: self.update.weight_ratio,
+            axis: parse_name(&self.update.axis)?,
+        })
+    }
+}
+
+impl CompileRequest<'_> {
+    fn graph(&self) -> PyResult<Graph> {
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        let mut params = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            nodes.push(Node {
+                name: n.name.clone(),
+                kind: n.kind()?,
+                inputs: n.inputs.clone(),
+                output: n.output,
+            });
+            params.push(n.params()?);
+        }
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|t| TensorInfo {
+                c: t.c,
+                h: t.h,
+                w: t.w,
+                scale: t.scale,
+                zero_point: t.zero_point,
+            })
+            .collect();
+        Ok(Graph {
+            tensors,
+            nodes,
+            params,
+            input: self.input,
+            output: self.output,
+            rounding: parse_name(&self.rounding)?,
+        })
+    }
+
+    fn scheme(&self) -> PyResult<Scheme> {
+        Ok(Scheme {
+            layers: self
+                .nodes
+                .iter()
+                .map(NodeRequest::update)
+                .collect::<PyResult<_>>()?,
+        })
+    }
+
+    fn settings(&self) -> PyResult<PlanSettings> {
+        Ok(PlanSettings {
+            options: CompileOptions {
+                reorder: self.reorder,
+                precision: parse_name(&self.update_precision)?,
+                momentum: self.momentum_buffers,
+                loss: parse_name(&self.loss)?,
+                accumulate: self.accumulate,
+            },
+            seed: self.seed,
+            lr: self.lr,
+            momentum: self.momentum,
+        })
+    }
+
+    fn objective(&self) -> PyResult<Objective> {
+        match self.optimize.as_str() {
+            "memory" => Ok(Objective::Memory),
+            "compute" => Ok(Objective::Compute {
+                budget: self.budget.unwrap_or(usize::MAX),
+            }),
+            other => Err(PyValueError::new_err(format!(
+                "optimize must be \"memory\" or \"compute\", got {other:?}"
+            ))),
+        }
+    }
+
+    fn layout(&self) -> Option<Layout> {
+        self.layout.as_ref().map(|l| Layout {
+            patch: l.patch,
+            in_place: l.in_place,
+            shrink_in_place: l.shrink_in_place,
+            out_of_place: [0; 4],
+            stream_input: self.stream_input,
+            fuse_blocks: false,
+        })
+    }
+}
+
+/// Compiles a quantized graph for training (`tinytrain._lowering.CompileRequest`). Returns
+/// (plan bytes, parameter blob).
+#[pyfunction]
+fn engine_compile<'py>(
+    py: Python<'py>,
+    request: CompileRequest<'py>,
+) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    let g = request.graph()?;
+    let scheme = request.scheme()?;
+    let settings = request.settings()?;
+    let objective = request.objective()?;
+    let fixed = request.layout();
+    let (meta, stream_input) = (&request.meta, request.stream_input);
     let c = py
         .allow_threads(|| {
-            let fixed = layout.map(|(patch, in_place, shrink_in_place)| Layout {
-                patch,
-                in_place,
-                shrink_in_place,
-                out_of_place: [0; 4],
-                stream_input,
-                fuse_blocks: false,
-            });
             compile_with(&g, &scheme, &settings, meta, fixed, stream_input, objective)
         })
         .map_err(|e| core_err(py, e))?;
@@ -279,22 +365,15 @@ fn plan_report<'py>(py: Python<'py>, plan: &[u8]) -> PyResult<Bound<'py, PyDict>
     d.set_item("breakdown", b)?;
     let oplist: Vec<(&str, u32)> = ops.iter().map(|o| (o.kind.name(), o.node)).collect();
     d.set_item("ops", oplist)?;
-    let mut by_kind = [0usize; 16];
-    for bf in &bufs {
-        if bf.kind.persistent() {
-            by_kind[bf.kind as usize] += planner::aligned(bf.bytes);
-        }
-    }
-    d.set_item("state_by_kind", by_kind.to_vec())?;
     d.set_item("params_len", v.params_len)?;
     d.set_item("n_layers", v.n_layers)?;
     d.set_item("meta", PyBytes::new(py, v.meta()))?;
     d.set_item("reorder", v.globals.reorder)?;
-    d.set_item("precision", v.globals.precision as u8)?;
-    d.set_item("loss", v.globals.loss as u8)?;
+    d.set_item("precision", v.globals.precision.name())?;
+    d.set_item("loss", v.globals.loss.name())?;
     d.set_item("momentum_buffers", v.globals.momentum_buffers)?;
     d.set_item("accumulate", v.globals.accumulate)?;
-    d.set_item("rounding", rounding_name(v.globals.rounding))?;
+    d.set_item("rounding", v.globals.rounding.name())?;
     d.set_item("lr", v.globals.lr)?;
     d.set_item("momentum", v.globals.momentum)?;
     d.set_item("seed", v.globals.seed)?;
@@ -339,6 +418,33 @@ fn as_bytes(w: &[u32], len: usize) -> &[u8] {
 fn as_bytes_mut(w: &mut [u32], len: usize) -> &mut [u8] {
     // SAFETY: as above, exclusively borrowed.
     unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u8, len.min(4 * w.len())) }
+}
+
+/// The targets of `Session.run_rows`: class labels (int64) or one float row per sample (MSE).
+#[derive(FromPyObject)]
+pub(crate) enum Targets<'py> {
+    Classes(PyReadonlyArray1<'py, i64>),
+    Values(PyReadonlyArray2<'py, f32>),
+}
+
+/// What `Session.run_rows` does with each row.
+enum RowOp {
+    Step,
+    Accumulate,
+}
+
+impl FromStr for RowOp {
+    type Err = PyErr;
+
+    fn from_str(s: &str) -> PyResult<RowOp> {
+        match s {
+            "step" => Ok(RowOp::Step),
+            "accumulate" => Ok(RowOp::Accumulate),
+            _ => Err(PyValueError::new_err(format!(
+                "op must be \"step\" or \"accumulate\", got {s:?}"
+            ))),
+        }
+    }
 }
 
 /// A plan being trained on the host: owns the plan, the parameter blob and the arena, and runs
@@ -447,72 +553,50 @@ impl Session {
         self.high_water = 0;
     }
 
-    /// One step per row of `x` (int8, HWC flattened) with class labels. Returns the per-sample
-    /// losses; a step refused because a gradient was not finite gives NaN and changes nothing
-    /// after the layer where it was detected.
-    fn steps<'py>(
+    /// Trains on each row of `x` (int8, HWC flattened) with its target (a class label, or a
+    /// float row for an MSE plan): `op` "step" runs one training step per row, "accumulate" (an
+    /// accumulation plan) forward and backward with the gradients summed into the accumulators
+    /// and no update. Returns the per-sample losses; a step refused because a gradient was not
+    /// finite gives NaN and changes nothing after the layer where it was detected.
+    fn run_rows<'py>(
         &mut self,
         py: Python<'py>,
         x: PyReadonlyArray2<'py, i8>,
-        labels: PyReadonlyArray1<'py, i64>,
+        targets: Targets<'py>,
+        op: &str,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let op: RowOp = op.parse()?;
         let x = x.as_array();
-        let labels = labels.as_slice()?;
-        if labels.len() != x.nrows() {
-            return Err(PyValueError::new_err("one label per sample expected"));
+        let n = match &targets {
+            Targets::Classes(labels) => labels.len()?,
+            Targets::Values(rows) => rows.as_array().nrows(),
+        };
+        if n != x.nrows() {
+            return Err(PyValueError::new_err(format!(
+                "one target per sample expected: {} samples, {n} targets",
+                x.nrows()
+            )));
         }
-        let mut out = Vec::with_capacity(labels.len());
-        for (row, &y) in x.outer_iter().zip(labels) {
+        let mut out = Vec::with_capacity(n);
+        for (i, row) in x.outer_iter().enumerate() {
             let row: Vec<i8> = row.iter().copied().collect();
-            if y < 0 {
-                return Err(PyValueError::new_err(format!("label {y} is negative")));
-            }
-            out.push(self.corrected_step(py, &row, Target::Class(y as usize))?);
-        }
-        Ok(out.into_pyarray(py))
-    }
-
-    /// Accumulation plans: forward and backward of each row (class labels), gradients summed
-    /// into the accumulators, no update. Returns the per-sample losses.
-    fn accumulate<'py>(
-        &mut self,
-        py: Python<'py>,
-        x: PyReadonlyArray2<'py, i8>,
-        labels: PyReadonlyArray1<'py, i64>,
-    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let x = x.as_array();
-        let labels = labels.as_slice()?;
-        if labels.len() != x.nrows() {
-            return Err(PyValueError::new_err("one label per sample expected"));
-        }
-        let mut out = Vec::with_capacity(labels.len());
-        for (row, &y) in x.outer_iter().zip(labels) {
-            let row: Vec<i8> = row.iter().copied().collect();
-            if y < 0 {
-                return Err(PyValueError::new_err(format!("label {y} is negative")));
-            }
-            out.push(self.with(py, |ex| ex.accumulate(&row, Target::Class(y as usize)))?);
-        }
-        Ok(out.into_pyarray(py))
-    }
-
-    /// Like `accumulate`, for a plan compiled with the MSE loss: one float target row per sample.
-    fn accumulate_mse<'py>(
-        &mut self,
-        py: Python<'py>,
-        x: PyReadonlyArray2<'py, i8>,
-        targets: PyReadonlyArray2<'py, f32>,
-    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let x = x.as_array();
-        let t = targets.as_array();
-        if t.nrows() != x.nrows() {
-            return Err(PyValueError::new_err("one target row per sample expected"));
-        }
-        let mut out = Vec::with_capacity(x.nrows());
-        for (row, trow) in x.outer_iter().zip(t.outer_iter()) {
-            let row: Vec<i8> = row.iter().copied().collect();
-            let trow: Vec<f32> = trow.iter().copied().collect();
-            out.push(self.with(py, |ex| ex.accumulate(&row, Target::Values(&trow)))?);
+            let values: Vec<f32>;
+            let target = match &targets {
+                Targets::Classes(labels) => {
+                    let y = labels.as_array()[i];
+                    let y = usize::try_from(y)
+                        .map_err(|_| PyValueError::new_err(format!("label {y} is negative")))?;
+                    Target::Class(y)
+                }
+                Targets::Values(rows) => {
+                    values = rows.as_array().row(i).to_vec();
+                    Target::Values(&values)
+                }
+            };
+            out.push(match op {
+                RowOp::Step => self.corrected_step(py, &row, target)?,
+                RowOp::Accumulate => self.with(py, |ex| ex.accumulate(&row, target))?,
+            });
         }
         Ok(out.into_pyarray(py))
     }
@@ -561,27 +645,6 @@ impl Session {
         }
         self.correction = Some(c);
         Ok(())
-    }
-
-    /// Like `steps`, for a plan compiled with the MSE loss: one float target row per sample.
-    fn steps_mse<'py>(
-        &mut self,
-        py: Python<'py>,
-        x: PyReadonlyArray2<'py, i8>,
-        targets: PyReadonlyArray2<'py, f32>,
-    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let x = x.as_array();
-        let t = targets.as_array();
-        if t.nrows() != x.nrows() {
-            return Err(PyValueError::new_err("one target row per sample expected"));
-        }
-        let mut out = Vec::with_capacity(x.nrows());
-        for (row, trow) in x.outer_iter().zip(t.outer_iter()) {
-            let row: Vec<i8> = row.iter().copied().collect();
-            let trow: Vec<f32> = trow.iter().copied().collect();
-            out.push(self.corrected_step(py, &row, Target::Values(&trow))?);
-        }
-        Ok(out.into_pyarray(py))
     }
 
     /// Forward pass of each row; returns the int8 outputs (N, outputs).

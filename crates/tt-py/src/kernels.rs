@@ -14,7 +14,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use tt_core::ops::{add, conv, fc, loss, pool, ChannelSelection};
 use tt_core::qas::{self, SgdConfig, UpdatePrecision, UpdateState, XorShift32};
-use tt_core::quant::{self, Activation, QParams, Requant};
+use tt_core::quant::{self, Activation, QParams, Requant, Rounding};
 
 type Py1<'py, T> = PyResult<Bound<'py, PyArrayDyn<T>>>;
 type Py2<'py> = PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)>;
@@ -57,7 +57,7 @@ fn to_numpy<'py, T: Element>(py: Python<'py>, shape: &[usize], v: Vec<T>) -> Py1
 /// Requantization records of a conv (`fc == false`) or fc layer of a model whose rounding mode
 /// is `rounding` (the model's, not the record's: see `Rounding::for_layer`).
 fn requants(scales: &[f64], rounding: &str, fc: bool) -> PyResult<Vec<Requant>> {
-    let mode = crate::engine::rounding_of(rounding)?.for_layer(fc);
+    let mode = crate::engine::parse_name::<Rounding>(rounding)?.for_layer(fc);
     scales
         .iter()
         .map(|&s| {
@@ -590,7 +590,7 @@ fn add_forward<'py>(
         qparams(out_scale, out_zp)?,
         act_min,
         act_max,
-        crate::engine::rounding_of(rounding)?,
+        crate::engine::parse_name::<Rounding>(rounding)?,
     )
     .map_err(core_err)?;
     let (ad, bd) = (data(&a), data(&b));
@@ -644,7 +644,7 @@ fn global_avgpool_forward<'py>(
     out_zp: i32,
     rounding: &str,
 ) -> Py1<'py, i8> {
-    let mode = crate::engine::rounding_of(rounding)?;
+    let mode = crate::engine::parse_name::<Rounding>(rounding)?;
     let xs = dims(&x, 4, "x")?;
     let (iq, oq) = (qparams(in_scale, in_zp)?, qparams(out_scale, out_zp)?);
     let xd = data(&x);

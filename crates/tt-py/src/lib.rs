@@ -3,14 +3,18 @@
 use pyo3::prelude::*;
 
 mod engine;
+mod facts;
+#[cfg(feature = "kernels")]
 mod kernels;
 mod update;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    #[cfg(feature = "kernels")]
     kernels::register(m)?;
     engine::register(m)?;
     update::register(m)?;
+    facts::register(m)?;
     Ok(())
 }
