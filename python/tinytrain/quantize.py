@@ -179,7 +179,6 @@ def fit_dead_channel_biases(q, where: str) -> List[Tuple[str, int, int, int]]:
     value reproduces, raises `QuantizationError` naming the layer and channel (``.layer``,
     ``.channel``). Returns the changes as (layer, channel, old bias, new bias)."""
     from . import _core
-    from .model import act_range
 
     limit = int(_core.BIAS_LIMIT)
     changed = []
@@ -192,7 +191,7 @@ def fit_dead_channel_biases(q, where: str) -> List[Tuple[str, int, int, int]]:
             continue
         t_in, t_out = q.tensors[n.inputs[0]], q.tensors[n.output]
         req = np.float64(t_in.scale) * n.params["weight_scale"].astype(np.float64) / np.float64(t_out.scale)
-        lo, hi = act_range(n.attrs.get("act", "none"), t_out.scale, t_out.zero_point)
+        lo, hi = _core.activation_range(n.attrs.get("act", "none"), float(t_out.scale), int(t_out.zero_point))
         wq = n.params["weight_q"].reshape(len(bias), -1)
         label = n.name if n.attrs.get("onnx_node", n.name) == n.name else f"{n.name} ({n.attrs['onnx_node']!r})"
 

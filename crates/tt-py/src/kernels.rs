@@ -3,37 +3,15 @@
 //! Every array carries a leading batch dimension; the loop over samples runs here, the math in
 //! tt-core. Activations are NHWC int8, conv weights OHWI, FC weights `[out][in]`. A tt-core error
 //! becomes a `ValueError` carrying tt-core's message.
-use std::borrow::Cow;
-
-use numpy::ndarray::{ArrayD, IxDyn};
-use numpy::{
-    Element, IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
-    PyUntypedArrayMethods,
-};
-use pyo3::exceptions::PyValueError;
+use numpy::{Element, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+
+use crate::numerics::{bad, core_err, data, qparams, requants, to_numpy, Py1};
 use tt_core::ops::{add, conv, fc, loss, pool, ChannelSelection};
 use tt_core::qas::{self, SgdConfig, UpdatePrecision, UpdateState, XorShift32};
-use tt_core::quant::{self, Activation, QParams, Requant, Rounding};
+use tt_core::quant::{QParams, Requant, Rounding};
 
-type Py1<'py, T> = PyResult<Bound<'py, PyArrayDyn<T>>>;
 type Py2<'py> = PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)>;
-
-fn core_err(e: tt_core::Error) -> PyErr {
-    PyValueError::new_err(e.to_string())
-}
-
-fn bad(msg: String) -> PyErr {
-    PyValueError::new_err(msg)
-}
-
-/// The array's elements in C order, borrowed when already contiguous.
-fn data<'a, T: Element + Copy>(a: &'a PyReadonlyArrayDyn<'_, T>) -> Cow<'a, [T]> {
-    match a.as_slice() {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => Cow::Owned(a.as_array().iter().copied().collect()),
-    }
-}
 
 fn dims<T: Element>(
     a: &PyReadonlyArrayDyn<'_, T>,
@@ -47,29 +25,6 @@ fn dims<T: Element>(
         )));
     }
     Ok(s.to_vec())
-}
-
-fn to_numpy<'py, T: Element>(py: Python<'py>, shape: &[usize], v: Vec<T>) -> Py1<'py, T> {
-    let a = ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| bad(e.to_string()))?;
-    Ok(a.into_pyarray(py))
-}
-
-/// Requantization records of a conv (`fc == false`) or fc layer of a model whose rounding mode
-/// is `rounding` (the model's, not the record's: see `Rounding::for_layer`).
-fn requants(scales: &[f64], rounding: &str, fc: bool) -> PyResult<Vec<Requant>> {
-    let mode = crate::engine::parse_name::<Rounding>(rounding)?.for_layer(fc);
-    scales
-        .iter()
-        .map(|&s| {
-            Requant::from_scale(s)
-                .map(|r| r.with_rounding(mode))
-                .map_err(core_err)
-        })
-        .collect()
-}
-
-fn qparams(scale: f32, zp: i32) -> PyResult<QParams> {
-    QParams::new(scale, zp).map_err(core_err)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -103,46 +58,6 @@ fn selection(axis: &str, count: usize) -> PyResult<ChannelSelection> {
 fn requant_from_scale(scale: f64) -> PyResult<(i32, i32)> {
     let r = Requant::from_scale(scale).map_err(core_err)?;
     Ok((r.multiplier, r.shift as i32))
-}
-
-/// `[act_min, act_max]` of "none" / "relu" / "relu6" for an output quantization.
-#[pyfunction]
-fn activation_range(act: &str, scale: f32, zero_point: i32) -> PyResult<(i8, i8)> {
-    let a = match act {
-        "none" => Activation::None,
-        "relu" => Activation::Relu,
-        "relu6" => Activation::Relu6,
-        _ => return Err(bad(format!("unknown activation {act:?}"))),
-    };
-    Ok(quant::activation_range(a, qparams(scale, zero_point)?))
-}
-
-/// Requantizes int32 accumulators `[..., C]` with per-channel (or one) real scales, rounding as
-/// a conv layer (or, with `fully_connected`, an fc layer) of a model whose mode is `rounding`.
-#[pyfunction]
-#[pyo3(signature = (acc, requant_scale, out_zp, act_min=-128, act_max=127, rounding="single", fully_connected=false))]
-#[allow(clippy::too_many_arguments)]
-fn requantize<'py>(
-    py: Python<'py>,
-    acc: PyReadonlyArrayDyn<'py, i32>,
-    requant_scale: PyReadonlyArrayDyn<'py, f64>,
-    out_zp: i32,
-    act_min: i8,
-    act_max: i8,
-    rounding: &str,
-    fully_connected: bool,
-) -> Py1<'py, i8> {
-    let shape = acc.shape().to_vec();
-    let c = *shape
-        .last()
-        .ok_or_else(|| bad("requantize: scalar input".into()))?;
-    let rq = requants(&data(&requant_scale), rounding, fully_connected)?;
-    let a = data(&acc);
-    let mut out = vec![0i8; a.len()];
-    if !a.is_empty() {
-        quant::requantize(&a, c, &rq, out_zp, act_min, act_max, &mut out).map_err(core_err)?;
-    }
-    to_numpy(py, &shape, out)
 }
 
 /// Int8 conv forward over a batch: x `[N,H,W,C]`, weight OHWI, bias int32 `[O]`,
@@ -1028,11 +943,7 @@ fn sgd_update_bias(
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // The bound on every bias magnitude a plan accepts (tt-core's exec and update checks).
-    m.add("BIAS_LIMIT", tt_core::ops::BIAS_LIMIT)?;
     m.add_function(wrap_pyfunction!(requant_from_scale, m)?)?;
-    m.add_function(wrap_pyfunction!(activation_range, m)?)?;
-    m.add_function(wrap_pyfunction!(requantize, m)?)?;
     m.add_function(wrap_pyfunction!(conv2d_forward, m)?)?;
     m.add_function(wrap_pyfunction!(conv2d_accumulate, m)?)?;
     m.add_function(wrap_pyfunction!(conv2d_backward_input, m)?)?;

@@ -6,6 +6,7 @@ mod engine;
 mod facts;
 #[cfg(feature = "kernels")]
 mod kernels;
+mod numerics;
 mod update;
 
 #[pymodule]
@@ -16,5 +17,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     engine::register(m)?;
     update::register(m)?;
     facts::register(m)?;
+    numerics::register(m)?;
     Ok(())
 }
