@@ -12,7 +12,7 @@ from typing import List, Tuple, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, datacheck
 from .errors import MemoryBudgetError
 from .graph import Graph
 from .plan import LOSSES, PRECISIONS, Plan
@@ -134,8 +134,10 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         raise TypeError(f"scheme must be a tt.Scheme (see tt.schemes), got {type(scheme).__name__}")
     if update_precision not in PRECISIONS:
         raise ValueError(f"update_precision must be one of {list(PRECISIONS)}, got {update_precision!r}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+    if loss not in LOSSES and loss != "auto":
+        raise ValueError(f"loss must be one of {list(LOSSES)} or 'auto', got {loss!r}")
+    loss, _ = datacheck.choose_loss(q, loss)
+    lr = datacheck.check_lr(lr)
     if not (np.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if not 0.0 <= momentum < 1.0:
@@ -232,7 +234,8 @@ def add_cli_options(p) -> None:
     p.add_argument("--no-reorder", action="store_true", help="apply all updates after the backward pass")
     p.add_argument("--budget", default=None, help="SRAM budget, e.g. 256KB")
     p.add_argument("--precision", choices=list(PRECISIONS), default="stochastic", help="update precision")
-    p.add_argument("--loss", choices=list(LOSSES), default="cross_entropy")
+    p.add_argument("--loss", choices=[*LOSSES, "auto"], default="auto",
+                   help="auto: cross_entropy for a classifier head, mse for a regressor (default: auto)")
     p.add_argument("--calib", help="calibration data for a float model (.npz with X, or .npy)")
     p.add_argument("--stream-input", action="store_true",
                    help="the patch stage reads the input sample from outside the SRAM arena")
@@ -246,6 +249,7 @@ def _cli_plan(args, budget_check: bool) -> Tuple[object, Plan]:
 
     q = load_model(args.model, args.calib)
     s = scheme_from_arg(q, args.scheme)
+    args.loss = datacheck.cli_loss(q, args.loss)
     kw = dict(reorder=not args.no_reorder, update_precision=args.precision, loss=args.loss,
               stream_input=args.stream_input)
     plan = None

@@ -8,6 +8,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
+from .datacheck import check_finite
 from .errors import ModelFormatError
 
 def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str]) -> str:
@@ -70,6 +71,7 @@ def load_data(path: str, need_labels: bool = True) -> Tuple[np.ndarray, Optional
         raise ModelFormatError(f"{path}: no labels; expected one of {', '.join(Y_KEYS)} beside the inputs")
     if y is not None and len(y) != len(x):
         raise ModelFormatError(f"{path}: {len(x)} inputs but {len(y)} labels")
+    check_finite(x, f"{path}: inputs")
     if x.dtype != np.int8:
         x = x.astype(np.float32)
     return x, y
