@@ -207,10 +207,12 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
 
 
 # ---------------------------------------------------------------------- command line
-def scheme_from_arg(q, spec: str) -> Scheme:
-    """``full`` | ``bias`` | ``last:K`` | ``paper`` | a scheme JSON file."""
+def scheme_from_arg(q, spec: str, budget=None, **compile_kwargs) -> Scheme:
+    """``auto`` | ``full`` | ``bias`` | ``last:K`` | ``paper`` | a scheme JSON file."""
     from . import schemes
 
+    if spec == "auto":
+        return schemes.auto(q, budget, **compile_kwargs)
     if spec == "full":
         return schemes.full(q)
     if spec in ("bias", "bias_only"):
@@ -225,12 +227,13 @@ def scheme_from_arg(q, spec: str) -> Scheme:
         return schemes.last_layers(q, k)
     if spec.endswith(".json"):
         return Scheme.load(spec)
-    raise ValueError(f"--scheme must be full, bias, last:K, paper or a .json file, got {spec!r}")
+    raise ValueError(f"--scheme must be auto, full, bias, last:K, paper or a .json file, got {spec!r}")
 
 
 def add_cli_options(p) -> None:
     p.add_argument("model", help="ONNX file (float models are quantized with --calib or synthetic data)")
-    p.add_argument("--scheme", default="paper", help="full | bias | last:K | paper | FILE.json (default: paper)")
+    p.add_argument("--scheme", default="auto", help="auto | full | bias | last:K | paper | FILE.json (default: auto: "
+                   "paper where the model has inverted-residual blocks and it fits, else the most last layers that fit)")
     p.add_argument("--no-reorder", action="store_true", help="apply all updates after the backward pass")
     p.add_argument("--budget", default=None, help="SRAM budget, e.g. 256KB")
     p.add_argument("--precision", choices=list(PRECISIONS), default="stochastic", help="update precision")
@@ -248,10 +251,13 @@ def _cli_plan(args, budget_check: bool) -> Tuple[object, Plan]:
     from .fileio import load_model
 
     q = load_model(args.model, args.calib)
-    s = scheme_from_arg(q, args.scheme)
     args.loss = datacheck.cli_loss(q, args.loss)
     kw = dict(reorder=not args.no_reorder, update_precision=args.precision, loss=args.loss,
               stream_input=args.stream_input)
+    s = scheme_from_arg(q, args.scheme, args.budget, **kw)
+    if s.why:
+        datacheck.say(f"scheme {args.scheme} chose {s.why}")
+        args.scheme = s.name
     plan = None
     if args.optimize == "compute":
         try:

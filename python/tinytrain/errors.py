@@ -104,3 +104,8 @@ class NonFiniteDataError(DataError):
 class DataWarning(UserWarning):
     """Data was usable only after a conversion tinytrain made and says (e.g. 8-bit pixels divided by
     255 for a model whose input covers [0, 1]), or looks unlike what the model was calibrated on."""
+
+
+class SchemeError(TinytrainError, ValueError):
+    """A sparse-update scheme asked for does not apply to the model (e.g. the paper's scheme on a
+    network without inverted-residual blocks). The message lists the schemes that do."""
