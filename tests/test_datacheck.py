@@ -235,3 +235,15 @@ def test_cli_refuses_a_learning_rate_that_is_inf_in_float32(tmp_path, capsys, di
                    "--scheme", "last:1", "--lr", "1e39", "-o", str(tmp_path / "t.onnx")])
     assert rc == 1 and "in float32, the precision training runs in; got 1e+39 (float32: inf)" in capsys.readouterr().err
     assert not (tmp_path / "t.onnx").exists()
+
+
+# ---------------------------------------------------------------------- float weights
+def test_non_finite_float_weights_are_refused_at_quantize(digits):
+    x, _ = digits
+    g = tt.load_onnx(tt.models.DEMO_PATH)
+    layer = g.node(g.layers[3])
+    layer.params["weight"] = layer.params["weight"].copy()
+    layer.params["weight"].reshape(-1)[[0, 7]] = (np.nan, np.inf)
+    with pytest.raises(tt.QuantizationError, match=rf"layer '{g.layers[3]}': 2 of {layer.params['weight'].size} "
+                                                   r"float weight values are NaN or infinite"):
+        tt.quantize(g, x[:8])

@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import DataError, DataWarning, NonFiniteDataError
 
-__all__ = ["check_lr", "input_range", "check_inputs", "check_finite", "model_task", "choose_loss",
+__all__ = ["check_float_weights", "check_lr", "input_range", "check_inputs", "check_finite", "model_task", "choose_loss",
            "check_labels", "check_targets", "check_supervision", "plan_labels", "check_model_data",
            "score", "cli_loss", "register_trainer", "check_export_is_current"]
 
@@ -58,6 +58,25 @@ def check_lr(lr, name: str = "lr", allow_zero: bool = False) -> float:
         raise ValueError(f"{name} must be a finite number {limit} in float32, the precision training runs in; "
                          f"got {lr!r}{seen}")
     return float(f32)
+
+
+# ---------------------------------------------------------------------- float weights
+def check_float_weights(g, where: str = "") -> None:
+    """Refuses a float model whose conv/fc weights or biases hold NaN or inf: quantizing them would
+    give int8 zeros or saturated values without a word. Names the layer and the count."""
+    from .errors import QuantizationError
+
+    for n in g.nodes:
+        if not n.trainable:
+            continue
+        for key in ("weight", "bias"):
+            a = n.params.get(key)
+            if a is None or not np.issubdtype(np.asarray(a).dtype, np.floating):
+                continue
+            bad = int((~np.isfinite(np.asarray(a))).sum())
+            if bad:
+                raise QuantizationError(f"{where}layer {n.name!r}: {bad} of {np.asarray(a).size} float {key} values "
+                                        f"are NaN or infinite; the model cannot be quantized (retrain or repair it)")
 
 
 # ---------------------------------------------------------------------- inputs

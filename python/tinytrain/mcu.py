@@ -52,7 +52,7 @@ def _samples(tr: Trainer, x, y, what: str):
         return b"", b"", 0
     if x is None or y is None:
         raise ValueError(f"{what}: give both samples and labels")
-    xq = tr._inputs(x)
+    xq = tr._inputs(datacheck.check_inputs(np.asarray(x), tr._in_scale, tr._in_zp, f"{what}: inputs"))
     labels = datacheck.plan_labels(tr.plan, y, len(xq), f"{what}: labels")
     if len(labels) != len(xq):
         raise ValueError(f"{what}: {len(xq)} samples but {len(labels)} labels")
