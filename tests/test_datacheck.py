@@ -247,3 +247,19 @@ def test_non_finite_float_weights_are_refused_at_quantize(digits):
     with pytest.raises(tt.QuantizationError, match=rf"layer '{g.layers[3]}': 2 of {layer.params['weight'].size} "
                                                    r"float weight values are NaN or infinite"):
         tt.quantize(g, x[:8])
+
+
+@pytest.mark.parametrize("settings", [dict(optimize="compute", budget="256KB"), dict(patch=None, in_place=False),
+                                      dict(patch=("conv_2", 2), in_place="all"),
+                                      dict(accumulate=True, update_precision="fp32"),
+                                      dict(momentum=0.5, update_precision="residual", reorder=False)])
+def test_the_trained_plan_keeps_the_plans_layout_and_settings(demo_q, digits, settings):
+    x, y = digits
+    plan = tt.compile(demo_q, tt.schemes.last_layers(demo_q, 3), lr=0.005, **settings)
+    tr = tt.Trainer(plan)
+    tr.fit(x[:40], y[:40], epochs=1, verbose=False)
+    trained = tr.trained_plan()
+    assert trained.params != plan.params
+    assert {k: v for k, v in trained._report.items() if k not in ("lr", "momentum")} == \
+        {k: v for k, v in plan._report.items() if k not in ("lr", "momentum")}
+    assert np.array_equal(tt.Trainer(trained).predict(x[40:]), tr.predict(x[40:]))

@@ -85,9 +85,12 @@ def input_range(scale: float, zero_point: int) -> Tuple[float, float]:
     return (-128 - int(zero_point)) * float(scale), (127 - int(zero_point)) * float(scale)
 
 
-def check_finite(a, what: str) -> None:
-    """Refuses NaN / inf values in ``a`` (samples along axis 0) with their count."""
+def check_finite(a, what: str, sample_ndim: Optional[int] = None) -> None:
+    """Refuses NaN / inf values in ``a`` (samples along axis 0) with their count. ``a`` with
+    ``sample_ndim`` dimensions is one sample."""
     a = np.asarray(a)
+    if sample_ndim is not None and a.ndim == sample_ndim:
+        a = a[None]
     if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.complexfloating):
         return
     bad = ~np.isfinite(a)
@@ -109,18 +112,20 @@ def _numeric(x: np.ndarray, what: str) -> None:
                         what)
 
 
-def check_inputs(x, scale: float, zero_point: int, what: str = "inputs") -> np.ndarray:
+def check_inputs(x, scale: float, zero_point: int, what: str = "inputs",
+                 sample_ndim: Optional[int] = None) -> np.ndarray:
     """``x`` checked against the model's int8 input (scale, zero point): int8 is taken as already
     quantized; anything else must be finite and in the range the input covers. 8-bit pixel values
     (0-255, any dtype) for an input covering [0, ~1] are divided by 255 with a `DataWarning`; other
-    data mostly outside the range is refused with the fix. Returns ``x`` (float32 if converted)."""
+    data mostly outside the range is refused with the fix. Returns ``x`` (float32 if converted).
+    ``sample_ndim``: the dimensions of one sample, so that a lone sample's NaNs count as one's."""
     x = np.asarray(x)
     if x.dtype == np.int8:
         return x
     _numeric(x, what)
     if not x.size:
         return x
-    check_finite(x, what)
+    check_finite(x, what, sample_ndim)
     lo, hi = input_range(scale, zero_point)
     half = 0.5 * float(scale)
     xf = x.astype(np.float32, copy=False)
@@ -200,6 +205,8 @@ def check_labels(y, n: int, n_classes: int, what: str = "labels") -> np.ndarray:
     """Class indices (N,) int64 in [0, n_classes) from (N,), (N, 1) or one-hot (N, n_classes)
     labels (integers, or floats holding integers); anything else is refused with the reason."""
     y = np.asarray(y)
+    if y.dtype == np.bool_:  # two classes written as False / True
+        y = y.astype(np.int64)
     _numeric(y, what)
     y = _samples_of(y, n, what)
     if y.ndim == 2 and y.shape[1] == n_classes > 1:
@@ -218,7 +225,7 @@ def check_labels(y, n: int, n_classes: int, what: str = "labels") -> np.ndarray:
             raise DataError(f"{what}: float values such as {y[np.flatnonzero(y != np.round(y))[0]].item()!r} are not class "
                             f"indices; a classifier takes integers in [0, {n_classes}) (float targets need a "
                             f"regressor: loss 'mse')", what)
-    if n and (y.min() < 0 or y.max() >= n_classes):
+    if n and n_classes > 0 and (y.min() < 0 or y.max() >= n_classes):
         outside = int(((y < 0) | (y >= n_classes)).sum())
         raise DataError(f"{what}: {outside} of {n} labels lie outside the model's {n_classes} classes "
                         f"(values {y.min():g}..{y.max():g}, expected integers in [0, {n_classes}))", what)

@@ -123,7 +123,7 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _inputs(self, x) -> np.ndarray:
         """float32 (or int8, already quantized) NCHW / CHW -> int8 (N, H*W*C)."""
-        x = datacheck.check_inputs(np.asarray(x), self._in_scale, self._in_zp)
+        x = datacheck.check_inputs(np.asarray(x), self._in_scale, self._in_zp, sample_ndim=len(self._in_shape))
         if x.ndim in (1, 2) and len(self._in_shape) == 3 and self._in_shape[1:] == (1, 1):
             x = x.reshape((-1,) + self._in_shape)  # (N, F) features for a (F, 1, 1) input
         if x.ndim == len(self._in_shape):
@@ -357,6 +357,8 @@ class Trainer:
                     accumulate=self.plan.accumulate, stream_input=bool(r["stream_input"]))
         patch = None if r["patch"] is None else (nodes[r["patch"][0]], int(r["patch"][1]))
         layouts = [{}] + [dict(patch=patch, in_place=p) for p in (True, "all", False)]
+        if self.plan.memory.budget_bytes is not None:
+            layouts.append(dict(optimize="compute", budget=self.plan.memory.budget_bytes))
         same = lambda a, b: {k: v for k, v in a.items() if k not in ("lr", "momentum")} == \
             {k: v for k, v in b.items() if k not in ("lr", "momentum")}  # noqa: E731
         q, scheme = self.model, Scheme.from_dict(self.plan.meta["scheme"])
