@@ -61,7 +61,8 @@ def test_auto_falls_back_to_the_most_trailing_layers_that_fit(resnet8):
     assert tt.compile(resnet8, s).memory.peak_bytes <= 32 * 1024
     above = tt.compile(resnet8, tt.schemes.last_layers(resnet8, k + 1)).memory.peak_bytes
     assert above > 32 * 1024
-    assert s.why.startswith(f"last:{k}: the paper's scheme does not apply (no inverted-residual blocks); the most "
+    assert s.why.startswith(f"last:{k}: the paper's scheme does not apply (no 1x1 conv feeding a depthwise conv: "
+                            f"no inverted-residual blocks); the most "
                             f"trailing layers whose training fits 32 KB")
     # With room for everything the engine can train, the layers behind the max pool are the limit.
     s = tt.schemes.auto(resnet8, budget="1MB")

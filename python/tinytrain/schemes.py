@@ -242,13 +242,14 @@ def auto(q, budget=None, **compile_kwargs) -> Scheme:
         paper = paper_sparse(q)
         peak = _peak(q, paper, **compile_kwargs)
         if peak is not None and peak <= limit:
-            paper.why = (f"paper: the model has inverted-residual blocks and the seed paper's sparse scheme fits "
+            paper.why = (f"paper: the model has 1x1 convs feeding depthwise convs (as in inverted-residual "
+                         f"blocks) and the seed paper's sparse scheme fits "
                          f"{shown} (peak {peak / 1024:.1f} KB)")
             return paper
         reason = ("the paper's scheme does not fit" if peak is not None else "the engine cannot train the paper's "
                   "scheme on this model")
     else:
-        reason = "the paper's scheme does not apply (no inverted-residual blocks)"
+        reason = "the paper's scheme does not apply (no 1x1 conv feeding a depthwise conv: no inverted-residual blocks)"
     n = len(_layers(q))
     peaks: Dict[int, Optional[int]] = {}
 
