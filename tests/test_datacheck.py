@@ -263,3 +263,14 @@ def test_the_trained_plan_keeps_the_plans_layout_and_settings(demo_q, digits, se
     assert {k: v for k, v in trained._report.items() if k not in ("lr", "momentum")} == \
         {k: v for k, v in plan._report.items() if k not in ("lr", "momentum")}
     assert np.array_equal(tt.Trainer(trained).predict(x[40:]), tr.predict(x[40:]))
+
+
+def test_compile_takes_the_loss_from_the_model_and_search_refuses_a_regressor():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ae = tt.fileio.load_model(str(AUTOENCODER))
+    assert tt.compile(ae, tt.schemes.last_layers(ae, 1)).loss == "mse"
+    x = np.random.default_rng(0).random((8, 64, 1, 1)).astype(np.float32)
+    with pytest.raises(DataError, match=r"tt.search ranks schemes by held-out accuracy and this model trains with "
+                                        r"mse \(the model is a regressor: output shaped as its input"):
+        tt.search(ae, x, x.reshape(8, 64))

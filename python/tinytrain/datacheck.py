@@ -30,7 +30,7 @@ from .errors import DataError, DataWarning, NonFiniteDataError
 
 __all__ = ["check_float_weights", "check_lr", "input_range", "check_inputs", "check_finite", "model_task", "choose_loss",
            "check_labels", "check_targets", "check_supervision", "plan_labels", "check_model_data",
-           "score", "cli_loss", "register_trainer", "check_export_is_current"]
+           "score", "cli_loss", "check_search_data", "register_trainer", "check_export_is_current"]
 
 #: Share of input values allowed past the model's int8 range (beyond half an LSB) before the data
 #: is judged to be on another scale. Calibration with a percentile clips a little on purpose, and
@@ -281,6 +281,16 @@ def check_model_data(q, x, y=None, loss: Optional[str] = None, what: str = "data
         return x, None, loss
     n_out = int(np.prod(q.tensors[q.output].shape))
     return x, check_supervision(y, len(x), loss, n_out, f"{what}: labels"), loss
+
+
+def check_search_data(q, x, y, loss: Optional[str] = None):
+    """(x, y) for `tt.search`, which ranks schemes by held-out accuracy: a classifier's data only."""
+    x, y, loss = check_model_data(q, x, y, loss, "search data")
+    if loss != "cross_entropy":
+        raise DataError(f"tt.search ranks schemes by held-out accuracy and this model trains with {loss} "
+                        f"({choose_loss(q, 'auto')[1]}): choose its scheme with tt.schemes.auto(q, budget) "
+                        f"(the CLI's --scheme auto)", "search data")
+    return x, y
 
 
 def score(q, x, y, what: str = "data") -> Tuple[str, float]:

@@ -83,7 +83,7 @@ def _quantized(model):
 
 
 def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder: bool = True,
-            update_precision: str = "stochastic", loss: str = "cross_entropy", lr: float = 0.05,
+            update_precision: str = "stochastic", loss: str = "auto", lr: float = 0.05,
             momentum: float = 0.0, seed: int = 0, patch="auto", in_place=None,
             stream_input: bool = False, accumulate: bool = False, optimize: str = "memory") -> Plan:
     """Compile training of `model` under `scheme` into a `Plan`.
@@ -95,7 +95,9 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
     - ``update_precision``: how trained int8 weights keep sub-LSB steps: ``"stochastic"`` rounding
       (no extra bytes), ``"residual"`` (an int8 residual, +1 byte per trained weight) or ``"fp32"``
       (an fp32 master copy, +4 bytes).
-    - ``loss``: ``"cross_entropy"`` (class labels) or ``"mse"`` (float targets).
+    - ``loss``: ``"cross_entropy"`` (class labels) or ``"mse"`` (float targets); ``"auto"``
+      (default) picks it from the model's head (`tinytrain.datacheck.choose_loss`: cross-entropy
+      for a classifier, MSE for one output or an output shaped as the input); ``plan.loss`` says.
     - ``lr``, ``momentum``: the plan's SGD defaults (the MCU uses them; `Trainer` may override).
       ``momentum > 0`` allocates momentum buffers (+4 bytes per trained parameter).
     - ``seed``: the stochastic-rounding generator's seed.

@@ -515,7 +515,7 @@ def search(
     from .errors import MemoryBudgetError
 
     lr = datacheck.check_lr(lr)
-    X, Y, _ = datacheck.check_model_data(q, X, Y, compile_kwargs.get("loss", "cross_entropy"), "search data")
+    X, Y = datacheck.check_search_data(q, X, Y, compile_kwargs.get("loss"))
     budget_bytes = parse_bytes(budget)
     size_limit = None if max_update_bytes is None else parse_bytes(max_update_bytes)
     layers = list(q.layers)
