@@ -66,7 +66,8 @@ def test_auto_falls_back_to_the_most_trailing_layers_that_fit(resnet8):
                             f"trailing layers whose training fits 32 KB")
     # With room for everything the engine can train, the layers behind the max pool are the limit.
     s = tt.schemes.auto(resnet8, budget="1MB")
-    assert s.name == f"last_{len(resnet8.layers) - 1}" and s.why.endswith(f"; last:{len(resnet8.layers)} cannot be trained)")
+    n = len(resnet8.layers)
+    assert s.name == f"last_{n - 1}" and s.why.endswith(f"; last:{n} cannot be trained)")
 
 
 def test_auto_is_paper_where_it_applies_and_fits():

@@ -28,8 +28,8 @@ import numpy as np
 
 from .errors import DataError, DataWarning, NonFiniteDataError
 
-__all__ = ["check_float_weights", "check_lr", "input_range", "check_inputs", "check_finite", "model_task", "choose_loss",
-           "check_labels", "check_targets", "check_supervision", "plan_labels", "check_model_data",
+__all__ = ["check_float_weights", "check_lr", "input_range", "check_inputs", "check_finite", "model_task",
+           "choose_loss", "check_labels", "check_targets", "check_supervision", "plan_labels", "check_model_data",
            "score", "cli_loss", "check_search_data", "register_trainer", "check_export_is_current"]
 
 #: Share of input values allowed past the model's int8 range (beyond half an LSB) before the data
@@ -222,9 +222,9 @@ def check_labels(y, n: int, n_classes: int, what: str = "labels") -> np.ndarray:
     if np.issubdtype(y.dtype, np.floating):
         check_finite(y, what)
         if not np.array_equal(y, np.round(y)):
-            raise DataError(f"{what}: float values such as {y[np.flatnonzero(y != np.round(y))[0]].item()!r} are not class "
-                            f"indices; a classifier takes integers in [0, {n_classes}) (float targets need a "
-                            f"regressor: loss 'mse')", what)
+            example = y[np.flatnonzero(y != np.round(y))[0]].item()
+            raise DataError(f"{what}: float values such as {example!r} are not class indices; a classifier takes "
+                            f"integers in [0, {n_classes}) (float targets need a regressor: loss 'mse')", what)
     if n and n_classes > 0 and (y.min() < 0 or y.max() >= n_classes):
         outside = int(((y < 0) | (y >= n_classes)).sum())
         raise DataError(f"{what}: {outside} of {n} labels lie outside the model's {n_classes} classes "
