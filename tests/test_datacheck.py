@@ -274,3 +274,11 @@ def test_compile_takes_the_loss_from_the_model_and_search_refuses_a_regressor():
     with pytest.raises(DataError, match=r"tt.search ranks schemes by held-out accuracy and this model trains with "
                                         r"mse \(the model is a regressor: output shaped as its input"):
         tt.search(ae, x, x.reshape(8, 64))
+
+
+def test_a_few_clipping_values_are_warned_about_not_refused(plan, digits):
+    x, y = digits
+    strays = x[:16].copy()
+    strays[:, :, :2, :] = 1.5  # 2 of 32 rows: 6.25 % of the values beyond the [0, 1] input
+    with pytest.warns(DataWarning, match=r"6\.2 % of the values \(0\.\.1\.5\) lie outside the model's input range"):
+        tt.Trainer(plan).evaluate(strays, y[:16])

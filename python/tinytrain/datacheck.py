@@ -32,11 +32,15 @@ __all__ = ["check_float_weights", "check_lr", "input_range", "check_inputs", "ch
            "choose_loss", "check_labels", "check_targets", "check_supervision", "plan_labels", "check_model_data",
            "score", "cli_loss", "check_search_data", "register_trainer", "check_export_is_current"]
 
-#: Share of input values allowed past the model's int8 range (beyond half an LSB) before the data
-#: is judged to be on another scale. Calibration with a percentile clips a little on purpose, and
-#: held-out data may stray a little past the calibration set's extremes; a scale mistake (0-255
-#: pixels for a [0, 1] model, or standardized data for a 0-255 model) puts far more than this out.
+#: Share of input values allowed past the model's int8 range (beyond half an LSB) without a word.
+#: Calibration with a percentile clips a little on purpose, and held-out data may stray a little
+#: past the calibration set's extremes. Above it the clipping is warned about; 8-bit pixels then
+#: mean a scale mistake (converted for a [0, 1] input, refused otherwise).
 OUT_OF_RANGE_SHARE = 0.02
+
+#: Share of input values past the model's range at which the data is refused as being on another
+#: scale (standardized data for a 0-255 model, or the reverse): most of it would clip.
+REFUSED_SHARE = 0.25
 
 #: Data spanning fewer int8 levels than this while holding more distinct values is warned about:
 #: [0, 1] floats fed to a model whose input covers 0-255 land on levels 0 and 1.
@@ -116,8 +120,9 @@ def check_inputs(x, scale: float, zero_point: int, what: str = "inputs",
                  sample_ndim: Optional[int] = None) -> np.ndarray:
     """``x`` checked against the model's int8 input (scale, zero point): int8 is taken as already
     quantized; anything else must be finite and in the range the input covers. 8-bit pixel values
-    (0-255, any dtype) for an input covering [0, ~1] are divided by 255 with a `DataWarning`; other
-    data mostly outside the range is refused with the fix. Returns ``x`` (float32 if converted).
+    (0-255, any dtype) for an input covering [0, ~1] are divided by 255 with a `DataWarning`, for
+    another input refused; other data is warned about when more than 2 % of it clips, refused
+    with the fix when more than 25 % does. Returns ``x`` (float32 if converted).
     ``sample_ndim``: the dimensions of one sample, so that a lone sample's NaNs count as one's."""
     x = np.asarray(x)
     if x.dtype == np.int8:
@@ -142,6 +147,11 @@ def check_inputs(x, scale: float, zero_point: int, what: str = "inputs",
             return xf / np.float32(255.0)
         fix = (f"scale them into the model's range first (8-bit pixels: x / 255 * {hi - lo:.4g} + {lo:.4g})"
                if pixels else "scale them as the data the model was calibrated on was scaled")
+        if not pixels and out <= REFUSED_SHARE:
+            warnings.warn(f"{what}: {100 * out:.1f} % of the values ({dmin:g}..{dmax:g}) lie outside the model's "
+                          f"input range {span} and clip to the int8 limits; if that is not intended, {fix}",
+                          DataWarning, stacklevel=3)
+            return x
         raise DataError(f"{what}: values {dmin:g}..{dmax:g}, {100 * out:.1f} % of them outside the model's input "
                         f"range {span}, where the int8 cast would clip them; {fix}", what)
     levels = (dmax - dmin) / float(scale)
