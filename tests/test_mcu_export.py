@@ -51,7 +51,7 @@ def test_export_errors_are_clear(demo_plan, tmp_path, capsys):
         plan.export_mcu(str(tmp_path / "a"), x[:5], y[:4])
     with pytest.raises(ValueError, match="both samples and labels"):
         plan.export_mcu(str(tmp_path / "b"), x[:5], None)
-    with pytest.raises(ValueError, match=r"labels must be integers in \[0, 255\]"):
+    with pytest.raises(ValueError, match=r"labels: float values such as 1.5 are not class indices"):
         plan.export_mcu(str(tmp_path / "c"), x[:2], np.array([1.5, 2.0]))
     np.savez(tmp_path / "bad.npz", X=x[:2])
     assert main(["export", path, "--mcu", str(tmp_path / "d"), "--data", str(tmp_path / "bad.npz")]) != 0

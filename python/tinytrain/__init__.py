@@ -16,6 +16,7 @@ from .engine import compile
 from .trainer import Trainer
 from .sparse_search import SearchResult, search
 from .errors import UpdateError
+from .errors import DataError, DataWarning, NonFiniteDataError
 from .update import Update, read_update
 
 __version__ = _core.__version__
@@ -27,3 +28,4 @@ __all__ += ["Scheme", "schemes", "compile", "Plan", "MemoryReport", "Trainer", "
 __all__ += ["search", "SearchResult"]
 __all__ += ["load_tflite"]
 __all__ += ["Update", "read_update", "UpdateError"]
+__all__ += ["DataError", "NonFiniteDataError", "DataWarning"]

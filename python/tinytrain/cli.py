@@ -145,18 +145,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
+    from . import datacheck
     from .fileio import load_data, load_model
 
     x, y = load_data(args.data)
     q = load_model(args.model, args.calib or args.data)
-    out = q.forward(x)
-    if np.issubdtype(np.asarray(y).dtype, np.integer):
-        metric, value = "accuracy", float((out.argmax(axis=1) == np.asarray(y).reshape(-1)).mean())
-    else:
-        target = np.asarray(y, dtype=np.float32).reshape(out.shape)
-        metric, value = "mse", float(((out - target) ** 2).mean())
+    metric, value = datacheck.score(q, x, y, args.data)
     if args.json:
         _print_json({"model": args.model, "samples": int(len(x)), metric: value})
     else:

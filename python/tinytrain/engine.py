@@ -12,7 +12,7 @@ from typing import Tuple, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, datacheck
 from .errors import MemoryBudgetError
 from .graph import Graph
 from ._lowering import CompileRequest, LayerUpdate, Layout, lower
@@ -39,7 +39,7 @@ def _quantized(model):
 
 
 def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder: bool = True,
-            update_precision: str = "stochastic", loss: str = "cross_entropy", lr: float = 0.05,
+            update_precision: str = "stochastic", loss: str = "auto", lr: float = 0.05,
             momentum: float = 0.0, seed: int = 0, patch="auto", in_place=None,
             stream_input: bool = False, accumulate: bool = False, optimize: str = "memory") -> Plan:
     """Compile training of `model` under `scheme` into a `Plan`.
@@ -51,7 +51,9 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
     - ``update_precision``: how trained int8 weights keep sub-LSB steps: ``"stochastic"`` rounding
       (no extra bytes), ``"residual"`` (an int8 residual, +1 byte per trained weight) or ``"fp32"``
       (an fp32 master copy, +4 bytes).
-    - ``loss``: ``"cross_entropy"`` (class labels) or ``"mse"`` (float targets).
+    - ``loss``: ``"cross_entropy"`` (class labels) or ``"mse"`` (float targets); ``"auto"``
+      (default) picks it from the model's head (`tinytrain.datacheck.choose_loss`: cross-entropy
+      for a classifier, MSE for one output or an output shaped as the input); ``plan.loss`` says.
     - ``lr``, ``momentum``: the plan's SGD defaults (the MCU uses them; `Trainer` may override).
       ``momentum > 0`` allocates momentum buffers (+4 bytes per trained parameter).
     - ``seed``: the stochastic-rounding generator's seed.
@@ -88,6 +90,9 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
     q = _quantized(model)
     if not isinstance(scheme, Scheme):
         raise TypeError(f"scheme must be a tt.Scheme (see tt.schemes), got {type(scheme).__name__}")
+    # "auto" is resolved here, from the model; tt-core parses and checks every other name.
+    loss, _ = datacheck.choose_loss(q, loss)
+    lr = datacheck.check_lr(lr)
     if not (np.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if not 0.0 <= momentum < 1.0:
@@ -159,10 +164,12 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
 
 
 # ---------------------------------------------------------------------- command line
-def scheme_from_arg(q, spec: str) -> Scheme:
-    """``full`` | ``bias`` | ``last:K`` | ``paper`` | a scheme JSON file."""
+def scheme_from_arg(q, spec: str, budget=None, **compile_kwargs) -> Scheme:
+    """``auto`` | ``full`` | ``bias`` | ``last:K`` | ``paper`` | a scheme JSON file."""
     from . import schemes
 
+    if spec == "auto":
+        return schemes.auto(q, budget, **compile_kwargs)
     if spec == "full":
         return schemes.full(q)
     if spec in ("bias", "bias_only"):
@@ -177,16 +184,18 @@ def scheme_from_arg(q, spec: str) -> Scheme:
         return schemes.last_layers(q, k)
     if spec.endswith(".json"):
         return Scheme.load(spec)
-    raise ValueError(f"--scheme must be full, bias, last:K, paper or a .json file, got {spec!r}")
+    raise ValueError(f"--scheme must be auto, full, bias, last:K, paper or a .json file, got {spec!r}")
 
 
 def add_cli_options(p) -> None:
     p.add_argument("model", help="ONNX file (float models are quantized with --calib or synthetic data)")
-    p.add_argument("--scheme", default="paper", help="full | bias | last:K | paper | FILE.json (default: paper)")
+    p.add_argument("--scheme", default="auto", help="auto | full | bias | last:K | paper | FILE.json (default: auto: "
+                   "paper where the model has inverted-residual blocks and it fits, else the most last layers that fit)")
     p.add_argument("--no-reorder", action="store_true", help="apply all updates after the backward pass")
     p.add_argument("--budget", default=None, help="SRAM budget, e.g. 256KB")
     p.add_argument("--precision", choices=list(PRECISIONS), default="stochastic", help="update precision")
-    p.add_argument("--loss", choices=list(LOSSES), default="cross_entropy")
+    p.add_argument("--loss", choices=[*LOSSES, "auto"], default="auto",
+                   help="auto: cross_entropy for a classifier head, mse for a regressor (default: auto)")
     p.add_argument("--calib", help="calibration data for a float model (.npz with X, or .npy)")
     p.add_argument("--stream-input", action="store_true",
                    help="the patch stage reads the input sample from outside the SRAM arena")
@@ -199,9 +208,13 @@ def _cli_plan(args, budget_check: bool) -> Tuple[object, Plan]:
     from .fileio import load_model
 
     q = load_model(args.model, args.calib)
-    s = scheme_from_arg(q, args.scheme)
+    args.loss = datacheck.cli_loss(q, args.loss)
     kw = dict(reorder=not args.no_reorder, update_precision=args.precision, loss=args.loss,
               stream_input=args.stream_input)
+    s = scheme_from_arg(q, args.scheme, args.budget, **kw)
+    if s.why:
+        datacheck.say(f"scheme {args.scheme} chose {s.why}")
+        args.scheme = s.name
     plan = None
     if args.optimize == "compute":
         try:

@@ -86,3 +86,38 @@ class OutputPathError(TinytrainError, ValueError):
     def __init__(self, message: str, path: str = "") -> None:
         self.path = path
         super().__init__(message)
+
+
+class DataError(TinytrainError, ValueError):
+    """Samples, labels or targets that cannot be used as given: values the model's int8 input cannot
+    hold, labels of the wrong shape or outside the classes, targets of another task than the model's.
+
+    ``what`` names the data at fault ("inputs", "labels", "test samples", a file ...). The message
+    says what was found and how to fix it.
+    """
+
+    def __init__(self, message: str, what: str = "") -> None:
+        self.what = what
+        super().__init__(message)
+
+
+class NonFiniteDataError(DataError):
+    """Inputs or targets holding NaN or infinite values (an int8 cast would silently make them 0 or
+    saturate them). ``count`` is the number of such values, ``samples`` the number of samples they
+    are in, ``first`` the index of the first such sample."""
+
+    def __init__(self, message: str, what: str = "", count: int = 0, samples: int = 0, first: int = -1) -> None:
+        self.count = int(count)
+        self.samples = int(samples)
+        self.first = int(first)
+        super().__init__(message, what)
+
+
+class DataWarning(UserWarning):
+    """Data was usable only after a conversion tinytrain made and says (e.g. 8-bit pixels divided by
+    255 for a model whose input covers [0, 1]), or looks unlike what the model was calibrated on."""
+
+
+class SchemeError(TinytrainError, ValueError):
+    """A sparse-update scheme asked for does not apply to the model (e.g. the paper's scheme on a
+    network without inverted-residual blocks). The message lists the schemes that do."""

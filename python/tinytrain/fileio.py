@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .datacheck import check_finite
 from .errors import ModelFormatError
 from .outputs import write_atomic  # noqa: F401 - the writers' historical import path
 
@@ -51,6 +52,7 @@ def load_data(path: str, need_labels: bool = True) -> Tuple[np.ndarray, Optional
         raise ModelFormatError(f"{path}: no labels; expected one of {', '.join(Y_KEYS)} beside the inputs")
     if y is not None and len(y) != len(x):
         raise ModelFormatError(f"{path}: {len(x)} inputs but {len(y)} labels")
+    check_finite(x, f"{path}: inputs")
     if x.dtype != np.int8:
         x = x.astype(np.float32)
     return x, y

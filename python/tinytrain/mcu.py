@@ -25,6 +25,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from . import datacheck
 from .outputs import check_folder, write_folder_atomic
 from .plan import Plan
 from .trainer import Trainer
@@ -38,8 +39,8 @@ def _samples(tr: Trainer, x, y, what: str):
         return b"", b"", 0
     if x is None or y is None:
         raise ValueError(f"{what}: give both samples and labels")
-    xq = tr._inputs(x)
-    labels = np.asarray(y).reshape(-1)
+    xq = tr._inputs(datacheck.check_inputs(np.asarray(x), tr._in_scale, tr._in_zp, f"{what}: inputs"))
+    labels = datacheck.plan_labels(tr.plan, y, len(xq), f"{what}: labels")
     if len(labels) != len(xq):
         raise ValueError(f"{what}: {len(xq)} samples but {len(labels)} labels")
     if not np.issubdtype(labels.dtype, np.integer) or (len(labels) and (labels.min() < 0 or labels.max() > 255)):

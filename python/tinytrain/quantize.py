@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from . import reference
+from . import datacheck, reference
 from .errors import ModelFormatError, QuantizationError, UnsupportedOperatorError
 from .graph import Graph
 
@@ -120,6 +120,7 @@ def quantize(g: Graph, calib: np.ndarray, method: str = "minmax", percentile: fl
         g = g.dequantized()
     if not isinstance(g, Graph):
         raise QuantizationError(f"tt.quantize expects a tt.Graph from tt.load_onnx, got {type(g).__name__}")
+    datacheck.check_float_weights(g)
     calib = np.asarray(calib, dtype=np.float32)
     shape = g.tensors[g.input].shape
     if calib.ndim == 2 and shape[1:] == (1, 1):  # (N, F) data for a model whose input is F features
@@ -245,6 +246,7 @@ def from_imported(g: Graph, qparams: Dict[str, Tuple[float, int]], where: str):
     """
     from .model import QuantizedModel
 
+    datacheck.check_float_weights(g, f"{where}: ")
     q = QuantizedModel(g.input, g.output, g.tensors, g.nodes, g.softmax_tail, calibration="imported")
     for name, (s, z) in qparams.items():
         q.tensors[name].scale, q.tensors[name].zero_point = float(s), int(z)

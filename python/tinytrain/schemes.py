@@ -13,7 +13,9 @@ import json
 import math
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-__all__ = ["Scheme", "full", "bias_only", "last_layers", "paper_sparse"]
+from .errors import SchemeError
+
+__all__ = ["Scheme", "full", "bias_only", "last_layers", "paper_sparse", "auto", "applicable"]
 
 LayerRef = Union[str, int]
 
@@ -30,6 +32,8 @@ class Scheme:
         self.weight_ratios: Dict[LayerRef, float] = dict(weight_ratios or {})
         self.channel_axis: Dict[LayerRef, str] = dict(channel_axis or {})
         self.name = name
+        #: Why this scheme was chosen (set by `auto`; not part of the scheme's JSON).
+        self.why = ""
         for k, r in self.weight_ratios.items():
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0.0 <= r <= 1.0:
                 raise ValueError(f"weight ratio of layer {k!r} must be a number in [0, 1], got {r!r}")
@@ -157,7 +161,9 @@ def paper_sparse(q) -> Scheme:
     n = len(ls)
     pw1 = _expand_convs(q)
     if not pw1:
-        raise ValueError("the model has no 1x1 conv feeding a depthwise conv (no inverted-residual blocks)")
+        raise SchemeError("the paper's scheme does not apply to this model: it has no 1x1 conv feeding a depthwise "
+                          "conv (no inverted-residual blocks); schemes that apply: "
+                          + ", ".join(_ranges(applicable(q))))
     weights: Dict[LayerRef, float] = {}
     for idx, ratio in _PAPER_WEIGHTS:
         want = idx * (n - 1) / (_PAPER_LAYERS - 1)
@@ -166,3 +172,99 @@ def paper_sparse(q) -> Scheme:
         weights[ls[best]] = ratio
     nb = max(1, round(_PAPER_BIAS * n / _PAPER_LAYERS))
     return Scheme(ls[-nb:], weights, name="paper_sparse")
+
+
+# ---------------------------------------------------------------------- any model
+#: The budget `auto` chooses under when none is given: the SRAM tinytrain targets.
+DEFAULT_BUDGET = "256KB"
+
+
+def _peak(q, scheme: Scheme, **compile_kwargs) -> Optional[int]:
+    """The planner's exact peak of training ``scheme``, or None when the engine cannot train it
+    (e.g. back-propagation through an op it has no gradient for)."""
+    from .engine import compile as compile_plan
+
+    try:
+        return compile_plan(q, scheme, budget=None, **compile_kwargs).memory.peak_bytes
+    except ValueError:
+        return None
+
+
+def _most_trailing(q, fits, n: int) -> int:
+    """The largest k in [1, n] with ``fits(k)``, 0 if none: training more trailing layers never
+    needs less memory nor back-propagates through fewer ops, so ``fits`` holds up to a point."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def applicable(q, **compile_kwargs) -> List[str]:
+    """The CLI scheme names (``--scheme``) the engine can train on ``q`` (budget aside): ``auto``,
+    ``paper`` where the model has inverted-residual blocks, ``full``, ``bias`` and ``last:K``."""
+    out = ["auto"]
+    if _expand_convs(q):
+        out.append("paper")
+    for name, make in (("full", full), ("bias", bias_only)):
+        if _peak(q, make(q), **compile_kwargs) is not None:
+            out.append(name)
+    n = len(_layers(q))
+    k = _most_trailing(q, lambda k: _peak(q, last_layers(q, k), **compile_kwargs) is not None, n)
+    return out + [f"last:{i}" for i in range(1, k + 1)]
+
+
+def _ranges(names: List[str]) -> List[str]:
+    """``last:1, last:2, ... last:9`` written ``last:1 .. last:9``."""
+    lasts = [n for n in names if n.startswith("last:")]
+    rest = [n for n in names if not n.startswith("last:")]
+    if len(lasts) > 2:
+        lasts = [f"{lasts[0]} .. {lasts[-1]}"]
+    return rest + lasts
+
+
+def auto(q, budget=None, **compile_kwargs) -> Scheme:
+    """A scheme for any model the importer accepts, chosen under ``budget`` (default 256 KB):
+    the paper's sparse scheme where the model has inverted-residual blocks and it fits; otherwise
+    the weights and biases of the most trailing layers whose training fits (``last_layers(q, k)``,
+    k as large as the budget allows). ``scheme.why`` says which and why. When not even the
+    classifier alone fits, that smallest scheme is returned (and compiling it under the budget
+    raises `MemoryBudgetError` with the bytes needed)."""
+    from .units import parse_bytes
+
+    budget = DEFAULT_BUDGET if budget is None else budget
+    limit = parse_bytes(budget)
+    shown = f"{limit / 1024:g} KB"
+    if _expand_convs(q):
+        paper = paper_sparse(q)
+        peak = _peak(q, paper, **compile_kwargs)
+        if peak is not None and peak <= limit:
+            paper.why = (f"paper: the model has 1x1 convs feeding depthwise convs (as in inverted-residual "
+                         f"blocks) and the seed paper's sparse scheme fits "
+                         f"{shown} (peak {peak / 1024:.1f} KB)")
+            return paper
+        reason = ("the paper's scheme does not fit" if peak is not None else "the engine cannot train the paper's "
+                  "scheme on this model")
+    else:
+        reason = "the paper's scheme does not apply (no 1x1 conv feeding a depthwise conv: no inverted-residual blocks)"
+    n = len(_layers(q))
+    peaks: Dict[int, Optional[int]] = {}
+
+    def fits(k: int) -> bool:
+        peaks[k] = _peak(q, last_layers(q, k), **compile_kwargs)
+        return peaks[k] is not None and peaks[k] <= limit
+
+    k = _most_trailing(q, fits, n)
+    if k == 0:
+        s = last_layers(q, 1)
+        s.why = f"last:1: {reason}, and not even the classifier alone fits {shown}"
+        return s
+    s = last_layers(q, k)
+    more = "" if k == n else (f"; last:{k + 1} needs {peaks[k + 1] / 1024:.1f} KB" if peaks.get(k + 1) is not None
+                              else f"; last:{k + 1} cannot be trained" if k + 1 in peaks else "")
+    s.why = (f"last:{k}: {reason}; the most trailing layers whose training fits {shown} "
+             f"(peak {peaks[k] / 1024:.1f} KB{more})")
+    return s

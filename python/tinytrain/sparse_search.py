@@ -513,8 +513,11 @@ def search(
     round); the classifier's weights may then train on a part of their input channels too, each
     such ratio measured by the contribution analysis like the other layers' ratios.
     """
+    from . import datacheck
     from .errors import MemoryBudgetError
 
+    lr = datacheck.check_lr(lr)
+    X, Y = datacheck.check_search_data(q, X, Y, compile_kwargs.get("loss"))
     budget_bytes = parse_bytes(budget)
     size_limit = None if max_update_bytes is None else parse_bytes(max_update_bytes)
     layers = list(q.layers)

@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
-from . import _core
+from . import _core, datacheck
 from .plan import Plan
 from .progress import progress_bar
 from .update import Update, _check_count
@@ -47,6 +47,7 @@ class Trainer:
         self._s = _core.Session(plan.plan_bytes, plan.params)
         lr = plan.lr if lr is None else lr
         momentum = plan.momentum if momentum is None else momentum
+        lr = datacheck.check_lr(lr, allow_zero=True)
         if not (np.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
@@ -64,6 +65,7 @@ class Trainer:
         self._in_shape = tuple(inp.get("shape", ()))
         self._in_scale = float(inp.get("scale", 1.0))
         self._in_zp = int(inp.get("zero_point", 0))
+        datacheck.register_trainer(self)
 
     # ------------------------------------------------------------------ hyper-parameters
     @property
@@ -72,7 +74,7 @@ class Trainer:
 
     @lr.setter
     def lr(self, v: float) -> None:
-        self._s.lr = float(v)
+        self._s.lr = datacheck.check_lr(v, allow_zero=True)
 
     @property
     def momentum(self) -> float:
@@ -121,7 +123,7 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def _inputs(self, x) -> np.ndarray:
         """float32 (or int8, already quantized) NCHW / CHW -> int8 (N, H*W*C)."""
-        x = np.asarray(x)
+        x = datacheck.check_inputs(np.asarray(x), self._in_scale, self._in_zp, sample_ndim=len(self._in_shape))
         if x.ndim in (1, 2) and len(self._in_shape) == 3 and self._in_shape[1:] == (1, 1):
             x = x.reshape((-1,) + self._in_shape)  # (N, F) features for a (F, 1, 1) input
         if x.ndim == len(self._in_shape):
@@ -184,7 +186,8 @@ class Trainer:
         updates, mean loss over the samples whose step was applied (NaN if none). An
         ``accumulate=True`` plan: one update with the batch's mean gradient, mean loss of the batch
         (NaN if the update was skipped)."""
-        losses = self._train(self._inputs(x), y)
+        xq = self._inputs(x)
+        losses = self._train(xq, datacheck.plan_labels(self.plan, y, len(xq)))
         ok = losses[np.isfinite(losses)]
         return float(ok.mean()) if len(ok) else float("nan")
 
@@ -200,7 +203,7 @@ class Trainer:
         if epochs < 1 or batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         xq = self._inputs(X)
-        Y = np.asarray(Y)
+        Y = datacheck.plan_labels(self.plan, Y, len(xq))
         if len(Y) != len(xq):
             raise ValueError(f"{len(xq)} samples but {len(Y)} targets")
         rng = np.random.default_rng(seed)
@@ -272,7 +275,7 @@ class Trainer:
                 raise ValueError(f"targets must have {y.shape[1]} values per sample, got {Y.shape[1]}")
             return float(np.mean((y - Y) ** 2)) if len(Y) else float("nan")
         pred = self.predict(X)
-        Y = np.asarray(Y).reshape(-1)
+        Y = datacheck.plan_labels(self.plan, Y, len(pred))
         if len(Y) != len(pred):
             raise ValueError(f"{len(pred)} samples but {len(Y)} labels")
         return float((pred == Y).mean()) if len(Y) else float("nan")
@@ -337,3 +340,42 @@ class Trainer:
                 n.params["weight_q"] = w.reshape(wq.shape).copy()
             n.params["bias_q"] = b.astype(np.int32)
         return q
+
+    # ------------------------------------------------------------------ export what was trained
+    def trained_plan(self) -> Plan:
+        """The plan with the current trained weights as its parameters: the same plan compiled
+        again from `model` with the plan's settings and this trainer's rate, checked to have the
+        plan's ops, buffers and layout (only the weights differ). Raises ValueError saying how
+        otherwise (a plan loaded without its model, or a layout compile cannot reproduce)."""
+        from .engine import compile as compile_plan
+        from .schemes import Scheme
+
+        r, nodes = self.plan._report, self.plan.meta.get("nodes", [])
+        momentum = self.momentum if self.plan.momentum_buffers and self.momentum > 0 else self.plan.momentum
+        base = dict(reorder=self.plan.reorder, update_precision=self.plan.update_precision, loss=self.plan.loss,
+                    lr=self.lr if self.lr > 0 else self.plan.lr, momentum=momentum, seed=int(r["seed"]),
+                    accumulate=self.plan.accumulate, stream_input=bool(r["stream_input"]))
+        patch = None if r["patch"] is None else (nodes[r["patch"][0]], int(r["patch"][1]))
+        layouts = [{}] + [dict(patch=patch, in_place=p) for p in (True, "all", False)]
+        if self.plan.memory.budget_bytes is not None:
+            layouts.append(dict(optimize="compute", budget=self.plan.memory.budget_bytes))
+        same = lambda a, b: {k: v for k, v in a.items() if k not in ("lr", "momentum")} == \
+            {k: v for k, v in b.items() if k not in ("lr", "momentum")}  # noqa: E731
+        q, scheme = self.model, Scheme.from_dict(self.plan.meta["scheme"])
+        for layout in layouts:
+            try:
+                p = compile_plan(q, scheme, **base, **layout)
+            except ValueError:
+                continue
+            if same(p._report, r):
+                p.memory.budget_bytes = self.plan.memory.budget_bytes
+                return p
+        raise ValueError("cannot rebuild this plan with the trained weights (its layout was fixed in a way compile "
+                         "does not reproduce): compile tr.model with the settings you used and export that plan")
+
+    def export_mcu(self, out_dir: str, x=None, y=None, x_test=None, y_test=None) -> Dict[str, object]:
+        """`Plan.export_mcu` of the trained weights (`trained_plan`): the firmware starts from what
+        this trainer learned."""
+        from .mcu import export_mcu
+
+        return export_mcu(self.trained_plan(), out_dir, x, y, x_test, y_test)
