@@ -5,6 +5,7 @@ device, and the default scheme's update bound.
 
 Federations here run in this process (`LocalGrid`: each message goes straight to the node's
 ClientApp, no Ray), through the same `fleet.run_server` and ClientApp as a real run."""
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -266,7 +267,7 @@ def poison_runs(task):
 
     def run(aggregation, count):
         make = None if count is None else bench.hostile_factory(None, cfg.seed, count)
-        c = fleet.RunConfig(**{**cfg.__dict__, "aggregation": aggregation})
+        c = dataclasses.replace(cfg, aggregation=aggregation)
         return run_fleet(plan, x, y, parts, c, test, make=make)
 
     return {"honest": run("mean", None), "huge_robust": run(robust, 10 ** 15), "cap_mean": run("mean", cap),

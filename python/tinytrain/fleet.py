@@ -543,6 +543,8 @@ def aggregate(layout: Layout, updates: Sequence[Tuple[Mapping[str, np.ndarray], 
     if kind == "median":
         out = aggregate_median(real)
     elif kind == "trimmed":
+        if int(arg * len(real)) == 0:
+            log.warning("trimmed:%g of %d updates trims none of them: the plain mean of their values", arg, len(real))
         out = aggregate_trimmed_avg(real, arg)
     else:
         out = aggregate_krum(real, int(arg), max(1, len(real) - int(arg)))

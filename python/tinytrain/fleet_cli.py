@@ -139,8 +139,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         write_atomic(os.path.join(args.out, "fleet.json"), json.dumps(report, default=float))
     if args.json:
+        code = _report_problems(hist, args.rounds)  # on stderr, before the JSON: its last line stays the report
         _print_json(report)
-        return _report_problems(hist, args.rounds)
+        return code
     from rich.console import Console
     from rich.table import Table
 
@@ -341,6 +342,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         _stop(run)
         _stop(link)
     result.update({"superlink_port": port, "log": run_log, "result": out})
+    code = _report_problems(result, args.rounds)
     if args.json:
         _print_json(result)
     else:
@@ -351,7 +353,7 @@ def cmd_server(args: argparse.Namespace) -> int:
               f"failed devices: {len(result['failed'])} (each with its reason below and in --result)")
         if args.output:
             print(f"wrote {args.output}: the global int8 model (QDQ ONNX)")
-    return _report_problems(result, args.rounds)
+    return code
 
 
 def _tail(path: str, n: int = 30) -> str:
