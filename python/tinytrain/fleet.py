@@ -499,12 +499,11 @@ def _checked_momentum(beta: float) -> float:
 #: The most samples a device can report for a round: its update blob's sample count is a u32.
 #: The server's default cap (`SparseFedAvg(max_samples=...)`); `simulate` derives a tighter one.
 MAX_SAMPLES = 2 ** 32 - 1
-#: How the server combines a round's valid updates (`SparseFedAvg(aggregation=...)`, ``--aggregation``).
-AGGREGATIONS = ("mean", "median", "trimmed:BETA", "krum:F")
 
 
 def parse_aggregation(spec: str) -> Tuple[str, float]:
-    """``(kind, argument)`` of an aggregation: ``"mean"`` (FedAvg, weighted by sample count),
+    """``(kind, argument)`` of how the server combines a round's valid updates
+    (`SparseFedAvg(aggregation=...)`, ``--aggregation``): ``"mean"`` (FedAvg, weighted by sample count),
     ``"median"`` (coordinate-wise median), ``"trimmed:BETA"`` (coordinate-wise mean without the
     BETA largest and BETA smallest fraction of the values, 0 < BETA < 0.5) or ``"krum:F"``
     (Multi-Krum: the updates closest to their neighbours, all but F, averaged by sample count).
