@@ -19,7 +19,7 @@ Rows, each the test accuracy after every round:
                          - the broken device trains honestly but reports a list-valued metric
                            (``train-loss: [1, 2, 3]``), which made Flower's metric aggregation raise.
 
-    python benches/fleet_poison.py [--rounds 5] [--clients 10] [--aggregations mean,median,trimmed:0.2,krum:1]
+    python benches/fleet_poison.py [--rounds 5] [--clients 10] [--aggregations mean,median,trimmed:0.2,krum:1,clip:2]
         [--poison-count 1e15|cap] [--scheme last:2] [--json]
 
 The rejected replies and failed devices of each run are counted in the table and listed with
@@ -97,7 +97,7 @@ def main() -> int:
     ap.add_argument("--partition", default="dirichlet:0.3")
     ap.add_argument("--scheme", default="last:2", help="the devices' scheme (fleet.demo_setup); searched is slower")
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--aggregations", default="mean,median,trimmed:0.2,krum:1")
+    ap.add_argument("--aggregations", default="mean,median,trimmed:0.2,krum:1,clip:2")
     ap.add_argument("--poison-count", default="1e15", help="the poisoner's sample count: a number, or cap")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")

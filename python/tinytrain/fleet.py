@@ -506,9 +506,11 @@ def parse_aggregation(spec: str) -> Tuple[str, float]:
     (`SparseFedAvg(aggregation=...)`, ``--aggregation``): ``"mean"`` (FedAvg, weighted by sample count),
     ``"median"`` (coordinate-wise median), ``"trimmed:BETA"`` (coordinate-wise mean without the
     BETA largest and BETA smallest fraction of the values, 0 < BETA < 0.5) or ``"krum:F"``
-    (Multi-Krum: the updates closest to their neighbours, all but F, averaged by sample count).
-    Median, trimmed mean and Krum ignore the sample counts when they choose: one device cannot buy
-    the round with a large count."""
+    (Multi-Krum: the updates closest to their neighbours, all but F, averaged by sample count) or
+    ``"clip:C"`` (a norm bound: each device's step from the current global values is scaled down to
+    at most C times the round's median step norm and its sample count to at most C times the median
+    count, then the weighted mean). Median, trimmed mean and Krum ignore the sample counts when they
+    choose, and the norm bound caps them: one device cannot buy the round with a large count."""
     text = str(spec).strip().lower()
     kind, sep, arg = text.partition(":")
     try:
@@ -520,16 +522,21 @@ def parse_aggregation(spec: str) -> Tuple[str, float]:
                 return kind, beta
         if kind == "krum" and sep and int(arg) >= 0:
             return kind, float(int(arg))
+        if kind == "clip" and sep and float(arg) >= 1:
+            return kind, float(arg)
     except ValueError:
         pass
-    raise ValueError(f"aggregation must be mean, median, trimmed:BETA (0 < BETA < 0.5) or krum:F (F >= 0), got {spec!r}")
+    raise ValueError("aggregation must be mean, median, trimmed:BETA (0 < BETA < 0.5), krum:F (F >= 0) or clip:C (C >= 1), "
+                     f"got {spec!r}")
 
 
 def aggregate(layout: Layout, updates: Sequence[Tuple[Mapping[str, np.ndarray], int]],
-              aggregation: str = "mean") -> Dict[str, np.ndarray]:
+              aggregation: str = "mean", current: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
     """The round's aggregate of ``(params, samples)`` updates in real values (dequantized with the
     plan's frozen scales; `Layout.quantize` turns it back into int8 / int32). ``aggregation``: see
-    `parse_aggregation`; the robust ones are Flower's own (``flwr.server.strategy.aggregate``)."""
+    `parse_aggregation`; median, trimmed mean and Krum are Flower's own
+    (``flwr.server.strategy.aggregate``). ``current``: the global values the devices started from
+    (the norm bound measures steps from them; without them, from the coordinate-wise median)."""
     kind, arg = parse_aggregation(aggregation)
     if kind == "mean":
         return layout.mean(updates)
@@ -545,9 +552,26 @@ def aggregate(layout: Layout, updates: Sequence[Tuple[Mapping[str, np.ndarray], 
         if int(arg * len(real)) == 0:
             log.warning("trimmed:%g of %d updates trims none of them: the plain mean of their values", arg, len(real))
         out = aggregate_trimmed_avg(real, arg)
-    else:
+    elif kind == "krum":
         out = aggregate_krum(real, int(arg), max(1, len(real) - int(arg)))
+    else:
+        out = _norm_bounded_mean(real, [layout.dequantize(current)[k] for k in keys] if current is not None
+                                 else aggregate_median(real), arg)
     return dict(zip(keys, (np.asarray(v, dtype=np.float64) for v in out)))
+
+
+def _norm_bounded_mean(real: Sequence[Tuple[List[np.ndarray], int]], center: Sequence[np.ndarray],
+                       c: float) -> List[np.ndarray]:
+    """``center`` plus the mean of the devices' steps from it, each step scaled to at most ``c``
+    times the median step norm and each weight (sample count) to at most ``c`` times the median."""
+    steps = [[v - g for v, g in zip(values, center)] for values, _ in real]
+    norms = np.array([math.sqrt(sum(float(np.sum(d * d)) for d in step)) for step in steps])
+    bound = c * float(np.median(norms))
+    scale = np.where(norms > bound, bound / np.maximum(norms, 1e-300), 1.0)
+    counts = np.array([n for _, n in real], dtype=np.float64)
+    weight = np.minimum(counts, c * float(np.median(counts)))
+    weight = weight / weight.sum()
+    return [g + sum(w * s * step[i] for w, s, step in zip(weight, scale, steps)) for i, g in enumerate(center)]
 
 
 def check_metrics(metrics: Mapping[str, object]) -> Optional[str]:
@@ -689,7 +713,7 @@ class SparseFedAvg(FedAvg):
 
     def _step(self, trained: Sequence[Tuple[Dict[str, np.ndarray], int]]) -> Dict[str, np.ndarray]:
         """The next global values from the round's valid updates."""
-        target = aggregate(self.layout, trained, self.aggregation)
+        target = aggregate(self.layout, trained, self.aggregation, self.current)
         if self.current is None or (self.server_momentum == 0 and self.server_lr == 1.0):
             return self.layout.quantize(target, self.rng)
         start = self.layout.dequantize(self.current)

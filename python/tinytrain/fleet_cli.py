@@ -439,8 +439,9 @@ def add_cli_parser(sub) -> None:
     def server_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--aggregation", default="mean",
                        help="how the server combines the valid updates: mean (FedAvg, weighted by sample count) | "
-                            "median | trimmed:BETA (coordinate-wise trimmed mean, e.g. trimmed:0.1) | krum:F "
-                            "(Multi-Krum, F devices assumed hostile): the robust ones bound what one device can do")
+                            "median | trimmed:BETA (coordinate-wise trimmed mean, e.g. trimmed:0.2) | krum:F "
+                            "(Multi-Krum, F devices assumed hostile) | clip:C (each step and sample count bounded "
+                            "to C times the round's median, e.g. clip:2): the robust ones bound what one device can do")
         q.add_argument("--max-samples", type=int, default=None,
                        help="the largest sample count a device may report for a round; a reply above it is rejected "
                             "(default: the largest device's samples x epochs in simulate, 2^32-1 for a server)")
