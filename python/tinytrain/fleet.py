@@ -18,6 +18,7 @@ network (a Flower SuperLink and SuperNodes). Needs ``pip install 'tinytrain[flee
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -486,6 +487,103 @@ def _checked_momentum(beta: float) -> float:
     return float(beta)
 
 
+#: The most samples a device can report for a round: its update blob's sample count is a u32.
+#: The server's default cap (`SparseFedAvg(max_samples=...)`); `simulate` derives a tighter one.
+MAX_SAMPLES = 2 ** 32 - 1
+
+
+def parse_aggregation(spec: str) -> Tuple[str, float]:
+    """``(kind, argument)`` of how the server combines a round's valid updates
+    (`SparseFedAvg(aggregation=...)`, ``--aggregation``): ``"mean"`` (FedAvg, weighted by sample count),
+    ``"median"`` (coordinate-wise median), ``"trimmed:BETA"`` (coordinate-wise mean without the
+    BETA largest and BETA smallest fraction of the values, 0 < BETA < 0.5) or ``"krum:F"``
+    (Multi-Krum: the updates closest to their neighbours, all but F, averaged by sample count) or
+    ``"clip:C"`` (a norm bound: each device's step from the current global values is scaled down to
+    at most C times the round's median step norm and its sample count to at most C times the median
+    count, then the weighted mean). Median, trimmed mean and Krum ignore the sample counts when they
+    choose, and the norm bound caps them: one device cannot buy the round with a large count."""
+    text = str(spec).strip().lower()
+    kind, sep, arg = text.partition(":")
+    try:
+        if kind in ("mean", "median") and not sep:
+            return kind, 0.0
+        if kind == "trimmed":
+            beta = float(arg) if sep else 0.1
+            if 0 < beta < 0.5:
+                return kind, beta
+        if kind == "krum" and sep and int(arg) >= 0:
+            return kind, float(int(arg))
+        if kind == "clip" and sep and float(arg) >= 1:
+            return kind, float(arg)
+    except ValueError:
+        pass
+    raise ValueError("aggregation must be mean, median, trimmed:BETA (0 < BETA < 0.5), krum:F (F >= 0) or clip:C (C >= 1), "
+                     f"got {spec!r}")
+
+
+def aggregate(layout: Layout, updates: Sequence[Tuple[Mapping[str, np.ndarray], int]],
+              aggregation: str = "mean", current: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+    """The round's aggregate of ``(params, samples)`` updates in real values (dequantized with the
+    plan's frozen scales; `Layout.quantize` turns it back into int8 / int32). ``aggregation``: see
+    `parse_aggregation`; median, trimmed mean and Krum are Flower's own
+    (``flwr.server.strategy.aggregate``). ``current``: the global values the devices started from
+    (the norm bound measures steps from them; without them, from the coordinate-wise median)."""
+    kind, arg = parse_aggregation(aggregation)
+    if kind == "mean":
+        return layout.mean(updates)
+    if not updates:
+        raise ValueError("nothing to aggregate")
+    from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+    keys = layout.keys
+    real = [([values[k] for k in keys], int(n)) for values, n in ((layout.dequantize(p), n) for p, n in updates)]
+    if kind == "median":
+        out = aggregate_median(real)
+    elif kind == "trimmed":
+        if int(arg * len(real)) == 0:
+            log.warning("trimmed:%g of %d updates trims none of them: the plain mean of their values", arg, len(real))
+        out = aggregate_trimmed_avg(real, arg)
+    elif kind == "krum":
+        out = aggregate_krum(real, int(arg), max(1, len(real) - int(arg)))
+    else:
+        out = _norm_bounded_mean(real, [layout.dequantize(current)[k] for k in keys] if current is not None
+                                 else aggregate_median(real), arg)
+    return dict(zip(keys, (np.asarray(v, dtype=np.float64) for v in out)))
+
+
+def _norm_bounded_mean(real: Sequence[Tuple[List[np.ndarray], int]], center: Sequence[np.ndarray],
+                       c: float) -> List[np.ndarray]:
+    """``center`` plus the mean of the devices' steps from it, each step scaled to at most ``c``
+    times the median step norm and each weight (sample count) to at most ``c`` times the median."""
+    steps = [[v - g for v, g in zip(values, center)] for values, _ in real]
+    norms = np.array([math.sqrt(sum(float(np.sum(d * d)) for d in step)) for step in steps])
+    bound = c * float(np.median(norms))
+    scale = np.where(norms > bound, bound / np.maximum(norms, 1e-300), 1.0)
+    counts = np.array([n for _, n in real], dtype=np.float64)
+    weight = np.minimum(counts, c * float(np.median(counts)))
+    weight = weight / weight.sum()
+    return [g + sum(w * s * step[i] for w, s, step in zip(weight, scale, steps)) for i, g in enumerate(center)]
+
+
+def check_metrics(metrics: Mapping[str, object]) -> Optional[str]:
+    """Why a reply's metrics cannot be aggregated (``None`` if every value is a finite number):
+    Flower's metric aggregation adds the values up, so one list among numbers would make it raise."""
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            text = repr(value)
+            return (f"metric {key!r} is a {type(value).__name__} "
+                    f"({text if len(text) <= 40 else text[:37] + '...'}), not a number")
+        if not math.isfinite(value):
+            return f"metric {key!r} is {value!r}, not a finite number"
+    return None
+
+
+def _checked_cap(max_samples: object) -> int:
+    if isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or not 1 <= max_samples <= MAX_SAMPLES:
+        raise ValueError(f"max samples per client must be an integer in [1, {MAX_SAMPLES}], got {max_samples!r}")
+    return int(max_samples)
+
+
 class SparseFedAvg(FedAvg):
     """Flower's FedAvg over a plan's sparse int8 updates.
 
@@ -509,12 +607,24 @@ class SparseFedAvg(FedAvg):
     size, the upload does not); after a round ``c`` moves by the sum of the round's ``c_i`` changes
     over the ``N`` connected devices, which the server computes from what each sends anyway (its parameters
     against the global ones, and its ``lr`` and ``steps``; an update without them is rejected),
-    so ``c`` stays the devices' mean ``c_i`` without their sending it."""
+    so ``c`` stays the devices' mean ``c_i`` without their sending it.
+
+    Every reply is validated in full before anything is aggregated: besides the arrays, each metric
+    must be a finite number (a list-valued metric would make Flower's metric aggregation raise) and
+    the sample count at most ``max_samples`` (default `MAX_SAMPLES`, the most a device's update blob
+    can carry); a round whose valid updates with samples are fewer than ``min_valid_updates`` is
+    kept in ``rounds_without_update``. ``aggregation`` (`parse_aggregation`) replaces the
+    sample-weighted mean by a robust one (``"median"``, ``"trimmed:0.1"``, ``"krum:1"``) on the
+    dequantized values; the server step, momentum and re-quantization follow as for the mean."""
 
     def __init__(self, layout: Layout, seed: int = 0, min_valid_updates: int = 1, server_lr: float = 1.0,
                  lr_scale: Optional[Callable[[int], float]] = None, method: str = "fedavg",
-                 server_momentum: float = 0.0, **fedavg) -> None:
+                 server_momentum: float = 0.0, aggregation: str = "mean", max_samples: int = MAX_SAMPLES,
+                 **fedavg) -> None:
         super().__init__(**fedavg)
+        parse_aggregation(aggregation)
+        self.aggregation = str(aggregation)
+        self.max_samples = _checked_cap(max_samples)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.method = method
@@ -533,6 +643,8 @@ class SparseFedAvg(FedAvg):
         self.rejected: List[Tuple[int, int, str]] = []
         self.failed: List[Tuple[int, int, str]] = []  # error replies: a client crashed or went offline
         self.accepted: Dict[int, int] = {}
+        self.rounds_without_update: List[int] = []  # rounds that left the global model unchanged
+        self.rejected_evaluations: List[Tuple[int, int, str]] = []
 
     def _reject(self, server_round: int, node: int, reason: str) -> None:
         self.rejected.append((server_round, node, reason))
@@ -582,6 +694,7 @@ class SparseFedAvg(FedAvg):
         if len(trained) < max(1, self.min_valid_updates):
             log.warning("round %d: %d valid update(s) with samples, fewer than %d: the global model stays as it was",
                         server_round, len(trained), self.min_valid_updates)
+            self.rounds_without_update.append(server_round)
             return None, None
         arrays = to_record(self._step(trained))
         for move in moves:  # c += (1/N) sum of the c_i changes: c stays the mean c_i of all N devices
@@ -591,12 +704,14 @@ class SparseFedAvg(FedAvg):
 
     def _step(self, trained: Sequence[Tuple[Dict[str, np.ndarray], int]]) -> Dict[str, np.ndarray]:
         """The next global values from the round's valid updates."""
-        if self.server_momentum == 0:
-            return self.layout.average(trained, self.rng, self.current, self.server_lr)
-        mean = self.layout.mean(trained)
+        target = aggregate(self.layout, trained, self.aggregation, self.current)
+        if self.current is None or (self.server_momentum == 0 and self.server_lr == 1.0):
+            return self.layout.quantize(target, self.rng)
         start = self.layout.dequantize(self.current)
+        if self.server_momentum == 0:
+            return self.layout.quantize({k: g + self.server_lr * (target[k] - g) for k, g in start.items()}, self.rng)
         for k, g in start.items():
-            self.velocity[k] = self.server_momentum * self.velocity[k] + (mean[k] - g)
+            self.velocity[k] = self.server_momentum * self.velocity[k] + (target[k] - g)
         return self.layout.quantize({k: g + self.server_lr * self.velocity[k] for k, g in start.items()}, self.rng)
 
     def _control_move(self, content: RecordDict, params: Mapping[str, np.ndarray]):
@@ -612,14 +727,30 @@ class SparseFedAvg(FedAvg):
             return None, None
         return None, {k: _mean_step(self.current[k], params[k], steps, lr) - self.control[k] for k in self.control}
 
-    def _read(self, content: RecordDict):
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
+    def _read_metrics(self, content: RecordDict, arrays: int):
+        """``(reason, metrics, count)``: the reply's one MetricRecord, every value a finite number,
+        and its sample count, a whole number in [0, max_samples]."""
+        if len(content.array_records) != arrays or len(content.metric_records) != 1:
+            return (f"expected {arrays} ArrayRecord(s) and one MetricRecord, got {len(content.array_records)} and "
                     f"{len(content.metric_records)}"), None, None
         metrics = next(iter(content.metric_records.values()))
         if self.weighted_by_key not in metrics:
             return f"no sample count ({self.weighted_by_key!r}) in the metrics", None, None
         count = metrics[self.weighted_by_key]
+        if check_metrics({"count": count}) or float(count) != int(count) or int(count) < 0:
+            return f"sample count {count!r} is not a whole number >= 0", None, None
+        reason = check_metrics(metrics)
+        if reason:
+            return reason, None, None
+        if int(count) > self.max_samples:
+            return (f"sample count {int(count)} is above the {self.max_samples} samples a device can have trained on "
+                    "in a round (max_samples)"), None, None
+        return None, metrics, count
+
+    def _read(self, content: RecordDict):
+        reason, _, count = self._read_metrics(content, arrays=1)
+        if reason:
+            return reason, None, None
         try:
             params = from_record(next(iter(content.array_records.values())))
         except ValueError as exc:
@@ -627,8 +758,21 @@ class SparseFedAvg(FedAvg):
         return self.layout.check(params, count), params, count
 
     def aggregate_evaluate(self, server_round: int, replies) -> Optional[MetricRecord]:
-        ok = [m.content for m in replies if not m.has_error() and len(m.content.metric_records) == 1
-              and isinstance(next(iter(m.content.metric_records.values())).get(self.weighted_by_key), int)]
+        """The sample-weighted mean of the devices' own evaluations; a reply whose metrics are not
+        finite numbers or whose count is 0 or beyond ``max_samples`` is left out and logged."""
+        ok = []
+        for msg in replies:
+            if msg.has_error():
+                continue
+            reason, _, count = self._read_metrics(msg.content, arrays=0)
+            if not reason and int(count) == 0:
+                reason = "evaluated on 0 samples"
+            if reason:
+                node = int(msg.metadata.src_node_id)
+                self.rejected_evaluations.append((server_round, node, reason))
+                log.warning("round %d: left out the evaluation of node %d: %s", server_round, node, reason)
+                continue
+            ok.append(msg.content)
         return aggregate_metricrecords(ok, self.weighted_by_key) if ok else None
 
 
@@ -663,11 +807,18 @@ class RunConfig:
     server_momentum: float = 0.0  # FedAvgM's beta (0: none); see SparseFedAvg
     lr_decay: str = "none"  # the devices' learning-rate schedule over the run's epochs of data (lr_scale)
     method: str = "fedavg"  # or "scaffold" (see SparseFedAvg)
+    aggregation: str = "mean"  # or a robust one: median, trimmed:BETA, krum:F (parse_aggregation)
+    # the largest sample count a device's reply may report for a round; None: MAX_SAMPLES for a
+    # deployment, the largest device's samples times the local epochs in `simulate`
+    max_samples_per_client: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.rounds_per_epoch < 1:
             raise ValueError(f"rounds-per-epoch must be >= 1, got {self.rounds_per_epoch}")
         _checked_momentum(self.server_momentum)
+        parse_aggregation(self.aggregation)
+        if self.max_samples_per_client is not None:
+            _checked_cap(self.max_samples_per_client)
 
     def lr_scale(self, server_round: int) -> float:
         """The devices' learning-rate multiplier in round ``server_round`` (1-based): `lr_scale` of
@@ -681,11 +832,14 @@ def run_server(grid: Grid, layout: Layout, cfg: RunConfig, test=None,
                extra_config: Optional[Dict[str, int]] = None) -> Dict[str, object]:
     """Runs ``cfg.rounds`` rounds of `SparseFedAvg` on ``grid``; returns the history: centralized
     ``accuracy`` per round (index 0: before training) when ``test=(x, y)``, client metrics, the
-    accepted update counts and rejected updates with their reasons, and the final parameters."""
+    accepted update counts, rejected updates and failed devices with their reasons, the rounds that had
+    no valid update (``rounds_without_update``: the global model stayed as it was), and the final
+    parameters."""
     cfg.lr_scale(1)  # an unknown schedule fails here, before any round
+    cap = MAX_SAMPLES if cfg.max_samples_per_client is None else cfg.max_samples_per_client
     strategy = SparseFedAvg(layout, seed=cfg.seed, min_valid_updates=cfg.min_valid_updates, server_lr=cfg.server_lr,
                             lr_scale=cfg.lr_scale if cfg.lr_decay != "none" else None, method=cfg.method,
-                            server_momentum=cfg.server_momentum,
+                            server_momentum=cfg.server_momentum, aggregation=cfg.aggregation, max_samples=cap,
                             fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
                             min_train_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_available_nodes,
                             min_evaluate_nodes=cfg.min_train_nodes if cfg.fraction_evaluate > 0 else 0)
@@ -713,6 +867,9 @@ def run_server(grid: Grid, layout: Layout, cfg: RunConfig, test=None,
         "accepted": dict(strategy.accepted),
         "rejected": [{"round": r, "node": n, "reason": s} for r, n, s in strategy.rejected],
         "failed": [{"round": r, "node": n, "reason": s} for r, n, s in strategy.failed],
+        "rejected_evaluations": [{"round": r, "node": n, "reason": s} for r, n, s in strategy.rejected_evaluations],
+        "rounds_without_update": list(strategy.rounds_without_update),
+        "aggregation": cfg.aggregation, "max_samples_per_client": cap,
         "params": final,
     }
 
@@ -768,9 +925,15 @@ def partition(y, clients: int, spec: str = "dirichlet:0.3", seed: int = 0, min_s
 # ---------------------------------------------------------------------- simulation
 def simulate(plan: Plan, x, y, parts: Sequence[np.ndarray], cfg: RunConfig, test=None, lr: Optional[float] = None,
              on_round: Optional[Callable[[int, Dict[str, float]], None]] = None, verbose: bool = False,
-             cpus_per_client: float = 1.0) -> Dict[str, object]:
+             cpus_per_client: float = 1.0,
+             client_factory: Optional[Callable[[int, Plan, np.ndarray, np.ndarray], "FleetClient | GatewayClient"]] = None
+             ) -> Dict[str, object]:
     """A federation of ``len(parts)`` simulated devices (client ``i`` holds ``x[parts[i]]``) run
-    by Flower's simulation engine on this machine; returns `run_server`'s history."""
+    by Flower's simulation engine on this machine; returns `run_server`'s history.
+
+    Without ``cfg.max_samples_per_client`` the server refuses a reply reporting more samples than
+    the largest device holds times the local epochs. ``client_factory(i, plan, x_i, y_i)`` builds
+    device ``i`` instead of a `FleetClient` (e.g. a faulty or hostile device in a benchmark)."""
     from flwr.simulation import run_simulation
 
     layout = Layout(plan)
@@ -778,9 +941,13 @@ def simulate(plan: Plan, x, y, parts: Sequence[np.ndarray], cfg: RunConfig, test
     y = np.asarray(y)
     shards = [(x[p], y[p]) for p in parts]
     plan_bytes, params = plan.plan_bytes, plan.params  # a device holds the plan, not the model
+    if cfg.max_samples_per_client is None:
+        cfg = dataclasses.replace(cfg, max_samples_per_client=max(1, max(len(p) for p in parts) * cfg.epochs))
 
-    def make_client(context: Context) -> FleetClient:
+    def make_client(context: Context) -> "FleetClient | GatewayClient":
         i = int(context.node_config["partition-id"])
+        if client_factory is not None:
+            return client_factory(i, Plan(plan_bytes, params), *shards[i])
         return FleetClient(Plan(plan_bytes, params), *shards[i], lr=lr, seed=cfg.seed * 1009 + i)
 
     out: Dict[str, object] = {}
@@ -804,11 +971,13 @@ def simulate(plan: Plan, x, y, parts: Sequence[np.ndarray], cfg: RunConfig, test
 
 # ---------------------------------------------------------------------- the demo fleet
 def update_limit(value, model_bytes: int) -> Optional[int]:
-    """An update-size limit in bytes: ``None``, a size (``"800B"``, ``816``) or ``"<N>x"``, N times
-    fewer bytes than the whole int8 model (``model_bytes // N``)."""
+    """An update-size limit in bytes: ``None`` or ``"none"`` (no limit), a size (``"800B"``,
+    ``816``) or ``"<N>x"``, N times fewer bytes than the whole int8 model (``model_bytes // N``)."""
     if value is None:
         return None
     text = str(value).strip().lower()
+    if text == "none":
+        return None
     if text.endswith("x"):
         n = float(text[:-1])
         if not n >= 1.0:
@@ -819,13 +988,20 @@ def update_limit(value, model_bytes: int) -> Optional[int]:
     return parse_bytes(value)
 
 
+#: The update budget of the fleet's searched scheme unless asked otherwise: an update 20 times
+#: smaller than the whole int8 model (without it the search, bounded by SRAM only, picks a scheme
+#: whose update is almost the whole model).
+DEFAULT_UPDATE_BUDGET = "20x"
+
+
 def demo_setup(scheme: str = "searched", budget: str = "256KB", seed: int = 0, workers: Optional[int] = None,
-               update_budget=None):
+               update_budget=DEFAULT_UPDATE_BUDGET):
     """The demo's task as a fleet: `tt.models.demo()` (pretrained on digits 0-4) quantized as in
     `tinytrain demo`, its sparse scheme, and the data of digits 5-9 the devices learn. ``scheme``:
     ``"searched"`` (`tt.search` under ``budget``, as the demo does, and under ``update_budget``
-    bytes per update if given, see `update_limit`), ``full``, ``bias``, ``last:K``, ``paper`` or a
-    scheme JSON file. Returns ``(plan, (x, y), (x_test, y_test))``."""
+    bytes per update, see `update_limit`: by default 20 times fewer than the whole int8 model,
+    ``None`` for no limit), ``full``, ``bias``, ``last:K``, ``paper`` or a scheme JSON file.
+    Returns ``(plan, (x, y), (x_test, y_test))``."""
     import tinytrain as tt
 
     from .engine import scheme_from_arg
@@ -912,7 +1088,9 @@ def _deployed_main(grid: Grid, context: Context) -> None:
                         seed=int(rc["seed"]), server_lr=float(rc["server-lr"]),
                         server_momentum=float(rc.get("server-momentum", 0.0)),
                         lr_decay=str(rc.get("lr-decay", "none")), method=str(rc.get("method", "fedavg")),
-                        rounds_per_epoch=int(rc.get("rounds-per-epoch", 1)))
+                        rounds_per_epoch=int(rc.get("rounds-per-epoch", 1)),
+                        aggregation=str(rc.get("aggregation", "mean")),
+                        max_samples_per_client=int(rc["max-samples"]) if rc.get("max-samples") else None)
         progress = str(rc.get("progress", ""))
 
         def on_round(r: int, m: Dict[str, float]) -> None:

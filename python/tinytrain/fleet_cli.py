@@ -21,7 +21,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Dict, List, Optional
+from collections import Counter, defaultdict
+from typing import Dict, List, Mapping, Optional
 
 
 def _fleet():
@@ -43,6 +44,43 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
+def run_problems(hist: Mapping[str, object]) -> List[str]:
+    """One line per round in which a device failed or an update was rejected: how many, and why
+    (each distinct reason with its count), and whether the round changed the global model."""
+    seen: Dict[int, Dict[str, Counter]] = defaultdict(lambda: {"failed": Counter(), "rejected": Counter()})
+    for what in ("failed", "rejected"):
+        for row in hist.get(what, []):
+            seen[int(row["round"])][what][str(row["reason"])] += 1
+    stalled = set(int(r) for r in hist.get("rounds_without_update", []))
+    lines = []
+    for r in sorted(set(seen) | stalled):
+        parts = []
+        for what, label in (("failed", "device(s) failed"), ("rejected", "update(s) rejected")):
+            reasons = seen[r][what]
+            if reasons:
+                parts.append(f"{sum(reasons.values())} {label} ("
+                             + "; ".join(f"{n}x {reason}" if n > 1 else reason for reason, n in reasons.most_common())
+                             + ")")
+        if r in stalled:
+            parts.append("no valid update: the global model did not change")
+        lines.append(f"round {r}: " + ", ".join(parts))
+    return lines
+
+
+def _report_problems(hist, rounds: int) -> int:
+    """Says on stderr how many devices failed or sent an update the server refused, and why; the
+    exit code: 1 when a round had no valid update (the run did not do what it was asked), else 0."""
+    lines = run_problems(hist)
+    for line in lines:
+        print(f"tinytrain fleet: {line}", file=sys.stderr)
+    stalled = list(hist.get("rounds_without_update", []))
+    if stalled:
+        print(f"tinytrain fleet: error: {len(stalled)} of {rounds} round(s) had no valid update "
+              f"(round(s) {', '.join(map(str, stalled))}): the global model did not learn from them", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------------- simulate
 def cmd_simulate(args: argparse.Namespace) -> int:
     fleet = _fleet()
@@ -55,7 +93,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                           min_train_nodes=max(1, int(args.fraction * args.clients)),
                           min_available_nodes=args.clients, seed=args.seed, server_lr=args.server_lr,
                           server_momentum=args.server_momentum,
-                          rounds_per_epoch=args.rounds_per_epoch, lr_decay=args.lr_decay, method=args.method)
+                          rounds_per_epoch=args.rounds_per_epoch, lr_decay=args.lr_decay, method=args.method,
+                          aggregation=args.aggregation, max_samples_per_client=args.max_samples)
     plan, (x, y), test = fleet.demo_setup(args.scheme, args.budget, args.seed, args.workers, args.update_budget)
     layout = fleet.Layout(plan)
     parts = fleet.partition(y, args.clients, args.partition, seed=args.seed)
@@ -78,6 +117,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         "server_momentum": args.server_momentum, "method": args.method,
         "samples_per_client": [int(len(p)) for p in parts], "scheme": layout.scheme.to_dict(),
         "accuracy": hist["accuracy"], "accepted": hist["accepted"], "rejected": hist["rejected"], "failed": hist["failed"],
+        "rounds_without_update": hist["rounds_without_update"], "aggregation": args.aggregation,
+        "max_samples_per_client": hist["max_samples_per_client"],
         "update_bytes": sparse, "update_bytes_on_the_wire": fleet.record_bytes(hist["params"]),
         "full_int8_model_bytes": full_int8, "full_fp32_model_bytes": full_fp32,
         "int8_model_over_update": full_int8 / sparse, "fp32_model_over_update": full_fp32 / sparse,
@@ -98,8 +139,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         write_atomic(os.path.join(args.out, "fleet.json"), json.dumps(report, default=float))
     if args.json:
+        code = _report_problems(hist, args.rounds)  # on stderr, before the JSON: its last line stays the report
         _print_json(report)
-        return 0
+        return code
     from rich.console import Console
     from rich.table import Table
 
@@ -121,12 +163,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ("whole int8 model", f"{format_bytes(full_int8)} ({full_int8 / sparse:.1f}x the update)"),
         ("fp32 FedAvg of the whole model", f"{format_bytes(full_fp32)} ({full_fp32 / sparse:.1f}x the update)"),
         ("peak SRAM of a device's training step", format_bytes(plan.memory.peak_bytes)),
+        ("aggregation", args.aggregation),
         ("rejected updates", str(len(hist["rejected"]))),
+        ("failed devices (no reply)", str(len(hist["failed"]))),
         ("time (s)", f"setup {setup_s:.1f}, federation {wall:.1f}"),
     ] + ([("plot", str(report["plot"]))] if "plot" in report else []):
         s.add_row(k, v)
     console.print(s)
-    return 0
+    return _report_problems(hist, args.rounds)
 
 
 # ---------------------------------------------------------------------- prepare
@@ -230,7 +274,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     from .progress import progress_bar
 
     # a bad setting fails here, not in the ServerApp after the SuperLink started
-    _fleet().RunConfig(rounds=args.rounds, rounds_per_epoch=args.rounds_per_epoch, server_momentum=args.server_momentum)
+    _fleet().RunConfig(rounds=args.rounds, rounds_per_epoch=args.rounds_per_epoch, server_momentum=args.server_momentum,
+                       aggregation=args.aggregation, max_samples_per_client=args.max_samples)
     work = tempfile.mkdtemp(prefix="tinytrain-fleet-server-")
     out = os.path.abspath(args.result or os.path.join(work, "result.json"))
     progress = os.path.abspath(args.progress or os.path.join(work, "progress.jsonl"))
@@ -243,6 +288,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         "seed": args.seed, "server-lr": args.server_lr,
         "server-momentum": args.server_momentum, "lr-decay": args.lr_decay, "method": args.method,
         "rounds-per-epoch": args.rounds_per_epoch, "out": out, "progress": progress,
+        "aggregation": args.aggregation, "max-samples": args.max_samples or 0,
         "output": os.path.abspath(args.output) if args.output else "",
     }
     for k in ("plan", "model"):
@@ -296,20 +342,18 @@ def cmd_server(args: argparse.Namespace) -> int:
         _stop(run)
         _stop(link)
     result.update({"superlink_port": port, "log": run_log, "result": out})
+    code = _report_problems(result, args.rounds)
     if args.json:
         _print_json(result)
     else:
         acc = result.get("accuracy") or []
         if acc:
             print("test accuracy per round: " + ", ".join(f"{100 * a:.1f} %" for a in acc))
-        print(f"updates averaged per round: {result['accepted']}; rejected: {len(result['rejected'])}")
-        for r in result["rejected"]:
-            print(f"  round {r['round']}, node {r['node']}: {r['reason']}")
-        for r in result["failed"]:
-            print(f"no update in round {r['round']} from node {r['node']}: {r['reason']}")
+        print(f"updates averaged per round: {result['accepted']}; rejected: {len(result['rejected'])}; "
+              f"failed devices: {len(result['failed'])} (each with its reason below and in --result)")
         if args.output:
             print(f"wrote {args.output}: the global int8 model (QDQ ONNX)")
-    return 0
+    return code
 
 
 def _tail(path: str, n: int = 30) -> str:
@@ -383,13 +427,24 @@ def add_cli_parser(sub) -> None:
         q.add_argument("--scheme", default="searched",
                        help="searched (tt.search under --budget, as the demo) | full | bias | last:K | paper | FILE.json")
         q.add_argument("--budget", default="256KB", help="SRAM budget of a device's training step")
-        q.add_argument("--update-budget", default=None,
-                       help="bytes one update may carry, for --scheme searched: a size (800B) or NX, N times "
-                            "fewer than the whole int8 model (20x)")
+        q.add_argument("--update-budget", default="20x",
+                       help="bytes one update may carry, for --scheme searched: a size (800B), NX, N times "
+                            "fewer than the whole int8 model (default 20x), or none (bounded by --budget only)")
         q.add_argument("--partition", default="dirichlet:0.3", help="iid | dirichlet:ALPHA (label skew)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--workers", type=int, default=None, help="parallel fine-tunes of the scheme search")
         q.add_argument("--json", action="store_true")
+
+
+    def server_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--aggregation", default="mean",
+                       help="how the server combines the valid updates: mean (FedAvg, weighted by sample count) | "
+                            "median | trimmed:BETA (coordinate-wise trimmed mean, e.g. trimmed:0.2) | krum:F "
+                            "(Multi-Krum, F devices assumed hostile) | clip:C (each step and sample count bounded "
+                            "to C times the round's median, e.g. clip:2): the robust ones bound what one device can do")
+        q.add_argument("--max-samples", type=int, default=None,
+                       help="the largest sample count a device may report for a round; a reply above it is rejected "
+                            "(default: the largest device's samples x epochs in simulate, 2^32-1 for a server)")
 
     q = fs.add_parser("simulate", help="a federation of simulated devices on this machine (Flower simulation engine)")
     q.add_argument("--clients", type=int, default=20)
@@ -409,6 +464,7 @@ def add_cli_parser(sub) -> None:
                         "control variate, int8: the download doubles, the upload does not change)")
     q.add_argument("--out", default="tinytrain-fleet", help="folder for the plot and the JSON report")
     q.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    server_options(q)
     demo_options(q)
     q.set_defaults(func=cmd_simulate)
 
@@ -450,6 +506,7 @@ def add_cli_parser(sub) -> None:
     q.add_argument("-o", "--output", help="write the global int8 model (QDQ ONNX) here")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--json", action="store_true")
+    server_options(q)
     q.set_defaults(func=cmd_server)
 
     q = fs.add_parser("client", help="a Flower SuperNode: this device trains its plan on its data each round")
