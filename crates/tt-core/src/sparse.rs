@@ -10,14 +10,15 @@ use alloc::vec::Vec;
 use crate::graph::{Graph, NodeKind};
 use crate::{Error, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ChannelAxis {
-    Output = 0,
-    Input = 1,
-}
+/// The axis a weight ratio selects channels along: the kernels' own enum (`ops`), which the
+/// scheme API hands on.
+pub use crate::ops::ChannelAxis;
 
+// TEMPORARY (issue 23): belongs in `ops/mod.rs` beside the enum (which should also get
+// `#[repr(u8)]` with `Output = 0, Input = 1`: the plan stores `axis as u8`); here while `ops/` is
+// being split on another branch.
 impl ChannelAxis {
+    /// The axis of a plan's layer-record `axis` byte (0 = output, 1 = input channels).
     pub fn from_u8(v: u8) -> Option<ChannelAxis> {
         match v {
             0 => Some(ChannelAxis::Output),

@@ -8,11 +8,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use tt_core::autodiff::Layout;
+use tt_core::compile::{compile_with, Objective, PlanSettings};
 use tt_core::exec::{Executor, Target};
-use tt_core::graph::{Act, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use tt_core::graph::{Activation, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
 use tt_core::plan::{
-    compile_with, Buffer, CompileOptions, LossKind, Objective, OpKind, PlanSettings, PlanView,
-    Precision, TrainOp, IN_PLACE,
+    Buffer, CompileOptions, LossKind, OpKind, PlanView, Precision, TrainOp, IN_PLACE,
 };
 use tt_core::planner;
 use tt_core::quant::Rounding;
@@ -61,8 +61,8 @@ type NodeDesc<'py> = (
     Option<PyReadonlyArray1<'py, f32>>,
 );
 
-fn act(v: u8) -> PyResult<Act> {
-    Act::from_u8(v).ok_or_else(|| PyValueError::new_err(format!("bad activation code {v}")))
+fn act(v: u8) -> PyResult<Activation> {
+    Activation::from_u8(v).ok_or_else(|| PyValueError::new_err(format!("bad activation code {v}")))
 }
 
 /// The Python spelling of a model's requantization rounding (`QuantizedModel.rounding`).

@@ -12,8 +12,9 @@ use numpy::{
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use tt_core::ir::Precision;
 use tt_core::ops::{add, conv, fc, loss, pool, ChannelSelection};
-use tt_core::qas::{self, SgdConfig, UpdatePrecision, UpdateState, XorShift32};
+use tt_core::qas::{self, SgdConfig, UpdateState, XorShift32};
 use tt_core::quant::{self, Activation, QParams, Requant};
 
 type Py1<'py, T> = PyResult<Bound<'py, PyArrayDyn<T>>>;
@@ -890,11 +891,11 @@ fn mse<'py>(
     ))
 }
 
-fn precision(name: &str) -> PyResult<UpdatePrecision> {
+fn precision(name: &str) -> PyResult<Precision> {
     match name {
-        "stochastic" => Ok(UpdatePrecision::StochasticRounding),
-        "residual" => Ok(UpdatePrecision::Residual),
-        "fp32" => Ok(UpdatePrecision::FpMaster),
+        "stochastic" => Ok(Precision::StochasticRounding),
+        "residual" => Ok(Precision::Residual),
+        "fp32" => Ok(Precision::FpMaster),
         _ => Err(bad(format!(
             "precision must be 'stochastic', 'residual' or 'fp32', got {name:?}"
         ))),
@@ -966,15 +967,15 @@ fn sgd_update_weights(
     let mut residual = residual;
     let mut master = master;
     let state = match precision(precision_name)? {
-        UpdatePrecision::StochasticRounding => UpdateState::StochasticRounding(&mut rng),
-        UpdatePrecision::Residual => UpdateState::Residual(
+        Precision::StochasticRounding => UpdateState::StochasticRounding(&mut rng),
+        Precision::Residual => UpdateState::Residual(
             residual
                 .as_mut()
                 .ok_or_else(|| bad("precision 'residual' needs residual=".into()))?
                 .as_slice_mut()
                 .map_err(|_| bad("residual must be C-contiguous".into()))?,
         ),
-        UpdatePrecision::FpMaster => UpdateState::FpMaster(
+        Precision::FpMaster => UpdateState::FpMaster(
             master
                 .as_mut()
                 .ok_or_else(|| bad("precision 'fp32' needs master=".into()))?
