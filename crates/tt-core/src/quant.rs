@@ -513,6 +513,16 @@ mod tests {
     }
 
     #[test]
+    fn activation_codes_are_the_plan_node_act_byte() {
+        use Activation::*;
+        assert_eq!([None, Relu, Relu6].map(|a| a as u8), [0, 1, 2]);
+        for a in [None, Relu, Relu6] {
+            assert_eq!(Activation::from_u8(a as u8), Some(a));
+        }
+        assert_eq!(Activation::from_u8(3), Option::None);
+    }
+
+    #[test]
     fn quantize_dequantize() {
         let q = QParams::new(0.1, 3).unwrap();
         assert_eq!(q.quantize(0.25), 6);

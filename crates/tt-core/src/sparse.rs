@@ -127,3 +127,20 @@ impl Scheme {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ChannelAxis;
+
+    /// The plan stores `axis as u8` and readers decode 0 = output, 1 = input: the enum's order
+    /// is part of the format.
+    #[test]
+    fn channel_axis_codes_are_the_plan_layer_axis_byte() {
+        assert_eq!(ChannelAxis::Output as u8, 0);
+        assert_eq!(ChannelAxis::Input as u8, 1);
+        for a in [ChannelAxis::Output, ChannelAxis::Input] {
+            assert_eq!(ChannelAxis::from_u8(a as u8), Some(a));
+        }
+        assert_eq!(ChannelAxis::from_u8(2), None);
+    }
+}

@@ -96,7 +96,9 @@ fn scan(ts: TokenStream, refs: &mut Vec<String>, test_mods: &mut Vec<String>) {
     while i < toks.len() {
         // `#[cfg(test)]`: skip the item it guards, up to its first `;` or `{ ... }`.
         if let (TokenTree::Punct(p), Some(TokenTree::Group(g))) = (&toks[i], toks.get(i + 1)) {
-            if p.as_char() == '#' && g.delimiter() == Delimiter::Bracket && is_test_only(&g.stream())
+            if p.as_char() == '#'
+                && g.delimiter() == Delimiter::Bracket
+                && is_test_only(&g.stream())
             {
                 let start = i + 2;
                 let mut j = start;
@@ -152,7 +154,10 @@ fn child_files(parent: &Path, name: &str) -> [PathBuf; 2] {
     } else {
         dir.join(&*stem)
     };
-    [dir.join(format!("{name}.rs")), dir.join(name).join("mod.rs")]
+    [
+        dir.join(format!("{name}.rs")),
+        dir.join(name).join("mod.rs"),
+    ]
 }
 
 /// Every top-level module of tt-core and the modules each one references outside tests.
@@ -260,7 +265,10 @@ fn find_cycle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
 fn the_runtime_never_imports_the_compiler() {
     let refs = references();
     for m in RUNTIME.iter().chain(&COMPILER) {
-        assert!(refs.contains_key(*m), "no module {m} in src/: update this test");
+        assert!(
+            refs.contains_key(*m),
+            "no module {m} in src/: update this test"
+        );
     }
     let bad = violations(&refs, &RUNTIME, &COMPILER);
     assert!(
