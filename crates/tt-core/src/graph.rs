@@ -5,25 +5,12 @@ use alloc::{string::String, vec::Vec};
 
 use crate::{Error, Result};
 
-/// The clamp fused into an op's requantization.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Act {
-    None = 0,
-    Relu = 1,
-    Relu6 = 2,
-}
-
-impl Act {
-    pub fn from_u8(v: u8) -> Option<Act> {
-        match v {
-            0 => Some(Act::None),
-            1 => Some(Act::Relu),
-            2 => Some(Act::Relu6),
-            _ => None,
-        }
-    }
-}
+/// The clamp fused into an op's requantization: one enum with the kernels' (`quant`).
+pub use crate::quant::Activation;
+// TEMPORARY (issue 23): `exec.rs`'s tests still spell it `graph::Act`; goes when their imports
+// are rewritten after the exec split merges.
+#[cfg(test)]
+pub(crate) use crate::quant::Activation as Act;
 
 /// A per-sample activation tensor with its int8 asymmetric quantization.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -74,12 +61,24 @@ impl Window {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeKind {
-    Conv { win: Window, groups: u32, act: Act },
-    Fc { act: Act },
-    Add { act: Act },
+    Conv {
+        win: Window,
+        groups: u32,
+        act: Activation,
+    },
+    Fc {
+        act: Activation,
+    },
+    Add {
+        act: Activation,
+    },
     GlobalAvgPool,
-    AvgPool { win: Window },
-    MaxPool { win: Window },
+    AvgPool {
+        win: Window,
+    },
+    MaxPool {
+        win: Window,
+    },
     Flatten,
 }
 

@@ -6,12 +6,9 @@
 use core::fmt;
 use core::str::FromStr;
 
-#[cfg(feature = "alloc")]
-use crate::graph::Act;
-use crate::plan::{LossKind, Precision};
-use crate::quant::Rounding;
-#[cfg(feature = "alloc")]
-use crate::sparse::ChannelAxis;
+use crate::ir::{LossKind, Precision};
+use crate::ops::ChannelAxis;
+use crate::quant::{Activation, Rounding};
 
 /// A name that is not one of a setting's names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,14 +74,12 @@ names!(Rounding, "rounding", {
     Rounding::Double => "double",
 });
 
-#[cfg(feature = "alloc")]
-names!(Act, "activation", {
-    Act::None => "none",
-    Act::Relu => "relu",
-    Act::Relu6 => "relu6",
+names!(Activation, "activation", {
+    Activation::None => "none",
+    Activation::Relu => "relu",
+    Activation::Relu6 => "relu6",
 });
 
-#[cfg(feature = "alloc")]
 names!(ChannelAxis, "channel axis", {
     ChannelAxis::Output => "output",
     ChannelAxis::Input => "input",
@@ -109,11 +104,8 @@ mod tests {
         round_trips::<Precision>(Precision::NAMES, Precision::name);
         round_trips::<LossKind>(LossKind::NAMES, LossKind::name);
         round_trips::<Rounding>(Rounding::NAMES, Rounding::name);
-        #[cfg(feature = "alloc")]
-        {
-            round_trips::<Act>(Act::NAMES, Act::name);
-            round_trips::<ChannelAxis>(ChannelAxis::NAMES, ChannelAxis::name);
-        }
+        round_trips::<Activation>(Activation::NAMES, Activation::name);
+        round_trips::<ChannelAxis>(ChannelAxis::NAMES, ChannelAxis::name);
         assert_eq!(
             "fp32".parse::<Precision>(),
             Ok(Precision::FpMaster),

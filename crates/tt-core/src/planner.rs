@@ -9,7 +9,7 @@
 //! bound of any packing is the largest sum of simultaneously live bytes.
 use alloc::vec::Vec;
 
-use crate::autodiff::{BufKind, Buffer, TrainOp, NONE};
+use crate::ir::{BufKind, Buffer, OpKind, TrainOp, NONE};
 
 /// Every buffer starts on a 4-byte boundary (fp32 gradients and int32 biases are read in place).
 pub const ALIGN: usize = 4;
@@ -38,7 +38,7 @@ pub fn lifetimes(buffers: &[Buffer], ops: &[TrainOp]) -> Vec<Option<(usize, usiz
     let mut life: Vec<Option<(usize, usize)>> = alloc::vec![None; buffers.len()];
     for (i, op) in ops.iter().enumerate() {
         // Operands of a block op are read by the op after them.
-        let end = if op.kind == crate::plan::OpKind::BlockOperands {
+        let end = if op.kind == OpKind::BlockOperands {
             i + 1
         } else {
             i

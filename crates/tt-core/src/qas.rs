@@ -14,31 +14,6 @@ use crate::error::{Error, Result};
 use crate::ops::{ChannelSelection, WeightShape};
 use crate::quant::check_len;
 
-/// How updated int8 weights keep sub-LSB progress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpdatePrecision {
-    /// Round `W̄ - α G̃` up or down at random with the probability of its fraction (unbiased).
-    StochasticRounding,
-    /// A second int8 per weight holds the low-order bits (the step is kept in 1/256 LSB).
-    Residual,
-    /// An f32 master copy in int8 units; the int8 weight is its rounding.
-    FpMaster,
-}
-
-impl UpdatePrecision {
-    /// Bytes of SRAM per updated weight during training: the int8 weight plus the precision's
-    /// state, plus an f32 momentum buffer if momentum is used. Gradient buffers are not included
-    /// (the planner schedules those).
-    pub const fn bytes_per_weight(self, momentum: bool) -> usize {
-        let base = match self {
-            UpdatePrecision::StochasticRounding => 1,
-            UpdatePrecision::Residual => 2,
-            UpdatePrecision::FpMaster => 5,
-        };
-        base + if momentum { 4 } else { 0 }
-    }
-}
-
 /// xorshift32 (Marsaglia 2003): tiny, no multiplications, identical on every target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct XorShift32 {
@@ -85,16 +60,6 @@ pub enum UpdateState<'a> {
     FpMaster(&'a mut [f32]),
 }
 
-impl UpdateState<'_> {
-    pub fn precision(&self) -> UpdatePrecision {
-        match self {
-            UpdateState::StochasticRounding(_) => UpdatePrecision::StochasticRounding,
-            UpdateState::Residual(_) => UpdatePrecision::Residual,
-            UpdateState::FpMaster(_) => UpdatePrecision::FpMaster,
-        }
-    }
-}
-
 /// SGD hyper-parameters. `qas = false` runs the paper's baseline: int8 SGD with the raw `G_W̄`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SgdConfig {
@@ -120,10 +85,11 @@ impl SgdConfig {
     }
 }
 
-/// True when no element is NaN or infinite.
-pub fn all_finite(x: &[f32]) -> bool {
-    x.iter().all(|v| v.is_finite())
-}
+// TEMPORARY (issue 23): `all_finite` moved down to `quant` (the kernels in `ops/` use it, and
+// `ops` stands below `qas`). `ops/loss.rs` and `exec.rs` still call it through here while they
+// are being split on another branch; then they import it from `quant` and this becomes a plain
+// `use` (this file calls it too).
+pub use crate::quant::all_finite;
 
 /// `G_W̄ = s_W * G_W`: the gradient w.r.t. the int8 weight, from the real-unit gradient.
 #[inline]

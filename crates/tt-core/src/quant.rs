@@ -227,12 +227,24 @@ impl Requant {
     }
 }
 
-/// The clamp fused into a layer's requantization.
+/// The clamp fused into a layer's requantization; its code is the plan's node `act` byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Activation {
-    None,
-    Relu,
-    Relu6,
+    None = 0,
+    Relu = 1,
+    Relu6 = 2,
+}
+
+impl Activation {
+    pub fn from_u8(v: u8) -> Option<Activation> {
+        match v {
+            0 => Some(Activation::None),
+            1 => Some(Activation::Relu),
+            2 => Some(Activation::Relu6),
+            _ => None,
+        }
+    }
 }
 
 /// The int8 interval `[act_min, act_max]` an activation clamps to, given the output's
@@ -303,6 +315,11 @@ pub(crate) fn finish(v: i32, out_zp: i32, act_min: i8, act_max: i8) -> i8 {
 }
 
 #[inline]
+/// True when no element is NaN or infinite.
+pub fn all_finite(x: &[f32]) -> bool {
+    x.iter().all(|v| v.is_finite())
+}
+
 pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<()> {
     if expected == actual {
         Ok(())
@@ -493,6 +510,16 @@ mod tests {
             zero_point: 0,
         };
         assert_eq!(activation_range(Activation::Relu6, wide), (0, 127));
+    }
+
+    #[test]
+    fn activation_codes_are_the_plan_node_act_byte() {
+        use Activation::*;
+        assert_eq!([None, Relu, Relu6].map(|a| a as u8), [0, 1, 2]);
+        for a in [None, Relu, Relu6] {
+            assert_eq!(Activation::from_u8(a as u8), Some(a));
+        }
+        assert_eq!(Activation::from_u8(3), Option::None);
     }
 
     #[test]

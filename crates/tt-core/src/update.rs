@@ -36,7 +36,8 @@
 //! `c - c_i`, applied after every SGD step as `-lr * (c - c_i)`) runs on the device with it.
 use crate::crc::{crc32, Crc32};
 use crate::exec::Executor;
-use crate::plan::{BufKind, PlanView, Precision, NODE_CONV, NODE_FC, NONE};
+use crate::ir::{BufKind, Precision, NONE};
+use crate::plan::{PlanView, NODE_CONV, NODE_FC};
 use crate::qas::{residual_step, round_half_away, stochastic_round, XorShift32};
 use crate::{Error, Result};
 
@@ -507,7 +508,7 @@ pub fn shift(pv: &PlanView<'_>, state: &mut [u8], offsets: &[f32], factor: f32) 
             actual: offsets.len(),
         });
     }
-    if !factor.is_finite() || !crate::qas::all_finite(offsets) {
+    if !factor.is_finite() || !crate::quant::all_finite(offsets) {
         return Err(Error::NonFinite {
             what: "shift: offsets",
         });

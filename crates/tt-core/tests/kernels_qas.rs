@@ -593,17 +593,6 @@ fn bias_update_is_the_fp32_step() {
 }
 
 #[test]
-fn bytes_per_updated_weight() {
-    assert_eq!(
-        UpdatePrecision::StochasticRounding.bytes_per_weight(false),
-        1
-    );
-    assert_eq!(UpdatePrecision::Residual.bytes_per_weight(false), 2);
-    assert_eq!(UpdatePrecision::FpMaster.bytes_per_weight(false), 5);
-    assert_eq!(UpdatePrecision::FpMaster.bytes_per_weight(true), 9);
-}
-
-#[test]
 fn bias_momentum_and_prefix() {
     let cfg = SgdConfig {
         lr: 1.0,

@@ -5,17 +5,16 @@
 mod common;
 
 use common::{graph, words, Lcg};
+use tt_core::compile::{compile, PlanSettings};
 use tt_core::crc::crc32;
 use tt_core::exec::Executor;
 use tt_core::graph::{Graph, NodeKind};
+use tt_core::ir::CompileOptions;
 use tt_core::ops::add::{add_forward, AddParams};
 use tt_core::ops::conv::{conv2d_forward, Conv2dGeom};
 use tt_core::ops::fc::{fc_forward, FcGeom};
 use tt_core::ops::pool::global_avgpool_forward;
-use tt_core::plan::{
-    compile, CompileOptions, PlanSettings, PlanView, FLAG_DOUBLE_ROUNDING, VERSION, VERSION_PLAIN,
-    VERSION_ROUNDING,
-};
+use tt_core::plan::{PlanView, FLAG_DOUBLE_ROUNDING, VERSION, VERSION_PLAIN, VERSION_ROUNDING};
 use tt_core::quant::{activation_range, Activation, QParams, Requant, Rounding};
 use tt_core::sparse::{LayerUpdate, Scheme};
 use tt_core::Error;

@@ -6,9 +6,11 @@ mod common;
 
 use common::{graph, words, Lcg};
 use proptest::prelude::*;
+use tt_core::compile::{compile, PlanSettings};
 use tt_core::crc::crc32;
 use tt_core::exec::{Executor, Target};
-use tt_core::plan::{compile, CompileOptions, LossKind, PlanSettings, PlanView, Precision};
+use tt_core::ir::{CompileOptions, LossKind, Precision};
+use tt_core::plan::PlanView;
 use tt_core::quant::Rounding;
 use tt_core::sparse::{ChannelAxis, LayerUpdate, Scheme};
 use tt_core::update::{self, DType, ParamKind, CRC_LEN, HEADER_LEN, SECTION_LEN};

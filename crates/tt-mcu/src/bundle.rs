@@ -21,9 +21,11 @@ use std::path::Path;
 use std::vec::Vec;
 use std::{format, fs, io, string::String, vec};
 
+use tt_core::compile::{compile, PlanSettings};
 use tt_core::exec::{Executor, Target};
-use tt_core::graph::{Act, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
-use tt_core::plan::{compile, CompileOptions, LossKind, PlanSettings, PlanView, Precision};
+use tt_core::graph::{Activation, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use tt_core::ir::{CompileOptions, LossKind, Precision};
+use tt_core::plan::PlanView;
 use tt_core::sparse::{ChannelAxis, LayerUpdate, Scheme};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -328,7 +330,7 @@ fn demo_graph() -> Graph {
     let conv = |k, s, p, groups| NodeKind::Conv {
         win: window(k, s, p),
         groups,
-        act: Act::Relu6,
+        act: Activation::Relu6,
     };
     let nodes = vec![
         node("conv0", conv(3, 1, 1, 1), 0, 1),
@@ -336,7 +338,14 @@ fn demo_graph() -> Graph {
         node("pw2", conv(1, 1, 0, 1), 2, 3),
         node("gap", NodeKind::GlobalAvgPool, 3, 4),
         node("flatten", NodeKind::Flatten, 4, 5),
-        node("fc", NodeKind::Fc { act: Act::None }, 5, 6),
+        node(
+            "fc",
+            NodeKind::Fc {
+                act: Activation::None,
+            },
+            5,
+            6,
+        ),
     ];
     let params = vec![
         layer(&mut r, 8 * 9, 8, 0.006),

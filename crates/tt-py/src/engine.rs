@@ -9,14 +9,14 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use std::str::FromStr;
 use tt_core::autodiff::Layout;
+use tt_core::compile::{compile_with, Objective, PlanSettings};
 use tt_core::exec::{Executor, Target};
-use tt_core::graph::{Act, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use tt_core::graph::{Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use tt_core::ir::{Buffer, CompileOptions, OpKind, TrainOp, IN_PLACE};
 use tt_core::names::UnknownName;
-use tt_core::plan::{
-    compile_with, Buffer, CompileOptions, Objective, OpKind, PlanSettings, PlanView, TrainOp,
-    IN_PLACE,
-};
+use tt_core::plan::PlanView;
 use tt_core::planner;
+use tt_core::quant::Activation;
 use tt_core::sparse::{LayerUpdate, Scheme};
 use tt_core::Error;
 
@@ -154,7 +154,7 @@ impl WindowRequest {
 impl NodeRequest<'_> {
     fn kind(&self) -> PyResult<NodeKind> {
         let act = || {
-            self.act.parse::<Act>().map_err(|e| {
+            self.act.parse::<Activation>().map_err(|e| {
                 PyValueError::new_err(format!("node {:?}: {e}, got {:?}", self.name, self.act))
             })
         };

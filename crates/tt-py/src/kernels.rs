@@ -7,8 +7,9 @@ use numpy::{Element, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUnty
 use pyo3::prelude::*;
 
 use crate::numerics::{bad, core_err, data, qparams, requants, to_numpy, Py1};
+use tt_core::ir::Precision;
 use tt_core::ops::{add, conv, fc, loss, pool, ChannelSelection};
-use tt_core::qas::{self, SgdConfig, UpdatePrecision, UpdateState, XorShift32};
+use tt_core::qas::{self, SgdConfig, UpdateState, XorShift32};
 use tt_core::quant::{QParams, Requant, Rounding};
 
 type Py2<'py> = PyResult<(Bound<'py, PyArrayDyn<f32>>, Bound<'py, PyArrayDyn<f32>>)>;
@@ -808,15 +809,8 @@ fn mse<'py>(
     ))
 }
 
-fn precision(name: &str) -> PyResult<UpdatePrecision> {
-    match name {
-        "stochastic" => Ok(UpdatePrecision::StochasticRounding),
-        "residual" => Ok(UpdatePrecision::Residual),
-        "fp32" => Ok(UpdatePrecision::FpMaster),
-        _ => Err(bad(format!(
-            "precision must be 'stochastic', 'residual' or 'fp32', got {name:?}"
-        ))),
-    }
+fn precision(name: &str) -> PyResult<Precision> {
+    crate::engine::parse_name::<Precision>(name)
 }
 
 /// Bytes of SRAM per updated weight for a precision ('stochastic' | 'residual' | 'fp32').
@@ -884,15 +878,15 @@ fn sgd_update_weights(
     let mut residual = residual;
     let mut master = master;
     let state = match precision(precision_name)? {
-        UpdatePrecision::StochasticRounding => UpdateState::StochasticRounding(&mut rng),
-        UpdatePrecision::Residual => UpdateState::Residual(
+        Precision::StochasticRounding => UpdateState::StochasticRounding(&mut rng),
+        Precision::Residual => UpdateState::Residual(
             residual
                 .as_mut()
                 .ok_or_else(|| bad("precision 'residual' needs residual=".into()))?
                 .as_slice_mut()
                 .map_err(|_| bad("residual must be C-contiguous".into()))?,
         ),
-        UpdatePrecision::FpMaster => UpdateState::FpMaster(
+        Precision::FpMaster => UpdateState::FpMaster(
             master
                 .as_mut()
                 .ok_or_else(|| bad("precision 'fp32' needs master=".into()))?

@@ -1,6 +1,6 @@
 //! For the integration tests that compile and run a whole plan: a seeded generator and one small
 //! graph with every kind of node whose numbers a plan carries.
-use tt_core::graph::{Act, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use tt_core::graph::{Activation, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
 use tt_core::quant::Rounding;
 
 pub struct Lcg(pub u64);
@@ -77,13 +77,32 @@ pub fn graph(rounding: Rounding) -> Graph {
             t(4, 1, 1, 0.1, 2),
         ],
         nodes: vec![
-            node("conv0", conv(win(3, 2, 1), 1, Act::Relu6), vec![0], 1),
-            node("dw1", conv(win(3, 1, 1), 8, Act::Relu6), vec![1], 2),
-            node("pw2", conv(win(1, 1, 0), 1, Act::None), vec![2], 3),
-            node("add", NodeKind::Add { act: Act::None }, vec![1, 3], 4),
+            node(
+                "conv0",
+                conv(win(3, 2, 1), 1, Activation::Relu6),
+                vec![0],
+                1,
+            ),
+            node("dw1", conv(win(3, 1, 1), 8, Activation::Relu6), vec![1], 2),
+            node("pw2", conv(win(1, 1, 0), 1, Activation::None), vec![2], 3),
+            node(
+                "add",
+                NodeKind::Add {
+                    act: Activation::None,
+                },
+                vec![1, 3],
+                4,
+            ),
             node("gap", NodeKind::GlobalAvgPool, vec![4], 5),
             node("flat", NodeKind::Flatten, vec![5], 6),
-            node("fc", NodeKind::Fc { act: Act::None }, vec![6], 7),
+            node(
+                "fc",
+                NodeKind::Fc {
+                    act: Activation::None,
+                },
+                vec![6],
+                7,
+            ),
         ],
         params: vec![
             params(&mut r, 8 * 9 * 3, 8, 0.004),
