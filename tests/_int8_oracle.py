@@ -1,7 +1,7 @@
 """A node-by-node int8 forward through tt-core's kernel bindings (the test build's ``kernels``
 feature): the per-layer oracle the importer tests compare a reference runtime's own tensors with.
 `QuantizedModel.forward` runs whole plans through the executor instead."""
-from typing import List
+from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -51,9 +51,14 @@ def run_node(q, n, ins: List[np.ndarray]) -> np.ndarray:
     raise ValueError(f"node {n.name!r}: op {n.op!r} has no int8 kernel")
 
 
-def forward(q, x: np.ndarray) -> np.ndarray:
-    """The whole graph node by node: the output's int8 NHWC array."""
+def tensors(q, x: np.ndarray) -> Dict[str, np.ndarray]:
+    """The whole graph node by node: every tensor's int8 NHWC array, by tensor name."""
     vals = {q.input: q.quantize_input(x)}
     for n in q.nodes:
         vals[n.output] = run_node(q, n, [vals[i] for i in n.inputs])
-    return vals[q.output]
+    return vals
+
+
+def forward(q, x: np.ndarray) -> np.ndarray:
+    """The whole graph node by node: the output's int8 NHWC array."""
+    return tensors(q, x)[q.output]
