@@ -368,16 +368,18 @@ def conform(name: str, form: str, load: Callable[[], object], tflite_bytes: Opti
         import onnxruntime as ort
 
         with tempfile.TemporaryDirectory() as d:
-            plan.export_mcu(os.path.join(d, "mcu"))
+            # what was trained goes out: the firmware bundle and the trained int8 model
+            tr.export_mcu(os.path.join(d, "mcu"))
+            trained = tr.model
             path = os.path.join(d, "model.onnx")
-            m.to_onnx(path)
+            trained.to_onnx(path)
             sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             feed = sess.get_inputs()[0]
             xin = x.reshape((n,) + tuple(d_ if isinstance(d_, int) else n for d_ in feed.shape)[1:]) \
                 if len(feed.shape) != x.ndim else x
             got = sess.run(None, {feed.name: xin.astype(np.float32)})[0].reshape(n, -1)
-            want = m.forward(x).reshape(n, -1)
-            step = np.float32(m.tensors[m.output].scale)
+            want = trained.forward(x).reshape(n, -1)
+            step = np.float32(trained.tensors[trained.output].scale)
             if regress:
                 close = np.abs(got - want).max() <= 3 * step + 1e-6
             else:
