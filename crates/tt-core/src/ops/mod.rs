@@ -14,8 +14,10 @@ pub mod add;
 pub(crate) mod arm;
 pub mod conv;
 pub mod fc;
+pub mod inplace;
 pub mod loss;
 pub mod pool;
+pub mod split;
 
 use crate::error::{Error, Result};
 
