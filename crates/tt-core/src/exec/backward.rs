@@ -4,11 +4,12 @@ use super::{view, view_mut, Executor, NodeCtx, Target, ALL};
 use crate::ops::act::{clamp_mask_apply_bits, clamp_mask_pack};
 use crate::ops::conv::{conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight};
 use crate::ops::fc::{fc_backward_bias, fc_backward_input, fc_backward_weight, FcGeom};
+use crate::ops::geom::Weights;
 use crate::ops::inplace::dw_backward_in_place;
 use crate::ops::loss::{mse, softmax_cross_entropy};
 use crate::ops::pool::{avgpool_backward, global_avgpool_backward};
 use crate::ops::save_input_channels;
-use crate::ops::split::{split_backward_input, Weights};
+use crate::ops::split::split_backward_input;
 use crate::plan::{
     LossKind, ACCUMULATE, NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP, NONE,
 };
@@ -16,6 +17,7 @@ use crate::{Error, Result};
 
 impl Executor<'_, '_> {
     /// The first `l.channels` input channels of a trained layer, kept for its weight gradient.
+    #[inline(always)]
     pub(super) fn save_channels(&mut self, cx: &NodeCtx, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx {
             n, inp, ni, layer, ..
@@ -39,6 +41,7 @@ impl Executor<'_, '_> {
     }
 
     /// The packed clamp mask of an output, kept for the backward instead of the output.
+    #[inline(always)]
     pub(super) fn mask(&mut self, cx: &NodeCtx, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx { amin, amax, no, .. } = *cx;
         let [y, m] = self.carve_t([bufs[0], bufs[1]], [no, ALL])?;
@@ -47,6 +50,7 @@ impl Executor<'_, '_> {
     }
 
     /// The loss of the output against `target` and its gradient.
+    #[inline(never)]
     pub(super) fn loss(
         &mut self,
         cx: &NodeCtx,
@@ -78,6 +82,7 @@ impl Executor<'_, '_> {
     }
 
     /// A gradient through a stored clamp mask.
+    #[inline(always)]
     pub(super) fn apply_mask(&mut self, cx: &NodeCtx, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx { no, .. } = *cx;
         let [gr, m] = self.carve_t([bufs[0], bufs[1]], [4 * no, ALL])?;
@@ -86,6 +91,7 @@ impl Executor<'_, '_> {
     }
 
     /// A depthwise conv's input gradient written over its output gradient.
+    #[inline(always)]
     pub(super) fn back_input_in_place(&mut self, cx: &NodeCtx, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx {
             n, inp, out, layer, ..
@@ -112,6 +118,7 @@ impl Executor<'_, '_> {
     }
 
     /// The input gradient of node input `arg & 0xFF` (added to it with `ACCUMULATE`).
+    #[inline(never)]
     pub(super) fn back_input(&mut self, cx: &NodeCtx, arg: u32, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx {
             n,
@@ -207,6 +214,7 @@ impl Executor<'_, '_> {
     }
 
     /// The weight gradient of the trained channels (zeroed first unless `ACCUMULATE`).
+    #[inline(always)]
     pub(super) fn back_weight(&mut self, cx: &NodeCtx, arg: u32, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx {
             n,
@@ -243,6 +251,7 @@ impl Executor<'_, '_> {
     }
 
     /// The bias gradient (zeroed first unless `ACCUMULATE`).
+    #[inline(always)]
     pub(super) fn back_bias(&mut self, cx: &NodeCtx, arg: u32, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx {
             n, inp, out, no, ..

@@ -2,7 +2,6 @@
 //! channel at a time, with pw1's trained rows updated as their gradients appear.
 use super::update::{bias_momentum, PrecisionCursor};
 use super::{view, view_mut, Executor, ALL};
-use crate::ops::conv::Conv2dGeom;
 use crate::ops::inplace::dw_plane_input_grad;
 use crate::ops::{ChannelSelection, WeightShape};
 use crate::plan::{OpKind, NODE_CONV, NONE};
@@ -91,6 +90,7 @@ impl Executor<'_, '_> {
     /// gradient, pw1's mask and bias gradient, pw1's input gradient (with the weights before this
     /// step's update) and pw1's weight row c, updated at once. The expanded tensors' fp32
     /// gradients never exist whole; the numbers are those of the unfused ops.
+    #[inline(never)]
     pub(super) fn block_backward(
         &mut self,
         index: usize,
@@ -131,15 +131,7 @@ impl Executor<'_, '_> {
         let g1 = Self::conv_geom(&n1, &t0, &t1)?;
         let gd = Self::conv_geom(&nd, &t1, &t2)?;
         let g2 = Self::conv_geom(&n2, &t2, &t3)?;
-        let pointwise = |g: &Conv2dGeom| {
-            g.kh == 1
-                && g.kw == 1
-                && g.stride_h == 1
-                && g.stride_w == 1
-                && g.pad_top + g.pad_left + g.pad_bottom + g.pad_right == 0
-                && g.groups == 1
-        };
-        if !pointwise(&g1) || !pointwise(&g2) || !gd.is_depthwise() || ld.st_weight != NONE {
+        if !g1.is_pointwise() || !g2.is_pointwise() || !gd.is_depthwise() || ld.st_weight != NONE {
             return Err(bad("ops.arg (block is not pw -> depthwise -> pw)"));
         }
         let (fw1, _, ws1, _) = Self::frozen_in(&pv, params, &l1)?;

@@ -4,14 +4,16 @@ use super::{qp, view, view_mut, Executor, NodeCtx, ALL};
 use crate::ops::add::{requant_each, AddParams, AddTerms};
 use crate::ops::conv::{conv2d_depthwise_in_place_plane, conv2d_forward};
 use crate::ops::fc::{fc_forward, FcGeom};
+use crate::ops::geom::Weights;
 use crate::ops::inplace::pw_forward_in_place;
 use crate::ops::pool::{avgpool_forward, global_avgpool_forward, maxpool_forward};
-use crate::ops::split::{split_forward, Weights};
+use crate::ops::split::split_forward;
 use crate::plan::{NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP, NODE_MAXPOOL, NONE};
 use crate::{Error, Result};
 
 impl Executor<'_, '_> {
     /// The in-place add: the output overwrites input `arg & 1`, element by element.
+    #[inline(never)]
     pub(super) fn add_in_place(&mut self, cx: &NodeCtx, arg: u32, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx {
             n,
@@ -48,6 +50,7 @@ impl Executor<'_, '_> {
     }
 
     /// A depthwise or pointwise conv whose output overwrites its input.
+    #[inline(always)]
     pub(super) fn conv_in_place(&mut self, cx: &NodeCtx, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx {
             n,
@@ -65,14 +68,8 @@ impl Executor<'_, '_> {
         })?;
         let (fw, fb, _, rq) = self.frozen(&l)?;
         let g = Self::conv_geom(&n, &inp, &out)?;
-        let pointwise = g.kh == 1
-            && g.kw == 1
-            && g.stride_h == 1
-            && g.stride_w == 1
-            && g.pad_top + g.pad_left + g.pad_bottom + g.pad_right == 0
-            && g.groups == 1;
         if n.kind != NODE_CONV
-            || !(g.is_depthwise() || pointwise)
+            || !(g.is_depthwise() || g.is_pointwise())
             || bufs[0] != bufs[2]
             || (g.is_depthwise() && l.st_weight != NONE)
         {
@@ -120,6 +117,7 @@ impl Executor<'_, '_> {
     }
 
     /// The forward of one node into its own output buffer.
+    #[inline(never)]
     pub(super) fn forward_node(&mut self, cx: &NodeCtx, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx {
             n,

@@ -29,8 +29,8 @@
 //! to `step` / `predict`, which may live anywhere (a camera frame buffer, flash).
 use crate::crc::crc32;
 use crate::ops::conv::Conv2dGeom;
+use crate::ops::geom::Weights;
 use crate::ops::pool::Pool2dGeom;
-use crate::ops::split::Weights;
 use crate::ops::{ChannelSelection, WeightShape, BIAS_LIMIT};
 use crate::plan::{BufKind, OpKind, OpRec, Precision, ACCUMULATE, IN_PLACE, NONE};
 use crate::plan::{LayerRec, NodeRec, PlanView, TensorRec, NODE_ADD, NODE_CONV, NODE_FC};
@@ -690,7 +690,10 @@ impl<'p, 'a> Executor<'p, 'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    /// Runs op `index` of the plan: the family file of its kind does the work.
+    /// Runs op `index` of the plan: the family file of its kind does the work. The large
+    /// handlers stay separate functions and the small ones are inlined here (their
+    /// `#[inline]` attributes): of the splits tried, the one whose firmware is closest to the
+    /// single-function executor's flash (MCUNet-5FPS's firmware is within 2 KB of 1 MB).
     fn run_op(
         &mut self,
         index: usize,

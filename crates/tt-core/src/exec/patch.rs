@@ -9,6 +9,7 @@ impl Executor<'_, '_> {
     /// Runs nodes `first..=last` (a chain of frozen convs) patch by patch: each output patch is
     /// computed from its receptive field, halos recomputed, through two small ping-pong buffers,
     /// so only the stage's input and output tensors are ever whole.
+    #[inline(never)]
     pub(super) fn patch_stage(
         &mut self,
         first: usize,

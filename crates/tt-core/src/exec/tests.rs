@@ -4,6 +4,7 @@ use std::vec::Vec;
 use super::*;
 use crate::autodiff::{CompileOptions, LossKind, Precision};
 use crate::graph::{Act, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use crate::ops::geom::Weights;
 use crate::ops::inplace::dw_plane_input_grad;
 use crate::plan::patch_bounds;
 use crate::plan::{compile, PlanSettings};

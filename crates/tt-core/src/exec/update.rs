@@ -122,6 +122,7 @@ impl Executor<'_, '_> {
 
     /// A layer's weight gradient, row by row, each row updated as soon as it exists: the whole
     /// gradient is never stored.
+    #[inline(never)]
     pub(super) fn weight_step(&mut self, cx: &NodeCtx, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx {
             n,
@@ -210,6 +211,7 @@ impl Executor<'_, '_> {
     }
 
     /// A layer's whole update from its stored weight and bias gradients.
+    #[inline(never)]
     pub(super) fn update(&mut self, cx: &NodeCtx, bufs: [u32; 4]) -> Result<()> {
         let NodeCtx {
             n,

@@ -1,8 +1,7 @@
 //! Kernels whose output overwrites their input: the pointwise forward pixel by pixel, and the
 //! depthwise input gradient plane by plane (with its per-plane scatter, which the fused block
 //! backward also runs).
-use super::conv::Conv2dGeom;
-use super::split::Weights;
+use super::geom::{Conv2dGeom, Weights};
 use crate::quant::Requant;
 use crate::{Error, Result};
 
@@ -10,7 +9,7 @@ use crate::{Error, Result};
 const DW_STAGED_TAPS: usize = 49;
 /// Pointwise conv whose output overwrites its input pixel by pixel: output pixel p only needs
 /// input pixel p. Shrinking convs walk forward, expanding ones backward, so a write never lands
-/// on an input pixel still to be read.
+/// on an input pixel still to be read. `px` is one output pixel of scratch.
 #[allow(clippy::too_many_arguments)]
 pub fn pw_forward_in_place(
     g: &Conv2dGeom,
@@ -24,10 +23,29 @@ pub fn pw_forward_in_place(
     amax: i8,
     px: &mut [i8],
 ) -> Result<()> {
+    check_pw_forward_in_place(g, buf, w, bias, rq, px)?;
+    let on_dsp = dsp_or_portable!(
+        super::arm::pw_forward_in_place(g, buf, in_zp, w, bias, rq, out_zp, amin, amax),
+        false
+    );
+    if !on_dsp {
+        pw_forward_in_place_portable(g, buf, in_zp, w, bias, rq, out_zp, amin, amax, px);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+pub(super) fn check_pw_forward_in_place(
+    g: &Conv2dGeom,
+    buf: &[i8],
+    w: Weights<'_>,
+    bias: &[i32],
+    rq: &[Requant],
+    px: &[i8],
+) -> Result<()> {
     g.validate()?;
     w.check(g)?;
-    let (ci, co) = (g.in_c, g.out_c);
-    let pixels = g.in_h * g.in_w;
+    let co = g.out_c;
     if buf.len() < g.input_len()
         || buf.len() < g.output_len()
         || bias.len() != co
@@ -40,13 +58,26 @@ pub fn pw_forward_in_place(
             actual: buf.len(),
         });
     }
-    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
-    if let Some(rows) = w.dsp_rows(g, in_zp) {
-        crate::ops::arm::pw_in_place(
-            pixels, ci, co, buf, in_zp, rows, bias, rq, out_zp, amin, amax,
-        );
-        return Ok(());
-    }
+    Ok(())
+}
+
+/// The portable `pw_forward_in_place`, over checked buffers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pw_forward_in_place_portable(
+    g: &Conv2dGeom,
+    buf: &mut [i8],
+    in_zp: i32,
+    w: Weights<'_>,
+    bias: &[i32],
+    rq: &[Requant],
+    out_zp: i32,
+    amin: i8,
+    amax: i8,
+    px: &mut [i8],
+) {
+    let (ci, co) = (g.in_c, g.out_c);
+    let pixels = g.in_h * g.in_w;
     for step in 0..pixels {
         let p = if co > ci { pixels - 1 - step } else { step };
         let x = &buf[p * ci..][..ci];
@@ -61,7 +92,6 @@ pub fn pw_forward_in_place(
         }
         buf[p * co..][..co].copy_from_slice(px);
     }
-    Ok(())
 }
 
 /// Input gradient of one depthwise channel on planar (H x W) buffers: `gi` is overwritten with the

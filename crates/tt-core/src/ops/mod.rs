@@ -8,15 +8,43 @@
 //! - backward kernels that produce an input gradient overwrite it, kernels that produce weight or
 //!   bias gradients accumulate (`+=`) so a batch accumulates sample by sample;
 //! - nothing allocates and nothing panics on a bad shape: it is an `Err`.
+//!
+//! A kernel with a DSP path for Cortex-M4/M7 (`arm/`) is a dispatcher: it checks its buffers,
+//! then runs the DSP path where that path takes the geometry, else its portable twin. Every
+//! twin is also callable by the kernel's own name in [`portable`] on every target, which is
+//! what the equivalence suites (host tests and the QEMU firmware) compare the dispatchers with.
+
+/// `dsp_or_portable!(dsp, portable)` is the expression `dsp` on a core with the DSP extension
+/// (`thumbv7em`) unless the `portable` feature asks for the plain reference build, else
+/// `portable`; `dsp_or_portable!(mod arm)` declares the DSP paths on those builds only. This
+/// and the one `cfg` below are the only places the DSP-or-portable choice is written.
+#[allow(unused_macros)] // shadowed by the DSP definition below on DSP builds
+macro_rules! dsp_or_portable {
+    (mod $m:ident) => {};
+    ($dsp:expr, $portable:expr) => {
+        $portable
+    };
+}
+#[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+macro_rules! dsp_or_portable {
+    (mod $m:ident) => {
+        mod $m;
+    };
+    ($dsp:expr, $portable:expr) => {
+        $dsp
+    };
+}
+
 pub mod act;
 pub mod add;
-#[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
-pub(crate) mod arm;
+dsp_or_portable!(mod arm);
 pub mod conv;
 pub mod fc;
+pub mod geom;
 pub mod inplace;
 pub mod loss;
 pub mod pool;
+pub mod portable;
 pub mod split;
 
 use crate::error::{Error, Result};
