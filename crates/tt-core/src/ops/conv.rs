@@ -5,7 +5,7 @@
 //! Depthwise layers (`groups == in_c == out_c`) take a channel-vectorized path.
 pub use super::geom::Conv2dGeom;
 use super::geom::DW_MAX_TAPS;
-use super::{ChannelAxis, ChannelSelection};
+use super::{ChannelAxis, ChannelSelection, ConvQuant};
 use crate::error::{Error, Result};
 use crate::quant::{check_act, check_len, QParams, Requant};
 
@@ -43,33 +43,33 @@ pub fn conv2d_forward(
     act_max: i8,
     output: &mut [i8],
 ) -> Result<()> {
-    check_conv2d_forward(g, input, weight, bias, requant, act_min, act_max, output)?;
+    let q = ConvQuant::new(in_zp, requant, out_zp, act_min, act_max);
+    check_conv2d_forward(g, input, weight, bias, q, output)?;
     let on_dsp = dsp_or_portable!(
-        super::arm::conv_forward(
-            g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output
-        ),
+        super::arm::conv_forward(g, input, weight, bias, q, output),
         false
     );
     if !on_dsp {
-        conv2d_forward_portable(
-            g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
-        );
+        conv2d_forward_portable(g, input, weight, bias, q, output);
     }
     Ok(())
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn check_conv2d_forward(
     g: &Conv2dGeom,
     input: &[i8],
     weight: &[i8],
     bias: &[i32],
-    requant: &[Requant],
-    act_min: i8,
-    act_max: i8,
+    q: ConvQuant<'_>,
     output: &[i8],
 ) -> Result<()> {
+    let ConvQuant {
+        requant,
+        act_min,
+        act_max,
+        ..
+    } = q;
     g.validate()?;
     check_len("conv2d_forward: input", g.input_len(), input.len())?;
     check_len("conv2d_forward: weight", g.weight_len(), weight.len())?;
@@ -81,19 +81,15 @@ pub(super) fn check_conv2d_forward(
 
 /// The portable `conv2d_forward`, over checked buffers.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn conv2d_forward_portable(
     g: &Conv2dGeom,
     input: &[i8],
-    in_zp: i32,
     weight: &[i8],
     bias: &[i32],
-    requant: &[Requant],
-    out_zp: i32,
-    act_min: i8,
-    act_max: i8,
+    q: ConvQuant<'_>,
     output: &mut [i8],
 ) {
+    let (in_zp, requant, out_zp, act_min, act_max) = q.parts();
     if g.dw_fast() {
         dw_forward(
             g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
@@ -759,7 +755,8 @@ pub fn conv2d_depthwise_in_place_plane(
     amax: i8,
     plane: &mut [i8],
 ) -> Result<()> {
-    check_depthwise_in_place_plane(g, buf, w, bias, rq, amin, amax, plane)?;
+    let q = ConvQuant::new(in_zp, rq, out_zp, amin, amax);
+    check_depthwise_in_place_plane(g, buf, w, bias, q, plane)?;
     // Four channels at a time where the plane holds their pending rows; else one at a time.
     if dsp_or_portable!(
         super::arm::dw_in_place(g, buf, in_zp, w, bias, rq, out_zp, amin, amax, plane),
@@ -768,34 +765,20 @@ pub fn conv2d_depthwise_in_place_plane(
         return Ok(());
     }
     let plane_kernel = dsp_or_portable!(super::arm::dw_plane, dw_plane_forward);
-    plane_by_plane(
-        g,
-        buf,
-        in_zp,
-        w,
-        bias,
-        rq,
-        out_zp,
-        amin,
-        amax,
-        plane,
-        plane_kernel,
-    );
+    plane_by_plane(g, buf, w, bias, q, plane, plane_kernel);
     Ok(())
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn check_depthwise_in_place_plane(
     g: &Conv2dGeom,
     buf: &[i8],
     w: &[i8],
     bias: &[i32],
-    rq: &[Requant],
-    amin: i8,
-    amax: i8,
+    q: ConvQuant<'_>,
     plane: &[i8],
 ) -> Result<()> {
+    let (rq, amin, amax) = (q.requant, q.act_min, q.act_max);
     g.validate()?;
     if !g.is_depthwise() {
         return Err(Error::InvalidParameter {
@@ -828,20 +811,16 @@ pub(super) type PlaneKernel =
 /// The in-place depthwise one channel at a time over checked buffers: channel `c` of the
 /// output only needs channel `c` of the input, which is dead once its plane is computed.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn plane_by_plane(
     g: &Conv2dGeom,
     buf: &mut [i8],
-    in_zp: i32,
     w: &[i8],
     bias: &[i32],
-    rq: &[Requant],
-    out_zp: i32,
-    amin: i8,
-    amax: i8,
+    q: ConvQuant<'_>,
     plane: &mut [i8],
     kernel: PlaneKernel,
 ) {
+    let (in_zp, rq, out_zp, amin, amax) = q.parts();
     let (c, taps) = (g.in_c, g.kh * g.kw);
     for ch in 0..c {
         let wc = &w[ch * taps..][..taps];

@@ -2,6 +2,7 @@
 //! depthwise input gradient plane by plane (with its per-plane scatter, which the fused block
 //! backward also runs).
 use super::geom::{Conv2dGeom, Weights};
+use super::ConvQuant;
 use crate::quant::Requant;
 use crate::{Error, Result};
 
@@ -24,12 +25,10 @@ pub fn pw_forward_in_place(
     px: &mut [i8],
 ) -> Result<()> {
     check_pw_forward_in_place(g, buf, w, bias, rq, px)?;
-    let on_dsp = dsp_or_portable!(
-        super::arm::pw_forward_in_place(g, buf, in_zp, w, bias, rq, out_zp, amin, amax),
-        false
-    );
+    let q = ConvQuant::new(in_zp, rq, out_zp, amin, amax);
+    let on_dsp = dsp_or_portable!(super::arm::pw_forward_in_place(g, buf, w, bias, q), false);
     if !on_dsp {
-        pw_forward_in_place_portable(g, buf, in_zp, w, bias, rq, out_zp, amin, amax, px);
+        pw_forward_in_place_portable(g, buf, w, bias, q, px);
     }
     Ok(())
 }
@@ -63,19 +62,15 @@ pub(super) fn check_pw_forward_in_place(
 
 /// The portable `pw_forward_in_place`, over checked buffers.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn pw_forward_in_place_portable(
     g: &Conv2dGeom,
     buf: &mut [i8],
-    in_zp: i32,
     w: Weights<'_>,
     bias: &[i32],
-    rq: &[Requant],
-    out_zp: i32,
-    amin: i8,
-    amax: i8,
+    q: ConvQuant<'_>,
     px: &mut [i8],
 ) {
+    let (in_zp, rq, out_zp, amin, amax) = q.parts();
     let (ci, co) = (g.in_c, g.out_c);
     let pixels = g.in_h * g.in_w;
     for step in 0..pixels {

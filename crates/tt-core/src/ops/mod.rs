@@ -48,6 +48,7 @@ pub mod portable;
 pub mod split;
 
 use crate::error::{Error, Result};
+use crate::quant::Requant;
 
 /// Largest magnitude of a conv / fc int32 bias. With it and [`MAX_DOT_LEN`], the forward
 /// accumulator `bias + Σ (x - zp)·w` (|x - zp| <= 255, |w| <= 128) stays below 2^31, so the
@@ -60,6 +61,43 @@ pub const BIAS_LIMIT: u32 = 1 << 30;
 pub const MAX_DOT_LEN: usize = (BIAS_LIMIT as usize) / (255 * 128);
 /// Most inputs a global average pool sums (|x - zp| <= 255 each) in its int32 accumulator.
 pub const MAX_POOL_LEN: usize = i32::MAX as usize / 255;
+
+/// How a conv's int32 sums become its int8 outputs, with the input zero point they are taken
+/// around: `out = clamp(requant[o](bias[o] + sum (x - in_zp) * w) + out_zp, act_min, act_max)`.
+/// What the kernels' internal paths pass on instead of five arguments.
+#[derive(Clone, Copy)]
+pub struct ConvQuant<'a> {
+    pub in_zp: i32,
+    pub requant: &'a [Requant],
+    pub out_zp: i32,
+    pub act_min: i8,
+    pub act_max: i8,
+}
+
+impl<'a> ConvQuant<'a> {
+    #[inline(always)]
+    pub fn new(in_zp: i32, requant: &'a [Requant], out_zp: i32, act_min: i8, act_max: i8) -> Self {
+        ConvQuant {
+            in_zp,
+            requant,
+            out_zp,
+            act_min,
+            act_max,
+        }
+    }
+
+    /// `(in_zp, requant, out_zp, act_min, act_max)`.
+    #[inline(always)]
+    pub fn parts(self) -> (i32, &'a [Requant], i32, i8, i8) {
+        (
+            self.in_zp,
+            self.requant,
+            self.out_zp,
+            self.act_min,
+            self.act_max,
+        )
+    }
+}
 
 /// Which axis of a weight tensor a channel selection runs along.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! compares them. Each twin checks its buffers as its dispatcher does.
 use super::add::{check_add_forward, requant_each_portable, AddParams, AddTerms};
 use super::geom::{Conv2dGeom, Weights};
-use super::{act, conv, inplace, split};
+use super::{act, conv, inplace, split, ConvQuant};
 use crate::error::Result;
 use crate::quant::Requant;
 
@@ -23,10 +23,9 @@ pub fn conv2d_forward(
     act_max: i8,
     output: &mut [i8],
 ) -> Result<()> {
-    conv::check_conv2d_forward(g, input, weight, bias, requant, act_min, act_max, output)?;
-    conv::conv2d_forward_portable(
-        g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
-    );
+    let q = ConvQuant::new(in_zp, requant, out_zp, act_min, act_max);
+    conv::check_conv2d_forward(g, input, weight, bias, q, output)?;
+    conv::conv2d_forward_portable(g, input, weight, bias, q, output);
     Ok(())
 }
 
@@ -44,11 +43,10 @@ pub fn conv2d_depthwise_in_place_plane(
     amax: i8,
     plane: &mut [i8],
 ) -> Result<()> {
-    conv::check_depthwise_in_place_plane(g, buf, w, bias, rq, amin, amax, plane)?;
+    let q = ConvQuant::new(in_zp, rq, out_zp, amin, amax);
+    conv::check_depthwise_in_place_plane(g, buf, w, bias, q, plane)?;
     let kernel: conv::PlaneKernel = conv::dw_plane_forward;
-    conv::plane_by_plane(
-        g, buf, in_zp, w, bias, rq, out_zp, amin, amax, plane, kernel,
-    );
+    conv::plane_by_plane(g, buf, w, bias, q, plane, kernel);
     Ok(())
 }
 
@@ -88,7 +86,8 @@ pub fn split_forward(
     y: &mut [i8],
 ) -> Result<()> {
     split::check_split_forward(g, x, w, bias, rq, y)?;
-    split::split_forward_portable(g, x, in_zp, w, bias, rq, out_zp, amin, amax, y);
+    let q = ConvQuant::new(in_zp, rq, out_zp, amin, amax);
+    split::split_forward_portable(g, x, w, bias, q, y);
     Ok(())
 }
 
@@ -107,6 +106,7 @@ pub fn pw_forward_in_place(
     px: &mut [i8],
 ) -> Result<()> {
     inplace::check_pw_forward_in_place(g, buf, w, bias, rq, px)?;
-    inplace::pw_forward_in_place_portable(g, buf, in_zp, w, bias, rq, out_zp, amin, amax, px);
+    let q = ConvQuant::new(in_zp, rq, out_zp, amin, amax);
+    inplace::pw_forward_in_place_portable(g, buf, w, bias, q, px);
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! and these read each weight from where it lives, with the arithmetic of the whole-weight
 //! kernels in `conv`.
 use super::geom::{Conv2dGeom, Weights};
+use super::ConvQuant;
 use crate::quant::{QParams, Requant};
 use crate::{Error, Result};
 
@@ -49,12 +50,10 @@ pub fn split_forward(
     y: &mut [i8],
 ) -> Result<()> {
     check_split_forward(g, x, w, bias, rq, y)?;
-    let on_dsp = dsp_or_portable!(
-        super::arm::split_forward(g, x, in_zp, w, bias, rq, out_zp, amin, amax, y),
-        false
-    );
+    let q = ConvQuant::new(in_zp, rq, out_zp, amin, amax);
+    let on_dsp = dsp_or_portable!(super::arm::split_forward(g, x, w, bias, q, y), false);
     if !on_dsp {
-        split_forward_portable(g, x, in_zp, w, bias, rq, out_zp, amin, amax, y);
+        split_forward_portable(g, x, w, bias, q, y);
     }
     Ok(())
 }
@@ -86,19 +85,15 @@ pub(super) fn check_split_forward(
 
 /// The portable `split_forward`, over checked buffers.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn split_forward_portable(
     g: &Conv2dGeom,
     x: &[i8],
-    in_zp: i32,
     w: Weights<'_>,
     bias: &[i32],
-    rq: &[Requant],
-    out_zp: i32,
-    amin: i8,
-    amax: i8,
+    q: ConvQuant<'_>,
     y: &mut [i8],
 ) {
+    let (in_zp, rq, out_zp, amin, amax) = q.parts();
     let (icg, ocg, taps, oc_n, in_c) = (
         g.in_per_group(),
         g.out_per_group(),

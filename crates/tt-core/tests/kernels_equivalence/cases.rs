@@ -4,6 +4,9 @@
 //! checks that the suite builds and runs) and the QEMU firmware
 //! `tt-mcu/examples/qemu-mps2-an386/src/bin/kernel_equivalence.rs` (Cortex-M4F, where the
 //! dispatchers take their DSP paths). `no_std`, no allocation: the runner owns the buffers.
+// A mismatch carries its geometry by value: the firmware runner has no allocator to box it.
+#![allow(clippy::result_large_err)]
+
 use tt_core::ops::act::clamp_mask_pack;
 use tt_core::ops::add::{add_forward, AddParams};
 use tt_core::ops::conv::{conv2d_depthwise_in_place_plane, conv2d_forward, Conv2dGeom};
@@ -109,6 +112,9 @@ impl From<Error> for Failure {
 
 type Outcome = Result<u32, Failure>;
 
+/// One family of cases: how many it checked.
+type Family = fn(&mut Buffers, &mut XorShift32) -> Outcome;
+
 /// Runs every family from `seed`, telling `report(kernel, cases)` after each.
 pub fn run_all(
     b: &mut Buffers,
@@ -116,7 +122,7 @@ pub fn run_all(
     mut report: impl FnMut(&'static str, u32),
 ) -> Result<(), Failure> {
     let mut rng = XorShift32::new(seed);
-    let families: [(&'static str, fn(&mut Buffers, &mut XorShift32) -> Outcome); 7] = [
+    let families: [(&'static str, Family); 7] = [
         ("conv2d_forward", |b, r| conv_forward(b, r, false)),
         ("conv2d_forward (depthwise 3x3)", |b, r| {
             conv_forward(b, r, true)
@@ -188,7 +194,7 @@ fn channels(b: &mut Buffers, rng: &mut XorShift32, n: usize, double: bool) -> Re
 /// Activation bounds: the whole int8 range every `whole`-th case (the epilogue's SSAT-only
 /// form), else narrowed.
 fn bounds(rng: &mut XorShift32, case: u32, whole: u32) -> (i8, i8) {
-    if case % whole == 0 {
+    if case.is_multiple_of(whole) {
         (i8::MIN, i8::MAX)
     } else {
         (-128 + draw(rng, 20) as i8, 127 - draw(rng, 20) as i8)
@@ -221,7 +227,7 @@ fn conv_forward(b: &mut Buffers, rng: &mut XorShift32, dw3: bool) -> Outcome {
             // Up to RC channels, fewer where the output (up to two pixels wider and taller
             // than the input) would not fit RX.
             let c = (4 * (1 + draw(rng, RC as u32 / 4)) as usize)
-                .min(RX / ((in_h + 2) * (in_w + 2)) & !3);
+                .min((RX / ((in_h + 2) * (in_w + 2))) & !3);
             (c, c, c)
         } else {
             match draw(rng, 3) {
@@ -346,11 +352,13 @@ fn split_weights(b: &mut Buffers, rng: &mut XorShift32, pointwise: bool) -> Outc
         };
         let (in_h, in_w) = (k + draw(rng, 6) as usize, k + draw(rng, 6) as usize);
         let (in_c, out_c) = (1 + draw(rng, 32) as usize, 1 + draw(rng, 32) as usize);
-        let groups = if !pointwise && draw(rng, 4) == 0 && in_c % 2 == 0 && out_c % 2 == 0 {
-            2
-        } else {
-            1
-        };
+        let groups =
+            if !pointwise && draw(rng, 4) == 0 && in_c.is_multiple_of(2) && out_c.is_multiple_of(2)
+            {
+                2
+            } else {
+                1
+            };
         let (s, p) = if pointwise {
             (1, 0)
         } else {

@@ -12,7 +12,7 @@ mod depthwise;
 mod requant;
 
 use super::geom::{Conv2dGeom, Weights};
-use crate::quant::Requant;
+use super::ConvQuant;
 use conv::{Rows, PATCH_MAX};
 
 pub(super) use act::clamp_mask_bytes;
@@ -21,19 +21,15 @@ pub(super) use requant::requant_each;
 
 /// `conv2d_forward` on a DSP path: the depthwise layers `dw_applies` takes, else (where the
 /// portable depthwise path does not apply) every layer whose patch fits `PATCH_MAX`.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn conv_forward(
     g: &Conv2dGeom,
     input: &[i8],
-    in_zp: i32,
     weight: &[i8],
     bias: &[i32],
-    requant: &[Requant],
-    out_zp: i32,
-    act_min: i8,
-    act_max: i8,
+    q: ConvQuant<'_>,
     output: &mut [i8],
 ) -> bool {
+    let (in_zp, requant, out_zp, act_min, act_max) = q.parts();
     if g.is_depthwise() && depthwise::dw_applies(g, in_zp) {
         depthwise::dw_forward(
             g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
@@ -50,39 +46,31 @@ pub(super) fn conv_forward(
 }
 
 /// `split::split_forward` on the conv DSP path, for the weights `dsp_rows` takes.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn split_forward(
     g: &Conv2dGeom,
     x: &[i8],
-    in_zp: i32,
     w: Weights<'_>,
     bias: &[i32],
-    rq: &[Requant],
-    out_zp: i32,
-    amin: i8,
-    amax: i8,
+    q: ConvQuant<'_>,
     y: &mut [i8],
 ) -> bool {
-    let Some(rows) = dsp_rows(&w, g, in_zp) else {
+    let Some(rows) = dsp_rows(&w, g, q.in_zp) else {
         return false;
     };
-    conv::conv_forward_rows(g, x, in_zp, rows, bias, rq, out_zp, amin, amax, y);
+    let (rq, amin, amax) = (q.requant, q.act_min, q.act_max);
+    conv::conv_forward_rows(g, x, q.in_zp, rows, bias, rq, q.out_zp, amin, amax, y);
     true
 }
 
 /// `inplace::pw_forward_in_place` on the DSP path, for the weights `dsp_rows` takes.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn pw_forward_in_place(
     g: &Conv2dGeom,
     buf: &mut [i8],
-    in_zp: i32,
     w: Weights<'_>,
     bias: &[i32],
-    rq: &[Requant],
-    out_zp: i32,
-    amin: i8,
-    amax: i8,
+    q: ConvQuant<'_>,
 ) -> bool {
+    let (in_zp, rq, out_zp, amin, amax) = q.parts();
     let Some(rows) = dsp_rows(&w, g, in_zp) else {
         return false;
     };
