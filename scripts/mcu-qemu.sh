@@ -2,6 +2,8 @@
 # Builds the tt-mcu QEMU firmware (Cortex-M4F, mps2-an386) with Debian's toolchain, runs it with
 # an instruction-exact clock, prints its memory use and fails if it does not pass or does not
 # fit the budget: SRAM (.data + .bss + .uninit + reserved stack) <= 256 KB, flash <= 1 MB.
+# Before training it runs the kernel cost firmware and the kernel equivalence firmware (every
+# DSP kernel against its portable twin on random geometries; fails on any mismatch).
 # The firmware trains the plan bundle in $TT_MCU_BUNDLE (as `tinytrain export --mcu` writes it),
 # or tt-mcu's built-in demo bundle, and must match the host run of the same plan bit for bit.
 # The device's fleet update blob lands in $TT_MCU_UPDATE_OUT (default
@@ -11,6 +13,10 @@ cd "$(dirname "$0")/.."
 ex=crates/tt-mcu/examples/qemu-mps2-an386
 export RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc
 export CARGO_TARGET_THUMBV7EM_NONE_EABIHF_LINKER=arm-none-eabi-ld
+# Panic locations name files relative to the checkout and to the Rust sources, so the flash a
+# firmware takes does not depend on where they live (MCUNet-5FPS's is within 1 KB of 1 MB).
+sysroot_src="$(/usr/bin/rustc --print sysroot)/lib/rustlib/src/rust"
+export CARGO_TARGET_THUMBV7EM_NONE_EABIHF_RUSTFLAGS="--remap-path-prefix=$PWD=. --remap-path-prefix=$sysroot_src=rust"
 # One target dir for every firmware example, so `core` (build-std) is compiled once.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_MCU:-$PWD/target/thumb-examples}"
 # TT_MCU_FEATURES=portable builds the plain reference firmware (no DSP kernels). The soak runs
@@ -18,7 +24,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR_MCU:-$PWD/target/thumb-examples}"
 # trajectory beside a full-size arena need not fit.
 /usr/bin/cargo build -q -Z build-std=core --target thumbv7em-none-eabihf --release \
   --manifest-path "$ex/Cargo.toml" ${TT_MCU_FEATURES:+--features "$TT_MCU_FEATURES"} \
-  ${TT_MCU_BUNDLE:+--bin tt-mcu-qemu-mps2-an386 --bin kernel_cost}
+  ${TT_MCU_BUNDLE:+--bin tt-mcu-qemu-mps2-an386 --bin kernel_cost --bin kernel_equivalence}
 bin="$CARGO_TARGET_DIR/thumbv7em-none-eabihf/release"
 elf="$bin/tt-mcu-qemu-mps2-an386"
 qemu() {
@@ -28,6 +34,9 @@ qemu() {
 
 echo "== kernel cost (one layer's training step)"
 qemu "$bin/kernel_cost"
+
+echo "== kernel equivalence (the DSP kernels against their portable twins)"
+qemu "$bin/kernel_equivalence"
 
 # Power cuts inside one QEMU run (src/bin/soak.rs, ~3 s at 0.42 M instructions per step): on the
 # built-in demo plan only; a given bundle's steps may cost 800x that (MobileNetV2 paper scheme).

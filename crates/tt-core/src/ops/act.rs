@@ -23,16 +23,41 @@ pub fn clamp_mask_backward(out_q: &[i8], act_min: i8, act_max: i8, grad: &mut [f
 /// The mask as bits (1 = gradient passes), 8 elements per byte, LSB first: what a plan stores
 /// instead of the int8 output when only the mask is needed later.
 pub fn clamp_mask_pack(out_q: &[i8], act_min: i8, act_max: i8, bits: &mut [u8]) -> Result<()> {
+    check_clamp_mask_pack(out_q, act_min, act_max, bits)?;
+    // The full bytes four lanes a comparison on the DSP build.
+    let packed = dsp_or_portable!(
+        super::arm::clamp_mask_bytes(out_q, act_min, act_max, bits),
+        false
+    );
+    clamp_mask_pack_portable(out_q, act_min, act_max, bits, packed);
+    Ok(())
+}
+
+#[inline(always)]
+pub(super) fn check_clamp_mask_pack(
+    out_q: &[i8],
+    act_min: i8,
+    act_max: i8,
+    bits: &[u8],
+) -> Result<()> {
     check_act(act_min, act_max)?;
-    check_len("clamp_mask_pack: bits", out_q.len().div_ceil(8), bits.len())?;
+    check_len("clamp_mask_pack: bits", out_q.len().div_ceil(8), bits.len())
+}
+
+/// The portable `clamp_mask_pack` over checked buffers; the full bytes only unless `packed`
+/// says they are written already.
+#[inline(always)]
+pub(super) fn clamp_mask_pack_portable(
+    out_q: &[i8],
+    act_min: i8,
+    act_max: i8,
+    bits: &mut [u8],
+    packed: bool,
+) {
     // A byte built in a register per 8 elements, not a read-modify-write of memory per element.
     let inside = |q: i8| (q > act_min && q < act_max) as u8;
     let full = out_q.chunks_exact(8);
     let tail = full.remainder();
-    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
-    let packed = super::arm::clamp_mask_bytes(out_q, act_min, act_max, bits);
-    #[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
-    let packed = false;
     if !packed {
         for (b, c) in bits.iter_mut().zip(full) {
             let mut v = 0u8;
@@ -45,7 +70,6 @@ pub fn clamp_mask_pack(out_q: &[i8], act_min: i8, act_max: i8, bits: &mut [u8]) 
     if let Some(b) = bits.last_mut().filter(|_| !tail.is_empty()) {
         *b = tail.iter().rev().fold(0, |v, &q| v << 1 | inside(q));
     }
-    Ok(())
 }
 
 /// Applies a packed mask (from `clamp_mask_pack`) to a gradient.

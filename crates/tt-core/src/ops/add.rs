@@ -120,18 +120,33 @@ fn out(p: &AddParams, sum: i32) -> i8 {
 /// 64-bit shifts and clamps per element, the same numbers.
 #[inline(always)]
 pub fn requant_each(p: &AddParams, o: &mut [i8], sum: impl FnMut(usize, i8) -> i32) {
-    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
-    super::arm::requant_each(&p.out_mult, p.out_zp, p.act_min, p.act_max, o, sum);
-    #[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
-    {
-        let mut sum = sum;
-        for (i, d) in o.iter_mut().enumerate() {
-            *d = out(p, sum(i, *d));
-        }
+    dsp_or_portable!(
+        super::arm::requant_each(&p.out_mult, p.out_zp, p.act_min, p.act_max, o, sum),
+        requant_each_portable(p, o, sum)
+    )
+}
+
+/// The portable `requant_each`: the fixed-point requantization of every element.
+#[inline(always)]
+pub(super) fn requant_each_portable(
+    p: &AddParams,
+    o: &mut [i8],
+    mut sum: impl FnMut(usize, i8) -> i32,
+) {
+    for (i, d) in o.iter_mut().enumerate() {
+        *d = out(p, sum(i, *d));
     }
 }
 
 pub fn add_forward(p: &AddParams, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<()> {
+    check_add_forward(p, a, b, output)?;
+    let t = AddTerms::new(p);
+    requant_each(p, output, |i, _| t.a(a[i]).wrapping_add(t.b(b[i])));
+    Ok(())
+}
+
+#[inline(always)]
+pub(super) fn check_add_forward(p: &AddParams, a: &[i8], b: &[i8], output: &[i8]) -> Result<()> {
     check_len("add_forward: b", a.len(), b.len())?;
     check_len("add_forward: output", a.len(), output.len())?;
     check_act(p.act_min, p.act_max)?;
@@ -140,8 +155,6 @@ pub fn add_forward(p: &AddParams, a: &[i8], b: &[i8], output: &mut [i8]) -> Resu
             what: "add: int8 zero point outside [-128, 127]",
         });
     }
-    let t = AddTerms::new(p);
-    requant_each(p, output, |i, _| t.a(a[i]).wrapping_add(t.b(b[i])));
     Ok(())
 }
 

@@ -3,7 +3,9 @@
 //! Layouts: input `[in_h][in_w][in_c]`, output `[out_h][out_w][out_c]`, weight OHWI
 //! `[out_c][kh][kw][in_c / groups]`. Padding contributes the input zero point (real zero).
 //! Depthwise layers (`groups == in_c == out_c`) take a channel-vectorized path.
-use super::{dims, ChannelAxis, ChannelSelection, WeightShape};
+pub use super::geom::Conv2dGeom;
+use super::geom::DW_MAX_TAPS;
+use super::{ChannelAxis, ChannelSelection, ConvQuant};
 use crate::error::{Error, Result};
 use crate::quant::{check_act, check_len, QParams, Requant};
 
@@ -14,9 +16,6 @@ const DW_WIDE: usize = 32;
 const DW_WIDE_MAX_TAPS: usize = 25;
 /// Largest kernel the depthwise input gradient stages (f32, 1.6 KB of stack).
 const DW_BWD_MAX_TAPS: usize = 25;
-/// Largest kernel (kh * kw) the depthwise paths stage on the stack; larger ones take the
-/// general path.
-const DW_MAX_TAPS: usize = 64;
 /// Input channels per group the general forward stages as int16 (1 KB of stack); wider
 /// groups take the unstaged path.
 const XZ_MAX: usize = 512;
@@ -24,191 +23,6 @@ const XZ_MAX: usize = 512;
 const OC_BLOCK: usize = 64;
 /// Row length (taps x channels) from which the backward paths skip zero gradients.
 const SKIP_ZERO_MIN: usize = 64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Conv2dGeom {
-    pub in_h: usize,
-    pub in_w: usize,
-    pub in_c: usize,
-    pub out_c: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride_h: usize,
-    pub stride_w: usize,
-    pub pad_top: usize,
-    pub pad_left: usize,
-    pub pad_bottom: usize,
-    pub pad_right: usize,
-    pub groups: usize,
-}
-
-impl Conv2dGeom {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        in_h: usize,
-        in_w: usize,
-        in_c: usize,
-        out_c: usize,
-        kh: usize,
-        kw: usize,
-        stride_h: usize,
-        stride_w: usize,
-        pad_top: usize,
-        pad_left: usize,
-        pad_bottom: usize,
-        pad_right: usize,
-        groups: usize,
-    ) -> Result<Conv2dGeom> {
-        let g = Conv2dGeom {
-            in_h,
-            in_w,
-            in_c,
-            out_c,
-            kh,
-            kw,
-            stride_h,
-            stride_w,
-            pad_top,
-            pad_left,
-            pad_bottom,
-            pad_right,
-            groups,
-        };
-        g.validate()?;
-        Ok(g)
-    }
-
-    /// Checks every invariant the kernels rely on; the kernels call it themselves, so a geometry
-    /// built field by field cannot make them index out of bounds.
-    pub fn validate(&self) -> Result<()> {
-        let invalid = |what| Err(Error::InvalidParameter { what });
-        if self.in_h == 0 || self.in_w == 0 || self.in_c == 0 || self.out_c == 0 {
-            return invalid("conv2d: zero-sized input or output channels");
-        }
-        if self.kh == 0 || self.kw == 0 {
-            return invalid("conv2d: zero-sized kernel");
-        }
-        if self.stride_h == 0 || self.stride_w == 0 {
-            return invalid("conv2d: zero stride");
-        }
-        if self.groups == 0 || self.in_c % self.groups != 0 || self.out_c % self.groups != 0 {
-            return invalid("conv2d: groups must divide in_c and out_c");
-        }
-        let ph = self
-            .in_h
-            .checked_add(self.pad_top)
-            .and_then(|v| v.checked_add(self.pad_bottom));
-        let pw = self
-            .in_w
-            .checked_add(self.pad_left)
-            .and_then(|v| v.checked_add(self.pad_right));
-        match (ph, pw) {
-            (Some(ph), Some(pw)) if ph >= self.kh && pw >= self.kw => {}
-            (Some(_), Some(_)) => return invalid("conv2d: kernel larger than padded input"),
-            _ => return invalid("conv2d: padded size overflows"),
-        }
-        // Padding wider than the kernel would produce outputs that see only padding; ONNX allows
-        // it, but indices computed as isize must stay in range.
-        if self.pad_top >= isize::MAX as usize / 2 || self.pad_left >= isize::MAX as usize / 2 {
-            return invalid("conv2d: padding too large");
-        }
-        dims(
-            &[self.in_h, self.in_w, self.in_c],
-            "conv2d: input size overflows",
-        )?;
-        dims(
-            &[
-                self.out_h(),
-                self.out_w(),
-                self.out_c,
-                self.kh,
-                self.kw,
-                self.in_c,
-            ],
-            "conv2d: size overflows",
-        )?;
-        Ok(())
-    }
-
-    pub fn out_h(&self) -> usize {
-        (self.in_h + self.pad_top + self.pad_bottom - self.kh) / self.stride_h + 1
-    }
-
-    pub fn out_w(&self) -> usize {
-        (self.in_w + self.pad_left + self.pad_right - self.kw) / self.stride_w + 1
-    }
-
-    pub fn in_per_group(&self) -> usize {
-        self.in_c / self.groups
-    }
-
-    pub fn out_per_group(&self) -> usize {
-        self.out_c / self.groups
-    }
-
-    pub fn input_len(&self) -> usize {
-        self.in_h * self.in_w * self.in_c
-    }
-
-    pub fn output_len(&self) -> usize {
-        self.out_h() * self.out_w() * self.out_c
-    }
-
-    pub fn weight_len(&self) -> usize {
-        self.out_c * self.kh * self.kw * self.in_per_group()
-    }
-
-    /// Multiply-accumulates of one forward pass (counting padded taps, as is customary).
-    pub fn macs(&self) -> u64 {
-        self.out_h() as u64
-            * self.out_w() as u64
-            * self.out_c as u64
-            * (self.kh * self.kw * self.in_per_group()) as u64
-    }
-
-    pub fn weight_shape(&self) -> WeightShape {
-        WeightShape {
-            out_c: self.out_c,
-            taps: self.kh * self.kw,
-            in_per_group: self.in_per_group(),
-            groups: self.groups,
-        }
-    }
-
-    pub fn is_depthwise(&self) -> bool {
-        self.groups == self.in_c && self.out_c == self.in_c
-    }
-
-    fn dw_fast(&self) -> bool {
-        self.is_depthwise() && self.kh * self.kw <= DW_MAX_TAPS
-    }
-
-    /// Valid kernel rows for output row `oy`: `(iy0, ky_lo, ky_hi)` with input row `iy0 + ky`.
-    #[inline]
-    fn rows(&self, oy: usize) -> (isize, usize, usize) {
-        tap_range(oy, self.stride_h, self.pad_top, self.kh, self.in_h)
-    }
-
-    #[inline]
-    fn cols(&self, ox: usize) -> (isize, usize, usize) {
-        tap_range(ox, self.stride_w, self.pad_left, self.kw, self.in_w)
-    }
-}
-
-#[inline]
-pub(super) fn tap_range(
-    o: usize,
-    stride: usize,
-    pad: usize,
-    k: usize,
-    n: usize,
-) -> (isize, usize, usize) {
-    let i0 = (o * stride) as isize - pad as isize;
-    let lo = if i0 < 0 { (-i0) as usize } else { 0 };
-    let hi_i = n as isize - i0;
-    let hi = if hi_i <= 0 { 0 } else { (hi_i as usize).min(k) };
-    (i0, lo.min(hi), hi)
-}
 
 #[inline]
 fn idx(i0: isize, k: usize) -> usize {
@@ -229,36 +43,62 @@ pub fn conv2d_forward(
     act_max: i8,
     output: &mut [i8],
 ) -> Result<()> {
+    let q = ConvQuant::new(in_zp, requant, out_zp, act_min, act_max);
+    check_conv2d_forward(g, input, weight, bias, q, output)?;
+    let on_dsp = dsp_or_portable!(
+        super::arm::conv_forward(g, input, weight, bias, q, output),
+        false
+    );
+    if !on_dsp {
+        conv2d_forward_portable(g, input, weight, bias, q, output);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+pub(super) fn check_conv2d_forward(
+    g: &Conv2dGeom,
+    input: &[i8],
+    weight: &[i8],
+    bias: &[i32],
+    q: ConvQuant<'_>,
+    output: &[i8],
+) -> Result<()> {
+    let ConvQuant {
+        requant,
+        act_min,
+        act_max,
+        ..
+    } = q;
     g.validate()?;
     check_len("conv2d_forward: input", g.input_len(), input.len())?;
     check_len("conv2d_forward: weight", g.weight_len(), weight.len())?;
     check_len("conv2d_forward: bias", g.out_c, bias.len())?;
     check_len("conv2d_forward: requant", g.out_c, requant.len())?;
     check_len("conv2d_forward: output", g.output_len(), output.len())?;
-    check_act(act_min, act_max)?;
-    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
-    if g.is_depthwise() && super::arm::dw_applies(g, in_zp) {
-        super::arm::dw_forward(
-            g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
-        );
-        return Ok(());
-    }
+    check_act(act_min, act_max)
+}
+
+/// The portable `conv2d_forward`, over checked buffers.
+#[inline(always)]
+pub(super) fn conv2d_forward_portable(
+    g: &Conv2dGeom,
+    input: &[i8],
+    weight: &[i8],
+    bias: &[i32],
+    q: ConvQuant<'_>,
+    output: &mut [i8],
+) {
+    let (in_zp, requant, out_zp, act_min, act_max) = q.parts();
     if g.dw_fast() {
         dw_forward(
             g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
         );
-        return Ok(());
+        return;
     }
     let (icg, ocg, kw) = (g.in_per_group(), g.out_per_group(), g.kw);
     let taps = g.kh * g.kw;
     let (ow, oc_n, in_c) = (g.out_w(), g.out_c, g.in_c);
-    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
-    if taps * icg <= super::arm::PATCH_MAX {
-        super::arm::conv_forward_patch(
-            g, input, in_zp, weight, bias, requant, out_zp, act_min, act_max, output,
-        );
-        return Ok(());
-    }
     if icg <= XZ_MAX {
         // One tap's input slice minus the zero point, staged once and reused by a block of
         // output channels: the inner loop is then a single-accumulator int16 dot product.
@@ -298,7 +138,7 @@ pub fn conv2d_forward(
                 }
             }
         }
-        return Ok(());
+        return;
     }
     for oy in 0..g.out_h() {
         let (iy0, ky_lo, ky_hi) = g.rows(oy);
@@ -321,7 +161,6 @@ pub fn conv2d_forward(
             }
         }
     }
-    Ok(())
 }
 
 /// `sum (x - zp) * w`, as `sum x*w - zp * sum w` so the loop is a plain int dot product.
@@ -916,6 +755,30 @@ pub fn conv2d_depthwise_in_place_plane(
     amax: i8,
     plane: &mut [i8],
 ) -> Result<()> {
+    let q = ConvQuant::new(in_zp, rq, out_zp, amin, amax);
+    check_depthwise_in_place_plane(g, buf, w, bias, q, plane)?;
+    // Four channels at a time where the plane holds their pending rows; else one at a time.
+    if dsp_or_portable!(
+        super::arm::dw_in_place(g, buf, in_zp, w, bias, rq, out_zp, amin, amax, plane),
+        false
+    ) {
+        return Ok(());
+    }
+    let plane_kernel = dsp_or_portable!(super::arm::dw_plane, dw_plane_forward);
+    plane_by_plane(g, buf, w, bias, q, plane, plane_kernel);
+    Ok(())
+}
+
+#[inline(always)]
+pub(super) fn check_depthwise_in_place_plane(
+    g: &Conv2dGeom,
+    buf: &[i8],
+    w: &[i8],
+    bias: &[i32],
+    q: ConvQuant<'_>,
+    plane: &[i8],
+) -> Result<()> {
+    let (rq, amin, amax) = (q.requant, q.act_min, q.act_max);
     g.validate()?;
     if !g.is_depthwise() {
         return Err(Error::InvalidParameter {
@@ -938,34 +801,43 @@ pub fn conv2d_depthwise_in_place_plane(
             actual: buf.len(),
         });
     }
-    // Four channels at a time where the plane holds their pending rows; else one at a time.
-    #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
-    if super::arm::dw_in_place(g, buf, in_zp, w, bias, rq, out_zp, amin, amax, plane) {
-        return Ok(());
-    }
+    Ok(())
+}
+
+/// One depthwise plane's kernel: channel `ch` of the HWC `buf` into the planar `plane`.
+pub(super) type PlaneKernel =
+    fn(&Conv2dGeom, &[i8], usize, i32, &[i8], i32, &Requant, i32, i8, i8, &mut [i8]);
+
+/// The in-place depthwise one channel at a time over checked buffers: channel `c` of the
+/// output only needs channel `c` of the input, which is dead once its plane is computed.
+#[inline(always)]
+pub(super) fn plane_by_plane(
+    g: &Conv2dGeom,
+    buf: &mut [i8],
+    w: &[i8],
+    bias: &[i32],
+    q: ConvQuant<'_>,
+    plane: &mut [i8],
+    kernel: PlaneKernel,
+) {
+    let (in_zp, rq, out_zp, amin, amax) = q.parts();
+    let (c, taps) = (g.in_c, g.kh * g.kw);
     for ch in 0..c {
         let wc = &w[ch * taps..][..taps];
-        #[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
-        super::arm::dw_plane(
-            g, buf, ch, in_zp, wc, bias[ch], &rq[ch], out_zp, amin, amax, plane,
-        );
-        #[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
-        dw_plane_forward(
+        kernel(
             g, buf, ch, in_zp, wc, bias[ch], &rq[ch], out_zp, amin, amax, plane,
         );
         for (p, &v) in plane.iter().enumerate() {
             buf[p * c + ch] = v;
         }
     }
-    Ok(())
 }
 
 /// Channel `ch` of a depthwise conv over the HWC `buf` into the planar `plane`, tap by tap
 /// (the portable loop, and the oracle of the DSP build's `arm::dw_plane`). Sizes were checked
 /// by the caller.
 #[allow(clippy::too_many_arguments)]
-#[cfg(not(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable"))))]
-fn dw_plane_forward(
+pub(super) fn dw_plane_forward(
     g: &Conv2dGeom,
     buf: &[i8],
     ch: usize,

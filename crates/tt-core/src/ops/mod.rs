@@ -8,16 +8,47 @@
 //! - backward kernels that produce an input gradient overwrite it, kernels that produce weight or
 //!   bias gradients accumulate (`+=`) so a batch accumulates sample by sample;
 //! - nothing allocates and nothing panics on a bad shape: it is an `Err`.
+//!
+//! A kernel with a DSP path for Cortex-M4/M7 (`arm/`) is a dispatcher: it checks its buffers,
+//! then runs the DSP path where that path takes the geometry, else its portable twin. Every
+//! twin is also callable by the kernel's own name in [`portable`] on every target, which is
+//! what the equivalence suites (host tests and the QEMU firmware) compare the dispatchers with.
+
+/// `dsp_or_portable!(dsp, portable)` is the expression `dsp` on a core with the DSP extension
+/// (`thumbv7em`) unless the `portable` feature asks for the plain reference build, else
+/// `portable`; `dsp_or_portable!(mod arm)` declares the DSP paths on those builds only. This
+/// and the one `cfg` below are the only places the DSP-or-portable choice is written.
+#[allow(unused_macros)] // shadowed by the DSP definition below on DSP builds
+macro_rules! dsp_or_portable {
+    (mod $m:ident) => {};
+    ($dsp:expr, $portable:expr) => {
+        $portable
+    };
+}
+#[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
+macro_rules! dsp_or_portable {
+    (mod $m:ident) => {
+        mod $m;
+    };
+    ($dsp:expr, $portable:expr) => {
+        $dsp
+    };
+}
+
 pub mod act;
 pub mod add;
-#[cfg(all(target_arch = "arm", target_feature = "dsp", not(feature = "portable")))]
-pub(crate) mod arm;
+dsp_or_portable!(mod arm);
 pub mod conv;
 pub mod fc;
+pub mod geom;
+pub mod inplace;
 pub mod loss;
 pub mod pool;
+pub mod portable;
+pub mod split;
 
 use crate::error::{Error, Result};
+use crate::quant::Requant;
 
 /// Largest magnitude of a conv / fc int32 bias. With it and [`MAX_DOT_LEN`], the forward
 /// accumulator `bias + Σ (x - zp)·w` (|x - zp| <= 255, |w| <= 128) stays below 2^31, so the
@@ -30,6 +61,43 @@ pub const BIAS_LIMIT: u32 = 1 << 30;
 pub const MAX_DOT_LEN: usize = (BIAS_LIMIT as usize) / (255 * 128);
 /// Most inputs a global average pool sums (|x - zp| <= 255 each) in its int32 accumulator.
 pub const MAX_POOL_LEN: usize = i32::MAX as usize / 255;
+
+/// How a conv's int32 sums become its int8 outputs, with the input zero point they are taken
+/// around: `out = clamp(requant[o](bias[o] + sum (x - in_zp) * w) + out_zp, act_min, act_max)`.
+/// What the kernels' internal paths pass on instead of five arguments.
+#[derive(Clone, Copy)]
+pub struct ConvQuant<'a> {
+    pub in_zp: i32,
+    pub requant: &'a [Requant],
+    pub out_zp: i32,
+    pub act_min: i8,
+    pub act_max: i8,
+}
+
+impl<'a> ConvQuant<'a> {
+    #[inline(always)]
+    pub fn new(in_zp: i32, requant: &'a [Requant], out_zp: i32, act_min: i8, act_max: i8) -> Self {
+        ConvQuant {
+            in_zp,
+            requant,
+            out_zp,
+            act_min,
+            act_max,
+        }
+    }
+
+    /// `(in_zp, requant, out_zp, act_min, act_max)`.
+    #[inline(always)]
+    pub fn parts(self) -> (i32, &'a [Requant], i32, i8, i8) {
+        (
+            self.in_zp,
+            self.requant,
+            self.out_zp,
+            self.act_min,
+            self.act_max,
+        )
+    }
+}
 
 /// Which axis of a weight tensor a channel selection runs along.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
