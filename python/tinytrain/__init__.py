@@ -14,6 +14,7 @@ from .schemes import Scheme
 from .plan import MemoryReport, Plan
 from .engine import compile
 from .trainer import Trainer
+from .lr import LrCandidate, LrChoice, choose_lr
 from .sparse_search import SearchResult, search
 from .errors import UpdateError
 from .update import Update, read_update
@@ -24,6 +25,6 @@ __all__ = ["Graph", "Node", "Tensor", "__version__"]
 __all__ += ["TinytrainError", "ModelFormatError", "UnsupportedOperatorError", "QuantizationError", "models"]
 __all__ += ["QuantizedModel", "load_onnx", "quantize", "datasets", "reference"]
 __all__ += ["Scheme", "schemes", "compile", "Plan", "MemoryReport", "Trainer", "MemoryBudgetError", "PlanError"]
-__all__ += ["search", "SearchResult"]
+__all__ += ["search", "SearchResult", "choose_lr", "LrChoice", "LrCandidate"]
 __all__ += ["load_tflite"]
 __all__ += ["Update", "read_update", "UpdateError"]

@@ -83,7 +83,7 @@ def _quantized(model):
 
 
 def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder: bool = True,
-            update_precision: str = "stochastic", loss: str = "cross_entropy", lr: float = 0.05,
+            update_precision: str = "stochastic", loss: str = "cross_entropy", lr: Union[float, str] = "auto",
             momentum: float = 0.0, seed: int = 0, patch="auto", in_place=None,
             stream_input: bool = False, accumulate: bool = False, optimize: str = "memory") -> Plan:
     """Compile training of `model` under `scheme` into a `Plan`.
@@ -97,6 +97,9 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
       (an fp32 master copy, +4 bytes).
     - ``loss``: ``"cross_entropy"`` (class labels) or ``"mse"`` (float targets).
     - ``lr``, ``momentum``: the plan's SGD defaults (the MCU uses them; `Trainer` may override).
+      ``lr="auto"`` (default): compiling has no data to choose a rate from, so the plan stores the
+      conservative `tinytrain.lr.FALLBACK_LR` and is marked so that `Trainer` chooses the rate
+      on its data (`tt.choose_lr`); compile again with ``lr=choice.lr`` to ship a chosen rate.
       ``momentum > 0`` allocates momentum buffers (+4 bytes per trained parameter).
     - ``seed``: the stochastic-rounding generator's seed.
     - ``patch``, ``in_place``: execution layout. By default the planner tries every layout and
@@ -136,8 +139,11 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         raise ValueError(f"update_precision must be one of {list(PRECISIONS)}, got {update_precision!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
-    if not (np.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    from .lr import FALLBACK_LR, parse_lr
+
+    lr = parse_lr(lr)
+    lr_source = "auto" if lr == "auto" else "given"
+    lr = FALLBACK_LR if lr == "auto" else lr
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     budget_bytes = None if budget is None else parse_bytes(budget)
@@ -164,6 +170,7 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         "output": {"shape": list(q.tensors[q.output].shape)},
         "scheme": scheme.to_dict(),
         "layer_shapes": {n.name: list(np.asarray(n.params["weight_q"]).shape) for n in q.nodes if n.trainable},
+        "lr_source": lr_source,
     }
     layout = None
     if not (isinstance(patch, str) and patch == "auto" and in_place is None):
@@ -247,7 +254,7 @@ def _cli_plan(args, budget_check: bool) -> Tuple[object, Plan]:
     q = load_model(args.model, args.calib)
     s = scheme_from_arg(q, args.scheme)
     kw = dict(reorder=not args.no_reorder, update_precision=args.precision, loss=args.loss,
-              stream_input=args.stream_input)
+              stream_input=args.stream_input, lr=getattr(args, "lr", "auto"))
     plan = None
     if args.optimize == "compute":
         try:
