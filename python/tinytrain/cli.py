@@ -96,10 +96,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
                     generations=args.generations, seed=args.seed, workers=args.workers, epochs=args.epochs, lr=args.lr)
     from .fileio import write_atomic
 
-    if result.collapsed:
-        rc = _collapse_exit(f"{len(result.collapsed)} fine-tune(s) of the search collapsed at lr={result.lr:g} "
-                            f"(e.g. {result.collapsed[0]['what']}: {result.collapsed[0]['collapse']}); "
-                            "lower --lr", args.keep_going)
+    final = [c for c in result.collapsed if c["stage"] == "verification"]
+    if final:
+        first = final[0]
+        rc = _collapse_exit(f"{len(final)} fine-tune(s) of the search's final comparison collapsed (e.g. {first['what']} at "
+                            f"lr={first['lr']:g}: {first['collapse']}); lower --lr or use --lr auto", args.keep_going)
         if rc:
             return rc
     write_atomic(args.output, result.scheme.to_json())
@@ -120,7 +121,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}: {result.winner} scheme, held-out accuracy {100 * result.accuracy:.1f} % "
               f"({result.margin_points:+.1f} points over the best "
               f"{'baseline' if result.winner == 'searched' else 'searched scheme'}), "
-              f"peak {result.peak_bytes / 1024:.1f} KB of {result.budget_bytes / 1024:.0f} KB")
+              f"peak {result.peak_bytes / 1024:.1f} KB of {result.budget_bytes / 1024:.0f} KB; train it at lr={result.lr:.3g}")
     return 0
 
 

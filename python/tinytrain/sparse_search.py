@@ -39,7 +39,8 @@ DEFAULT_RATIOS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 class FineTuneSettings:
     epochs: int = 2
     batch_size: int = 1
-    lr: float = 0.05
+    #: a rate, or "auto": each fine-tune chooses its own by `tt.choose_lr` on its training split
+    lr: object = 0.05
     val_fraction: float = 0.3
 
     def key(self) -> str:
@@ -103,10 +104,13 @@ class SearchResult:
     margin_points: float = float("nan")
     #: Held-out accuracy of the returned scheme (NaN when nothing was fine-tuned).
     accuracy: float = float("nan")
-    #: The learning rate every fine-tune used, and the range test that chose it (None: given).
+    #: The rate the returned scheme was fine-tuned at (with ``lr="auto"``: its own range test's
+    #: choice, the rate to train it with), and the range test that set the contribution
+    #: analysis's rate (None: the rate was given).
     lr: float = float("nan")
     lr_choice: Optional[object] = field(repr=False, default=None)
-    #: Fine-tunes that collapsed (what, lr, why): a rate too high shows here first.
+    #: Fine-tunes that collapsed ({what, collapse, lr, stage}; stage "contribution analysis" or
+    #: "verification", the final comparison): a rate too high shows here first.
     collapsed: List[Dict[str, object]] = field(repr=False, default_factory=list)
 
     def baseline_table(self) -> str:
@@ -163,9 +167,9 @@ def update_bytes(q, scheme) -> int:
     return int(total)
 
 
-def _finetune_accuracy(job) -> Tuple[float, Optional[str]]:
-    """One independent fine-tune from the deployed weights; returns held-out accuracy and why
-    training collapsed (None: it did not)."""
+def _finetune_accuracy(job) -> Tuple[float, Optional[str], float]:
+    """One independent fine-tune from the deployed weights; returns held-out accuracy, why
+    training collapsed (None: it did not) and the rate it trained at."""
     from .engine import compile as compile_plan
     from .trainer import Trainer
 
@@ -175,14 +179,19 @@ def _finetune_accuracy(job) -> Tuple[float, Optional[str]]:
     trainer = Trainer(plan, lr=settings.lr, momentum=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the search reports collapses itself
-        hist = trainer.fit(xtr, ytr, epochs=settings.epochs, batch_size=settings.batch_size, verbose=False)
-    return float(trainer.evaluate(xva, yva)), hist["collapse"]
+        try:
+            hist = trainer.fit(xtr, ytr, epochs=settings.epochs, batch_size=settings.batch_size, verbose=False)
+        except ValueError as exc:
+            if settings.lr != "auto" or not str(exc).startswith("no learning rate trains"):
+                raise
+            return float("nan"), str(exc), float("nan")  # no candidate rate trains it
+    return float(trainer.evaluate(xva, yva)), hist["collapse"], float(trainer.lr)
 
 
-def _run_jobs(jobs, workers: int, progress_label: str) -> List[Tuple[float, Optional[str]]]:
+def _run_jobs(jobs, workers: int, progress_label: str) -> List[Tuple[float, Optional[str], float]]:
     from .progress import progress_bar
 
-    results: List[Optional[Tuple[float, Optional[str]]]] = [None] * len(jobs)
+    results: List[Optional[Tuple[float, Optional[str], float]]] = [None] * len(jobs)
     pending = list(range(len(jobs)))
     for attempt in range(2):  # a crashed worker pool is retried once with the unfinished jobs
         if not pending:
@@ -211,7 +220,7 @@ def _run_jobs(jobs, workers: int, progress_label: str) -> List[Tuple[float, Opti
                 RuntimeWarning,
             )
             workers = 1
-    return [(float(r[0]), r[1]) for r in results]  # type: ignore[index]
+    return [(float(r[0]), r[1], float(r[2])) for r in results]  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------- caching
@@ -339,9 +348,9 @@ def contribution_analysis(
         jobs.append((q, scheme, data, settings))
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
     results = _run_jobs(jobs, workers, "contribution analysis")
-    accs = [a for a, _ in results]
-    collapsed = [{"what": _config_name(kind, arg), "collapse": why}
-                 for (kind, arg), (_, why) in zip(configs, results) if why is not None]
+    accs = [r[0] for r in results]
+    collapsed = [{"what": _config_name(kind, arg), "collapse": r[1]} for (kind, arg), r in zip(configs, results)
+                 if r[1] is not None]
     baseline = accs[0]
     bias_gain: Dict[int, float] = {}
     weight_gain: Dict[str, Dict[float, float]] = {name: {} for name in layers[:-1]}
@@ -592,14 +601,13 @@ def search(
     if lr == "auto":
         from .engine import compile as compile_plan
 
-        # The stable band moves with the scheme (on the demo model the classifier alone collapses
-        # from 0.03, the last 4 layers not below 0.2): the rate must suit the smallest and the
-        # largest scheme the comparison fine-tunes, so both are tested and the lower rate is used.
-        choices = []
-        for b in {id(b): b for b in (baselines[0], baselines[-1])}.values():
-            plan = compile_plan(q, b["scheme"], budget=None, reorder=reorder, **compile_kwargs)
-            choices.append(choose_lr(plan, data[0], data[1], seed=seed))
-        lr_choice = min(choices, key=lambda c: c.lr)
+        # One rate for the contribution analysis (its gains compare fine-tunes with each other):
+        # the one chosen for the largest baseline, the most layers trained. The final comparison
+        # then gives every scheme its own range test (the stable band moves with the scheme: on
+        # the demo model the classifier alone collapses from 0.01, the last 4 layers not below
+        # 0.2), so each competes at its own rate and the winner's rate is returned with it.
+        plan = compile_plan(q, baselines[-1]["scheme"], budget=None, reorder=reorder, **compile_kwargs)
+        lr_choice = choose_lr(plan, data[0], data[1], seed=seed)
         lr = lr_choice.lr
     settings = FineTuneSettings(epochs=epochs, batch_size=batch_size, lr=float(lr), val_fraction=val_fraction)
     contrib = contribution_analysis(q, X, Y, ratios, settings, seed, workers, cache_dir, axis)
@@ -609,26 +617,36 @@ def search(
     # overlap in what they can fix), so the best few by summed contribution are fine-tuned for
     # real, on the same split, together with the simple baselines that fit, and the most accurate
     # one wins: the search never returns less than what a fixed scheme would have given.
+    final = settings if lr_choice is None else FineTuneSettings(epochs, batch_size, "auto", val_fraction)
     candidates = ranked[: max(1, verify)]
-    jobs = [(q, evaluator.scheme(g), data, settings) for g in candidates]
-    jobs += [(q, b["scheme"], data, settings) for b in baselines]
+    jobs = [(q, evaluator.scheme(g), data, final) for g in candidates]
+    jobs += [(q, b["scheme"], data, final) for b in baselines]
     results = _run_jobs(jobs, n_workers, "verifying best schemes and baselines")
     verified = [
         {"scheme": evaluator.scheme(g), "peak_bytes": evaluator.peak(g), "score": evaluator.score(g), "accuracy": a,
-         "update_bytes": evaluator.update_bytes(g), "collapse": why}
-        for g, (a, why) in zip(candidates, results)
+         "update_bytes": evaluator.update_bytes(g), "collapse": why, "lr": rate}
+        for g, (a, why, rate) in zip(candidates, results)
     ]
-    for b, (a, why) in zip(baselines, results[len(candidates):]):
-        b["accuracy"], b["collapse"] = a, why
+    for b, (a, why, rate) in zip(baselines, results[len(candidates):]):
+        b["accuracy"], b["collapse"], b["lr"] = a, why, rate
     collapsed = [dict(c, lr=settings.lr, stage="contribution analysis") for c in contrib.collapsed]
-    collapsed += [{"what": f"searched scheme #{i + 1}", "collapse": v["collapse"], "lr": settings.lr, "stage": "verification"}
+    collapsed += [{"what": f"searched scheme #{i + 1}", "collapse": v["collapse"], "lr": v["lr"], "stage": "verification"}
                   for i, v in enumerate(verified) if v["collapse"] is not None]
-    collapsed += [{"what": f"baseline {b['name']}", "collapse": b["collapse"], "lr": settings.lr, "stage": "verification"}
+    collapsed += [{"what": f"baseline {b['name']}", "collapse": b["collapse"], "lr": b["lr"], "stage": "verification"}
                   for b in baselines if b["collapse"] is not None]
-    if collapsed:
-        warnings.warn(f"{len(collapsed)} fine-tune(s) of the search collapsed at lr={settings.lr:g} (e.g. "
-                      f"{collapsed[0]['what']}: {collapsed[0]['collapse']}); they are out of the comparison. "
-                      f"{collapse_fix(settings.lr)}", RuntimeWarning, stacklevel=2)
+    final_collapsed = [c for c in collapsed if c["stage"] == "verification"]
+    if final_collapsed:
+        c = final_collapsed[0]
+        warnings.warn(f"{len(final_collapsed)} fine-tune(s) of the search's final comparison collapsed (e.g. {c['what']} "
+                      f"at lr={c['lr']:g}: {c['collapse']}); they are out of the comparison. {collapse_fix(c['lr'])}",
+                      RuntimeWarning, stacklevel=2)
+    elif collapsed:
+        # at the analysis's one shared rate a small update (the classifier alone) can collapse where
+        # larger ones learn: that is measured as such (a low gain); the final comparison gives every
+        # scheme its own rate
+        warnings.warn(f"{len(collapsed)} of the contribution analysis's fine-tunes collapsed at its shared rate "
+                      f"lr={settings.lr:g} (e.g. {collapsed[0]['what']}: {collapsed[0]['collapse']}); they count as "
+                      "measured, the final comparison trained every scheme at its own rate", RuntimeWarning, stacklevel=2)
 
     def key(acc: float, why) -> float:
         return -1.0 if why is not None or acc != acc else acc
@@ -636,8 +654,8 @@ def search(
     ok_verified = [i for i, v in enumerate(verified) if v["collapse"] is None]
     ok_baselines = [b for b in baselines if b["collapse"] is None]
     if not ok_verified and not ok_baselines:
-        raise ValueError(f"every scheme the search fine-tuned collapsed at lr={settings.lr:g} "
-                         f"({verified[0]['collapse']}): no scheme is worth returning. {collapse_fix(settings.lr)}")
+        raise ValueError(f"every scheme the search fine-tuned collapsed (lr={verified[0]['lr']:g}: "
+                         f"{verified[0]['collapse']}): no scheme is worth returning. {collapse_fix(verified[0]['lr'])}")
     best_i = max(range(len(candidates)), key=lambda i: (key(verified[i]["accuracy"], verified[i]["collapse"]), -i))
     searched_acc = key(verified[best_i]["accuracy"], verified[best_i]["collapse"])
     best_b = max(baselines, key=lambda b: (key(b["accuracy"], b["collapse"]), -b["peak_bytes"]))
@@ -645,9 +663,11 @@ def search(
     if searched_acc >= baseline_acc:
         scheme, peak, score = evaluator.scheme(candidates[best_i]), evaluator.peak(candidates[best_i]), evaluator.score(candidates[best_i])
         size, winner, acc, margin = evaluator.update_bytes(candidates[best_i]), "searched", searched_acc, searched_acc - baseline_acc
+        rate = verified[best_i]["lr"]
     else:
         scheme, peak, score = best_b["scheme"], best_b["peak_bytes"], _baseline_score(evaluator, best_b["scheme"])
         size, winner, acc, margin = best_b["update_bytes"], best_b["name"], baseline_acc, baseline_acc - searched_acc
+        rate = best_b["lr"]
     costs = _single_update_costs(evaluator, minimum)
     return SearchResult(
         scheme=scheme,
@@ -663,7 +683,7 @@ def search(
         winner=winner,
         margin_points=100.0 * margin if min(searched_acc, baseline_acc) >= 0 else float("nan"),
         accuracy=acc,
-        lr=settings.lr,
+        lr=rate,
         lr_choice=lr_choice,
         collapsed=collapsed,
     )
