@@ -76,6 +76,15 @@ int32_t tt_step(tt_trainer *t, const int8_t *input, size_t input_len, uint32_t l
  * refused before any weight moves; docs/reliability.md). Not checkpointed. */
 int32_t tt_skipped_steps(const tt_trainer *t, uint32_t *out);
 
+/* The learning rate of the next steps: the plan's until tt_set_lr changes it. */
+int32_t tt_lr(const tt_trainer *t, float *out);
+
+/* Sets the learning rate of the next steps, keeping the weights (e.g. a rate chosen on the host,
+ * or a lower one after training collapsed). A NaN or inf rate gives TT_ERR_NON_FINITE, a negative
+ * one TT_ERR_INVALID; the rate is then unchanged. Not checkpointed: after tt_init the plan's
+ * rate applies again. */
+int32_t tt_set_lr(tt_trainer *t, float lr);
+
 /* Forward pass only; *class_out gets the arg-max class. */
 int32_t tt_predict(tt_trainer *t, const int8_t *input, size_t input_len, uint32_t *class_out);
 

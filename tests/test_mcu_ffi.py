@@ -44,7 +44,7 @@ def lib():
 def test_every_declared_function_and_constant_resolves(lib):
     ffi, L = lib
     decls = re.findall(r"\b(tt_\w+)\s*\(", _cdef_source())
-    assert len(set(decls)) == 14
+    assert len(set(decls)) == 16
     for name in set(decls):
         getattr(L, name)  # raises if the library does not export it
     assert L.TT_OK == 0 and L.TT_ERR_UPDATE_PLAN == -14 and L.TT_NO_CHECKPOINT == 1
@@ -134,6 +134,12 @@ def test_c_abi_trains_like_the_python_trainer(lib):
     tr = tt.Trainer(plan)
     xq = tr._inputs(x[:12])
     want = [tr.step(x[i], y[i]) for i in range(12)]
+    # after 6 steps both switch to a rate chosen elsewhere: the device through tt_set_lr
+    rate = 0.0123
+    other = tt.Trainer(plan)
+    want_set = [other.step(x[i], y[i]) for i in range(6)]
+    other.lr = rate
+    want_set += [other.step(x[i], y[i]) for i in range(6, 12)]
 
     need = ffi.new("size_t *")
     assert L.tt_arena_bytes(plan.plan_bytes, len(plan.plan_bytes), need) == L.TT_OK
@@ -156,6 +162,22 @@ def test_c_abi_trains_like_the_python_trainer(lib):
         assert L.tt_step(t, ffi.from_buffer("int8_t[]", xq[i]), n[0], int(y[i]), loss) == L.TT_OK
         got.append(loss[0])
     assert np.array_equal(np.float32(got), np.float32(want)), "C ABI and Python Trainer differ"
+    t2 = ffi.new("tt_trainer *")
+    arena2 = ffi.new("uint32_t[]", (need[0] + 3) // 4)
+    assert L.tt_init(t2, plan.plan_bytes, len(plan.plan_bytes), pp, len(plan.params),
+                     ffi.cast("uint8_t *", arena2), need[0]) == L.TT_OK
+    rate_now = ffi.new("float *")
+    assert L.tt_lr(t2, rate_now) == L.TT_OK and rate_now[0] == np.float32(plan.lr)
+    got = []
+    for i in range(12):
+        if i == 6:
+            assert L.tt_set_lr(t2, float("nan")) == L.TT_ERR_NON_FINITE
+            assert L.tt_set_lr(t2, rate) == L.TT_OK
+            assert L.tt_lr(t2, rate_now) == L.TT_OK and rate_now[0] == np.float32(rate)
+        assert L.tt_step(t2, ffi.from_buffer("int8_t[]", xq[i]), n[0], int(y[i]), loss) == L.TT_OK
+        got.append(loss[0])
+    assert np.array_equal(np.float32(got), np.float32(want_set)), "tt_set_lr and Trainer.lr differ"
+    assert got[6:] != want[6:], "the rate set at run time changed nothing"
     c = ffi.new("uint32_t *")
     assert L.tt_skipped_steps(t, c) == L.TT_OK and c[0] == tr.skipped_steps == 0
     for i in range(4):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import tinytrain as tt
+from tinytrain.mcu import export_mcu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = (os.path.exists("/usr/bin/cargo") and os.path.isdir("/usr/lib/rustlib/src/rust/library")
@@ -38,13 +39,16 @@ def device(tmp_path_factory):
     if not isinstance(q, tt.QuantizedModel):
         q = tt.quantize(q, x[:64])
     plan = tt.compile(q, tt.schemes.last_layers(q, 2))
+    # the rate chosen on the host (not the plan's stored one): the firmware sets it from lr.bin
+    lr = tt.choose_lr(plan, x, y).lr
+    assert lr != plan.lr
     bundle = tmp / "bundle"
-    m = plan.export_mcu(str(bundle), x[:N], y[:N], xt[:N], yt[:N])
-    assert m["train_samples"] == N and m["arena_bytes"] == plan.memory.peak_bytes
+    m = export_mcu(plan, str(bundle), x[:N], y[:N], xt[:N], yt[:N], lr=lr)
+    assert m["train_samples"] == N and m["arena_bytes"] == plan.memory.peak_bytes and m["lr"] == lr
     assert sorted(os.listdir(bundle)) == sorted(["manifest.json", "params.bin", "plan.bin", "test_x.bin",
-                                                 "test_y.bin", "train_x.bin", "train_y.bin"])
+                                                 "test_y.bin", "train_x.bin", "train_y.bin", "lr.bin"])
 
-    tr = tt.Trainer(plan)
+    tr = tt.Trainer(plan, lr=lr)
     before = int((tr.predict(xt[:N]) == yt[:N]).sum())
     losses = [tr.step(x[i], y[i]) for _ in range(EPOCHS) for i in range(N)]
     after = int((tr.predict(xt[:N]) == yt[:N]).sum())

@@ -87,9 +87,10 @@ def test_diverging_learning_rate_is_reported(model):
     plan = tt.compile(model, tt.schemes.full(model), loss="mse")
     x, y = _data(model, 64, seed=3)
     tr = tt.Trainer(plan, lr=1e30)
-    with pytest.warns(RuntimeWarning, match=r"training diverged in epoch 1: the loss rose from .* lower the learning rate"):
+    with pytest.warns(RuntimeWarning, match=r"training collapsed in epoch 1 \(lr=1e\+30\): .*the loss grew from .* "
+                                            r"lower it"):
         hist = tr.fit(x, y, epochs=2, batch_size=8, verbose=False)
-    assert hist["diverged"] is True
+    assert hist["diverged"] is True and hist["collapsed"] is True
 
 
 def test_sane_learning_rate_is_not_reported(model):
@@ -108,8 +109,12 @@ def test_cli_train_reports_divergence(model, tmp_path, capsys):
 
     x, y = _data(model, 64, seed=3)
     np.savez(tmp_path / "train.npz", x=x, y=y)
-    with pytest.warns(RuntimeWarning, match="training diverged"):
-        rc = cli.main(["train", str(AUTOENCODER), "--data", str(tmp_path / "train.npz"), "--loss", "mse",
-                       "--scheme", "full", "--lr", "1e30", "--epochs", "1", "-o", str(tmp_path / "t.onnx")])
-    assert rc == 0
+    args = ["train", str(AUTOENCODER), "--data", str(tmp_path / "train.npz"), "--loss", "mse",
+            "--scheme", "full", "--lr", "1e30", "--epochs", "1", "-o", str(tmp_path / "t.onnx")]
+    with pytest.warns(RuntimeWarning, match="training collapsed"):
+        rc = cli.main(args)
+    assert rc == 3 and not (tmp_path / "t.onnx").exists()
+    assert "training collapsed at lr=1e+30: the loss grew" in capsys.readouterr().err
+    with pytest.warns(RuntimeWarning, match="training collapsed"):
+        assert cli.main(args + ["--keep-going"]) == 0
     assert "the loss diverged: lower the learning rate" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from .schemes import Scheme
 from .plan import MemoryReport, Plan
 from .engine import compile
 from .trainer import Trainer
+from .lr import LrCandidate, LrChoice, choose_lr
 from .sparse_search import SearchResult, search
 from .errors import UpdateError
 from .errors import DataError, DataWarning, NonFiniteDataError
@@ -25,7 +26,7 @@ __all__ = ["Graph", "Node", "Tensor", "__version__"]
 __all__ += ["TinytrainError", "ModelFormatError", "UnsupportedOperatorError", "QuantizationError", "models"]
 __all__ += ["QuantizedModel", "load_onnx", "quantize", "datasets", "reference"]
 __all__ += ["Scheme", "schemes", "compile", "Plan", "MemoryReport", "Trainer", "MemoryBudgetError", "PlanError"]
-__all__ += ["search", "SearchResult"]
+__all__ += ["search", "SearchResult", "choose_lr", "LrChoice", "LrCandidate"]
 __all__ += ["load_tflite"]
 __all__ += ["Update", "read_update", "UpdateError"]
 __all__ += ["DataError", "NonFiniteDataError", "DataWarning"]

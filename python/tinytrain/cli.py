@@ -12,7 +12,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.run(json_output=args.json, out_dir=args.out, budget=args.budget, epochs=args.epochs,
-                    workers=args.workers, peers=not args.no_peers)
+                    workers=args.workers, peers=not args.no_peers, lr=args.lr)
 
 
 def _print_json(obj) -> None:
@@ -76,6 +76,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collapse_exit(what: str, keep_going: bool) -> int:
+    """Exit status after a collapse: 3 (nothing written), or 0 with ``--keep-going``."""
+    if keep_going:
+        print(f"warning: {what}; kept going (--keep-going)", file=sys.stderr)
+        return 0
+    print(f"tinytrain: {what}; nothing written (--keep-going writes it anyway)", file=sys.stderr)
+    return 3
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from .fileio import load_data, load_model
     from .sparse_search import search
@@ -87,16 +96,32 @@ def _cmd_search(args: argparse.Namespace) -> int:
                     generations=args.generations, seed=args.seed, workers=args.workers, epochs=args.epochs, lr=args.lr)
     from .fileio import write_atomic
 
+    final = [c for c in result.collapsed if c["stage"] == "verification"]
+    if final:
+        first = final[0]
+        rc = _collapse_exit(f"{len(final)} fine-tune(s) of the search's final comparison collapsed (e.g. {first['what']} at "
+                            f"lr={first['lr']:g}: {first['collapse']}); lower --lr or use --lr auto", args.keep_going)
+        if rc:
+            return rc
     write_atomic(args.output, result.scheme.to_json())
     if args.plot:
         result.plot(args.plot)
     summary = {"scheme": args.output, "peak_bytes": result.peak_bytes, "budget_bytes": result.budget_bytes,
-               "score": result.score, "pareto": result.pareto, "contributions": result.contributions}
+               "score": result.score, "pareto": result.pareto, "contributions": result.contributions,
+               "lr": result.lr, "lr_choice": result.lr_choice.to_dict() if result.lr_choice else None,
+               "winner": result.winner, "margin_points": result.margin_points, "accuracy": result.accuracy,
+               "baselines": [{k: v for k, v in b.items() if k != "scheme"} for b in result.baselines],
+               "collapsed": result.collapsed}
     if args.json:
         _print_json(summary)
     else:
-        print(f"wrote {args.output}: peak {result.peak_bytes / 1024:.1f} KB of {result.budget_bytes / 1024:.0f} KB, "
-              f"summed contribution {result.score:+.2f} points")
+        if result.lr_choice is not None:
+            print(result.lr_choice.summary())
+        print(result.baseline_table())
+        print(f"wrote {args.output}: {result.winner} scheme, held-out accuracy {100 * result.accuracy:.1f} % "
+              f"({result.margin_points:+.1f} points over the best "
+              f"{'baseline' if result.winner == 'searched' else 'searched scheme'}), "
+              f"peak {result.peak_bytes / 1024:.1f} KB of {result.budget_bytes / 1024:.0f} KB; train it at lr={result.lr:.3g}")
     return 0
 
 
@@ -107,9 +132,27 @@ def _cmd_memory(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from .engine import cli_compile
+    from .engine import _cli_plan, cli_compile
+    from .lr import FALLBACK_LR, choose_lr
 
-    return cli_compile(args)
+    note = None
+    if args.lr == "auto" and args.data:
+        from .fileio import load_data
+
+        x, y = load_data(args.data)
+        if args.calib is None:
+            args.calib = args.data
+        _, plan = _cli_plan(args, budget_check=True)
+        choice = choose_lr(plan, x, y, seed=args.seed)
+        args.lr = choice.lr
+        note = choice.summary()
+    elif args.lr == "auto":
+        note = (f"lr: no --data to choose a rate from: the plan stores {FALLBACK_LR:g} (a Trainer chooses from its "
+                "data; the device's rate can be set at run time, tt_set_lr)")
+    rc = cli_compile(args)
+    if note and not args.json:
+        print(note)
+    return rc
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -123,13 +166,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     q, plan = _cli_plan(args, budget_check=True)
     trainer = Trainer(plan, lr=args.lr, momentum=args.momentum)
     history = trainer.fit(x, y, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, verbose=not args.json)
+    if history["collapsed"]:
+        rc = _collapse_exit(f"training collapsed at lr={trainer.lr:g}: {history['collapse']}; lower --lr "
+                            "(or --lr auto)", args.keep_going)
+        if rc:
+            return rc
     trainer.model.to_onnx(args.output)
     if args.plot:
         from .plots import loss_curve_plot
 
         loss_curve_plot(history, args.plot)
     summary = {"model": args.model, "output": args.output, "samples": int(len(x)), "epochs": args.epochs,
-               "history": history, "skipped_steps": trainer.skipped_steps, "peak_bytes": plan.memory.peak_bytes,
+               "history": history, "lr": trainer.lr, "skipped_steps": trainer.skipped_steps, "peak_bytes": plan.memory.peak_bytes,
                "measured_high_water_bytes": trainer.high_water_bytes}
     if args.json:
         _print_json(summary)
@@ -139,7 +187,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"(peak SRAM {plan.memory.peak_bytes / 1024:.1f} KB): "
               + ", ".join(f"{k} {v:.4g}" for k, v in last.items())
               + (f"; {trainer.skipped_steps} non-finite step(s) skipped" if trainer.skipped_steps else "")
-              + ("; the loss diverged: lower the learning rate" if history.get("diverged") else ""))
+              + ("; the loss diverged: lower the learning rate" if history.get("diverged") else "")
+              + (f"; COLLAPSED: {history['collapse']}" if history["collapsed"] else ""))
         print(f"wrote {args.output}: the trained int8 model (QDQ ONNX)")
     return 0
 
@@ -165,6 +214,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       args.json, args.plot)
 
 
+def _lr_option(p: argparse.ArgumentParser, extra: str = "") -> None:
+    from .lr import parse_lr
+
+    p.add_argument("--lr", type=parse_lr, default="auto", metavar="auto|FLOAT",
+                   help="learning rate; auto (default): a short range test on the data chooses it" + extra)
+
+
+def _keep_going_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-going", action="store_true",
+                   help="when training collapses (constant prediction, saturated logits, ...), still write the "
+                        "result and exit 0 (default: exit 3, nothing written)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinytrain", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -177,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--workers", type=int, default=None, help="parallel fine-tunes in the search (default: all cores)")
     p.add_argument("--no-peers", action="store_true", help="skip the PyTorch comparison")
+    _lr_option(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="memory and time of a training step vs PyTorch (and other peers)")
@@ -213,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=int, default=40)
     p.add_argument("--generations", type=int, default=30)
     p.add_argument("--epochs", type=int, default=2, help="epochs of each contribution fine-tune")
-    p.add_argument("--lr", type=float, default=0.05)
+    _lr_option(p)
+    _keep_going_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="parallel fine-tunes (default: all cores)")
     p.add_argument("--plot", help="write the search plot (PNG) here")
@@ -229,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile training under a scheme and budget into a plan file")
     add_cli_options(p)
     p.add_argument("-o", "--output", required=True, help="plan file to write (.ttp)")
+    _lr_option(p, " (the rate the firmware trains with); auto needs --data to choose one")
+    p.add_argument("--data", help=".npz with X and Y: the range test of --lr auto runs on it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the range test")
     p.set_defaults(func=_cmd_compile)
 
     p = sub.add_parser("train", help="train a model through its compiled plan on .npz data; writes the trained model")
@@ -237,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="trained int8 model to write (QDQ ONNX)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.05)
+    _lr_option(p)
+    _keep_going_option(p)
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", help="write the loss curve (PNG) here")

@@ -16,7 +16,7 @@ from .units import format_bytes, parse_bytes
 
 
 def run(json_output: bool = False, out_dir: str = "tinytrain-demo", budget: str = "256KB", epochs: int = 4,
-        seed: int = 0, workers: Optional[int] = None, peers: bool = True) -> int:
+        seed: int = 0, workers: Optional[int] = None, peers: bool = True, lr="auto") -> int:
     import tinytrain as tt
 
     from .peers.runner import torch_step
@@ -52,9 +52,13 @@ def run(json_output: bool = False, out_dir: str = "tinytrain-demo", budget: str 
     # Contribution analysis on part of the device's data keeps the demo short; the
     # fine-tunes are the same int8 training the device runs.
     result = tt.search(q, x_tr[:320], y_tr[:320], budget=budget_bytes, population=24, generations=12,
-                       seed=seed, workers=workers, epochs=1)
+                       seed=seed, workers=workers, epochs=1, lr=lr)
     lap("search")
-    say(f"  searched scheme: peak {format_bytes(result.peak_bytes)}, summed contribution {result.score:+.1f} points")
+    if result.lr_choice is not None:
+        say(f"  search: {result.lr_choice.summary()}")
+    say(f"  searched scheme: {result.winner}, peak {format_bytes(result.peak_bytes)}, held-out accuracy "
+        f"{100 * result.accuracy:.1f} % ({result.margin_points:+.1f} points over the best "
+        f"{'baseline' if result.winner == 'searched' else 'searched scheme'})")
 
     plan = tt.compile(q, result.scheme, budget=budget_bytes)
     os.makedirs(out_dir, exist_ok=True)
@@ -62,9 +66,11 @@ def run(json_output: bool = False, out_dir: str = "tinytrain-demo", budget: str 
     plan.save(plan_path)
     lap("compile")
 
-    trainer = tt.Trainer(plan, lr=0.05)
+    trainer = tt.Trainer(plan, lr=lr)
     history = trainer.fit(x_tr, y_tr, epochs=epochs, batch_size=1, seed=seed, validation=(x_te, y_te),
                           verbose=not json_output)
+    if trainer.lr_choice is not None:
+        say(f"  training: {trainer.lr_choice.summary()}")
     acc_after = trainer.evaluate(x_te, y_te)
     src_after = trainer.evaluate(xs_te, ys_te)
     high_water = trainer.high_water_bytes
@@ -104,6 +110,13 @@ def run(json_output: bool = False, out_dir: str = "tinytrain-demo", budget: str 
         "scheme": result.scheme.to_dict(),
         "layers": len(q.layers),
         "search_score": result.score,
+        "search_winner": result.winner,
+        "search_margin_points": result.margin_points,
+        "search_baselines": [{k: v for k, v in b.items() if k != "scheme"} for b in result.baselines],
+        "lr": trainer.lr,
+        "lr_range_test_seconds": trainer.lr_choice.seconds if trainer.lr_choice is not None else 0.0,
+        "search_lr": result.lr,
+        "collapsed": history["collapsed"],
         "peak_bytes": plan.memory.peak_bytes,
         "measured_high_water_bytes": high_water,
         "budget_bytes": budget_bytes,
@@ -121,7 +134,7 @@ def run(json_output: bool = False, out_dir: str = "tinytrain-demo", budget: str 
         print(json.dumps(report, default=float))
     else:
         _print_summary(report)
-    return 0
+    return 3 if history["collapsed"] else 0  # a collapsed run is not a result (the warning said why)
 
 
 def _describe(scheme: Dict[str, object], n_layers: int) -> str:
@@ -143,6 +156,8 @@ def _print_summary(r: Dict[str, object]) -> None:
         ("accuracy on new digits, after", f"{100 * r['accuracy_after']:.1f} %"),
         ("accuracy on pretraining digits, after", f"{100 * r['pretraining_digits_accuracy_after']:.1f} %"),
         ("searched scheme", _describe(r["scheme"], r["layers"])),
+        ("learning rate (training)", f"{r['lr']:.3g}" + (f", range test {r['lr_range_test_seconds']:.1f} s"
+                                                         if r["lr_range_test_seconds"] else "")),
         ("peak SRAM of a training step (plan)", format_bytes(r["peak_bytes"])),
         ("arena high-water mark (measured)", format_bytes(r["measured_high_water_bytes"])),
         ("budget", f"{format_bytes(r['budget_bytes'])} ({'fits' if r['fits'] else 'DOES NOT FIT'})"),

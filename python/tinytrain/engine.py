@@ -39,7 +39,7 @@ def _quantized(model):
 
 
 def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder: bool = True,
-            update_precision: str = "stochastic", loss: str = "auto", lr: float = 0.05,
+            update_precision: str = "stochastic", loss: str = "auto", lr: Union[float, str] = "auto",
             momentum: float = 0.0, seed: int = 0, patch="auto", in_place=None,
             stream_input: bool = False, accumulate: bool = False, optimize: str = "memory") -> Plan:
     """Compile training of `model` under `scheme` into a `Plan`.
@@ -55,6 +55,9 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
       (default) picks it from the model's head (`tinytrain.datacheck.choose_loss`: cross-entropy
       for a classifier, MSE for one output or an output shaped as the input); ``plan.loss`` says.
     - ``lr``, ``momentum``: the plan's SGD defaults (the MCU uses them; `Trainer` may override).
+      ``lr="auto"`` (default): compiling has no data to choose a rate from, so the plan stores the
+      conservative `tinytrain.lr.FALLBACK_LR` and is marked so that `Trainer` chooses the rate
+      on its data (`tt.choose_lr`); compile again with ``lr=choice.lr`` to ship a chosen rate.
       ``momentum > 0`` allocates momentum buffers (+4 bytes per trained parameter).
     - ``seed``: the stochastic-rounding generator's seed.
     - ``patch``, ``in_place``: execution layout. By default the planner tries every layout and
@@ -92,9 +95,11 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         raise TypeError(f"scheme must be a tt.Scheme (see tt.schemes), got {type(scheme).__name__}")
     # "auto" is resolved here, from the model; tt-core parses and checks every other name.
     loss, _ = datacheck.choose_loss(q, loss)
-    lr = datacheck.check_lr(lr)
-    if not (np.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    from .lr import FALLBACK_LR, parse_lr
+
+    lr = parse_lr(lr)
+    lr_source = "auto" if lr == "auto" else "given"
+    lr = FALLBACK_LR if lr == "auto" else datacheck.check_lr(lr)
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     budget_bytes = None if budget is None else parse_bytes(budget)
@@ -120,6 +125,7 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
         "output": {"shape": list(q.tensors[q.output].shape)},
         "scheme": scheme.to_dict(),
         "layer_shapes": {n.name: list(np.asarray(n.params["weight_q"]).shape) for n in q.nodes if n.trainable},
+        "lr_source": lr_source,
     }
     layout = None
     if not (isinstance(patch, str) and patch == "auto" and in_place is None):
@@ -210,7 +216,7 @@ def _cli_plan(args, budget_check: bool) -> Tuple[object, Plan]:
     q = load_model(args.model, args.calib)
     args.loss = datacheck.cli_loss(q, args.loss)
     kw = dict(reorder=not args.no_reorder, update_precision=args.precision, loss=args.loss,
-              stream_input=args.stream_input)
+              stream_input=args.stream_input, lr=getattr(args, "lr", "auto"))
     s = scheme_from_arg(q, args.scheme, args.budget, **kw)
     if s.why:
         datacheck.say(f"scheme {args.scheme} chose {s.why}")

@@ -1014,7 +1014,9 @@ def demo_setup(scheme: str = "searched", budget: str = "256KB", seed: int = 0, w
                       epochs=1, max_update_bytes=update_limit(update_budget, q.weight_bytes())).scheme
     else:
         s = scheme_from_arg(q, scheme)
-    return tt.compile(q, s, budget=budget), (x, y), test
+    # the devices' rate (the plan's, what the firmware uses): chosen on their data, not guessed
+    lr = tt.choose_lr(tt.compile(q, s, budget=budget), x, y, seed=seed).lr
+    return tt.compile(q, s, budget=budget, lr=lr), (x, y), test
 
 
 def plan_tag(plan: Plan) -> int:

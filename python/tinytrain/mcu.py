@@ -11,7 +11,10 @@ writes, as one folder swapped in whole (nothing to hand-edit):
     train_y.bin   one uint8 class label per sample
     test_x.bin    held-out samples, same layout (optional: empty when not given)
     test_y.bin    their labels
-    manifest.json arena bytes, input shape and quantization, file sizes, CRC-32s
+    lr.bin        the learning rate the firmware trains with: one float32, little-endian (the
+                  plan's: `tt.compile(..., lr=)`, or the rate `tinytrain compile --lr auto --data`
+                  chose; the device can change it at run time, `Trainer::set_lr` / `tt_set_lr`)
+    manifest.json arena bytes, input shape and quantization, learning rate, file sizes, CRC-32s
 
 The firmware examples (crates/tt-mcu/examples/*) build against such a folder with
 ``TT_MCU_BUNDLE=OUT_DIR``; their build script runs the same plan on the host and the firmware
@@ -30,7 +33,7 @@ from .outputs import check_folder, write_folder_atomic
 from .plan import Plan
 from .trainer import Trainer
 
-FILES = ("plan.bin", "params.bin", "train_x.bin", "train_y.bin", "test_x.bin", "test_y.bin")
+FILES = ("plan.bin", "params.bin", "train_x.bin", "train_y.bin", "test_x.bin", "test_y.bin", "lr.bin")
 BUNDLE_FILES = FILES + ("manifest.json",)
 
 
@@ -48,16 +51,25 @@ def _samples(tr: Trainer, x, y, what: str):
     return xq.astype(np.int8).tobytes(), labels.astype(np.uint8).tobytes(), len(labels)
 
 
-def export_mcu(plan: Plan, out_dir: str, x=None, y=None, x_test=None, y_test=None) -> Dict[str, object]:
+def export_mcu(plan: Plan, out_dir: str, x=None, y=None, x_test=None, y_test=None,
+               lr: Optional[float] = None) -> Dict[str, object]:
     """Write the firmware bundle of ``plan`` (and optional training / test samples, float32 NCHW
-    or already-quantized int8) into ``out_dir``; returns the manifest."""
+    or already-quantized int8) into ``out_dir``; returns the manifest. ``lr``: the rate the
+    firmware trains with (``lr.bin``; default the plan's own), e.g. ``trainer.lr`` after a
+    `Trainer` chose one."""
     check_folder(out_dir, "bundle folder", allowed=BUNDLE_FILES)
+    from .lr import parse_lr
+
+    lr = plan.lr if lr is None else parse_lr(lr)
+    if lr == "auto":
+        raise ValueError("export_mcu needs a rate (a number): choose one with tt.choose_lr or a Trainer's fit")
     if plan.loss != "cross_entropy" and (y is not None or y_test is not None):
         raise ValueError("sample labels are class indices: export samples only for a cross-entropy plan")
-    tr = Trainer(plan)
+    tr = Trainer(plan, lr=None)
     train_x, train_y, n_train = _samples(tr, x, y, "training samples")
     test_x, test_y, n_test = _samples(tr, x_test, y_test, "test samples")
-    data = dict(zip(FILES, (plan.plan_bytes, plan.params, train_x, train_y, test_x, test_y)))
+    rate = np.asarray([lr], dtype="<f4")
+    data = dict(zip(FILES, (plan.plan_bytes, plan.params, train_x, train_y, test_x, test_y, rate.tobytes())))
     inp = plan.meta.get("input", {})
     macs = None
     if plan.model is not None:
@@ -73,6 +85,7 @@ def export_mcu(plan: Plan, out_dir: str, x=None, y=None, x_test=None, y_test=Non
         "input": {"shape": inp.get("shape"), "scale": inp.get("scale"), "zero_point": inp.get("zero_point"),
                   "layout": "HWC int8"},
         "forward_macs": macs,
+        "lr": float(rate[0]),
         "train_samples": n_train,
         "test_samples": n_test,
         "files": {k: {"bytes": len(v), "crc32": zlib.crc32(v)} for k, v in data.items()},
@@ -105,13 +118,13 @@ def cli_export(args) -> int:
     plan = Plan.load(args.source)
     x, y = _load_xy(args.data)
     xt, yt = _load_xy(args.test)
-    m = export_mcu(plan, args.mcu, x, y, xt, yt)
+    m = export_mcu(plan, args.mcu, x, y, xt, yt, lr=args.lr)
     if args.json:
         print(json.dumps(m))
     else:
         print(f"wrote {args.mcu}: plan {m['files']['plan.bin']['bytes']} B + params "
               f"{m['files']['params.bin']['bytes']} B (flash), arena {m['arena_bytes']} B (SRAM), "
-              f"{m['train_samples']} training / {m['test_samples']} test samples")
+              f"{m['train_samples']} training / {m['test_samples']} test samples; the firmware trains at lr={m['lr']:.3g}")
     return 0
 
 
@@ -124,5 +137,7 @@ def add_cli_parser(sub) -> None:
     p.add_argument("--calib", help="calibration data (.npz/.npy) when --onnx is given a float model")
     p.add_argument("--data", help=".npz with X (float32 NCHW or int8) and Y: samples shipped for training")
     p.add_argument("--test", help=".npz with X and Y: held-out samples shipped for accuracy")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate the firmware trains with (default: the plan's, see `tinytrain compile --lr`)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cli_export)

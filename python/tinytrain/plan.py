@@ -195,18 +195,18 @@ class Plan:
         write_atomic(path, self.to_bytes())
 
     def export_mcu(self, out_dir: str, x=None, y=None, x_test=None, y_test=None,
-                   initial_weights: bool = False) -> Dict[str, object]:
+                   initial_weights: bool = False, lr: Optional[float] = None) -> Dict[str, object]:
         """Write what tt-mcu firmware includes (plan, parameters, optional samples, manifest);
         see `tinytrain.mcu`. The plan's own (initial) weights: once a `Trainer` of this plan has
         moved them, this refuses unless ``initial_weights=True``; ``tr.export_mcu`` ships the
-        trained ones."""
+        trained ones. ``lr``: the rate the firmware trains with (default the plan's)."""
         from .datacheck import check_export_is_current
         from .mcu import export_mcu
 
         if not initial_weights:
             check_export_is_current(self)
 
-        return export_mcu(self, out_dir, x, y, x_test, y_test)
+        return export_mcu(self, out_dir, x, y, x_test, y_test, lr=lr)
 
     @classmethod
     def from_bytes(cls, data: bytes, model=None) -> "Plan":

@@ -28,9 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .fileio import write_atomic
+from .trainer import collapse_fix
 from .units import parse_bytes
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: fine-tunes that collapsed are recorded
 DEFAULT_RATIOS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
@@ -38,7 +39,8 @@ DEFAULT_RATIOS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 class FineTuneSettings:
     epochs: int = 2
     batch_size: int = 1
-    lr: float = 0.05
+    #: a rate, or "auto": each fine-tune chooses its own by `tt.choose_lr` on its training split
+    lr: object = 0.05
     val_fraction: float = 0.3
 
     def key(self) -> str:
@@ -56,6 +58,8 @@ class Contributions:
     weight_gain: Dict[str, Dict[float, float]]
     #: Set when the classifier's weights may be partially updated along this axis.
     classifier_axis: Optional[str] = None
+    #: The analysis's fine-tunes that collapsed: {"what", "collapse"}.
+    collapsed: List[Dict[str, object]] = field(default_factory=list)
 
     def rows(self, costs: Dict[str, Dict[str, object]]) -> List[Dict[str, object]]:
         """Per layer, input to output: bias gain (prefix ending here), weight gain per ratio, costs."""
@@ -89,6 +93,39 @@ class SearchResult:
     verified: List[Dict[str, object]] = field(repr=False, default_factory=list)
     #: Bytes of one update of the scheme (`update_bytes`).
     update_bytes: int = 0
+    #: The simple schemes that fit the same budget (classifier only, bias only, last k layers for
+    #: each k that fits), fine-tuned on the same split: name, scheme, peak_bytes, update_bytes,
+    #: accuracy, collapse (None or why). They compete with the verified schemes.
+    baselines: List[Dict[str, object]] = field(repr=False, default_factory=list)
+    #: What won the held-out comparison: "searched" or a baseline's name.
+    winner: str = "searched"
+    #: Held-out accuracy of the winner minus the best of the other side (points; the searched
+    #: scheme against the best baseline, or the winning baseline against the best searched one).
+    margin_points: float = float("nan")
+    #: Held-out accuracy of the returned scheme (NaN when nothing was fine-tuned).
+    accuracy: float = float("nan")
+    #: The rate the returned scheme was fine-tuned at (with ``lr="auto"``: its own range test's
+    #: choice, the rate to train it with), and the range test that set the contribution
+    #: analysis's rate (None: the rate was given).
+    lr: float = float("nan")
+    lr_choice: Optional[object] = field(repr=False, default=None)
+    #: Fine-tunes that collapsed ({what, collapse, lr, stage}; stage "contribution analysis" or
+    #: "verification", the final comparison): a rate too high shows here first.
+    collapsed: List[Dict[str, object]] = field(repr=False, default_factory=list)
+
+    def baseline_table(self) -> str:
+        """The final comparison as text: every baseline and the searched scheme, best first."""
+        rows = [dict(b) for b in self.baselines]
+        rows.append({"name": "searched", "peak_bytes": self.peak_bytes, "update_bytes": self.update_bytes,
+                     "accuracy": max([v["accuracy"] for v in self.verified if v.get("collapse") is None] or [float("nan")]),
+                     "collapse": None if any(v.get("collapse") is None for v in self.verified) else "every candidate"})
+        rows.sort(key=lambda r: -(r["accuracy"] if r["accuracy"] == r["accuracy"] else -1.0))
+        out = [f"{'scheme':<12}{'peak KB':>9}{'update B':>10}{'accuracy':>10}"]
+        for r in rows:
+            mark = " <- winner" if r["name"] == self.winner else ""
+            acc = "collapsed" if r.get("collapse") else f"{100 * r['accuracy']:.1f} %"
+            out.append(f"{r['name']:<12}{r['peak_bytes'] / 1024:>9.1f}{r['update_bytes']:>10}{acc:>10}{mark}")
+        return "\n".join(out)
 
     def plot(self, path: str) -> str:
         """Scatter of every scheme evaluated, the Pareto front and the budget line."""
@@ -131,8 +168,9 @@ def update_bytes(q, scheme) -> int:
     return int(total)
 
 
-def _finetune_accuracy(job) -> float:
-    """One independent fine-tune from the deployed weights; returns held-out accuracy."""
+def _finetune_accuracy(job) -> Tuple[float, Optional[str], float]:
+    """One independent fine-tune from the deployed weights; returns held-out accuracy, why
+    training collapsed (None: it did not) and the rate it trained at."""
     from .engine import compile as compile_plan
     from .trainer import Trainer
 
@@ -140,14 +178,21 @@ def _finetune_accuracy(job) -> float:
     xtr, ytr, xva, yva = data
     plan = compile_plan(q, scheme, budget=None)
     trainer = Trainer(plan, lr=settings.lr, momentum=0.0)
-    trainer.fit(xtr, ytr, epochs=settings.epochs, batch_size=settings.batch_size, verbose=False)
-    return float(trainer.evaluate(xva, yva))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the search reports collapses itself
+        try:
+            hist = trainer.fit(xtr, ytr, epochs=settings.epochs, batch_size=settings.batch_size, verbose=False)
+        except ValueError as exc:
+            if settings.lr != "auto" or not str(exc).startswith("no learning rate trains"):
+                raise
+            return float("nan"), str(exc), float("nan")  # no candidate rate trains it
+    return float(trainer.evaluate(xva, yva)), hist["collapse"], float(trainer.lr)
 
 
-def _run_jobs(jobs, workers: int, progress_label: str) -> List[float]:
+def _run_jobs(jobs, workers: int, progress_label: str) -> List[Tuple[float, Optional[str], float]]:
     from .progress import progress_bar
 
-    results: List[Optional[float]] = [None] * len(jobs)
+    results: List[Optional[Tuple[float, Optional[str], float]]] = [None] * len(jobs)
     pending = list(range(len(jobs)))
     for attempt in range(2):  # a crashed worker pool is retried once with the unfinished jobs
         if not pending:
@@ -176,7 +221,7 @@ def _run_jobs(jobs, workers: int, progress_label: str) -> List[float]:
                 RuntimeWarning,
             )
             workers = 1
-    return [float(r) for r in results]  # type: ignore[arg-type]
+    return [(float(r[0]), r[1], float(r[2])) for r in results]  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------- caching
@@ -282,6 +327,7 @@ def contribution_analysis(
             bias_gain={int(k): v for k, v in cached["bias_gain"].items()},
             weight_gain={n: {float(r): g for r, g in d.items()} for n, d in cached["weight_gain"].items()},
             classifier_axis=classifier_axis,
+            collapsed=list(cached["collapsed"]),
         )
 
     data = _split(np.asarray(X, dtype=np.float32), np.asarray(Y), settings.val_fraction, seed)
@@ -303,7 +349,10 @@ def contribution_analysis(
             scheme = _scheme(layers, 0, {name: r}, {layers[-1]: classifier_axis} if name == layers[-1] else None)
         jobs.append((q, scheme, data, settings))
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    accs = _run_jobs(jobs, workers, "contribution analysis")
+    results = _run_jobs(jobs, workers, "contribution analysis")
+    accs = [r[0] for r in results]
+    collapsed = [{"what": _config_name(kind, arg), "collapse": r[1]} for (kind, arg), r in zip(configs, results)
+                 if r[1] is not None]
     baseline = accs[0]
     bias_gain: Dict[int, float] = {}
     weight_gain: Dict[str, Dict[float, float]] = {name: {} for name in layers[:-1]}
@@ -322,9 +371,18 @@ def contribution_analysis(
             "baseline": baseline,
             "bias_gain": {str(k): v for k, v in bias_gain.items()},
             "weight_gain": {n: {repr(r): g for r, g in d.items()} for n, d in weight_gain.items()},
+            "collapsed": collapsed,
         },
     )
-    return Contributions(layers, ratios, baseline, bias_gain, weight_gain, classifier_axis)
+    return Contributions(layers, ratios, baseline, bias_gain, weight_gain, classifier_axis, collapsed)
+
+
+def _config_name(kind: str, arg) -> str:
+    if kind == "baseline":
+        return "classifier only"
+    if kind == "bias":
+        return f"biases of the last {arg} layers"
+    return f"{arg[0]} weights at ratio {arg[1]:g}"
 
 
 # --------------------------------------------------------------------------- evolutionary search
@@ -493,7 +551,7 @@ def search(
     seed: int = 0,
     workers: Optional[int] = None,
     epochs: int = 2,
-    lr: float = 0.05,
+    lr="auto",
     batch_size: int = 1,
     val_fraction: float = 0.3,
     reorder: bool = True,
@@ -538,38 +596,152 @@ def search(
         if smallest > size_limit:
             raise ValueError(f"no scheme fits max_update_bytes={size_limit}: the smallest update (the classifier's "
                              f"bias and {min(ratios):g} of its input channels) is {smallest} bytes")
-    settings = FineTuneSettings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction)
+    from .lr import choose_lr, parse_lr
+
+    lr = parse_lr(lr)
+    n_workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
+    data = _split(np.asarray(X, dtype=np.float32), np.asarray(Y), val_fraction, seed)
+    baselines = _fitting_baselines(q, evaluator)
+    lr_choice = None
+    if lr == "auto":
+        from .engine import compile as compile_plan
+
+        # One rate for the contribution analysis (its gains compare fine-tunes with each other):
+        # the one chosen for the largest baseline, the most layers trained. The final comparison
+        # then gives every scheme its own range test (the stable band moves with the scheme: on
+        # the demo model the classifier alone collapses from 0.01, the last 4 layers not below
+        # 0.2), so each competes at its own rate and the winner's rate is returned with it.
+        plan = compile_plan(q, baselines[-1]["scheme"], budget=None, reorder=reorder, **compile_kwargs)
+        lr_choice = choose_lr(plan, data[0], data[1], seed=seed)
+        lr = lr_choice.lr
+    settings = FineTuneSettings(epochs=epochs, batch_size=batch_size, lr=float(lr), val_fraction=val_fraction)
     contrib = contribution_analysis(q, X, Y, ratios, settings, seed, workers, cache_dir, axis)
     evaluator.c = contrib
     ranked, evaluated = evolutionary_search(evaluator, population, generations, seed)
     # Contributions are measured one update at a time and do not add up exactly (late layers
     # overlap in what they can fix), so the best few by summed contribution are fine-tuned for
-    # real, on the same split, and the most accurate one wins.
+    # real, on the same split, together with the simple baselines that fit, and the most accurate
+    # one wins: the search never returns less than what a fixed scheme would have given.
+    final = settings if lr_choice is None else FineTuneSettings(epochs, batch_size, "auto", val_fraction)
     candidates = ranked[: max(1, verify)]
-    if verify > 0 and len(candidates) > 1:
-        data = _split(np.asarray(X, dtype=np.float32), np.asarray(Y), val_fraction, seed)
-        jobs = [(q, evaluator.scheme(g), data, settings) for g in candidates]
-        accs = _run_jobs(jobs, (os.cpu_count() or 1) if workers is None else max(1, int(workers)), "verifying best schemes")
-    else:
-        accs = [float("nan")] * len(candidates)
+    jobs = [(q, evaluator.scheme(g), data, final) for g in candidates]
+    jobs += [(q, b["scheme"], data, final) for b in baselines]
+    results = _run_jobs(jobs, n_workers, "verifying best schemes and baselines")
     verified = [
         {"scheme": evaluator.scheme(g), "peak_bytes": evaluator.peak(g), "score": evaluator.score(g), "accuracy": a,
-         "update_bytes": evaluator.update_bytes(g)}
-        for g, a in zip(candidates, accs)
+         "update_bytes": evaluator.update_bytes(g), "collapse": why, "lr": rate}
+        for g, (a, why, rate) in zip(candidates, results)
     ]
-    best = candidates[max(range(len(candidates)), key=lambda i: (accs[i] if accs[i] == accs[i] else -1.0, -i))]
+    for b, (a, why, rate) in zip(baselines, results[len(candidates):]):
+        b["accuracy"], b["collapse"], b["lr"] = a, why, rate
+    collapsed = [dict(c, lr=settings.lr, stage="contribution analysis") for c in contrib.collapsed]
+    collapsed += [{"what": f"searched scheme #{i + 1}", "collapse": v["collapse"], "lr": v["lr"], "stage": "verification"}
+                  for i, v in enumerate(verified) if v["collapse"] is not None]
+    collapsed += [{"what": f"baseline {b['name']}", "collapse": b["collapse"], "lr": b["lr"], "stage": "verification"}
+                  for b in baselines if b["collapse"] is not None]
+    final_collapsed = [c for c in collapsed if c["stage"] == "verification"]
+    if final_collapsed:
+        c = final_collapsed[0]
+        warnings.warn(f"{len(final_collapsed)} fine-tune(s) of the search's final comparison collapsed (e.g. {c['what']} "
+                      f"at lr={c['lr']:g}: {c['collapse']}); they are out of the comparison. {collapse_fix(c['lr'])}",
+                      RuntimeWarning, stacklevel=2)
+    elif collapsed:
+        # at the analysis's one shared rate a small update (the classifier alone) can collapse where
+        # larger ones learn: that is measured as such (a low gain); the final comparison gives every
+        # scheme its own rate
+        warnings.warn(f"{len(collapsed)} of the contribution analysis's fine-tunes collapsed at its shared rate "
+                      f"lr={settings.lr:g} (e.g. {collapsed[0]['what']}: {collapsed[0]['collapse']}); they count as "
+                      "measured, the final comparison trained every scheme at its own rate", RuntimeWarning, stacklevel=2)
+
+    def key(acc: float, why) -> float:
+        return -1.0 if why is not None or acc != acc else acc
+
+    ok_verified = [i for i, v in enumerate(verified) if v["collapse"] is None]
+    ok_baselines = [b for b in baselines if b["collapse"] is None]
+    if not ok_verified and not ok_baselines:
+        raise ValueError(f"every scheme the search fine-tuned collapsed (lr={verified[0]['lr']:g}: "
+                         f"{verified[0]['collapse']}): no scheme is worth returning. {collapse_fix(verified[0]['lr'])}")
+    best_i = max(range(len(candidates)), key=lambda i: (key(verified[i]["accuracy"], verified[i]["collapse"]), -i))
+    searched_acc = key(verified[best_i]["accuracy"], verified[best_i]["collapse"])
+    best_b = max(baselines, key=lambda b: (key(b["accuracy"], b["collapse"]), -b["peak_bytes"]))
+    baseline_acc = key(best_b["accuracy"], best_b["collapse"])
+    if searched_acc >= baseline_acc:
+        scheme, peak, score = evaluator.scheme(candidates[best_i]), evaluator.peak(candidates[best_i]), evaluator.score(candidates[best_i])
+        size, winner, acc, margin = evaluator.update_bytes(candidates[best_i]), "searched", searched_acc, searched_acc - baseline_acc
+        rate = verified[best_i]["lr"]
+    else:
+        scheme, peak, score = best_b["scheme"], best_b["peak_bytes"], _baseline_score(evaluator, best_b["scheme"])
+        size, winner, acc, margin = best_b["update_bytes"], best_b["name"], baseline_acc, baseline_acc - searched_acc
+        rate = best_b["lr"]
     costs = _single_update_costs(evaluator, minimum)
     return SearchResult(
-        scheme=evaluator.scheme(best),
-        peak_bytes=evaluator.peak(best),
-        score=evaluator.score(best),
+        scheme=scheme,
+        peak_bytes=peak,
+        score=score,
         budget_bytes=budget_bytes,
         contributions=contrib.rows(costs),
         pareto=_pareto(evaluated),
         evaluated=evaluated,
         verified=verified,
-        update_bytes=evaluator.update_bytes(best),
+        update_bytes=size,
+        baselines=baselines,
+        winner=winner,
+        margin_points=100.0 * margin if min(searched_acc, baseline_acc) >= 0 else float("nan"),
+        accuracy=acc,
+        lr=rate,
+        lr_choice=lr_choice,
+        collapsed=collapsed,
     )
+
+
+def _baseline_score(evaluator: _Evaluator, scheme) -> float:
+    """The summed contribution of a baseline that is a point of the search space (NaN otherwise:
+    bias only trains no classifier weights)."""
+    c = evaluator.c
+    n, free = len(c.layers), len(c.layers) - 1
+    if 1.0 not in c.ratios:
+        return float("nan")
+    full = c.ratios.index(1.0) + 1
+    whole = (full,) if evaluator.classifier_free else ()
+    want = scheme.resolved(c.layers)
+    for k in range(1, n + 1):
+        g = (k, tuple(full if i >= n - k else 0 for i in range(free)) + whole)
+        if evaluator.scheme(g).resolved(c.layers) == want:
+            return evaluator.score(g)
+    return float("nan")
+
+
+def _fitting_baselines(q, evaluator: _Evaluator) -> List[Dict[str, object]]:
+    """The simple schemes within the budget and update-size limit, smallest first: classifier
+    only, bias only, then the last k layers for k = 2, 3, ... while they fit (peaks grow with k)."""
+    from . import schemes
+    from .engine import compile as compile_plan
+
+    layers = list(q.layers)
+    out: List[Dict[str, object]] = []
+
+    def fits(name: str, scheme) -> bool:
+        size = update_bytes(q, scheme)
+        if evaluator.max_update_bytes is not None and size > evaluator.max_update_bytes:
+            return False
+        plan = compile_plan(q, scheme, budget=None, reorder=evaluator.reorder, **evaluator.compile_kwargs)
+        if plan.memory.peak_bytes > evaluator.budget:
+            return False
+        out.append({"name": name, "scheme": scheme, "peak_bytes": int(plan.memory.peak_bytes), "update_bytes": size,
+                    "accuracy": float("nan"), "collapse": None})
+        return True
+
+    fits("classifier", schemes.last_layers(q, 1))
+    fits("bias_only", schemes.bias_only(q))
+    for k in range(2, len(layers) + 1):
+        if not fits(f"last_{k}", schemes.last_layers(q, k)):
+            break
+    if not out:  # the classifier's whole matrix is over the update-size limit
+        g = (0, (0,) * (len(layers) - 1) + ((1 + evaluator.c.ratios.index(min(evaluator.c.ratios)),)
+                                            if evaluator.classifier_free else ()))
+        out.append({"name": "classifier_part", "scheme": evaluator.scheme(g), "peak_bytes": evaluator.peak(g),
+                    "update_bytes": evaluator.update_bytes(g), "accuracy": float("nan"), "collapse": None})
+    return out
 
 
 def _single_update_costs(evaluator: _Evaluator, base_peak: int) -> Dict[str, Dict[str, object]]:

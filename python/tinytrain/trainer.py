@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Dict, List, Mapping, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from .progress import progress_bar
 from .update import Update, _check_count
 
 __all__ = ["Trainer"]
+
+AUTO = "auto"
 
 
 def _window(n_samples: int) -> int:
@@ -39,17 +42,79 @@ def _diverged(losses: List[float], start: float, n_samples: int) -> bool:
     return len(losses) >= w and float(np.mean(losses[-w:])) > 1.5 * start + 1e-6
 
 
+#: A sample's int8 output is saturated when at least this share of its values sit at -128 or 127.
+SATURATED_SHARE = 0.5
+#: Training has saturated the output when more than this share of the samples are saturated.
+SATURATED_SAMPLES = 0.5
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the current weights do on a fixed set of samples (forward only)."""
+
+    loss: float
+    accuracy: float  # NaN for an mse plan
+    classes: int  # distinct predicted classes (0 for an mse plan)
+    saturated: float  # share of samples whose int8 output is mostly at -128 / 127
+    constant_output: bool  # the same int8 output for every sample
+    labels: int  # distinct labels among the samples (0 for an mse plan)
+
+
+def health(before: Probe, after: Probe, losses: Sequence[float], start: float, n_samples: int,
+           skipped: int, steps: int) -> Optional[str]:
+    """Why training collapsed, or None: the same checks for `Trainer.fit` and the range test of
+    `tt.choose_lr`. ``before`` / ``after``: the probe samples before training and now; ``losses``:
+    the finite per-sample training losses in order; ``start``: the loss before training. A
+    property the model already had before training (a constant prediction, say) is not blamed on
+    the rate."""
+    why = []
+    if steps and skipped > steps // 2:
+        why.append(f"{skipped} of {steps} steps had a non-finite loss or gradient")
+    if _diverged(list(losses), start, n_samples):
+        w = _window(n_samples)
+        why.append(f"the loss grew from {start:.4g} before training to {np.mean(list(losses)[-w:]):.4g}")
+    if after.constant_output and not before.constant_output:
+        why.append("the int8 output is the same for every sample (it no longer depends on the input)")
+    elif after.classes == 1 and before.classes > 1 and after.labels > 1:
+        why.append("every sample is predicted as the same class")
+    if after.saturated > SATURATED_SAMPLES >= before.saturated:
+        why.append(f"the int8 outputs of {100 * after.saturated:.0f} % of the samples are saturated at -128/127 "
+                   f"({100 * before.saturated:.0f} % before training)")
+    tail = list(losses)[-_window(n_samples):]
+    if len(tail) >= 8 and float(np.ptp(tail)) <= 1e-6 * max(1.0, abs(float(np.mean(tail)))):
+        why.append(f"the loss is frozen at {tail[-1]:.4g} on every sample")
+    return "; ".join(why) if why else None
+
+
+def collapse_fix(lr: float) -> str:
+    """The fix a collapse report names."""
+    return (f"The likely cause is a learning rate too high: lower it (e.g. lr={lr / 10:g}) or let tinytrain "
+            "choose it (lr='auto')")
+
+
 class Trainer:
-    def __init__(self, plan: Plan, lr: Optional[float] = None, momentum: Optional[float] = None, qas: bool = True) -> None:
+    """Trains ``plan`` on the host. ``lr``: ``"auto"`` (default) uses the rate the plan was compiled
+    with when one was given to `tt.compile`, else chooses one by a short range test
+    (`tt.choose_lr`) on the data of the first `fit` (``lr_choice`` then holds the test;
+    `step` before any `fit` uses the plan's stored rate); ``None``: the plan's stored rate; a
+    number: that rate."""
+
+    def __init__(self, plan: Plan, lr: Union[float, str, None] = AUTO, momentum: Optional[float] = None,
+                 qas: bool = True) -> None:
+        from .lr import parse_lr
+
         if not isinstance(plan, Plan):
             raise TypeError(f"Trainer expects a tt.Plan (tt.compile / tt.Plan.load), got {type(plan).__name__}")
         self.plan = plan
         self._s = _core.Session(plan.plan_bytes, plan.params)
-        lr = plan.lr if lr is None else lr
+        lr = plan.lr if lr is None else parse_lr(lr)
+        #: waiting for the first fit's range test (the plan's rate was not given to tt.compile)
+        self._choose_lr = lr == AUTO and plan.meta.get("lr_source", AUTO) == AUTO
+        lr = plan.lr if lr == AUTO else lr
+        #: the range test of `tt.choose_lr` that set ``lr`` (None: the rate was given or not chosen yet)
+        self.lr_choice = None
         momentum = plan.momentum if momentum is None else momentum
         lr = datacheck.check_lr(lr, allow_zero=True)
-        if not (np.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if momentum > 0 and not plan.momentum_buffers:
@@ -74,7 +139,19 @@ class Trainer:
 
     @lr.setter
     def lr(self, v: float) -> None:
-        self._s.lr = datacheck.check_lr(v, allow_zero=True)
+        from .lr import parse_lr
+
+        v = parse_lr(v)
+        if v == AUTO:
+            self._choose_lr, self.lr_choice = True, None
+        else:
+            self._s.lr = datacheck.check_lr(v, allow_zero=True)
+            self._choose_lr = False
+
+    @property
+    def lr_pending(self) -> bool:
+        """True while ``lr="auto"`` waits for the first `fit`'s data to choose the rate."""
+        return self._choose_lr
 
     @property
     def momentum(self) -> float:
@@ -192,27 +269,57 @@ class Trainer:
         return float(ok.mean()) if len(ok) else float("nan")
 
     def fit(self, X, Y, epochs: int = 1, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
-            validation=None, verbose: bool = True) -> Dict[str, List[float]]:
+            validation=None, verbose: bool = True) -> Dict[str, object]:
         """Train for ``epochs``; returns the history: per epoch mean ``loss``, training ``accuracy``
         (cross-entropy plans; measured on the fly, before each batch's updates) and, with
-        ``validation=(Xv, Yv)``, ``val_accuracy``;
-        ``diverged`` turns True (with a RuntimeWarning) once the loss over the last samples is more than
-        1.5x the model's loss before training (a learning rate too high). ``batch_size``: on an ``accumulate=True`` plan one
-        update per batch (mean gradient); on a plain plan one in-place update per sample, the batch
-        only grouping samples for the progress bar."""
+        ``validation=(Xv, Yv)``, ``val_accuracy``; ``lr``, the rate trained with, and
+        ``lr_choice`` (the range test's `LrChoice.to_dict`, when ``lr="auto"`` chose it here,
+        seeded by ``seed``; else None).
+
+        ``collapsed`` turns True (with ``collapse``, the reason, and a RuntimeWarning naming the
+        fix) once training has broken the model: on the first samples of ``X`` (the probe) every
+        prediction is the same class, or the int8 output no longer depends on the input, or most
+        outputs are saturated at -128/127, none of which was so before training; or the loss over
+        the last samples is frozen or more than 1.5x the loss before training (then ``diverged``
+        is True too). The likely cause is a learning rate too high. ``batch_size``: on an
+        ``accumulate=True`` plan one update per batch (mean gradient); on a plain plan one
+        in-place update per sample, the batch only grouping samples for the progress bar."""
         if epochs < 1 or batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         xq = self._inputs(X)
         Y = datacheck.plan_labels(self.plan, Y, len(xq))
         if len(Y) != len(xq):
             raise ValueError(f"{len(xq)} samples but {len(Y)} targets")
+        hist: Dict[str, object] = {"loss": [], "accuracy": []}
+        if self._choose_lr and self.plan.model is None:
+            warnings.warn(f"lr='auto' cannot choose a rate for a plan loaded without its model (no output scale): "
+                          f"training at the plan's lr={self.lr:g}; load it with tt.Plan.load(path, model=q) or give lr=",
+                          RuntimeWarning, stacklevel=2)
+            self._choose_lr = False
+        if self._choose_lr:
+            from .lr import choose_lr
+
+            self.lr_choice = choose_lr(self.plan, X, Y, seed=seed)
+            self._s.lr = self.lr_choice.lr
+            self._choose_lr = False
+            if verbose:
+                print(self.lr_choice.summary(), flush=True)
+            hist["lr_choice"] = self.lr_choice.to_dict()
+        else:
+            hist["lr_choice"] = None
+        hist["lr"] = self.lr
         rng = np.random.default_rng(seed)
-        hist: Dict[str, List[float]] = {"loss": [], "accuracy": []}
         if validation is not None:
             hist["val_accuracy"] = []
-        seen: List[float] = []  # finite per-sample losses in training order, for divergence
+        seen: List[float] = []  # finite per-sample losses in training order, for collapse
         hist["diverged"] = False
-        start = self._loss(xq[:_window(len(xq))], Y[:_window(len(xq))])
+        hist["collapsed"] = False
+        hist["collapse"] = None
+        w = _window(len(xq))
+        probe_x, probe_y = xq[:w], Y[:w]
+        before = self._probe(probe_x, probe_y)
+        start = before.loss
+        skipped0, steps0 = self.skipped_steps, self.steps_done
         ce = self.plan.loss == "cross_entropy"
         with progress_bar("training", epochs * len(xq), enabled=verbose) as advance:
             for ep in range(epochs):
@@ -229,24 +336,43 @@ class Trainer:
                     seen.extend(ok.tolist())
                     advance(len(idx), epoch=ep + 1, loss=tot / max(n, 1))
                 hist["loss"].append(tot / max(n, 1))
-                if not hist["diverged"] and _diverged(seen, start, len(xq)):
-                    hist["diverged"] = True
-                    w = _window(len(xq))
-                    warnings.warn(f"training diverged in epoch {ep + 1}: the loss rose from {start:.4g} (before "
-                                  f"training) to {np.mean(seen[-w:]):.4g} (last {w} samples); lower the "
-                                  f"learning rate (lr={self.lr:g})", RuntimeWarning, stacklevel=2)
+                if not hist["collapsed"]:
+                    why = health(before, self._probe(probe_x, probe_y), seen, start, len(xq),
+                                 self.skipped_steps - skipped0, self.steps_done - steps0)
+                    if why is not None:
+                        hist["collapsed"], hist["collapse"] = True, why
+                        hist["diverged"] = _diverged(seen, start, len(xq))
+                        warnings.warn(f"training collapsed in epoch {ep + 1} (lr={self.lr:g}): {why}. "
+                                      f"{collapse_fix(self.lr)}", RuntimeWarning, stacklevel=2)
                 hist["accuracy"].append(correct / len(xq) if ce else float("nan"))
                 if validation is not None:
                     hist["val_accuracy"].append(self.evaluate(*validation))
         return hist
 
+    def _probe(self, xq: np.ndarray, Y) -> Probe:
+        """The current model on quantized samples, forward only; the loss is infinite (growth not
+        judged) for a plan loaded without its model: no output scale."""
+        raw = self._s.forward(xq) if len(xq) else np.zeros((0, 1), np.int8)
+        raw2 = raw.reshape(len(raw), -1)
+        at_limit = (raw2 == -128) | (raw2 == 127)
+        saturated = float((at_limit.mean(axis=1) >= SATURATED_SHARE).mean()) if len(raw2) else 0.0
+        constant = len(raw2) > 1 and bool((raw2 == raw2[:1]).all())
+        ce = self.plan.loss == "cross_entropy"
+        labels = self._labels(Y, len(raw2)) if ce else None
+        pred = raw2.argmax(axis=1)
+        return Probe(loss=self._loss_of(raw2, Y), accuracy=float((pred == labels).mean()) if ce and len(pred) else float("nan"),
+                     classes=len(np.unique(pred)) if ce else 0, saturated=saturated, constant_output=constant,
+                     labels=len(np.unique(labels)) if ce else 0)
+
     def _loss(self, xq: np.ndarray, Y) -> float:
-        """Mean loss of the current model on quantized samples, without training (forward only);
-        infinite (divergence is not judged) for a plan loaded without its model: no output scale."""
-        if self.plan.model is None or not len(xq):
+        """Mean loss of the current model on quantized samples, without training (forward only)."""
+        return self._loss_of(self._s.forward(xq) if len(xq) else None, Y)
+
+    def _loss_of(self, raw, Y) -> float:
+        if self.plan.model is None or raw is None or not len(raw):
             return float("inf")
         t = self.plan.model.tensors[self.plan.model.output]
-        out = (self._s.forward(xq).astype(np.float64) - int(t.zero_point)) * float(t.scale)
+        out = (np.asarray(raw).reshape(len(raw), -1).astype(np.float64) - int(t.zero_point)) * float(t.scale)
         if self.plan.loss == "mse":
             return float(np.mean((out - np.asarray(Y, dtype=np.float64).reshape(out.shape)) ** 2))
         labels = self._labels(Y, len(out))
@@ -378,4 +504,4 @@ class Trainer:
         this trainer learned."""
         from .mcu import export_mcu
 
-        return export_mcu(self.trained_plan(), out_dir, x, y, x_test, y_test)
+        return export_mcu(self.trained_plan(), out_dir, x, y, x_test, y_test, lr=self.lr)

@@ -10,6 +10,8 @@
 //! train_y.bin   one u8 class label per training sample
 //! test_x.bin    int8 held-out samples
 //! test_y.bin    their labels
+//! lr.bin        the learning rate to train with: one f32, little-endian (optional: without it,
+//!               the plan's own rate); the firmware sets it with `Trainer::set_lr`
 //! ```
 //!
 //! [`Bundle::demo`] builds a small self-contained one (random frozen features, a texture task),
@@ -36,6 +38,8 @@ pub struct Bundle {
     pub train_y: Vec<u8>,
     pub test_x: Vec<i8>,
     pub test_y: Vec<u8>,
+    /// The rate the firmware trains with (`lr.bin`; the plan's own when the bundle has none).
+    pub lr: f32,
 }
 
 /// What a training run did: the loss of every step in order, accuracy on the test samples before
@@ -70,6 +74,7 @@ impl Bundle {
             ("train_y.bin", self.train_y.clone()),
             ("test_x.bin", as_u8(&self.test_x)),
             ("test_y.bin", self.test_y.clone()),
+            ("lr.bin", self.lr.to_le_bytes().to_vec()),
         ] {
             // Write then rename: a reader never sees a half-written file.
             let tmp = dir.join(format!(".{name}.tmp"));
@@ -86,13 +91,35 @@ impl Bundle {
             fs::read(dir.join(n))
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.join(n).display())))
         };
+        let plan = rd("plan.bin")?;
+        let lr = match fs::read(dir.join("lr.bin")) {
+            Ok(bytes) => f32::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
+                invalid(format!(
+                    "lr.bin holds {} bytes, expected one f32 (4)",
+                    bytes.len()
+                ))
+            })?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                PlanView::parse(&plan)
+                    .map_err(|e| invalid(format!("plan.bin: {e}")))?
+                    .globals
+                    .lr
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", dir.join("lr.bin").display()),
+                ))
+            }
+        };
         let b = Bundle {
-            plan: rd("plan.bin")?,
+            plan,
             params: rd("params.bin")?,
             train_x: as_i8(&rd("train_x.bin")?),
             train_y: rd("train_y.bin")?,
             test_x: as_i8(&rd("test_x.bin")?),
             test_y: rd("test_y.bin")?,
+            lr,
         };
         b.check().map_err(invalid)?;
         Ok(b)
@@ -134,11 +161,17 @@ impl Bundle {
         if self.train_y.is_empty() {
             return Err("train_y.bin: no training samples".into());
         }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(format!(
+                "lr.bin: the learning rate {} is not a finite number >= 0",
+                self.lr
+            ));
+        }
         Ok(())
     }
 
-    /// The reference run: accuracy on the test samples, `epochs` passes over the training
-    /// samples in order (one step each), accuracy again.
+    /// The reference run at the bundle's rate: accuracy on the test samples, `epochs` passes over
+    /// the training samples in order (one step each), accuracy again.
     pub fn run(&self, epochs: usize) -> Result<Run, String> {
         self.check()?;
         let n = self.input_len()?;
@@ -151,6 +184,7 @@ impl Bundle {
         let arena = as_bytes_mut(&mut arena);
         let mut ex = Executor::new(&self.plan, params, arena).map_err(|e| format!("{e}"))?;
         ex.init().map_err(|e| format!("{e}"))?;
+        ex.lr = self.lr;
         let correct = |ex: &mut Executor| -> Result<usize, String> {
             let mut c = 0;
             for (x, &y) in self.test_x.chunks_exact(n).zip(&self.test_y) {
@@ -223,6 +257,7 @@ impl Bundle {
             train_y,
             test_x,
             test_y,
+            lr: settings.lr,
         }
     }
 }

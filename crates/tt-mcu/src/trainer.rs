@@ -85,7 +85,33 @@ impl<'p, 'a> Trainer<'p, 'a> {
         self.tag
     }
 
-    /// The executor, for what this wrapper does not cover (learning rate, high water, ...).
+    /// The learning rate of the next steps: the plan's (`tt.compile(..., lr=)`, the range test's
+    /// choice when the plan was compiled from data) until [`Self::set_lr`] changes it.
+    pub fn lr(&self) -> f32 {
+        self.ex.lr
+    }
+
+    /// Sets the learning rate of the next steps (the weights and the learned state are kept), so
+    /// a device can lower a rate that makes its training collapse, or take one a host chose,
+    /// without a new plan. A NaN, infinite or negative rate is refused (`Error::NonFinite` /
+    /// `Error::InvalidParameter`) and the rate stays as it was. Not part of the checkpointed
+    /// state: after a restart the plan's rate applies until set again.
+    pub fn set_lr(&mut self, lr: f32) -> Result<(), Error> {
+        if !lr.is_finite() {
+            return Err(Error::NonFinite {
+                what: "learning rate",
+            });
+        }
+        if lr < 0.0 {
+            return Err(Error::InvalidParameter {
+                what: "learning rate (must be >= 0)",
+            });
+        }
+        self.ex.lr = lr;
+        Ok(())
+    }
+
+    /// The executor, for what this wrapper does not cover (high water, ...).
     pub fn executor(&mut self) -> &mut Executor<'p, 'a> {
         &mut self.ex
     }

@@ -66,10 +66,8 @@ fn trainer_matches_the_reference_run_bit_for_bit_and_checkpoints_its_state() {
     let b = Bundle::demo();
     let run = b.run(EPOCHS).unwrap();
     let n = b.input_len().unwrap();
-    let mut params = vec![0u32; b.params.len().div_ceil(4)];
-    let pbytes: &mut [u8] = bytemuck_bytes(&mut params);
-    pbytes[..b.params.len()].copy_from_slice(&b.params);
-    let params = &pbytes[..b.params.len()];
+    let mut words = aligned_params(&b);
+    let params = &bytemuck_bytes(&mut words)[..b.params.len()];
     let mut arena = Box::new(Arena::<65536>::new());
     assert!(b.arena_bytes().unwrap() <= 65536);
 
@@ -120,10 +118,8 @@ fn trainer_matches_the_reference_run_bit_for_bit_and_checkpoints_its_state() {
 fn arena_too_small_and_foreign_blob_are_clear_errors() {
     let b = Bundle::demo();
     let need = b.arena_bytes().unwrap();
-    let mut params = vec![0u32; b.params.len().div_ceil(4)];
-    let pbytes: &mut [u8] = bytemuck_bytes(&mut params);
-    pbytes[..b.params.len()].copy_from_slice(&b.params);
-    let params = &pbytes[..b.params.len()];
+    let mut words = aligned_params(&b);
+    let params = &bytemuck_bytes(&mut words)[..b.params.len()];
     let mut arena = vec![0u32; need / 4];
     let short = &mut bytemuck_bytes(&mut arena)[..need - 4];
     match Trainer::new(&b.plan, params, short) {
@@ -165,10 +161,8 @@ fn bundle_files_round_trip_and_mismatches_are_reported() {
 fn corrected_steps_are_steps_then_the_shift() {
     let b = Bundle::demo();
     let n = b.input_len().unwrap();
-    let mut params = vec![0u32; b.params.len().div_ceil(4)];
-    let pbytes: &mut [u8] = bytemuck_bytes(&mut params);
-    pbytes[..b.params.len()].copy_from_slice(&b.params);
-    let params = &pbytes[..b.params.len()];
+    let mut words = aligned_params(&b);
+    let params = &bytemuck_bytes(&mut words)[..b.params.len()];
     let (mut a1, mut a2) = (
         Box::new(Arena::<65536>::new()),
         Box::new(Arena::<65536>::new()),
@@ -200,7 +194,63 @@ fn corrected_steps_are_steps_then_the_shift() {
     assert!(corrected.step_corrected(x, 0, &correction).is_ok());
 }
 
+/// The bundle's parameter blob in 4-byte aligned memory, as it is in flash.
+fn aligned_params(b: &Bundle) -> Vec<u32> {
+    let mut words = vec![0u32; b.params.len().div_ceil(4)];
+    bytemuck_bytes(&mut words)[..b.params.len()].copy_from_slice(&b.params);
+    words
+}
+
 fn bytemuck_bytes(w: &mut [u32]) -> &mut [u8] {
     // SAFETY: any byte pattern is a valid u8, and u8 needs no alignment.
     unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut u8, w.len() * 4) }
+}
+
+#[test]
+fn the_rate_is_set_at_run_time_and_a_bad_one_is_refused() {
+    let mut b = Bundle::demo();
+    let n = b.input_len().unwrap();
+    let mut words = aligned_params(&b);
+    let params = &bytemuck_bytes(&mut words)[..b.params.len()];
+    let mut arena = Box::new(Arena::<65536>::new());
+    let mut t = Trainer::new(&b.plan, params, &mut arena.0).unwrap();
+    assert_eq!(t.lr(), b.lr, "a new trainer trains at the plan's rate");
+    for bad in [f32::NAN, f32::INFINITY, -0.5] {
+        assert!(t.set_lr(bad).is_err(), "rate {bad} accepted");
+        assert_eq!(t.lr(), b.lr, "a refused rate changes nothing");
+    }
+    // At rate 0 a step computes its loss and moves no trained parameter (the update blob).
+    t.set_lr(0.0).unwrap();
+    let mut before = vec![0u8; t.update_len().unwrap()];
+    t.write_update(0, &mut before).unwrap();
+    for (x, &y) in b.train_x.chunks_exact(n).zip(&b.train_y).take(8) {
+        t.step(x, y as u32).unwrap();
+    }
+    let mut after = vec![0u8; before.len()];
+    t.write_update(0, &mut after).unwrap();
+    assert_eq!(after, before);
+    t.set_lr(b.lr).unwrap();
+    t.step(&b.train_x[..n], b.train_y[0] as u32).unwrap();
+    t.write_update(0, &mut after).unwrap();
+    assert_ne!(after, before, "back at the plan's rate the step trains");
+
+    // The bundle's rate is what the reference run (and so the firmware) trains with; it
+    // round-trips through lr.bin, and a bundle without lr.bin trains at the plan's rate.
+    let plan_rate = b.run(1).unwrap();
+    b.lr = 0.0;
+    let frozen = b.run(1).unwrap();
+    assert_eq!(frozen.correct_after, frozen.correct_before);
+    assert_ne!(frozen.state, plan_rate.state);
+    let dir = std::env::temp_dir().join(format!("tt-mcu-bundle-lr-{}", std::process::id()));
+    b.write(&dir).unwrap();
+    assert_eq!(Bundle::read(&dir).unwrap().lr, 0.0);
+    std::fs::remove_file(dir.join("lr.bin")).unwrap();
+    assert_eq!(Bundle::read(&dir).unwrap().lr, Bundle::demo().lr);
+    std::fs::write(dir.join("lr.bin"), [0u8; 3]).unwrap();
+    let e = Bundle::read(&dir).unwrap_err().to_string();
+    assert!(e.contains("lr.bin"), "{e}");
+    std::fs::write(dir.join("lr.bin"), f32::NAN.to_le_bytes()).unwrap();
+    let e = Bundle::read(&dir).unwrap_err().to_string();
+    assert!(e.contains("lr.bin"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -26,6 +26,7 @@ fn main() {
                 "train_y.bin",
                 "test_x.bin",
                 "test_y.bin",
+                "lr.bin",
             ] {
                 println!("cargo:rerun-if-changed={}", dir.join(f).display());
             }
@@ -50,13 +51,15 @@ fn main() {
          pub const N_TRAIN: usize = {};\n\
          pub const N_TEST: usize = {};\n\
          pub const HOST_CORRECT_BEFORE: usize = {};\n\
-         pub const HOST_CORRECT_AFTER: usize = {};\n",
+         pub const HOST_CORRECT_AFTER: usize = {};\n\
+         pub const LR_BITS: u32 = {};\n",
         bundle.arena_bytes().unwrap(),
         bundle.input_len().unwrap(),
         bundle.train_y.len(),
         bundle.test_y.len(),
         run.correct_before,
         run.correct_after,
+        bundle.lr.to_bits(),
     );
     fs::write(out.join("bundle.rs"), consts).unwrap();
 }

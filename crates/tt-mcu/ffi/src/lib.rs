@@ -251,6 +251,27 @@ pub unsafe extern "C" fn tt_skipped_steps(t: *const TtTrainer, out: *mut u32) ->
     })())
 }
 
+#[no_mangle]
+pub unsafe extern "C" fn tt_lr(t: *const TtTrainer, out: *mut f32) -> i32 {
+    status((|| {
+        // SAFETY: checked by `trainer`; only read through the reference.
+        let tr = unsafe { trainer(t as *mut TtTrainer)? };
+        if out.is_null() {
+            return Err(TT_ERR_NULL);
+        }
+        unsafe { out.write(tr.lr()) };
+        Ok(())
+    })())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn tt_set_lr(t: *mut TtTrainer, lr: f32) -> i32 {
+    status((|| {
+        let tr = unsafe { trainer(t)? };
+        tr.set_lr(lr).map_err(core_code)
+    })())
+}
+
 unsafe fn input<'a>(tr: &Trainer, p: *const i8, len: usize) -> Result<&'a [i8], i32> {
     if len != tr.input_len().map_err(core_code)? {
         return Err(TT_ERR_SIZE);

@@ -84,7 +84,7 @@ fn header_matches_the_library() {
     let declared = functions(HEADER, " ");
     let defined = functions(SOURCE, "extern \"C\" fn ");
     assert_eq!(declared, defined);
-    assert_eq!(defined.len(), 14);
+    assert_eq!(defined.len(), 16);
     for (rust, c) in [
         ("pub ctx: *mut c_void", "void *ctx;"),
         ("pub capacity: u32", "uint32_t capacity;"),
@@ -268,6 +268,21 @@ fn train_predict_checkpoint_through_the_c_abi() {
         unsafe { tt_skipped_steps(&t, ptr::null_mut()) },
         TT_ERR_NULL
     );
+
+    // The rate is read and set at run time; a bad one is refused and changes nothing.
+    let mut rate = -1.0f32;
+    assert_eq!(unsafe { tt_lr(&t, &mut rate) }, TT_OK);
+    assert_eq!(rate, lr);
+    assert_eq!(unsafe { tt_set_lr(&mut t, f32::NAN) }, TT_ERR_NON_FINITE);
+    assert_eq!(unsafe { tt_set_lr(&mut t, -1.0) }, TT_ERR_INVALID);
+    assert_eq!(unsafe { tt_lr(&t, &mut rate) }, TT_OK);
+    assert_eq!(rate, lr);
+    assert_eq!(unsafe { tt_set_lr(&mut t, lr / 2.0) }, TT_OK);
+    assert_eq!(unsafe { tt_lr(&t, &mut rate) }, TT_OK);
+    assert_eq!(rate, lr / 2.0);
+    assert_eq!(unsafe { tt_set_lr(&mut t, lr) }, TT_OK);
+    assert_eq!(unsafe { tt_lr(&t, ptr::null_mut()) }, TT_ERR_NULL);
+    assert_eq!(unsafe { tt_set_lr(ptr::null_mut(), lr) }, TT_ERR_NULL);
 
     // Wrong sizes and NULLs are refused before anything is read.
     let x = &b.test_x[..n];

@@ -92,6 +92,8 @@ fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
     let mut ok = true;
     let t0 = instructions();
     let mut t = Trainer::new(PLAN, &PARAMS.0, &mut *arena)?;
+    // the bundle's rate (lr.bin), which the host reference run trains with too
+    t.set_lr(f32::from_bits(LR_BITS))?;
     let t_init = instructions() - t0;
     say!(
         "plan {} B, frozen params {} B (flash); arena {} B (SRAM), learned state {} B; init {} instr",
@@ -164,6 +166,8 @@ fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
     let seq = t.save(&mut store);
     let t_save = instructions() - t0;
     let mut t = Trainer::new(PLAN, &PARAMS.0, &mut *arena)?;
+    // the bundle's rate (lr.bin), which the host reference run trains with too
+    t.set_lr(f32::from_bits(LR_BITS))?;
     let fresh = accuracy(&mut t)?;
     let t0 = instructions();
     let restored = t.restore(&mut store);
@@ -201,6 +205,8 @@ fn train(arena: &mut [u8]) -> Result<bool, tt_core::Error> {
     );
     ok &= same;
     let mut t = Trainer::new(PLAN, &PARAMS.0, &mut *arena)?;
+    // the bundle's rate (lr.bin), which the host reference run trains with too
+    t.set_lr(f32::from_bits(LR_BITS))?;
     let t0 = instructions();
     let count = t.apply_update(HOST_UPDATE)?;
     let t_apply = instructions() - t0;

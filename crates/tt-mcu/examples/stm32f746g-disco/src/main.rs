@@ -61,6 +61,8 @@ fn run(
 ) -> Result<bool, tt_core::Error> {
     let mut ok = true;
     let mut t = Trainer::new(PLAN, &PARAMS.0, arena)?;
+    // the bundle's rate (lr.bin), which the host reference run trains with too
+    t.set_lr(f32::from_bits(LR_BITS))?;
     let fresh = match t.restore(store) {
         Ok(Some(seq)) => {
             rprintln!("restored checkpoint #{}", seq);
