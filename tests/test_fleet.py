@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-flwr = pytest.importorskip("flwr", reason="the fleet needs pip install 'tinytrain[fleet]'")
+flwr = pytest.importorskip("flwr", reason="the fleet needs pip install 'tinytrain-mcu[fleet]'")
 
 import tinytrain as tt  # noqa: E402
 from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
@@ -444,10 +444,10 @@ def test_fleet_is_optional_for_the_rest_of_tinytrain():
             "try:\n    import tinytrain.fleet\nexcept ImportError as e:\n    print(e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "pip install 'tinytrain[fleet]'" in r.stdout
+    assert "pip install 'tinytrain-mcu[fleet]'" in r.stdout
     r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['flwr'] = None\nimport tinytrain.cli as c\n"
                         "sys.exit(c.main(['fleet', 'simulate', '--clients', '2']))"], capture_output=True, text=True)
-    assert r.returncode == 1 and "pip install 'tinytrain[fleet]'" in r.stderr
+    assert r.returncode == 1 and "pip install 'tinytrain-mcu[fleet]'" in r.stderr
 
 
 @pytest.mark.parametrize("command", [["simulate", "--clients", "4", "--rounds", "1"],

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("flwr", reason="the fleet needs pip install 'tinytrain[fleet]'")
+pytest.importorskip("flwr", reason="the fleet needs pip install 'tinytrain-mcu[fleet]'")
 
 import tinytrain as tt  # noqa: E402
 from tinytrain import fleet  # noqa: E402

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-flwr = pytest.importorskip("flwr", reason="the fleet needs pip install 'tinytrain[fleet]'")
+flwr = pytest.importorskip("flwr", reason="the fleet needs pip install 'tinytrain-mcu[fleet]'")
 
 import tinytrain as tt  # noqa: E402
 from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict  # noqa: E402

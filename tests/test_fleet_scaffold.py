@@ -3,7 +3,7 @@ variate's wire format, the device's c_i and the server's c, and a simulated fede
 import numpy as np
 import pytest
 
-flwr = pytest.importorskip("flwr", reason="the fleet needs pip install 'tinytrain[fleet]'")
+flwr = pytest.importorskip("flwr", reason="the fleet needs pip install 'tinytrain-mcu[fleet]'")
 
 import tinytrain as tt  # noqa: E402
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict  # noqa: E402

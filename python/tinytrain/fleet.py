@@ -13,7 +13,7 @@ pulling the model toward their own classes; what a device sends is unchanged.
 Everything runs on Flower's Message API: `client_app` builds the `ClientApp`, `server_app` the
 `ServerApp`; `simulate` runs a whole federation on this machine with Flower's simulation engine
 (Ray), and `tinytrain fleet server` / `tinytrain fleet client` deploy the same apps over the
-network (a Flower SuperLink and SuperNodes). Needs ``pip install 'tinytrain[fleet]'``.
+network (a Flower SuperLink and SuperNodes). Needs ``pip install 'tinytrain-mcu[fleet]'``.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ try:
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError("tinytrain.fleet needs Flower (flwr with its simulation engine): "
-                      "pip install 'tinytrain[fleet]'") from _exc
+                      "pip install 'tinytrain-mcu[fleet]'") from _exc
 
 from . import _core
 from .errors import UpdateError

@@ -26,7 +26,7 @@ from typing import Dict, List, Mapping, Optional
 
 
 def _fleet():
-    from . import fleet  # raises ImportError naming `pip install 'tinytrain[fleet]'`
+    from . import fleet  # raises ImportError naming `pip install 'tinytrain-mcu[fleet]'`
 
     return fleet
 
@@ -37,7 +37,7 @@ def _need_flower() -> None:
     import importlib.util
 
     if importlib.util.find_spec("flwr") is None:
-        raise ImportError("tinytrain fleet needs Flower (flwr with its simulation engine): pip install 'tinytrain[fleet]'")
+        raise ImportError("tinytrain fleet needs Flower (flwr with its simulation engine): pip install 'tinytrain-mcu[fleet]'")
 
 
 def _print_json(obj) -> None:
@@ -216,7 +216,7 @@ def _flower_bin(name: str) -> str:
     here = os.path.join(os.path.dirname(sys.executable), name)
     found = here if os.path.exists(here) else shutil.which(name)
     if not found:
-        raise FileNotFoundError(f"{name} not found: pip install 'tinytrain[fleet]'")
+        raise FileNotFoundError(f"{name} not found: pip install 'tinytrain-mcu[fleet]'")
     return found
 
 

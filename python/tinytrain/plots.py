@@ -1,6 +1,6 @@
 """Pictures where a picture says more: search front, memory timeline, loss curve.
 
-matplotlib is optional (``pip install tinytrain[plot]``); without it the functions raise an
+matplotlib is optional (``pip install tinytrain-mcu[plot]``); without it the functions raise an
 ImportError that says so, and the CLI reports plots as skipped.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("plots need matplotlib: pip install 'tinytrain[plot]'") from exc
+        raise ImportError("plots need matplotlib: pip install 'tinytrain-mcu[plot]'") from exc
     return plt
 
 
