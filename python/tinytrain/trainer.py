@@ -15,6 +15,7 @@ Batch semantics depend on how the plan was compiled:
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Union
@@ -485,8 +486,15 @@ class Trainer:
         layouts = [{}] + [dict(patch=patch, in_place=p) for p in (True, "all", False)]
         if self.plan.memory.budget_bytes is not None:
             layouts.append(dict(optimize="compute", budget=self.plan.memory.budget_bytes))
-        same = lambda a, b: {k: v for k, v in a.items() if k not in ("lr", "momentum")} == \
-            {k: v for k, v in b.items() if k not in ("lr", "momentum")}  # noqa: E731
+        def settings(report: Dict[str, object]) -> Dict[str, object]:
+            # the rate, momentum and where the rate came from are this trainer's, not the layout's
+            out = {k: v for k, v in report.items() if k not in ("lr", "momentum", "meta")}
+            meta = json.loads(report.get("meta") or b"{}")
+            meta.pop("lr_source", None)
+            out["meta"] = meta
+            return out
+
+        same = lambda a, b: settings(a) == settings(b)  # noqa: E731
         q, scheme = self.model, Scheme.from_dict(self.plan.meta["scheme"])
         for layout in layouts:
             try:
