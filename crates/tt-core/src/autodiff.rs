@@ -28,11 +28,6 @@ use crate::ir::{
 use crate::sparse::{ChannelAxis, Scheme, Selection};
 use crate::{Error, Result};
 
-// TEMPORARY (issue 23): `exec.rs`'s tests import these from here; goes when their imports are
-// rewritten after the exec split merges (the vocabulary's home is `ir`).
-#[cfg(test)]
-pub(crate) use crate::ir::{CompileOptions, LossKind, Precision};
-#[cfg(not(test))]
 use crate::ir::{CompileOptions, Precision};
 
 /// State buffers of one trainable layer (NONE where not trained).

@@ -7,10 +7,6 @@ use crate::{Error, Result};
 
 /// The clamp fused into an op's requantization: one enum with the kernels' (`quant`).
 pub use crate::quant::Activation;
-// TEMPORARY (issue 23): `exec.rs`'s tests still spell it `graph::Act`; goes when their imports
-// are rewritten after the exec split merges.
-#[cfg(test)]
-pub(crate) use crate::quant::Activation as Act;
 
 /// A per-sample activation tensor with its int8 asymmetric quantization.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -42,7 +42,10 @@
 //! after that the executor can index records without further bounds worries (and still uses
 //! checked access, so nothing panics even if it could not).
 use crate::crc::crc32;
-use crate::ir::{patch_axis_sums, Axis1, ForwardMacs};
+use crate::ir::{
+    patch_axis_sums, Axis1, BufKind, ForwardMacs, LossKind, OpKind, Precision, ACCUMULATE,
+    MAX_PATCH_CHAIN, MAX_PATCH_GRID, NONE,
+};
 use crate::ops::{MAX_DOT_LEN, MAX_POOL_LEN};
 #[cfg(doc)]
 use crate::quant::Requant;
@@ -774,19 +777,3 @@ impl<'a> PlanView<'a> {
     }
 }
 
-// TEMPORARY (issue 23): the op vocabulary moved to `ir`, the writer to `compile`. These
-// re-exports keep `exec.rs`, tt-py and tt-mcu compiling unchanged while `exec.rs` is being split
-// on another branch: exactly the names they import from `plan` today. After that merge their
-// imports name `crate::ir` / `crate::compile` and this block goes; this file itself uses
-// BufKind, LossKind, OpKind, Precision, ACCUMULATE, MAX_PATCH_CHAIN, MAX_PATCH_GRID and NONE
-// through it, so those then join the `use crate::ir` at the top.
-pub use crate::ir::{
-    patch_bounds, patch_ranges, BufKind, Buffer, CompileOptions, LossKind, OpKind, Precision,
-    TrainOp, ACCUMULATE, IN_PLACE, MAX_PATCH_CHAIN, MAX_PATCH_GRID, NONE,
-};
-// `exec.rs`'s own tests import the compile driver from here: test builds only, so the format
-// never depends on the compiler.
-#[cfg(all(test, feature = "alloc"))]
-pub(crate) use crate::compile::{
-    compile, compile_with, encode, Compiled, Objective, PlanSettings, PATCH_GRIDS,
-};

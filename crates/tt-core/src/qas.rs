@@ -12,7 +12,7 @@
 //! produce the same weights).
 use crate::error::{Error, Result};
 use crate::ops::{ChannelSelection, WeightShape};
-use crate::quant::check_len;
+use crate::quant::{all_finite, check_len};
 
 /// xorshift32 (Marsaglia 2003): tiny, no multiplications, identical on every target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,12 +84,6 @@ impl SgdConfig {
         Ok(())
     }
 }
-
-// TEMPORARY (issue 23): `all_finite` moved down to `quant` (the kernels in `ops/` use it, and
-// `ops` stands below `qas`). `ops/loss.rs` and `exec.rs` still call it through here while they
-// are being split on another branch; then they import it from `quant` and this becomes a plain
-// `use` (this file calls it too).
-pub use crate::quant::all_finite;
 
 /// `G_W̄ = s_W * G_W`: the gradient w.r.t. the int8 weight, from the real-unit gradient.
 #[inline]

@@ -14,20 +14,6 @@ use crate::{Error, Result};
 /// scheme API hands on.
 pub use crate::ops::ChannelAxis;
 
-// TEMPORARY (issue 23): belongs in `ops/mod.rs` beside the enum (which should also get
-// `#[repr(u8)]` with `Output = 0, Input = 1`: the plan stores `axis as u8`); here while `ops/` is
-// being split on another branch.
-impl ChannelAxis {
-    /// The axis of a plan's layer-record `axis` byte (0 = output, 1 = input channels).
-    pub fn from_u8(v: u8) -> Option<ChannelAxis> {
-        match v {
-            0 => Some(ChannelAxis::Output),
-            1 => Some(ChannelAxis::Input),
-            _ => None,
-        }
-    }
-}
-
 /// What one node trains. `weight_ratio == 0` freezes the weights.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LayerUpdate {
@@ -125,22 +111,5 @@ impl Scheme {
             });
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ChannelAxis;
-
-    /// The plan stores `axis as u8` and readers decode 0 = output, 1 = input: the enum's order
-    /// is part of the format.
-    #[test]
-    fn channel_axis_codes_are_the_plan_layer_axis_byte() {
-        assert_eq!(ChannelAxis::Output as u8, 0);
-        assert_eq!(ChannelAxis::Input as u8, 1);
-        for a in [ChannelAxis::Output, ChannelAxis::Input] {
-            assert_eq!(ChannelAxis::from_u8(a as u8), Some(a));
-        }
-        assert_eq!(ChannelAxis::from_u8(2), None);
     }
 }

@@ -6,7 +6,7 @@ use kernels_common::*;
 use tt_core::ops::conv::{conv2d_backward_weight, Conv2dGeom};
 use tt_core::ops::{ChannelSelection, WeightShape};
 use tt_core::qas::*;
-use tt_core::quant::QParams;
+use tt_core::quant::{all_finite, QParams};
 use tt_core::Error;
 
 fn norm(v: impl Iterator<Item = f64>) -> f64 {

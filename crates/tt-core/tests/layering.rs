@@ -18,15 +18,6 @@ const RUNTIME: [&str; 6] = ["plan", "ir", "exec", "ops", "qas", "quant"];
 /// Kernels know neither the executor nor the format.
 const ABOVE_OPS: [&str; 2] = ["exec", "plan"];
 
-/// Edges the cycle check tolerates for now, each with its fix. Every one must still exist (the
-/// test says when one can go), so the list only shrinks.
-const TOLERATED: [(&str, &str, &str); 1] = [(
-    "ops",
-    "qas",
-    "ops/loss.rs calls crate::qas::all_finite, which now lives in quant: import it from there \
-     (ops/ is being split on another branch)",
-)];
-
 /// One `crate::<module>` reference: the module named and the file it is written in.
 #[derive(Clone, Debug)]
 struct Ref {
@@ -298,13 +289,6 @@ fn no_import_cycle_among_modules() {
         for r in rs {
             e.insert(r.to.clone());
         }
-    }
-    for (from, to, why) in TOLERATED {
-        let present = edges.get_mut(from).is_some_and(|e| e.remove(to));
-        assert!(
-            present,
-            "{from} -> {to} is gone: remove it from TOLERATED in tests/layering.rs ({why})"
-        );
     }
     if let Some(cycle) = find_cycle(&edges) {
         let hops: Vec<String> = cycle

@@ -25,9 +25,10 @@ use std::{format, fs, io, string::String, vec};
 
 use tt_core::compile::{compile, PlanSettings};
 use tt_core::exec::{Executor, Target};
-use tt_core::graph::{Activation, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use tt_core::graph::{Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
 use tt_core::ir::{CompileOptions, LossKind, Precision};
 use tt_core::plan::PlanView;
+use tt_core::quant::Activation;
 use tt_core::sparse::{ChannelAxis, LayerUpdate, Scheme};
 
 #[derive(Clone, Debug, PartialEq)]

@@ -4,7 +4,8 @@
 //! within +-2^30), and each bound is forced here.
 use tt_core::crc::crc32;
 use tt_core::ops::{BIAS_LIMIT, MAX_DOT_LEN};
-use tt_core::plan::{PlanView, HEADER_LEN, NONE};
+use tt_core::ir::NONE;
+use tt_core::plan::{PlanView, HEADER_LEN};
 use tt_core::Error;
 use tt_mcu::bundle::Bundle;
 use tt_mcu::trainer::Trainer;

@@ -383,7 +383,7 @@ fn plan_report<'py>(py: Python<'py>, plan: &[u8]) -> PyResult<Bound<'py, PyDict>
     for o in &ops {
         if o.kind == OpKind::PatchStage {
             patch = Some(((o.arg & 0xFFFF) as usize, (o.arg >> 16) as usize));
-            streamed = o.bufs[0] == tt_core::plan::NONE;
+            streamed = o.bufs[0] == tt_core::ir::NONE;
         }
         if o.arg & IN_PLACE != 0 {
             in_place += 1;

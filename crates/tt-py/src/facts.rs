@@ -3,7 +3,8 @@
 //! names of the settings.
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
-use tt_core::plan::{self, LossKind, Precision};
+use tt_core::ir::{LossKind, Precision};
+use tt_core::plan;
 use tt_core::quant::Rounding;
 use tt_core::sparse;
 

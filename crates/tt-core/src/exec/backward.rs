@@ -10,9 +10,8 @@ use crate::ops::loss::{mse, softmax_cross_entropy};
 use crate::ops::pool::{avgpool_backward, global_avgpool_backward};
 use crate::ops::save_input_channels;
 use crate::ops::split::split_backward_input;
-use crate::plan::{
-    LossKind, ACCUMULATE, NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP, NONE,
-};
+use crate::ir::{LossKind, ACCUMULATE, NONE};
+use crate::plan::{NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP};
 use crate::{Error, Result};
 
 impl Executor<'_, '_> {

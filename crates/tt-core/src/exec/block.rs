@@ -4,7 +4,8 @@ use super::update::{bias_momentum, PrecisionCursor};
 use super::{view, view_mut, Executor, ALL};
 use crate::ops::inplace::dw_plane_input_grad;
 use crate::ops::{ChannelSelection, WeightShape};
-use crate::plan::{OpKind, NODE_CONV, NONE};
+use crate::ir::{OpKind, NONE};
+use crate::plan::NODE_CONV;
 use crate::qas::{sgd_update_bias, sgd_update_weights};
 use crate::{Error, Result};
 

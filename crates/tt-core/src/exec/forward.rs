@@ -8,7 +8,8 @@ use crate::ops::geom::Weights;
 use crate::ops::inplace::pw_forward_in_place;
 use crate::ops::pool::{avgpool_forward, global_avgpool_forward, maxpool_forward};
 use crate::ops::split::split_forward;
-use crate::plan::{NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP, NODE_MAXPOOL, NONE};
+use crate::ir::NONE;
+use crate::plan::{NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP, NODE_MAXPOOL};
 use crate::{Error, Result};
 
 impl Executor<'_, '_> {

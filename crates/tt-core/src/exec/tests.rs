@@ -2,12 +2,12 @@ extern crate std;
 use std::vec::Vec;
 
 use super::*;
-use crate::autodiff::{CompileOptions, LossKind, Precision};
-use crate::graph::{Act, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use crate::compile::{compile, PlanSettings};
+use crate::graph::{Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use crate::ir::{patch_bounds, CompileOptions, LossKind, Precision};
 use crate::ops::geom::Weights;
 use crate::ops::inplace::dw_plane_input_grad;
-use crate::plan::patch_bounds;
-use crate::plan::{compile, PlanSettings};
+use crate::quant::Activation;
 use crate::sparse::{ChannelAxis, LayerUpdate, Scheme};
 
 struct Lcg(u64);
@@ -151,7 +151,7 @@ pub(crate) fn small_graph() -> Graph {
             NodeKind::Conv {
                 win: win(3, 2, 1),
                 groups: 1,
-                act: Act::Relu6
+                act: Activation::Relu6
             },
             std::vec![0],
             1
@@ -161,7 +161,7 @@ pub(crate) fn small_graph() -> Graph {
             NodeKind::Conv {
                 win: win(3, 1, 1),
                 groups: 8,
-                act: Act::Relu6
+                act: Activation::Relu6
             },
             std::vec![1],
             2
@@ -171,15 +171,15 @@ pub(crate) fn small_graph() -> Graph {
             NodeKind::Conv {
                 win: win(1, 1, 0),
                 groups: 1,
-                act: Act::None
+                act: Activation::None
             },
             std::vec![2],
             3
         ),
-        node("add", NodeKind::Add { act: Act::None }, std::vec![1, 3], 4),
+        node("add", NodeKind::Add { act: Activation::None }, std::vec![1, 3], 4),
         node("gap", NodeKind::GlobalAvgPool, std::vec![4], 5),
         node("flat", NodeKind::Flatten, std::vec![5], 6),
-        node("fc", NodeKind::Fc { act: Act::None }, std::vec![6], 7),
+        node("fc", NodeKind::Fc { act: Activation::None }, std::vec![6], 7),
     ];
     let params = std::vec![
         params(&mut r, 8 * 9 * 3, 8, 0.004),
@@ -399,7 +399,7 @@ struct Owned {
 }
 
 impl Owned {
-    fn new(c: &crate::plan::Compiled) -> Owned {
+    fn new(c: &crate::compile::Compiled) -> Owned {
         let params = c
             .params
             .chunks(4)
@@ -705,14 +705,14 @@ fn chain_graph() -> Graph {
         act,
     };
     let nodes = std::vec![
-        node("c0", conv(3, 1, 1, 1, Act::Relu6), 0, 1),
-        node("dw1", conv(3, 2, 1, 6, Act::Relu6), 1, 2),
-        node("pw2", conv(1, 1, 0, 1, Act::None), 2, 3),
-        node("dw3", conv(5, 1, 2, 10, Act::Relu), 3, 4),
-        node("pw4", conv(1, 1, 0, 1, Act::Relu6), 4, 5),
+        node("c0", conv(3, 1, 1, 1, Activation::Relu6), 0, 1),
+        node("dw1", conv(3, 2, 1, 6, Activation::Relu6), 1, 2),
+        node("pw2", conv(1, 1, 0, 1, Activation::None), 2, 3),
+        node("dw3", conv(5, 1, 2, 10, Activation::Relu), 3, 4),
+        node("pw4", conv(1, 1, 0, 1, Activation::Relu6), 4, 5),
         node("gap", NodeKind::GlobalAvgPool, 5, 6),
         node("flat", NodeKind::Flatten, 6, 7),
-        node("fc", NodeKind::Fc { act: Act::None }, 7, 8),
+        node("fc", NodeKind::Fc { act: Activation::None }, 7, 8),
     ];
     let params = std::vec![
         params(&mut r, 6 * 9 * 3, 6, 0.004),
@@ -768,7 +768,7 @@ fn run_layout(
 ) -> Option<(Vec<i8>, Vec<f32>, usize, usize)> {
     let tg = crate::autodiff::build_with(g, s, &st.options, layout).ok()?;
     let mp = crate::planner::plan(&tg.buffers, &tg.ops);
-    let (plan, params) = crate::plan::encode(g, &tg, &mp, st, b"").unwrap();
+    let (plan, params) = crate::compile::encode(g, &tg, &mp, st, b"").unwrap();
     let pw: Vec<u32> = params
         .chunks(4)
         .map(|b| {
@@ -922,7 +922,7 @@ fn layouts_change_memory_not_results() {
             let add_in_place = tg.ops.iter().any(|o| {
                 o.kind == OpKind::Forward
                     && o.arg & IN_PLACE != 0
-                    && gs.nodes[o.node as usize].kind == (NodeKind::Add { act: Act::None })
+                    && gs.nodes[o.node as usize].kind == (NodeKind::Add { act: Activation::None })
             });
             // Adds run in place only in the forward-only prefix (here: when only fc trains).
             assert_eq!(add_in_place, shrink_in_place && k == 2);
@@ -1035,7 +1035,7 @@ fn plans_report_executed_macs_with_recomputed_halos() {
     let macs = |l: &Layout| {
         let tg = crate::autodiff::build_with(&g, &fc_only, &st.options, l).unwrap();
         let mp = crate::planner::plan(&tg.buffers, &tg.ops);
-        let (plan, _) = crate::plan::encode(&g, &tg, &mp, &st, b"").unwrap();
+        let (plan, _) = crate::compile::encode(&g, &tg, &mp, &st, b"").unwrap();
         PlanView::parse(&plan).unwrap().forward_macs().unwrap()
     };
     let whole = macs(&Layout::default());
@@ -1073,7 +1073,7 @@ fn plans_report_executed_macs_with_recomputed_halos() {
 #[test]
 fn compute_objective_buys_fewer_macs_with_spare_memory() {
     use crate::autodiff::Layout;
-    use crate::plan::{compile_with, Objective, PATCH_GRIDS};
+    use crate::compile::{compile_with, Objective, PATCH_GRIDS};
     let g = chain_graph();
     let mut rx = Lcg(3);
     let x: Vec<i8> = (0..3 * 144).map(|_| rx.i8(120)).collect();
@@ -1086,7 +1086,7 @@ fn compute_objective_buys_fewer_macs_with_spare_memory() {
             .unwrap()
             .executed
     };
-    let run = |c: &crate::plan::Compiled| {
+    let run = |c: &crate::compile::Compiled| {
         let mut o = Owned::new(c);
         let mut ex = o.ex();
         ex.init().unwrap();
@@ -1120,7 +1120,7 @@ fn compute_objective_buys_fewer_macs_with_spare_memory() {
                     continue;
                 };
                 let mp = crate::planner::plan(&tg.buffers, &tg.ops);
-                let (plan, _) = crate::plan::encode(&g, &tg, &mp, &st, b"").unwrap();
+                let (plan, _) = crate::compile::encode(&g, &tg, &mp, &st, b"").unwrap();
                 tried.push((mp.arena_bytes, executed(&plan)));
             }
         }
@@ -1218,7 +1218,7 @@ proptest::proptest! {
         let layout = Layout { patch: Some((1, 3)), in_place: true, shrink_in_place: true, stream_input: stream, ..Default::default() };
         let tg = crate::autodiff::build_with(&g, &sch, &st.options, &layout).unwrap();
         let mp = crate::planner::plan(&tg.buffers, &tg.ops);
-        let (plan, params) = crate::plan::encode(&g, &tg, &mp, &st, b"").unwrap();
+        let (plan, params) = crate::compile::encode(&g, &tg, &mp, &st, b"").unwrap();
         let mut p = plan.clone();
         for (at, v) in flips {
             let i = at % p.len();

@@ -4,7 +4,7 @@
 use super::{view, view_mut, Executor, NodeCtx, Target, ALL};
 use crate::ops::split::weight_grad_row;
 use crate::ops::{ChannelSelection, WeightShape};
-use crate::plan::{OpKind, Precision, ACCUMULATE, NONE};
+use crate::ir::{OpKind, Precision, ACCUMULATE, NONE};
 use crate::qas::{sgd_update_bias, sgd_update_weights, SgdConfig, UpdateState, XorShift32};
 use crate::{Error, Result};
 
@@ -277,7 +277,7 @@ impl Executor<'_, '_> {
             if op.kind == OpKind::Update && op.arg & ACCUMULATE != 0 {
                 let [a, b] = self.carve([op.bufs[0], op.bufs[1]])?;
                 let (a, b): (&[f32], &[f32]) = (view(a, "accumulator")?, view(b, "accumulator")?);
-                if !(crate::qas::all_finite(a) && crate::qas::all_finite(b)) {
+                if !(crate::quant::all_finite(a) && crate::quant::all_finite(b)) {
                     return Err(Error::NonFinite {
                         what: "accumulated gradients (the batch's update is skipped)",
                     });

@@ -2,7 +2,7 @@
 //! returned in real units. `core` has no `exp`/`ln`, so both are implemented here (range
 //! reduction + short polynomials, a few ULP from the std versions).
 use crate::error::{Error, Result};
-use crate::quant::{check_len, QParams};
+use crate::quant::{all_finite, check_len, QParams};
 
 /// Softmax cross-entropy of one sample: returns `-log softmax(z)[label]` with
 /// `z = s * (q - zp)`, and writes `dL/dz = softmax(z) - onehot(label)` into `grad_logits`.
@@ -55,7 +55,7 @@ pub fn mse(output: &[i8], q: QParams, target: &[f32], grad: &mut [f32]) -> Resul
     }
     check_len("mse: target", output.len(), target.len())?;
     check_len("mse: grad", output.len(), grad.len())?;
-    if !crate::qas::all_finite(target) {
+    if !all_finite(target) {
         return Err(Error::NonFinite {
             what: "mse: target",
         });

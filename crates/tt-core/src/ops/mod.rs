@@ -99,14 +99,27 @@ impl<'a> ConvQuant<'a> {
     }
 }
 
-/// Which axis of a weight tensor a channel selection runs along.
+/// Which axis of a weight tensor a channel selection runs along. The discriminants are the
+/// plan's layer-record `axis` byte (written as `axis as u8`), so they are part of the format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum ChannelAxis {
     /// Rows `W[:k]`: fewer weights updated, but the whole layer input must be saved.
-    Output,
+    Output = 0,
     /// Columns `W[:, :k]` (the paper's choice for 1x1 convs): backward needs only the first `k`
     /// input channels of the layer input saved. Only for ungrouped layers.
-    Input,
+    Input = 1,
+}
+
+impl ChannelAxis {
+    /// The axis of a plan's layer-record `axis` byte (0 = output, 1 = input channels).
+    pub fn from_u8(v: u8) -> Option<ChannelAxis> {
+        match v {
+            0 => Some(ChannelAxis::Output),
+            1 => Some(ChannelAxis::Input),
+            _ => None,
+        }
+    }
 }
 
 /// The weights a sparse update touches: the prefix `0..count` along `axis`.
@@ -255,4 +268,21 @@ pub(crate) fn dims(parts: &[usize], what: &'static str) -> Result<usize> {
         n = n.checked_mul(p).ok_or(Error::InvalidParameter { what })?;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChannelAxis;
+
+    /// The plan stores `axis as u8` and readers decode 0 = output, 1 = input: the enum's order
+    /// is part of the format.
+    #[test]
+    fn channel_axis_codes_are_the_plan_layer_axis_byte() {
+        assert_eq!(ChannelAxis::Output as u8, 0);
+        assert_eq!(ChannelAxis::Input as u8, 1);
+        for a in [ChannelAxis::Output, ChannelAxis::Input] {
+            assert_eq!(ChannelAxis::from_u8(a as u8), Some(a));
+        }
+        assert_eq!(ChannelAxis::from_u8(2), None);
+    }
 }

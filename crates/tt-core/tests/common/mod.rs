@@ -1,7 +1,7 @@
 //! For the integration tests that compile and run a whole plan: a seeded generator and one small
 //! graph with every kind of node whose numbers a plan carries.
-use tt_core::graph::{Activation, Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
-use tt_core::quant::Rounding;
+use tt_core::graph::{Graph, LayerParams, Node, NodeKind, TensorInfo, Window};
+use tt_core::quant::{Activation, Rounding};
 
 pub struct Lcg(pub u64);
 
