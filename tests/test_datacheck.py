@@ -231,9 +231,11 @@ def test_cli_train_says_the_loss_it_chose(tmp_path, capsys):
 def test_cli_refuses_a_learning_rate_that_is_inf_in_float32(tmp_path, capsys, digits, demo_q):
     x, y = digits
     demo_q.to_onnx(str(tmp_path / "q.onnx"))
-    rc = cli.main(["train", str(tmp_path / "q.onnx"), "--data", _npz(tmp_path / "d.npz", x[:8], y[:8]),
-                   "--scheme", "last:1", "--lr", "1e39", "-o", str(tmp_path / "t.onnx")])
-    assert rc == 1 and "in float32, the precision training runs in; got 1e+39 (float32: inf)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # refused as the command line is read
+        cli.main(["train", str(tmp_path / "q.onnx"), "--data", _npz(tmp_path / "d.npz", x[:8], y[:8]),
+                  "--scheme", "last:1", "--lr", "1e39", "-o", str(tmp_path / "t.onnx")])
+    assert exit_.value.code == 2
+    assert "in float32, the precision training runs in; got 1e+39 (float32: inf)" in capsys.readouterr().err
     assert not (tmp_path / "t.onnx").exists()
 
 

@@ -48,6 +48,6 @@ def test_a_user_session_passes_mypy_strict(tmp_path):
 
 
 def test_mypy_strict_catches_a_wrong_call(tmp_path):
-    wrong = SESSION.replace("tt.Trainer(plan, lr=0.05)", "tt.Trainer(plan, lr='fast')")
+    wrong = SESSION.replace("tt.Trainer(plan, lr=0.05)", "tt.Trainer(plan, lr=[0.05])")
     r = _mypy(tmp_path, wrong)
-    assert r.returncode == 1 and 'incompatible type "str"' in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1 and 'incompatible type "list[float]"' in r.stdout, r.stdout + r.stderr

@@ -214,10 +214,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       args.json, args.plot)
 
 
-def _lr_option(p: argparse.ArgumentParser, extra: str = "") -> None:
+def _lr_arg(value: str):
+    """``--lr``: checked as it is parsed, with the checker's own message."""
     from .lr import parse_lr
 
-    p.add_argument("--lr", type=parse_lr, default="auto", metavar="auto|FLOAT",
+    try:
+        return parse_lr(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _lr_option(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--lr", type=_lr_arg, default="auto", metavar="auto|FLOAT",
                    help="learning rate; auto (default): a short range test on the data chooses it" + extra)
 
 

@@ -97,7 +97,7 @@ def compile(model, scheme: Scheme, budget: Union[str, int, None] = None, reorder
     loss, _ = datacheck.choose_loss(q, loss)
     from .lr import FALLBACK_LR, parse_lr
 
-    lr = parse_lr(lr)
+    lr = parse_lr(lr) if isinstance(lr, str) else lr  # numbers are checked below, > 0 for a plan
     lr_source = "auto" if lr == "auto" else "given"
     lr = FALLBACK_LR if lr == "auto" else datacheck.check_lr(lr)
     if not 0.0 <= momentum < 1.0:

@@ -94,9 +94,9 @@ def parse_lr(value) -> object:
             raise ValueError(f"lr must be 'auto' or a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"lr must be 'auto' or a finite number >= 0, got {value!r}")
-    if not (np.isfinite(value) and value >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {value!r}")
-    return float(value)
+    from .datacheck import check_lr
+
+    return check_lr(value, allow_zero=True)  # checked in the float32 the core trains in
 
 
 def _split(n: int, seed: int, val_samples: int, train_samples: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -574,7 +574,7 @@ def search(
     from . import datacheck
     from .errors import MemoryBudgetError
 
-    lr = datacheck.check_lr(lr)
+    lr = lr if isinstance(lr, str) and lr.strip().lower() == "auto" else datacheck.check_lr(lr)
     X, Y = datacheck.check_search_data(q, X, Y, compile_kwargs.get("loss"))
     budget_bytes = parse_bytes(budget)
     size_limit = None if max_update_bytes is None else parse_bytes(max_update_bytes)

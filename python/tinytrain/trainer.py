@@ -18,7 +18,7 @@ import copy
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -270,7 +270,7 @@ class Trainer:
         return float(ok.mean()) if len(ok) else float("nan")
 
     def fit(self, X, Y, epochs: int = 1, batch_size: int = 32, shuffle: bool = True, seed: int = 0,
-            validation=None, verbose: bool = True) -> Dict[str, object]:
+            validation=None, verbose: bool = True) -> Dict[str, Any]:
         """Train for ``epochs``; returns the history: per epoch mean ``loss``, training ``accuracy``
         (cross-entropy plans; measured on the fly, before each batch's updates) and, with
         ``validation=(Xv, Yv)``, ``val_accuracy``; ``lr``, the rate trained with, and
