@@ -96,7 +96,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
                     generations=args.generations, seed=args.seed, workers=args.workers, epochs=args.epochs, lr=args.lr)
     from .fileio import write_atomic
 
-    final = [c for c in result.collapsed if c["stage"] == "verification"]
+    # a collapsed baseline only drops out of the comparison; a searched scheme that collapsed at the
+    # rate it was given means the rate is wrong for what the search returns
+    final = [c for c in result.collapsed if c["stage"] == "verification" and c["what"].startswith("searched")]
     if final:
         first = final[0]
         rc = _collapse_exit(f"{len(final)} fine-tune(s) of the search's final comparison collapsed (e.g. {first['what']} at "

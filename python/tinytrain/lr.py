@@ -9,8 +9,9 @@ the same int8 training the device runs:
    are the range test's training steps;
 2. for each log-spaced candidate rate, from small to large, the trainer restarts from the plan's
    frozen parameters (same seed), trains on those samples, and is scored on the held-out part:
-   mean loss, accuracy, and whether training collapsed (constant prediction, int8 logits
-   saturated, output independent of the input, loss above where it started);
+   mean loss, accuracy, and whether training collapsed (int8 logits saturated, output
+   independent of the input, loss frozen or above where it started; a run that predicts one
+   class for every sample is judged by its held-out loss, as that is a normal early phase);
 3. the search stops at the first collapse (larger rates only collapse faster) or once the
    held-out loss has worsened twice in a row;
 4. the best rate is the one with the lowest held-out loss among those that did not collapse; the
@@ -142,7 +143,7 @@ def choose_lr(plan, X, Y, *, seed: int = 0, candidates: Sequence[float] = CANDID
             got = tr._train(x_tr[s:s + batch], y_tr[s:s + batch])
             losses.extend(got[np.isfinite(got)].tolist())
         after = tr._probe(x_va, y_va)
-        why = health(before, after, losses, start, len(x_tr), tr.skipped_steps, tr.steps_done)
+        why = health(before, after, losses, start, len(x_tr), tr.skipped_steps, tr.steps_done, judge_prediction=False)
         if why is None and not after.loss < start:
             why = f"held-out loss {after.loss:.4g} not below {start:.4g} before training"
             bad_but_alive = True

@@ -62,12 +62,14 @@ class Probe:
 
 
 def health(before: Probe, after: Probe, losses: Sequence[float], start: float, n_samples: int,
-           skipped: int, steps: int) -> Optional[str]:
+           skipped: int, steps: int, judge_prediction: bool = True) -> Optional[str]:
     """Why training collapsed, or None: the same checks for `Trainer.fit` and the range test of
     `tt.choose_lr`. ``before`` / ``after``: the probe samples before training and now; ``losses``:
     the finite per-sample training losses in order; ``start``: the loss before training. A
     property the model already had before training (a constant prediction, say) is not blamed on
-    the rate."""
+    the rate. ``judge_prediction=False`` leaves out "every sample predicted as one class": early in
+    training (a range test's short run) that is a normal passing phase (the class prior is learnt
+    first), which the held-out loss judges instead."""
     why = []
     if steps and skipped > steps // 2:
         why.append(f"{skipped} of {steps} steps had a non-finite loss or gradient")
@@ -76,7 +78,7 @@ def health(before: Probe, after: Probe, losses: Sequence[float], start: float, n
         why.append(f"the loss grew from {start:.4g} before training to {np.mean(list(losses)[-w:]):.4g}")
     if after.constant_output and not before.constant_output:
         why.append("the int8 output is the same for every sample (it no longer depends on the input)")
-    elif after.classes == 1 and before.classes > 1 and after.labels > 1:
+    elif judge_prediction and after.classes == 1 and before.classes > 1 and after.labels > 1:
         why.append("every sample is predicted as the same class")
     if after.saturated > SATURATED_SAMPLES >= before.saturated:
         why.append(f"the int8 outputs of {100 * after.saturated:.0f} % of the samples are saturated at -128/127 "
