@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .fileio import write_atomic
-from .trainer import collapse_fix
+from .trainer import CONSTANT_CLASS, collapse_fix
 from .units import parse_bytes
 
 CACHE_FORMAT = 2  # 2: fine-tunes that collapsed are recorded
@@ -186,7 +186,11 @@ def _finetune_accuracy(job) -> Tuple[float, Optional[str], float]:
             if settings.lr != "auto" or not str(exc).startswith("no learning rate trains"):
                 raise
             return float("nan"), str(exc), float("nan")  # no candidate rate trains it
-    return float(trainer.evaluate(xva, yva)), hist["collapse"], float(trainer.lr)
+    # A fine-tune of the search is short (an epoch or two, few samples) and may end in the
+    # one-class phase early training passes through: its held-out accuracy judges that; only
+    # broken outputs (saturated, constant, frozen or growing loss) count as collapse here.
+    why = None if hist["collapse"] == CONSTANT_CLASS else hist["collapse"]
+    return float(trainer.evaluate(xva, yva)), why, float(trainer.lr)
 
 
 def _run_jobs(jobs, workers: int, progress_label: str) -> List[Tuple[float, Optional[str], float]]:

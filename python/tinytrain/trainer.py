@@ -43,6 +43,8 @@ def _diverged(losses: List[float], start: float, n_samples: int) -> bool:
     return len(losses) >= w and float(np.mean(losses[-w:])) > 1.5 * start + 1e-6
 
 
+#: The collapse reason of a constant prediction (inputs still move the int8 outputs).
+CONSTANT_CLASS = "every sample is predicted as the same class"
 #: A sample's int8 output is saturated when at least this share of its values sit at -128 or 127.
 SATURATED_SHARE = 0.5
 #: Training has saturated the output when more than this share of the samples are saturated.
@@ -79,7 +81,7 @@ def health(before: Probe, after: Probe, losses: Sequence[float], start: float, n
     if after.constant_output and not before.constant_output:
         why.append("the int8 output is the same for every sample (it no longer depends on the input)")
     elif judge_prediction and after.classes == 1 and before.classes > 1 and after.labels > 1:
-        why.append("every sample is predicted as the same class")
+        why.append(CONSTANT_CLASS)
     if after.saturated > SATURATED_SAMPLES >= before.saturated:
         why.append(f"the int8 outputs of {100 * after.saturated:.0f} % of the samples are saturated at -128/127 "
                    f"({100 * before.saturated:.0f} % before training)")
