@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup-env.sh
 tt_setup_env
+# the fuzz smoke's libFuzzer is C++
+command -v c++ >/dev/null || tt_apt_install g++
 
 bash scripts/install-arm-toolchain.sh
 
