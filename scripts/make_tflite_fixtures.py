@@ -1,9 +1,9 @@
 """Make the converter fixtures in tests/fixtures/tflite/ (run once; the files are committed).
 
 Needs TensorFlow and tf2onnx, which are generator-only dependencies (never test or runtime ones):
-    python3 -m venv /work/venv-tf
-    /work/venv-tf/bin/pip install tensorflow-cpu==2.15.1 tf2onnx==1.16.1 onnx==1.16.2 onnxruntime==1.26.0 sympy scikit-learn "numpy<2"
-    /work/venv-tf/bin/python scripts/make_tflite_fixtures.py [NAME ...]
+    python3 -m venv .venv-tf
+    .venv-tf/bin/pip install tensorflow-cpu==2.15.1 tf2onnx==1.16.1 onnx==1.16.2 onnxruntime==1.26.0 sympy scikit-learn "numpy<2"
+    .venv-tf/bin/python scripts/make_tflite_fixtures.py [NAME ...]
 
 For each of four small networks (a DS-CNN keyword-spotting net, a MobileNetV1-0.25-style net, a
 ResNet-8-style net with 1x1 stride-2 shortcuts, a fully connected autoencoder), trained briefly on

@@ -776,4 +776,3 @@ impl<'a> PlanView<'a> {
             .unwrap_or(&[])
     }
 }
-

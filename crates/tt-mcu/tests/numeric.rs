@@ -3,8 +3,8 @@
 //! int32 accumulator overflow is made impossible (sums bounded when a plan is read, biases kept
 //! within +-2^30), and each bound is forced here.
 use tt_core::crc::crc32;
-use tt_core::ops::{BIAS_LIMIT, MAX_DOT_LEN};
 use tt_core::ir::NONE;
+use tt_core::ops::{BIAS_LIMIT, MAX_DOT_LEN};
 use tt_core::plan::{PlanView, HEADER_LEN};
 use tt_core::Error;
 use tt_mcu::bundle::Bundle;

@@ -1,6 +1,7 @@
 //! Backward ops: saved input channels, activation masks, the loss, and the input, weight and
 //! bias gradients of every node kind (in place for depthwise convs).
 use super::{view, view_mut, Executor, NodeCtx, Target, ALL};
+use crate::ir::{LossKind, ACCUMULATE, NONE};
 use crate::ops::act::{clamp_mask_apply_bits, clamp_mask_pack};
 use crate::ops::conv::{conv2d_backward_bias, conv2d_backward_input, conv2d_backward_weight};
 use crate::ops::fc::{fc_backward_bias, fc_backward_input, fc_backward_weight, FcGeom};
@@ -10,7 +11,6 @@ use crate::ops::loss::{mse, softmax_cross_entropy};
 use crate::ops::pool::{avgpool_backward, global_avgpool_backward};
 use crate::ops::save_input_channels;
 use crate::ops::split::split_backward_input;
-use crate::ir::{LossKind, ACCUMULATE, NONE};
 use crate::plan::{NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP};
 use crate::{Error, Result};
 

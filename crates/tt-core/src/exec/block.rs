@@ -2,9 +2,9 @@
 //! channel at a time, with pw1's trained rows updated as their gradients appear.
 use super::update::{bias_momentum, PrecisionCursor};
 use super::{view, view_mut, Executor, ALL};
+use crate::ir::{OpKind, NONE};
 use crate::ops::inplace::dw_plane_input_grad;
 use crate::ops::{ChannelSelection, WeightShape};
-use crate::ir::{OpKind, NONE};
 use crate::plan::NODE_CONV;
 use crate::qas::{sgd_update_bias, sgd_update_weights};
 use crate::{Error, Result};

@@ -1,6 +1,7 @@
 //! Forward ops: convs and fully connected layers (weights whole, in SRAM or split), residual
 //! adds, pools, and the in-place forms that write a layer's output over its input.
 use super::{qp, view, view_mut, Executor, NodeCtx, ALL};
+use crate::ir::NONE;
 use crate::ops::add::{requant_each, AddParams, AddTerms};
 use crate::ops::conv::{conv2d_depthwise_in_place_plane, conv2d_forward};
 use crate::ops::fc::{fc_forward, FcGeom};
@@ -8,7 +9,6 @@ use crate::ops::geom::Weights;
 use crate::ops::inplace::pw_forward_in_place;
 use crate::ops::pool::{avgpool_forward, global_avgpool_forward, maxpool_forward};
 use crate::ops::split::split_forward;
-use crate::ir::NONE;
 use crate::plan::{NODE_ADD, NODE_AVGPOOL, NODE_CONV, NODE_FC, NODE_GAP, NODE_MAXPOOL};
 use crate::{Error, Result};
 

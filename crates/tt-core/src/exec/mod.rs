@@ -28,11 +28,11 @@
 //! sample into the arena: the patch stage reads its regions straight from the `input` slice given
 //! to `step` / `predict`, which may live anywhere (a camera frame buffer, flash).
 use crate::crc::crc32;
+use crate::ir::{BufKind, OpKind, Precision, ACCUMULATE, IN_PLACE, NONE};
 use crate::ops::conv::Conv2dGeom;
 use crate::ops::geom::Weights;
 use crate::ops::pool::Pool2dGeom;
 use crate::ops::{ChannelSelection, WeightShape, BIAS_LIMIT};
-use crate::ir::{BufKind, OpKind, Precision, ACCUMULATE, IN_PLACE, NONE};
 use crate::plan::{LayerRec, NodeRec, OpRec, PlanView, TensorRec, NODE_ADD, NODE_CONV, NODE_FC};
 use crate::qas::XorShift32;
 use crate::quant::{activation_range, Activation, QParams, Requant};

@@ -1,7 +1,7 @@
 //! The patch stage: a chain of frozen convs at the network's start run patch by patch.
 use super::{act_of, qp, view, view_mut, Executor, ALL};
-use crate::ops::conv::{conv2d_forward, Conv2dGeom};
 use crate::ir::{patch_bounds, patch_ranges, MAX_PATCH_CHAIN, MAX_PATCH_GRID, NONE};
+use crate::ops::conv::{conv2d_forward, Conv2dGeom};
 use crate::quant::activation_range;
 use crate::{Error, Result};
 

@@ -176,10 +176,24 @@ pub(crate) fn small_graph() -> Graph {
             std::vec![2],
             3
         ),
-        node("add", NodeKind::Add { act: Activation::None }, std::vec![1, 3], 4),
+        node(
+            "add",
+            NodeKind::Add {
+                act: Activation::None
+            },
+            std::vec![1, 3],
+            4
+        ),
         node("gap", NodeKind::GlobalAvgPool, std::vec![4], 5),
         node("flat", NodeKind::Flatten, std::vec![5], 6),
-        node("fc", NodeKind::Fc { act: Activation::None }, std::vec![6], 7),
+        node(
+            "fc",
+            NodeKind::Fc {
+                act: Activation::None
+            },
+            std::vec![6],
+            7
+        ),
     ];
     let params = std::vec![
         params(&mut r, 8 * 9 * 3, 8, 0.004),
@@ -712,7 +726,14 @@ fn chain_graph() -> Graph {
         node("pw4", conv(1, 1, 0, 1, Activation::Relu6), 4, 5),
         node("gap", NodeKind::GlobalAvgPool, 5, 6),
         node("flat", NodeKind::Flatten, 6, 7),
-        node("fc", NodeKind::Fc { act: Activation::None }, 7, 8),
+        node(
+            "fc",
+            NodeKind::Fc {
+                act: Activation::None
+            },
+            7,
+            8
+        ),
     ];
     let params = std::vec![
         params(&mut r, 6 * 9 * 3, 6, 0.004),
@@ -922,7 +943,10 @@ fn layouts_change_memory_not_results() {
             let add_in_place = tg.ops.iter().any(|o| {
                 o.kind == OpKind::Forward
                     && o.arg & IN_PLACE != 0
-                    && gs.nodes[o.node as usize].kind == (NodeKind::Add { act: Activation::None })
+                    && gs.nodes[o.node as usize].kind
+                        == (NodeKind::Add {
+                            act: Activation::None,
+                        })
             });
             // Adds run in place only in the forward-only prefix (here: when only fc trains).
             assert_eq!(add_in_place, shrink_in_place && k == 2);

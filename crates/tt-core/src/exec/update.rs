@@ -2,9 +2,9 @@
 //! trained row as soon as its gradient exists (`WeightStep`), the update phase of an
 //! accumulation plan, and the one cursor that hands every updated row its learned state.
 use super::{view, view_mut, Executor, NodeCtx, Target, ALL};
+use crate::ir::{OpKind, Precision, ACCUMULATE, NONE};
 use crate::ops::split::weight_grad_row;
 use crate::ops::{ChannelSelection, WeightShape};
-use crate::ir::{OpKind, Precision, ACCUMULATE, NONE};
 use crate::qas::{sgd_update_bias, sgd_update_weights, SgdConfig, UpdateState, XorShift32};
 use crate::{Error, Result};
 
